@@ -1,0 +1,56 @@
+"""The input features monitoring watches, computed by one function for training and serving.
+
+They describe the raw decoded input (before resizing to the model's size), so drift in what users
+send (smaller photos, darker scenes, another aspect ratio) shows even when the model's tensor
+hides it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+IMAGE_FEATURES = (
+    "width",
+    "height",
+    "aspect_ratio",
+    "brightness",
+    "contrast",
+    "mean_r",
+    "mean_g",
+    "mean_b",
+    "saturation",
+    "edge_density",
+)
+
+# Statistics are taken on a copy no larger than this; they are global averages, and a 4000x3000
+# photo should not cost 12M pixel reads on the request path.
+_STATS_SIDE = 64
+
+
+def image_features(img: Image.Image) -> dict[str, float]:
+    """Monitored features of a decoded image (``L`` or ``RGB``), all plain floats."""
+    width, height = img.size
+    small = img if max(img.size) <= _STATS_SIDE else img.reduce(max(1, max(img.size) // _STATS_SIDE))
+    rgb = np.asarray(small.convert("RGB"), dtype=np.float32) / 255.0
+    gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    means = rgb.reshape(-1, 3).mean(axis=0)
+    saturation = (rgb.max(axis=2) - rgb.min(axis=2)).mean()
+    if gray.shape[0] > 1 and gray.shape[1] > 1:
+        gx = np.abs(np.diff(gray, axis=1)).mean()
+        gy = np.abs(np.diff(gray, axis=0)).mean()
+        edges = float((gx + gy) / 2.0)
+    else:
+        edges = 0.0
+    return {
+        "width": float(width),
+        "height": float(height),
+        "aspect_ratio": float(width) / float(height),
+        "brightness": float(gray.mean()),
+        "contrast": float(gray.std()),
+        "mean_r": float(means[0]),
+        "mean_g": float(means[1]),
+        "mean_b": float(means[2]),
+        "saturation": float(saturation),
+        "edge_density": edges,
+    }

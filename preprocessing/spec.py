@@ -1,0 +1,145 @@
+"""The versioned preprocessing spec: the facts that turn raw input into a model tensor.
+
+A spec travels inside the model artifact as JSON. Training writes it, the service reads it and
+builds its preprocessing from it alone, so what the model saw in training is what it sees in
+production. ``SPEC_VERSION`` is the schema version this code can honour; a spec written by a newer
+schema is refused with a clear message rather than half-understood.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SPEC_VERSION = 1
+SUPPORTED_SPEC_VERSIONS = frozenset({1})
+
+RESIZE_RULES = ("stretch", "center_crop", "pad")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
+COLOR_MODES = {"L": 1, "RGB": 3}
+
+
+class SpecError(ValueError):
+    """A spec that this code cannot honour (unknown version, bad field)."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How image bytes become a float32 ``[C, H, W]`` tensor.
+
+    ``resize``: ``stretch`` resizes to ``height x width`` ignoring aspect; ``center_crop`` scales the
+    shorter side to fit and crops the centre; ``pad`` scales the longer side to fit and pads with
+    ``background`` (letterbox). ``background`` also fills transparent pixels.
+    """
+
+    height: int
+    width: int
+    color_mode: str = "RGB"
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    background: tuple[int, int, int] = (0, 0, 0)
+    kind: str = field(default="image")
+    version: int = field(default=SPEC_VERSION)
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; keep the dataclass hashable and its hash stable.
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        object.__setattr__(self, "background", tuple(int(b) for b in self.background))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.kind != "image":
+            raise SpecError(f"ImageSpec got kind={self.kind!r}")
+        if self.version not in SUPPORTED_SPEC_VERSIONS:
+            raise SpecError(
+                f"preprocessing spec version {self.version} is not supported by this code "
+                f"(supported: {sorted(SUPPORTED_SPEC_VERSIONS)}); upgrade the server or re-export "
+                "the model"
+            )
+        if self.height < 1 or self.width < 1:
+            raise SpecError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.color_mode not in COLOR_MODES:
+            raise SpecError(f"color_mode must be one of {sorted(COLOR_MODES)}, got {self.color_mode!r}")
+        if self.resize not in RESIZE_RULES:
+            raise SpecError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise SpecError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+        channels = COLOR_MODES[self.color_mode]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise SpecError(
+                f"mean and std need {channels} values for color_mode {self.color_mode}, "
+                f"got {len(self.mean)} and {len(self.std)}"
+            )
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise SpecError("mean and std values must be finite numbers")
+        if any(s <= 0 for s in self.std):
+            raise SpecError("std values must be positive")
+        if len(self.background) != 3 or not all(0 <= b <= 255 for b in self.background):
+            raise SpecError("background must be three values in 0..255")
+
+    @property
+    def channels(self) -> int:
+        return COLOR_MODES[self.color_mode]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON: two specs with the same hash preprocess identically."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ImageSpec":
+        version = data.get("version")
+        if version not in SUPPORTED_SPEC_VERSIONS:
+            raise SpecError(
+                f"preprocessing spec version {version!r} is not supported by this code "
+                f"(supported: {sorted(SUPPORTED_SPEC_VERSIONS)}); upgrade the server or re-export "
+                "the model"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"preprocessing spec has fields this code does not know: {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise SpecError(f"preprocessing spec is incomplete: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "ImageSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"preprocessing spec is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SpecError("preprocessing spec must be a JSON object")
+        return cls.from_dict(data)
+
+
+def load_spec(text: str) -> ImageSpec:
+    """Parse a spec of any kind this code knows (the text kind joins here later)."""
+    try:
+        kind = json.loads(text).get("kind")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise SpecError(f"preprocessing spec is not a JSON object: {exc}") from exc
+    if kind == "image":
+        return ImageSpec.from_json(text)
+    raise SpecError(f"unknown preprocessing spec kind {kind!r}")

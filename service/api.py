@@ -1,0 +1,214 @@
+"""The HTTP API: a lean ASGI app mounted inside the BentoML service at ``/v1``.
+
+Why raw ASGI rather than ``@bentoml.api``: on 2 cores, BentoML's own request handling of an upload
+costs about as much CPU as the benchmark model's inference. This route reads the body once,
+parses it with a few ``bytes.find`` calls and answers with one ``json.dumps``; BentoML still owns
+the server, the workers, ``/metrics``, ``/readyz`` and its traffic middlewares around this app.
+
+Routes (paths relative to the mount point):
+  POST /classify/image   one or many images: multipart (field ``image``, repeatable), JSON
+                         ``{"images": ["<base64>", ...]}``, or a raw ``image/*`` body
+  GET  /models           what is served: name, version, labels, spec
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+import uuid
+from typing import Any, Awaitable, Callable
+
+from preprocessing import InputError
+
+from .batching import BatchError
+from .classifier import ImageClassifier
+from .multipart import boundary_of, parse_multipart
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+IMAGE_FIELDS = ("image", "images")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ClassifyAPI:
+    """ASGI callable; ``bind()`` hands it the loaded model once the service has started it."""
+
+    def __init__(self) -> None:
+        self.image: ImageClassifier | None = None
+        self.max_body_bytes = 20 * 1024 * 1024
+        self.max_images = 64
+        self.default_top_k = 3
+
+    def bind(self, image: ImageClassifier, max_body_bytes: int, max_images: int, top_k: int) -> None:
+        self.image = image
+        self.max_body_bytes = max_body_bytes
+        self.max_images = max_images
+        self.default_top_k = top_k
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is BentoML's business
+        path = scope["path"].rstrip("/")
+        headers = _headers(scope)
+        request_id = _request_id(headers)
+        method = scope["method"]
+        if path.endswith("/classify/image"):
+            if method != "POST":
+                return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
+            return await self._classify_image(scope, receive, send, headers, request_id)
+        if path.endswith("/models") and method == "GET":
+            models = [self.image.describe()] if self.image else []
+            return await _send_json(send, 200, {"models": models}, request_id)
+        await _send_json(send, 404, _error("not_found", f"no route {method} {scope['path']}", request_id), request_id)
+
+    async def _classify_image(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str) -> None:
+        image = self.image
+        if image is None or not image.ready:
+            body = _error("not_ready", "the model is still loading; retry when /readyz answers 200", request_id)
+            return await _send_json(send, 503, body, request_id)
+        try:
+            top_k = _top_k(scope, self.default_top_k)
+            body = await _read_body(receive, headers, self.max_body_bytes)
+            images = _extract_images(body, headers.get("content-type", ""), self.max_images)
+            predictions = await image.classify(images, top_k)
+        except InputError as exc:
+            image.reject(exc.reason)
+            return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
+        except BatchError:
+            logger.exception("inference failed [request_id=%s]", request_id)
+            body = _error("internal", f"inference failed; the server log has request id {request_id}", request_id)
+            return await _send_json(send, 500, body, request_id)
+        except Exception:
+            logger.exception("unexpected failure [request_id=%s]", request_id)
+            body = _error("internal", f"internal error; the server log has request id {request_id}", request_id)
+            return await _send_json(send, 500, body, request_id)
+        answer = {
+            "request_id": request_id,
+            "model": image.name,
+            "model_version": image.version,
+            "predictions": [p.to_dict() for p in predictions],
+        }
+        await _send_json(send, 200, answer, request_id)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    given = headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _top_k(scope: Scope, default: int) -> int:
+    query = scope.get("query_string", b"").decode("latin-1")
+    for pair in query.split("&"):
+        key, _, value = pair.partition("=")
+        if key == "top_k":
+            if not value.isdigit() or not 1 <= int(value) <= 1000:
+                raise InputError("bad_field", f"top_k must be a positive integer, got {value!r}")
+            return int(value)
+    return default
+
+
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise InputError("too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InputError("bad_request", "the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise InputError("too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _extract_images(body: bytes, content_type: str, max_images: int) -> list[bytes]:
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        parts = parse_multipart(body, boundary_of(content_type), max_images)
+        unknown = sorted({name for name, _, _ in parts if name not in IMAGE_FIELDS})
+        if unknown:
+            raise InputError(
+                "bad_field",
+                f"unknown form field(s) {unknown}; send each image as a file in the field 'image' "
+                "(repeat it for several)",
+            )
+        images = [data for _, _, data in parts]
+    elif media == "application/json":
+        images = _json_images(body)
+    elif media.startswith("image/") or media == "application/octet-stream":
+        images = [body]
+    else:
+        raise InputError(
+            "bad_request",
+            f"unsupported Content-Type {media or '(none)'!r}; use multipart/form-data (field "
+            "'image'), application/json ({\"images\": [\"<base64>\"]}) or an image/* body",
+        )
+    if not images:
+        raise InputError("empty", "the request contains no image; send at least one in the field 'image'")
+    if len(images) > max_images:
+        raise InputError("too_many_items", f"{len(images)} images in one request; the limit is {max_images}")
+    return images
+
+
+def _json_images(body: bytes) -> list[bytes]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError("bad_request", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InputError("bad_field", 'the JSON body must be an object like {"images": ["<base64>"]}')
+    unknown = sorted(set(doc) - {"images", "image"})
+    if unknown or not doc:
+        raise InputError(
+            "bad_field",
+            f"unknown JSON field(s) {unknown}; send {{\"images\": [\"<base64>\", ...]}} or {{\"image\": \"<base64>\"}}",
+        )
+    values = doc.get("images", doc.get("image"))
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise InputError("bad_field", "'images' must be a list of base64 strings")
+    return [_b64(v, i) for i, v in enumerate(values)]
+
+
+def _b64(value: str, index: int) -> bytes:
+    if value.startswith("data:"):
+        value = value.partition(",")[2]  # a data URL: data:image/png;base64,....
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("bad_field", f"images[{index}] is not valid base64") from None
+
+
+def _error(reason: str, message: str, request_id: str) -> dict:
+    return {"error": {"reason": reason, "message": message}, "request_id": request_id}
+
+
+async def _send_json(send: Send, status: int, payload: dict, request_id: str) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ],
+    })
+    await send({"type": "http.response.body", "body": body})

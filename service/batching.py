@@ -1,0 +1,131 @@
+"""Adaptive batching across concurrent requests, on the event loop of one worker.
+
+The policy is greedy: when the model is free, everything queued (up to ``max_batch_size``) goes in
+one batch at once. While a batch runs in the model thread, new requests keep arriving and queue
+up, so the batch size follows the load by itself: 1 when traffic is light (no added latency),
+large under pressure. ``max_queue_delay_s`` optionally holds a partial batch a little longer, but
+the wait is measured from the oldest item's arrival, so no item waits longer than that in total
+for company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .runtime import Model, Outputs
+
+
+class BatchError(RuntimeError):
+    """The model failed or returned a batch of the wrong length; every item in it fails."""
+
+
+@dataclass
+class BatchStats:
+    """What the batcher reports per batch (the service turns it into Prometheus metrics)."""
+
+    size: int
+    queue_waits: list[float]
+    inference_seconds: float
+
+
+@dataclass
+class _Item:
+    tensor: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: Model,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self._on_batch = on_batch
+        self._pending: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        # One model thread: one batch in flight per worker. ORT releases the GIL while it runs,
+        # so the event loop keeps reading and decoding the next requests meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, tensors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Queue one request's items; returns (probabilities, embedding) per item, in order."""
+        loop = asyncio.get_running_loop()
+        items = [_Item(t, loop.create_future()) for t in tensors]
+        self._pending.extend(items)
+        self._wakeup.set()
+        return [await item.future for item in items]
+
+    def run_sync(self, batch: np.ndarray) -> Outputs:
+        """Run one batch directly (warm-up), bypassing the queue."""
+        return self.model.run(batch)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_queue_delay_s > 0 and len(self._pending) < self.max_batch_size:
+                await self._hold_for_company()
+            batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
+            started = time.perf_counter()
+            try:
+                x = np.stack([item.tensor for item in batch])
+                out = await loop.run_in_executor(self._executor, self.model.run, x)
+                if out.probabilities.shape[0] != len(batch) or out.embedding.shape[0] != len(batch):
+                    raise BatchError(
+                        f"model returned {out.probabilities.shape[0]} rows for a batch of {len(batch)}"
+                    )
+            except Exception as exc:  # every waiting request must hear about it, not hang
+                error = exc if isinstance(exc, BatchError) else BatchError(f"inference failed: {exc!r}")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            elapsed = time.perf_counter() - started
+            for i, item in enumerate(batch):
+                if not item.future.done():  # the client may have gone away
+                    item.future.set_result((out.probabilities[i], out.embedding[i]))
+            if self._on_batch is not None:
+                self._on_batch(BatchStats(len(batch), [started - it.enqueued for it in batch], elapsed))
+
+    async def _hold_for_company(self) -> None:
+        deadline = self._pending[0].enqueued + self.max_queue_delay_s
+        while len(self._pending) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return

@@ -1,0 +1,135 @@
+"""One served image model: preprocessing from its spec, its batcher, its metrics, its answers.
+
+Transport-free: takes image bytes, returns per-image answers. The HTTP layer (``api.py``) never
+touches the model, and this module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from preprocessing import DEFAULT_MAX_PIXELS, InputError, preprocess_image_bytes
+
+from .artifact import Artifact
+from .batching import Batcher, BatchStats
+from .metrics import get_metrics
+from .runtime import Model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]]
+    embedding: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "top_k": [{"label": lab, "probability": round(p, 6)} for lab, p in self.top_k],
+        }
+
+
+class ImageClassifier:
+    def __init__(
+        self,
+        artifact: Artifact,
+        model: Model,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.artifact = artifact
+        self.max_pixels = max_pixels
+        self.spec = artifact.spec
+        self.labels = artifact.labels
+        self.model = model
+        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self._record_batch)
+        self.ready = False
+        metrics = get_metrics()
+        self._m_predictions = metrics.predictions
+        self._m_confidence = metrics.confidence.labels(artifact.name)
+        self._m_batch = metrics.batch_items.labels(artifact.name)
+        self._m_wait = metrics.queue_wait.labels(artifact.name)
+        self._m_infer = metrics.inference.labels(artifact.name)
+        self._m_pre = metrics.preprocess.labels(artifact.name)
+        self._m_rejected = metrics.rejected
+        metrics.model_info.labels(
+            artifact.name, artifact.version, self.spec.content_hash[:12], model.provider
+        ).set(1)
+
+    @property
+    def name(self) -> str:
+        return self.artifact.name
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    async def start(self, warmup_batches: int) -> None:
+        """Start the batcher and run warm-up batches so the first user request is not the slow one."""
+        self.batcher.start()
+        x = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
+        for size in [1, self.batcher.max_batch_size, 8][:warmup_batches]:
+            batch = np.repeat(x, size, axis=0)
+            await asyncio.get_running_loop().run_in_executor(None, self.batcher.run_sync, batch)
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+
+    def preprocess(self, images: list[bytes]) -> list[np.ndarray]:
+        """Decode and preprocess every image, or raise InputError naming the first bad one."""
+        started = time.perf_counter()
+        tensors = []
+        for i, data in enumerate(images):
+            try:
+                tensors.append(preprocess_image_bytes(data, self.spec, self.max_pixels))
+            except InputError as exc:
+                prefix = f"image {i}: " if len(images) > 1 else ""
+                raise InputError(exc.reason, prefix + exc.message) from None
+        self._m_pre.observe(time.perf_counter() - started)
+        return tensors
+
+    def reject(self, reason: str) -> None:
+        self._m_rejected.labels(self.name, reason).inc()
+
+    async def classify(self, images: list[bytes], top_k: int) -> list[Prediction]:
+        tensors = self.preprocess(images)
+        results = await self.batcher.submit(tensors)
+        k = min(top_k, len(self.labels))
+        predictions = []
+        for probs, embedding in results:
+            order = np.argsort(probs)[::-1][:k]
+            top = [(self.labels[j], float(probs[j])) for j in order]
+            predictions.append(Prediction(top[0][0], top[0][1], top, embedding))
+            self._m_predictions.labels(self.name, self.version, top[0][0]).inc()
+            self._m_confidence.observe(top[0][1])
+        return predictions
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        self._m_batch.observe(stats.size)
+        self._m_infer.observe(stats.inference_seconds)
+        for wait in stats.queue_waits:
+            self._m_wait.observe(wait)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": "image-classification",
+            "labels": list(self.labels),
+            "provider": self.model.provider,
+            "spec": self.spec.to_dict(),
+            "spec_hash": self.spec.content_hash,
+            "ready": self.ready,
+        }

@@ -1,0 +1,84 @@
+"""Every Prometheus metric the project exposes, defined in one place.
+
+They are created lazily (``get_metrics()``) inside the worker, after BentoML has set
+``PROMETHEUS_MULTIPROC_DIR``, so with several workers each writes its own file and BentoML's
+``/metrics`` sums them. Label values come from small fixed sets: model names, model versions,
+class labels and error reasons, never request ids or file names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+NAMESPACE = "clf"
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
+_CONFIDENCE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    predictions: object
+    confidence: object
+    batch_items: object
+    queue_wait: object
+    inference: object
+    preprocess: object
+    rejected: object
+    model_info: object
+
+
+@lru_cache(maxsize=1)
+def get_metrics() -> Metrics:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return Metrics(
+        predictions=Counter(
+            f"{NAMESPACE}_predictions_total",
+            "Predictions served, by model, model version and predicted class.",
+            ["model", "version", "predicted_class"],
+        ),
+        confidence=Histogram(
+            f"{NAMESPACE}_prediction_confidence",
+            "Top-1 probability of each served prediction.",
+            ["model"],
+            buckets=_CONFIDENCE,
+        ),
+        batch_items=Histogram(
+            f"{NAMESPACE}_batch_size_items",
+            "Items (images) per model call, as formed by the adaptive batcher.",
+            ["model"],
+            buckets=_BATCH,
+        ),
+        queue_wait=Histogram(
+            f"{NAMESPACE}_queue_wait_seconds",
+            "Time an item waited in the batch queue before its model call started.",
+            ["model"],
+            buckets=_FAST,
+        ),
+        inference=Histogram(
+            f"{NAMESPACE}_inference_seconds",
+            "Wall time of one model call (one batch).",
+            ["model"],
+            buckets=_FAST,
+        ),
+        preprocess=Histogram(
+            f"{NAMESPACE}_preprocess_seconds",
+            "Decoding and preprocessing time of one request's inputs.",
+            ["model"],
+            buckets=_FAST,
+        ),
+        rejected=Counter(
+            f"{NAMESPACE}_rejected_inputs_total",
+            "Requests rejected before inference, by reason.",
+            ["model", "reason"],
+        ),
+        model_info=Gauge(
+            f"{NAMESPACE}_model_info",
+            "The model version a worker serves (value 1), with its preprocessing spec hash.",
+            ["model", "version", "spec_hash", "provider"],
+            multiprocess_mode="max",
+        ),
+    )

@@ -1,0 +1,112 @@
+"""ONNX Runtime sessions: provider choice, threads, and the batch call the batcher makes.
+
+Threads are set on purpose: ORT's default spins its pool threads while idle, and on a 2-core box
+those spinning threads take the core the HTTP event loop needs. We size the intra-op pool to the
+cores a worker owns and turn spinning off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class RuntimeStartError(RuntimeError):
+    """The model cannot be run as configured (missing onnxruntime, provider, bad graph)."""
+
+
+@dataclass
+class Outputs:
+    """One batch's results, row i belonging to input row i."""
+
+    probabilities: np.ndarray  # [N, K] float32, softmax of the logits
+    embedding: np.ndarray  # [N, D] float32
+
+
+class Model(Protocol):
+    provider: str
+
+    def run(self, batch: np.ndarray) -> Outputs: ...
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+
+def resolve_providers(requested: str, available: list[str]) -> list[str]:
+    """Map the ``providers`` setting to an ORT provider list, refusing what cannot be had."""
+    if requested == "cpu":
+        return ["CPUExecutionProvider"]
+    if requested == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeStartError(
+                "CLF_PROVIDERS=cuda but this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {available}); install the [gpu] extra (onnxruntime-gpu, not both) "
+                "or set CLF_PROVIDERS=auto"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxModel:
+    """An ONNX Runtime session over a classifier with outputs ``logits`` and ``embedding``."""
+
+    def __init__(self, path: str, providers: str = "auto", intra_op_threads: int = 1) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeStartError(
+                "onnxruntime is not installed: install the [cpu] or [gpu] extra"
+            ) from exc
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        chosen = resolve_providers(providers, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(path, sess_options=opts, providers=chosen)
+        except Exception as exc:  # ORT raises its own exception types; all mean "cannot start"
+            raise RuntimeStartError(f"cannot load ONNX model {path}: {exc}") from exc
+        # ORT silently falls back to CPU when CUDA fails to initialise: report what it really uses.
+        self.provider = self._session.get_providers()[0]
+        names = [o.name for o in self._session.get_outputs()]
+        if names[:2] != ["logits", "embedding"]:
+            raise RuntimeStartError(f"model outputs are {names}; expected ['logits', 'embedding']")
+        self._input = self._session.get_inputs()[0].name
+        self.embedding_dim = int(self._session.get_outputs()[1].shape[1])
+        self.num_classes = int(self._session.get_outputs()[0].shape[1])
+        logger.info(
+            "ONNX Runtime session: provider=%s intra_op_threads=%d model=%s",
+            self.provider, intra_op_threads, path,
+        )
+
+    def run(self, batch: np.ndarray) -> Outputs:
+        logits, embedding = self._session.run(["logits", "embedding"], {self._input: batch})
+        return Outputs(probabilities=softmax(logits), embedding=embedding)
+
+
+class NoopModel:
+    """Answers uniform probabilities without running anything: the request path's floor."""
+
+    provider = "noop"
+
+    def __init__(self, num_classes: int, embedding_dim: int) -> None:
+        self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
+
+    def run(self, batch: np.ndarray) -> Outputs:
+        n = batch.shape[0]
+        probs = np.full((n, self.num_classes), 1.0 / self.num_classes, dtype=np.float32)
+        return Outputs(probabilities=probs, embedding=np.zeros((n, self.embedding_dim), np.float32))

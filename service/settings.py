@@ -1,0 +1,106 @@
+"""The service's one settings object, read from ``CLF_*`` environment variables and validated once.
+
+A bad value stops start-up with a message naming the variable, rather than surfacing later as a
+strange failure under load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+PREFIX = "CLF_"
+
+
+class SettingsError(ValueError):
+    """A configuration mistake; the message names the variable and what it accepts."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Which models to serve: a BentoML model tag ("name" or "name:version"); "" disables.
+    image_model: str = "digits-cnn:latest"
+    # Workers (processes). Each has its own ONNX Runtime session and batcher.
+    workers: int = 1
+    # Adaptive batching: the largest batch, and how long the oldest queued item may wait for
+    # company once the model is free (0 = dispatch as soon as the model is free).
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 0.0
+    # ONNX Runtime. "auto" = CUDA when the installed onnxruntime has it, else CPU.
+    providers: str = "auto"
+    intra_op_threads: int = 0  # 0 = cores // workers
+    # "onnx" runs the model; "noop" answers zeros and exists to measure the request path's floor.
+    runtime: str = "onnx"
+    # Request limits.
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_images_per_request: int = 64
+    max_image_pixels: int = 40_000_000
+    top_k: int = 3
+    # Serving.
+    host: str = "127.0.0.1"
+    port: int = 3000
+    warmup_batches: int = 3
+    log_level: str = "INFO"
+    trace_requests: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build from ``CLF_<FIELD>`` variables; unknown ``CLF_`` variables are an error too."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        known = {f.name: f for f in fields(cls)}
+        for key, raw in env.items():
+            if not key.startswith(PREFIX):
+                continue
+            name = key[len(PREFIX):].lower()
+            if name not in known:
+                raise SettingsError(
+                    f"unknown setting {key}; known: {', '.join(PREFIX + n.upper() for n in known)}"
+                )
+            values[name] = _parse(key, raw, type(getattr(cls, name)))
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        checks = [
+            (self.workers >= 1, "CLF_WORKERS must be >= 1"),
+            (1 <= self.max_batch_size <= 4096, "CLF_MAX_BATCH_SIZE must be in 1..4096"),
+            (0 <= self.max_queue_delay_ms <= 1000, "CLF_MAX_QUEUE_DELAY_MS must be in 0..1000"),
+            (self.providers in ("auto", "cpu", "cuda"), "CLF_PROVIDERS must be auto, cpu or cuda"),
+            (self.intra_op_threads >= 0, "CLF_INTRA_OP_THREADS must be >= 0 (0 = automatic)"),
+            (self.runtime in ("onnx", "noop"), "CLF_RUNTIME must be onnx or noop"),
+            (self.max_body_bytes >= 1024, "CLF_MAX_BODY_BYTES must be >= 1024"),
+            (self.max_images_per_request >= 1, "CLF_MAX_IMAGES_PER_REQUEST must be >= 1"),
+            (self.max_image_pixels >= 64, "CLF_MAX_IMAGE_PIXELS must be >= 64"),
+            (self.top_k >= 1, "CLF_TOP_K must be >= 1"),
+            (0 < self.port < 65536, "CLF_PORT must be a TCP port"),
+            (self.warmup_batches >= 0, "CLF_WARMUP_BATCHES must be >= 0"),
+            (bool(self.image_model), "CLF_IMAGE_MODEL must name a model (e.g. digits-cnn:latest)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+    @property
+    def ort_threads(self) -> int:
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse(key: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{key}={raw!r} is not a valid {kind.__name__}") from None
