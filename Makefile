@@ -1,0 +1,51 @@
+# Two commands do everything:  `make demo` (install, train, export, serve, query, report)
+# and `make test` (the whole suite). See README.md.
+SHELL := /bin/bash
+PYTHON_BIN ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# GPU=1 installs onnxruntime-gpu instead of onnxruntime (never both in one environment).
+ORT_EXTRA := $(if $(filter 1,$(GPU)),gpu,cpu)
+# The model store: project-local, so the demo and the tests never touch ~/bentoml.
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+HOST ?= 127.0.0.1
+PORT ?= 3000
+
+.PHONY: install demo test train serve bench lock clean
+
+$(VENV)/.installed-$(ORT_EXTRA): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e ".[$(ORT_EXTRA),train,monitor,dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(VENV)/.installed-$(ORT_EXTRA)
+
+train: install
+	$(PY) -m training
+
+serve: install
+	CLF_HOST=$(HOST) CLF_PORT=$(PORT) $(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest tests -q -ra
+
+bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m bench $(BENCH_ARGS)
+
+# Re-pin every package after changing pyproject.toml's dependencies.
+lock:
+	$(PIP) freeze --exclude-editable | grep -v '^torch @' > constraints.txt.new
+	echo "torch==2.13.0" >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

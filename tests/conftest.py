@@ -1,0 +1,69 @@
+"""Shared fixtures. The model store is a fresh temporary folder for the whole session.
+
+BENTOML_HOME is set here, at import, because bentoml reads it when first imported: the tests
+must never read or write the user's store.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="clf-test-bentoml-")
+os.environ["BENTOML_HOME"] = _HOME
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+os.environ["HF_HUB_OFFLINE"] = "1"
+for _key in [k for k in os.environ if k.startswith("CLF_")]:
+    del os.environ[_key]  # a developer's serving settings must not leak into the tests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    tag: str
+    result: object  # training.train.TrainResult
+    bentoml_home: str
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> str:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """A small digits CNN, trained briefly and exported into the session's model store."""
+    from training.config import TrainConfig
+    from training.train import train_and_export
+
+    out = tmp_path_factory.mktemp("train")
+    cfg = TrainConfig(limit=600, epochs=5, warmup_epochs=0.5, widths=(8, 16), embedding_dim=32,
+                      progress=False,
+                      out_dir=str(out))
+    result, tag = train_and_export(cfg)
+    return TrainedModel(tag=str(tag), result=result, bentoml_home=_HOME)
+
+
+def png_bytes(array, mode: str | None = None) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def digit_pngs() -> list[tuple[bytes, int]]:
+    """Held-out test digits as the PNG bytes a user would upload, with their true labels."""
+    from training.config import TrainConfig
+    from training.data import digits_images, stratified_split
+
+    cfg = TrainConfig()
+    test = stratified_split(digits_images(), cfg.seed, cfg.val_fraction, cfg.test_fraction).test
+    return list(zip(test.blobs[:40], test.labels[:40]))

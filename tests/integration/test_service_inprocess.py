@@ -1,0 +1,155 @@
+"""The real service object (BentoML class, ONNX Runtime session, batcher, HTTP app) in-process.
+
+httpx drives the ASGI app directly, many requests at once, so the batcher really forms batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+URL = "http://test/v1/classify/image"
+
+
+@pytest.fixture(scope="module")
+def service_module(digits_model, monkeypatch_module):
+    monkeypatch_module.setenv("CLF_IMAGE_MODEL", digits_model.tag)
+    monkeypatch_module.setenv("CLF_MAX_IMAGES_PER_REQUEST", "8")
+    monkeypatch_module.setenv("CLF_MAX_BODY_BYTES", "200000")
+    import service.service as module
+
+    return importlib.reload(module)  # settings are read at import
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+async def _with_service(module, body):
+    instance = module.Classifier()
+    await instance.start_batcher()
+    try:
+        transport = httpx.ASGITransport(app=module.api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await body(client, instance)
+    finally:
+        await instance.stop_batcher()
+
+
+def run(module, body):
+    return asyncio.run(_with_service(module, body))
+
+
+def test_multipart_json_and_raw_bodies_agree(service_module, digit_pngs, digits_model):
+    data, label = digit_pngs[0]
+
+    async def body(client, instance):
+        assert instance.__is_ready__()
+        multipart = await client.post(URL, files={"image": ("d.png", data, "image/png")})
+        as_json = await client.post(URL, json={"images": [base64.b64encode(data).decode()]})
+        raw = await client.post(URL, content=data, headers={"Content-Type": "image/png"})
+        return multipart, as_json, raw
+
+    answers = run(service_module, body)
+    for response in answers:
+        assert response.status_code == 200, response.text
+        doc = response.json()
+        assert doc["model"] == "digits-cnn" and doc["model_version"] == digits_model.tag.split(":")[1]
+        assert doc["request_id"] == response.headers["x-request-id"]
+        (pred,) = doc["predictions"]
+        assert pred["label"] == pred["top_k"][0]["label"]
+        assert len(pred["top_k"]) == 3
+        probs = [t["probability"] for t in pred["top_k"]]
+        assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+    assert answers[0].json()["predictions"] == answers[1].json()["predictions"] == answers[2].json()["predictions"]
+
+
+def test_concurrent_requests_form_batches_and_keep_order(service_module, digit_pngs):
+    async def body(client, instance):
+        batch_sizes = []
+        instance.image.batcher._on_batch = lambda stats, orig=instance.image.batcher._on_batch: (
+            batch_sizes.append(stats.size), orig(stats))
+        singles = await asyncio.gather(*[
+            client.post(URL, files={"image": ("d.png", d, "image/png")}) for d, _ in digit_pngs[:32]
+        ])
+        many = await client.post(URL, files=[("image", (f"{i}.png", d, "image/png")) for i, (d, _) in enumerate(digit_pngs[:8])])
+        return singles, many, batch_sizes
+
+    singles, many, batch_sizes = run(service_module, body)
+    assert all(r.status_code == 200 for r in singles)
+    assert max(batch_sizes) > 1, batch_sizes  # concurrent requests shared model calls
+    # A request's answers come back in its own order, whatever batch they rode in.
+    single_labels = [r.json()["predictions"][0]["label"] for r in singles[:8]]
+    assert [p["label"] for p in many.json()["predictions"]] == single_labels
+    accuracy = np.mean([int(r.json()["predictions"][0]["label"]) == y for r, (_, y) in zip(singles, digit_pngs)])
+    assert accuracy > 0.2  # a briefly trained small model: above chance (0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, reason",
+    [
+        ({"files": {"image": ("x.png", b"", "image/png")}}, 422, "empty"),
+        ({"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n garbage", "image/png")}}, 415, "not_an_image"),
+        ({"files": {"image": ("x.png", b"hello, I am text", "image/png")}}, 415, "not_an_image"),
+        ({"files": {"photo": ("x.png", b"123", "image/png")}}, 422, "bad_field"),
+        ({"json": {"pictures": []}}, 422, "bad_field"),
+        ({"json": {"images": [42]}}, 422, "bad_field"),
+        ({"json": {"images": ["%%%not base64"]}}, 422, "bad_field"),
+        ({"json": {"images": []}}, 422, "empty"),
+        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "bad_request"),
+        ({"content": b"abc", "headers": {"Content-Type": "text/plain"}}, 400, "bad_request"),
+        ({"content": b"x" * 300_000, "headers": {"Content-Type": "image/png"}}, 413, "too_large"),
+    ],
+)
+def test_bad_input_is_a_4xx_and_the_next_request_is_served(service_module, digit_pngs, kwargs, status, reason):
+    good = digit_pngs[0][0]
+
+    async def body(client, instance):
+        bad = await client.post(URL, **kwargs)
+        after = await client.post(URL, files={"image": ("d.png", good, "image/png")})
+        return bad, after
+
+    bad, after = run(service_module, body)
+    assert bad.status_code == status, bad.text
+    doc = bad.json()
+    assert doc["error"]["reason"] == reason
+    assert len(doc["error"]["message"]) > 15 and "Traceback" not in doc["error"]["message"]
+    assert doc["request_id"]
+    assert after.status_code == 200
+
+
+def test_too_many_images_and_truncated_png(service_module, digit_pngs):
+    good = digit_pngs[0][0]
+
+    async def body(client, instance):
+        too_many = await client.post(URL, files=[("image", ("d.png", good, "image/png"))] * 9)
+        truncated = await client.post(URL, files={"image": ("t.png", good[: len(good) // 2], "image/png")})
+        second_bad = await client.post(URL, files=[("image", ("a.png", good, "image/png")), ("image", ("b.png", b"nope", "image/png"))])
+        return too_many, truncated, second_bad
+
+    too_many, truncated, second_bad = run(service_module, body)
+    assert too_many.status_code == 413 and too_many.json()["error"]["reason"] == "too_many_items"
+    assert truncated.status_code == 422 and truncated.json()["error"]["reason"] == "corrupt"
+    assert second_bad.status_code == 415 and second_bad.json()["error"]["message"].startswith("image 1:")
+
+
+def test_models_route_and_request_id_passthrough(service_module, digits_model):
+    async def body(client, instance):
+        models = await client.get("/v1/models")
+        tagged = await client.post(URL, content=b"", headers={"Content-Type": "image/png", "X-Request-ID": "abc-123"})
+        return models, tagged
+
+    models, tagged = run(service_module, body)
+    (model,) = models.json()["models"]
+    assert model["name"] == "digits-cnn" and model["spec"]["color_mode"] == "L"
+    assert json.loads(tagged.text)["request_id"] == "abc-123"
