@@ -69,6 +69,17 @@ def test_onnx_graph_passes_the_checker_with_a_dynamic_batch(trained) -> None:
         assert embedding.shape == (n, 128) and embedding.dtype == np.float32
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_both_exporters_give_a_checked_graph_within_tolerance(exporter: str,
+                                                              tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(CNNConfig(in_channels=3, num_classes=4, widths=(8, 16))).eval()
+    path = tmp_path / "m.onnx"
+    assert export_mod.export_onnx(model, (3, 24, 40), path, exporter=exporter) == exporter
+    assert export_mod.check_onnx(path, (3, 24, 40)) == export_mod.ONNX_OPSET
+    assert export_mod.parity(model, ort_session(path), (3, 24, 40))["max_abs_diff"] <= 1e-4
+
+
 def test_parity_is_recorded_and_within_tolerance(trained) -> None:
     _, folder = trained
     info = read_json(folder, "export.json")
@@ -92,7 +103,8 @@ def test_spec_labels_metrics_and_manifest(trained, store) -> None:
     assert manifest["seed"] == 0 and manifest["data_hash"] == result.data_hash
     assert CNNConfig.from_dict(manifest["model_config"]) == result.model_config
     assert manifest["train_config"]["limit"] == 200
-    assert {"torch", "onnx", "onnxruntime", "numpy", "pillow", "python"} <= set(manifest["versions"])
+    versions = {"torch", "onnx", "onnxruntime", "numpy", "pillow", "python"}
+    assert versions <= set(manifest["versions"])
     assert manifest["git_commit"] and manifest["created_at"]
     info = store.get(f"digits-test:{folder.name}").info
     assert info.labels == {"task": "image-classification"}
@@ -156,3 +168,28 @@ def test_reference_model_has_the_same_contract(store) -> None:
     assert ref["features"].shape == (64, len(IMAGE_FEATURES))
     assert ref["embeddings"].shape == (64, 128) and ref["logits"].shape == (64, 10)
     assert (ref["labels"] == -1).all()  # noise has no true class
+
+
+def test_a_folder_of_photos_trains_and_exports(store, tmp_path: Path) -> None:
+    """RGB photos of mixed sizes and formats: the reference features describe the raw images
+    (their own width and height), while the model sees the spec's 32x32."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, (name, fmt) in enumerate([("cats", "JPEG"), ("dogs", "PNG")]):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            size = (40 + 7 * i, 30 + 5 * i)
+            pixels = rng.integers(0, 90, (size[1], size[0], 3)) + 150 * label
+            path = tmp_path / "data" / name / f"{i}.{fmt.lower()}"
+            Image.fromarray(pixels.astype(np.uint8)).save(path, format=fmt)
+    cfg = TrainConfig(data=str(tmp_path / "data"), model_name="photos-test", color_mode="RGB",
+                      epochs=1, widths=(8, 16), progress=False, out_dir=str(tmp_path / "art"),
+                      val_fraction=0.25, test_fraction=0.25)
+    result, tag = train_and_export(cfg, store=store)
+    folder = Path(store.get(tag).path)
+    assert read_json(folder, "labels.json") == ["cats", "dogs"]
+    ref = np.load(folder / "reference.npz")
+    widths = ref["features"][:, list(IMAGE_FEATURES).index("width")]
+    assert len(widths) == len(result.splits.val) and (widths >= 40).all()
+    assert ref["logits"].shape == (len(widths), 2)

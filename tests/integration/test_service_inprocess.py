@@ -99,7 +99,7 @@ def test_concurrent_requests_form_batches_and_keep_order(service_module, digit_p
     "kwargs, status, reason",
     [
         ({"files": {"image": ("x.png", b"", "image/png")}}, 422, "empty"),
-        ({"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n garbage", "image/png")}}, 415, "not_an_image"),
+        ({"files": {"image": ("x.png", b"\x89PNG\r\n\x1a\n garbage", "image/png")}}, 422, "corrupt"),
         ({"files": {"image": ("x.png", b"hello, I am text", "image/png")}}, 415, "not_an_image"),
         ({"files": {"photo": ("x.png", b"123", "image/png")}}, 422, "bad_field"),
         ({"json": {"pictures": []}}, 422, "bad_field"),

@@ -49,13 +49,15 @@ def test_total_sums_over_label_sets_that_match() -> None:
 
 
 def test_histogram_delta_and_mean() -> None:
-    d = histogram_delta(parse_samples(BEFORE), parse_samples(AFTER), BATCH_ITEMS, model="bench-resnet")
+    before, after = parse_samples(BEFORE), parse_samples(AFTER)
+    d = histogram_delta(before, after, BATCH_ITEMS, model="bench-resnet")
     assert (d.sum, d.count) == (6400.0, 200.0)
     assert d.mean == pytest.approx(32.0)
 
 
 def test_other_models_do_not_leak_into_a_delta() -> None:
-    d = histogram_delta(parse_samples(BEFORE), parse_samples(AFTER), BATCH_ITEMS, model="digits-cnn")
+    before, after = parse_samples(BEFORE), parse_samples(AFTER)
+    d = histogram_delta(before, after, BATCH_ITEMS, model="digits-cnn")
     assert (d.sum, d.count, d.mean) == (0.0, 0.0, None)
 
 

@@ -54,7 +54,8 @@ def test_parse_measured_run() -> None:
     assert r.non2xx == 5
     assert r.socket_errors == {"connect": 0, "read": 12, "write": 1, "timeout": 3}
     assert r.errors == 5 + 16
-    assert r.percentiles_ms == pytest.approx({"50": 0.812, "75": 71.53, "90": 1010.0, "99": 72000.0})
+    want = {"50": 0.812, "75": 71.53, "90": 1010.0, "99": 72000.0}
+    assert r.percentiles_ms == pytest.approx(want)
     assert r.ok_per_s == pytest.approx((2758 - 5) / 3.02)
 
 
@@ -71,7 +72,8 @@ def test_parse_warmup_run_without_latency_or_errors() -> None:
 
 
 def test_wrk2_style_percentiles_are_normalised() -> None:
-    text = WARMUP.replace("  241 requests", "  Latency Distribution\n 50.000%    2.00ms\n 99.000%    9.50ms\n  241 requests")
+    wrk2 = "  Latency Distribution\n 50.000%    2.00ms\n 99.000%    9.50ms\n  241 requests"
+    text = WARMUP.replace("  241 requests", wrk2)
     assert parse_wrk(text).percentiles_ms == pytest.approx({"50": 2.0, "99": 9.5})
 
 

@@ -23,7 +23,7 @@ from training.data import (
     ImageDataset,
     LabelledImages,
     data_hash,
-    decode_all,
+    decode_for_model,
     digits_images,
     folder_images,
     stratified_split,
@@ -250,7 +250,7 @@ def test_a_corrupt_file_is_named(tmp_path: Path) -> None:
     (tmp_path / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     data = folder_images(tmp_path)
     with pytest.raises(DataError, match="broken.png"):
-        decode_all(data, ImageSpec(height=8, width=8))
+        decode_for_model(data, ImageSpec(height=8, width=8))
 
 
 def test_config_rejects_bad_values(tmp_path: Path) -> None:

@@ -1,0 +1,43 @@
+"""The bench's options: defaults for a full run, --quick for CI, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.config import parse_config
+
+
+def test_full_run_defaults_match_the_peers_methodology() -> None:
+    cfg = parse_config([])
+    assert cfg.concs == cfg.floor_concs == (1, 16, 64)
+    assert (cfg.warmup_s, cfg.duration_s) == (5.0, 20.0)
+    assert cfg.raw_batches == (1, 8, 32, 64)
+    assert cfg.workers == 1  # the service's configured default (CLF_WORKERS unset in tests)
+
+
+def test_quick_is_short_and_floors_only_the_top_concurrency() -> None:
+    cfg = parse_config(["--quick"])
+    assert cfg.concs == (1, 16) and cfg.floor_concs == (16,)
+    assert cfg.duration_s <= 2 and cfg.retries == 0
+
+
+def test_options_override_and_skip_floor() -> None:
+    cfg = parse_config(["--conc", "64", "--workers", "2", "--skip-floor", "--providers", "cpu"])
+    assert (cfg.concs, cfg.floor_concs, cfg.workers, cfg.providers) == ((64,), (), 2, "cpu")
+
+
+def test_the_configured_workers_are_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLF_WORKERS", "2")
+    assert parse_config([]).workers == 2
+
+
+def test_a_bad_service_setting_stops_the_bench_with_its_message(monkeypatch) -> None:
+    monkeypatch.setenv("CLF_WORKERS", "zero")
+    with pytest.raises(SystemExit, match="CLF_WORKERS"):
+        parse_config([])
+
+
+@pytest.mark.parametrize("bad", ["0", "1,x", ""])
+def test_bad_concurrency_lists_are_refused(bad: str) -> None:
+    with pytest.raises(SystemExit):
+        parse_config(["--conc", bad])

@@ -1,0 +1,175 @@
+"""One config object per training run: built from the CLI, validated, logged, saved in the
+artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from preprocessing import ImageSpec
+from preprocessing.spec import COLOR_MODES, INTERPOLATIONS, RESIZE_RULES
+
+DIGITS = "digits"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. ``data`` is ``"digits"`` (scikit-learn's built-in digits) or a folder path
+    holding one sub-folder of images per class."""
+
+    data: str = DIGITS
+    model_name: str = "digits-cnn"
+    # Input spec: what the model sees; written into the artifact as spec.json.
+    height: int = 32
+    width: int = 32
+    color_mode: str = "L"
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    # Model.
+    widths: tuple[int, ...] = (16, 32, 64)
+    embedding_dim: int = 128
+    dropout: float = 0.1
+    # Optimisation.
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.0
+    patience: int = 5
+    # Augmentation (training split only). Flips are off by default: a mirrored digit is another
+    # symbol (or no symbol), so a flip would teach the model the wrong label.
+    augment: bool = True
+    flip: bool = False
+    # Data split and reproducibility.
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    limit: int | None = None
+    seed: int = 0
+    # Where curves and logs go; default artifacts/<model_name>/.
+    out_dir: str | None = None
+    device: str = "cpu"
+    num_threads: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+             and self.val_fraction + self.test_fraction < 1,
+             "val_fraction and test_fraction must be in (0, 1) and sum to less than 1"),
+            (self.limit is None or self.limit >= 20, "limit must be at least 20 images"),
+            (self.color_mode in COLOR_MODES, f"color_mode must be one of {sorted(COLOR_MODES)}"),
+            (self.resize in RESIZE_RULES, f"resize must be one of {RESIZE_RULES}"),
+            (self.interpolation in INTERPOLATIONS,
+             f"interpolation must be one of {INTERPOLATIONS}"),
+            (self.num_threads >= 1, "num_threads must be >= 1"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (bool(self.model_name) and "/" not in self.model_name and ":" not in self.model_name,
+             f"model_name must be a plain name, got {self.model_name!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.data != DIGITS and not Path(self.data).is_dir():
+            raise ValueError(f"--data must be 'digits' or an existing folder, got {self.data!r}")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path("artifacts") / self.model_name
+
+    def image_spec(self) -> ImageSpec:
+        """The preprocessing spec the model is trained with (and served with)."""
+        channels = COLOR_MODES[self.color_mode]
+        return ImageSpec(
+            height=self.height,
+            width=self.width,
+            color_mode=self.color_mode,
+            resize=self.resize,
+            interpolation=self.interpolation,
+            mean=(0.5,) * channels,
+            std=(0.5,) * channels,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train an image classifier, export it to ONNX (parity-checked) and save it "
+        "into BentoML's model store.",
+    )
+    p.add_argument("--data", default=d.data,
+                   help="'digits' (built-in) or a folder with one sub-folder of images per class")
+    p.add_argument("--model-name", default=d.model_name)
+    p.add_argument("--height", type=int, default=d.height)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--color-mode", choices=sorted(COLOR_MODES), default=None,
+                   help="default: L for digits, RGB for a folder")
+    p.add_argument("--resize", choices=RESIZE_RULES, default=d.resize)
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default=d.interpolation)
+    p.add_argument("--widths", type=_int_tuple, default=d.widths,
+                   help="channels per residual stage, comma separated (default 16,32,64)")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="maximum; early stopping may end sooner")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips (not for digits)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    p.add_argument("--limit", type=int, default=None, help="use a stratified subset of N images")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out-dir", default=None,
+                   help="curves and logs (default artifacts/<model-name>)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--num-threads", type=int, default=d.num_threads)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse the CLI into a validated TrainConfig; a bad value exits with argparse's message."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if args["color_mode"] is None:
+        args["color_mode"] = "L" if args["data"] == DIGITS else "RGB"
+    try:
+        return TrainConfig(**args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits

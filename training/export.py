@@ -1,0 +1,312 @@
+"""ONNX export, a PyTorch/ONNX Runtime parity check, and saving the artifact to BentoML's store.
+
+The files written into the model store entry are the contract the service reads (see
+``CONTRACT_FILES``). Nothing is saved unless the exported graph passes ``onnx.checker`` and
+agrees with PyTorch to ``PARITY_TOLERANCE`` (cf. timm's onnx_validate.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from preprocessing import IMAGE_FEATURES, ImageSpec, decode_image, image_features, image_to_array
+
+if TYPE_CHECKING:  # bentoml and onnxruntime are heavy; imported where used
+    import bentoml
+    import onnxruntime as ort
+    from bentoml._internal.models import ModelStore
+
+ONNX_OPSET = 18
+PARITY_TOLERANCE = 1e-4
+PARITY_BATCHES = (1, 7, 64)
+INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "embedding")
+CONTRACT_FILES = ("model.onnx", "spec.json", "labels.json", "metrics.json", "export.json",
+                  "manifest.json", "reference.npz", "curves.png")
+
+log = logging.getLogger("training")
+
+
+class ExportError(RuntimeError):
+    """The exported model cannot be trusted (checker failure, parity over tolerance)."""
+
+
+def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path,
+                opset: int = ONNX_OPSET, exporter: str = "auto") -> str:
+    """Write ``model`` ([N,C,H,W] -> logits, embedding) to one self-contained ONNX file.
+
+    ``exporter="auto"`` uses torch's dynamo exporter (the default in 2.13, and what we measured
+    to work for these CNNs) and falls back to the legacy TorchScript exporter, with a logged
+    warning, only if dynamo raises; the parity check that follows judges either result.
+    Returns the exporter used: "dynamo" or "legacy".
+    """
+    if exporter not in ("auto", "dynamo", "legacy"):
+        raise ValueError(f"exporter must be auto, dynamo or legacy, got {exporter!r}")
+    model.eval()
+    # Batch 2, not 1: torch.export specialises size-1 dims, which would pin the batch axis.
+    example = torch.zeros(2, *input_shape)
+    if exporter != "legacy":
+        try:
+            _export_dynamo(model, example, path, opset)
+            return "dynamo"
+        except Exception as exc:  # noqa: BLE001 - any exporter failure -> try the other one
+            if exporter == "dynamo":
+                raise ExportError(f"dynamo ONNX export failed: {exc}") from exc
+            log.warning("dynamo ONNX export failed (%s); falling back to the legacy exporter", exc)
+    _export_legacy(model, example, path, opset)
+    return "legacy"
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int) -> None:
+    # external_data=False keeps the weights inside model.onnx; the default writes a side
+    # .onnx.data file that the service does not look for.
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet_exporter():
+        torch.onnx.export(
+            model, (example,), str(path), input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},), external_data=False,
+            opset_version=opset, dynamo=True, verbose=False,
+        )
+
+
+def _export_legacy(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int) -> None:
+    # TorchScript exporter: fine for CNNs (it bakes a transformer's sequence length in, which
+    # is why it is not the default); dynamic_axes gives the dynamic batch.
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (example,), str(path), input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset,
+            do_constant_folding=True, dynamo=False,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence torch 2.13's exporter noise that says nothing about our model: one warning per
+    torchvision op it cannot register (there is no torchvision here) and a FutureWarning from
+    its own pytree code. Real export errors still raise."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def check_onnx(path: str | Path, input_shape: Sequence[int]) -> int:
+    """``onnx.checker`` plus the I/O contract (names, dtypes, dynamic batch); returns the opset."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected the export: {exc}") from exc
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+        raise ExportError(f"unexpected graph I/O: inputs {inputs}, outputs {outputs}")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if not dims[0].dim_param or [d.dim_value for d in dims[1:]] != list(input_shape):
+        raise ExportError(f"input must be [batch, {', '.join(map(str, input_shape))}], got {dims}")
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def ort_session(path: str | Path) -> "ort.InferenceSession":
+    """A CPU session with explicit threads: ORT's spinning pool would starve a 2-core box."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def parity(model: nn.Module, session: "ort.InferenceSession", input_shape: Sequence[int],
+           batch_sizes: Sequence[int] = PARITY_BATCHES, seed: int = 0) -> dict[str, Any]:
+    """Largest |ORT - PyTorch| of logits and embedding on seeded random inputs, per batch size."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    per_batch: dict[str, dict[str, float]] = {}
+    for n in batch_sizes:
+        x = torch.randn(n, *input_shape, generator=generator)
+        expected = [t.numpy() for t in model(x)]
+        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+        if [g.shape for g in got] != [e.shape for e in expected]:
+            raise ExportError(f"batch {n}: ORT shapes {[g.shape for g in got]} != torch "
+                              f"{[e.shape for e in expected]}")
+        per_batch[str(n)] = {name: float(np.abs(g - e).max())
+                             for name, g, e in zip(OUTPUT_NAMES, got, expected)}
+    worst = max(v for d in per_batch.values() for v in d.values())
+    return {"max_abs_diff": worst, "per_batch": per_batch}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def reference_profile(session: "ort.InferenceSession", blobs: Sequence[bytes],
+                      labels: Sequence[int], spec: ImageSpec, batch_size: int = 64
+                      ) -> dict[str, np.ndarray]:
+    """Monitored features and model outputs of images (un-augmented): what drift reports compare
+    production traffic against. Computed from the files' bytes with the service's own steps:
+    ``decode_image`` -> ``image_features`` on the decoded image, ``image_to_array`` -> ONNX."""
+    features, logits, embeddings = [], [], []
+    for start in range(0, len(blobs), batch_size):
+        images = [decode_image(b, spec) for b in blobs[start:start + batch_size]]
+        features += [[image_features(img)[k] for k in IMAGE_FEATURES] for img in images]
+        x = np.stack([image_to_array(img, spec) for img in images])
+        out_logits, out_emb = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        logits.append(out_logits)
+        embeddings.append(out_emb)
+    logits_arr = np.concatenate(logits).astype(np.float32)
+    probs = softmax(logits_arr.astype(np.float64))
+    return {
+        "feature_names": np.array(IMAGE_FEATURES, dtype=str),
+        "features": np.array(features, dtype=np.float64).reshape(len(blobs), len(IMAGE_FEATURES)),
+        "embeddings": np.concatenate(embeddings).astype(np.float32),
+        "logits": logits_arr,
+        "labels": np.asarray(labels, dtype=np.int64),
+        "predicted": probs.argmax(axis=1).astype(np.int64),
+        "confidence": probs.max(axis=1).astype(np.float32),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import PIL
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "pillow": PIL.__version__, "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    """HEAD of the repository this code runs from, or "unknown" (no git, no commits yet)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def build_manifest(*, seed: int, data_hash: str, data_source: str,
+                   train_config: dict[str, Any], model_config: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to reproduce the artifact (the model config rebuilds the network)."""
+    return {
+        "seed": seed, "data_hash": data_hash, "data_source": data_source,
+        "train_config": train_config, "model_config": model_config,
+        "versions": library_versions(), "git_commit": git_commit(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: Sequence[str],
+                   reference_blobs: Sequence[bytes], reference_labels: Sequence[int],
+                   metrics: dict[str, Any], manifest: dict[str, Any], curves: str | Path | None,
+                   tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """Export, check and write every contract file into ``folder``; returns export.json's dict.
+
+    Raises ``ExportError`` before anything is written beyond the candidate model.onnx.
+    """
+    onnx_path = folder / "model.onnx"
+    exporter = export_onnx(model, spec.input_shape, onnx_path)
+    opset = check_onnx(onnx_path, spec.input_shape)
+    session = ort_session(onnx_path)
+    report = parity(model, session, spec.input_shape)
+    if not report["max_abs_diff"] <= tolerance:  # "not <=" also catches NaN
+        raise ExportError(f"ONNX Runtime and PyTorch disagree by {report['max_abs_diff']:.3g} "
+                          f"(tolerance {tolerance:g}): {report['per_batch']}; nothing saved")
+    logits_dim = session.get_outputs()[0].shape[1]
+    if logits_dim != len(labels):
+        raise ExportError(f"model has {logits_dim} logits but {len(labels)} labels")
+    export_info = {**report, "opset": opset, "exporter": exporter, "tolerance": tolerance}
+    profile = reference_profile(session, reference_blobs, reference_labels, spec)
+    np.savez(folder / "reference.npz", **profile)
+    (folder / "spec.json").write_text(spec.to_json() + "\n")
+    _write_json(folder / "labels.json", list(labels))
+    _write_json(folder / "metrics.json", metrics)
+    _write_json(folder / "export.json", export_info)
+    _write_json(folder / "manifest.json", manifest)
+    if curves is not None:
+        shutil.copyfile(curves, folder / "curves.png")
+    else:
+        _blank_png(folder / "curves.png")
+    return export_info
+
+
+def _blank_png(path: Path) -> None:
+    """A placeholder curves.png for models that were never trained (the reference model)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+
+
+def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Sequence[str],
+                    reference_blobs: Sequence[bytes], reference_labels: Sequence[int],
+                    metrics: dict[str, Any], manifest: dict[str, Any],
+                    curves: str | Path | None = None, tolerance: float = PARITY_TOLERANCE,
+                    store: "ModelStore | None" = None) -> "bentoml.Tag":
+    """Export ``model`` and save it as a new version of ``name`` in BentoML's model store.
+
+    Everything is staged and checked in a temporary folder first, so a failed export leaves
+    the store untouched. ``store`` overrides the default store (``$BENTOML_HOME/models``); tests
+    pass one to stay off the user's store.
+    """
+    import bentoml
+
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        staged = Path(tmp)
+        export_info = stage_artifact(
+            model, staged, spec=spec, labels=labels, reference_blobs=reference_blobs,
+            reference_labels=reference_labels, metrics=metrics, manifest=manifest,
+            curves=curves, tolerance=tolerance)
+        metadata = {
+            "test_accuracy": metrics.get("test_accuracy"),
+            "val_accuracy": metrics.get("val_accuracy"),
+            "spec_hash": spec.content_hash,
+            "parity_max_abs_diff": export_info["max_abs_diff"],
+            "data_hash": manifest.get("data_hash"),
+            "opset": export_info["opset"],
+            "exporter": export_info["exporter"],
+            "num_classes": len(labels),
+        }
+        metadata = {k: v for k, v in metadata.items() if v is not None}  # bentoml refuses None
+        # ``_model_store`` is create()'s injection point (bentoml's own tests use it); without
+        # it the store is the process-wide $BENTOML_HOME one, fixed at first use.
+        extra = {} if store is None else {"_model_store": store}
+        with bentoml.models.create(name, labels={"task": "image-classification"},
+                                   metadata=metadata, **extra) as bento_model:
+            for filename in CONTRACT_FILES:
+                shutil.copyfile(staged / filename, Path(bento_model.path) / filename)
+        return bento_model.tag

@@ -1,0 +1,199 @@
+"""The training loop: AdamW, warm-up + cosine per step, validation each epoch, early stopping.
+
+Short enough to hold in your head (cf. nanoGPT's train.py). Same seed + same data gives the
+same metrics: seeds are fixed, the loader's shuffle has its own generator, augmentation is seeded
+per item, and torch runs in deterministic mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .config import TrainConfig
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` hands back; ``model`` holds the best epoch's weights, in eval mode."""
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    best_epoch: int
+    val_loss: float
+    val_accuracy: float
+    epochs_run: int
+    train_seconds: float
+    stopped_early: bool = False
+
+
+def seed_everything(seed: int, num_threads: int = 2) -> None:
+    """Fix every RNG we draw from and the thread count (2 cores: more threads only contend)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(num_threads)
+    # Cheap on CPU, where every op we use has a deterministic kernel. warn_only: on CUDA a few
+    # ops have none, and a warning there beats refusing to train.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay only weight matrices and conv kernels; biases and norm scales stay undecayed
+    (decaying them only shrinks the BN gain, it does not regularise; cf. nanoGPT)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear ramp to 1 over ``warmup_steps``, then cosine to 0."""
+    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """num_workers=0: the data is tiny and decoded once; worker processes would only add startup
+    time and fight the training threads for 2 cores."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``loader`` (eval mode: no dropout, BN running stats)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == y).sum().item()
+        count += len(y)
+    return total_loss / max(1, count), correct / max(1, count)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    label_smoothing: float = 0.0,
+    desc: str = "",
+    progress: bool = True,
+) -> float:
+    """One pass over ``loader``; the scheduler steps per batch. Returns the mean training loss."""
+    model.train()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(y)
+        count += len(y)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / max(1, count)
+
+
+def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: TrainConfig) -> FitResult:
+    """Train ``model`` with early stopping on validation loss; returns the best epoch's model."""
+    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val_loader = make_loader(val_set, 256, shuffle=False)
+    steps_per_epoch = len(train_loader)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch),
+                             cfg.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    history: list[dict[str, float]] = []
+    best = {"loss": math.inf, "epoch": 0, "accuracy": 0.0, "state": None}
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)  # fresh (but seeded) augmentations each epoch
+        train_loss = train_epoch(model, train_loader, optimizer, scheduler, cfg.label_smoothing,
+                                 desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress)
+        val_loss, val_acc = evaluate(model, val_loader)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise RuntimeError(f"training diverged at epoch {epoch} (loss {train_loss}, "
+                               f"val loss {val_loss}); lower --lr")
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+               "val_accuracy": val_acc, "lr": lr, "seconds": time.perf_counter() - t0}
+        history.append(row)
+        log.info("epoch %3d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.1fs",
+                 epoch, cfg.epochs, train_loss, val_loss, val_acc, lr, row["seconds"])
+        if val_loss < best["loss"]:
+            best = {"loss": val_loss, "epoch": epoch, "accuracy": val_acc,
+                    "state": copy.deepcopy(model.state_dict())}
+        elif epoch - best["epoch"] >= cfg.patience:
+            log.info("early stop: no val_loss improvement for %d epochs (best epoch %d)",
+                     cfg.patience, best["epoch"])
+            break
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    return FitResult(
+        model=model, history=history, best_epoch=int(best["epoch"]), val_loss=float(best["loss"]),
+        val_accuracy=float(best["accuracy"]), epochs_run=len(history),
+        train_seconds=time.perf_counter() - start, stopped_early=len(history) < cfg.epochs,
+    )
+
+
+def plot_curves(history: list[dict[str, float]], path: str | Path) -> Path:
+    """Loss and accuracy per epoch as a PNG. Uses the Agg canvas directly: no pyplot, no GUI
+    backend, no global matplotlib state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="val", color="tab:orange")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

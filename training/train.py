@@ -1,0 +1,177 @@
+"""The training command: data -> split -> fit -> test -> export -> model store.
+
+``python -m training --help`` lists the options. ``train(cfg)`` is the part without export, for
+tests and notebooks; ``train_and_export(cfg)`` is what the CLI, the demo and retraining call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from preprocessing import ImageSpec
+
+from .augment import Augment
+from .config import TrainConfig, config_from_args
+from .data import (DataError, ImageDataset, Splits, data_hash, load_images, stratified_split,
+                   stratified_subset)
+from .export import PARITY_TOLERANCE, ExportError, build_manifest, export_to_store
+from .loop import FitResult, evaluate, fit, make_loader, plot_curves, seed_everything
+from .models import CNNConfig, build_model, count_parameters
+
+if TYPE_CHECKING:
+    import bentoml
+    from bentoml._internal.models import ModelStore
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TrainResult:
+    """A trained model and everything the export needs to describe it."""
+
+    config: TrainConfig
+    model_config: CNNConfig
+    spec: ImageSpec
+    classes: tuple[str, ...]
+    fit: FitResult
+    test_loss: float
+    test_accuracy: float
+    data_hash: str
+    splits: Splits
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.fit.model
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json: the fields the service and the promotion step read."""
+        f = self.fit
+        return {
+            "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
+            "val_accuracy": f.val_accuracy, "val_loss": f.val_loss, "best_epoch": f.best_epoch,
+            "epochs_run": f.epochs_run, "stopped_early": f.stopped_early,
+            "train_seconds": round(f.train_seconds, 2), "history": f.history,
+            "split_sizes": {"train": len(self.splits.train), "val": len(self.splits.val),
+                            "test": len(self.splits.test)},
+        }
+
+
+def prepare_splits(cfg: TrainConfig) -> tuple[Splits, str]:
+    """Load the configured data, optionally subsample, split; returns the splits and data hash."""
+    data = load_images(cfg.data)
+    if cfg.limit is not None:
+        data = stratified_subset(data, cfg.limit, cfg.seed)
+    return stratified_split(data, cfg.seed, cfg.val_fraction, cfg.test_fraction), data_hash(data)
+
+
+def build_datasets(splits: Splits, spec: ImageSpec, cfg: TrainConfig
+                   ) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
+    """train/val/test datasets; only the training split is augmented."""
+    augment = Augment(flip=cfg.flip) if cfg.augment else None
+    return (ImageDataset(splits.train, spec, augment=augment, seed=cfg.seed),
+            ImageDataset(splits.val, spec), ImageDataset(splits.test, spec))
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train and test a model as ``cfg`` says (no export). Same cfg + data -> same metrics."""
+    seed_everything(cfg.seed, cfg.num_threads)
+    spec = cfg.image_spec()
+    splits, digest = prepare_splits(cfg)
+    train_set, val_set, test_set = build_datasets(splits, spec, cfg)
+    log.info("data %s: %d classes, train/val/test = %d/%d/%d, hash %s", cfg.data,
+             len(splits.train.classes), len(train_set), len(val_set), len(test_set), digest[:12])
+
+    model_config = CNNConfig(in_channels=spec.channels, num_classes=len(splits.train.classes),
+                             widths=cfg.widths, dropout=cfg.dropout,
+                             embedding_dim=cfg.embedding_dim)
+    model = build_model(model_config).to(cfg.device)
+    log.info("model %s: %d parameters", model_config, count_parameters(model))
+    result = fit(model, train_set, val_set, cfg)
+    test_loss, test_acc = evaluate(result.model, make_loader(test_set, 256, shuffle=False))
+    log.info("best epoch %d: val_loss %.4f val_acc %.4f; test_acc %.4f; %.1fs", result.best_epoch,
+             result.val_loss, result.val_accuracy, test_acc, result.train_seconds)
+    return TrainResult(cfg, model_config, spec, splits.train.classes, result, test_loss, test_acc,
+                       digest, splits)
+
+
+def export_result(result: TrainResult, curves: str | os.PathLike | None = None,
+                  store: "ModelStore | None" = None,
+                  tolerance: float = PARITY_TOLERANCE) -> "bentoml.Tag":
+    """Save a trained result into the model store (ONNX + spec + reference profile + manifest)."""
+    cfg = result.config
+    manifest = build_manifest(seed=cfg.seed, data_hash=result.data_hash, data_source=cfg.data,
+                              train_config=cfg.to_dict(),
+                              model_config=result.model_config.to_dict())
+    return export_to_store(
+        result.model.cpu(), name=cfg.model_name, spec=result.spec, labels=result.classes,
+        reference_blobs=result.splits.val.blobs, reference_labels=result.splits.val.labels,
+        metrics=result.metrics(), manifest=manifest, curves=curves, tolerance=tolerance,
+        store=store)
+
+
+def train_and_export(cfg: TrainConfig, store: "ModelStore | None" = None
+                     ) -> tuple[TrainResult, "bentoml.Tag"]:
+    """The whole command: train, test, write curves/history to ``cfg.output_dir``, export, save."""
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    result = train(cfg)
+    curves = plot_curves(result.fit.history, out / "curves.png")
+    (out / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+    tag = export_result(result, curves=curves, store=store)
+    return result, tag
+
+
+def summary(result: TrainResult, tag: "bentoml.Tag", seconds: float) -> str:
+    """The lines the CLI prints at the end, parity read back from the saved entry."""
+    import bentoml
+
+    export_info = json.loads(Path(bentoml.models.get(tag).path_of("export.json")).read_text())
+    f = result.fit
+    return "\n".join([
+        f"test accuracy  {result.test_accuracy:.4f}  (val {f.val_accuracy:.4f}, best epoch "
+        f"{f.best_epoch} of {f.epochs_run} run)",
+        f"train seconds  {f.train_seconds:.1f}  (whole command {seconds:.1f})",
+        f"parity         max |ORT - torch| = {export_info['max_abs_diff']:.2e} "
+        f"(tolerance {export_info['tolerance']:g}; {export_info['exporter']} exporter, "
+        f"opset {export_info['opset']})",
+        f"saved          {tag}",
+    ])
+
+
+def _setup_logging(cfg: TrainConfig) -> None:
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr),
+                    logging.FileHandler(cfg.output_dir / "train.log", mode="w")):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: ``python -m training [--data digits|PATH] [--epochs N] ...``."""
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    cfg = config_from_args(argv)
+    _setup_logging(cfg)
+    log.info("config %s", cfg.describe())
+    start = time.perf_counter()
+    try:
+        result, tag = train_and_export(cfg)
+    except (DataError, ExportError) as exc:  # a fixable problem: say what, no traceback
+        log.error("error: %s", exc)
+        return 2
+    print(summary(result, tag, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
