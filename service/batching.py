@@ -81,7 +81,14 @@ class Batcher:
         items = [_Item(t, loop.create_future()) for t in tensors]
         self._pending.extend(items)
         self._wakeup.set()
-        return [await item.future for item in items]
+        if len(items) == 1:
+            return [await items[0].future]
+        # Every future is awaited, so a failed batch leaves no "exception never retrieved".
+        results = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     def run_sync(self, batch: np.ndarray) -> Outputs:
         """Run one batch directly (warm-up), bypassing the queue."""

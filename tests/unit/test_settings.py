@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+
+from service.settings import Settings, SettingsError
+
+
+def test_defaults_are_valid():
+    s = Settings.from_env({})
+    assert s.max_batch_size == 64 and s.runtime == "onnx" and s.trace_requests is False
+
+
+def test_values_are_parsed_by_type():
+    s = Settings.from_env({"CLF_MAX_BATCH_SIZE": "8", "CLF_MAX_QUEUE_DELAY_MS": "2.5",
+                           "CLF_TRACE_REQUESTS": "yes", "PATH": "/bin"})
+    assert (s.max_batch_size, s.max_queue_delay_ms, s.trace_requests) == (8, 2.5, True)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"CLF_MAX_BATCH_SIZE": "many"}, "CLF_MAX_BATCH_SIZE='many' is not a valid int"),
+    ({"CLF_MAX_BATCH_SIZE": "0"}, "CLF_MAX_BATCH_SIZE must be in 1..4096"),
+    ({"CLF_PROVIDERS": "tpu"}, "CLF_PROVIDERS must be auto, cpu or cuda"),
+    ({"CLF_WORKERS": "0"}, "CLF_WORKERS must be >= 1"),
+    ({"CLF_TRACE_REQUESTS": "maybe"}, "CLF_TRACE_REQUESTS='maybe'"),
+    ({"CLF_BATCH": "3"}, "unknown setting CLF_BATCH"),
+    ({"CLF_IMAGE_MODEL": ""}, "CLF_IMAGE_MODEL must name a model"),
+])
+def test_bad_values_stop_with_a_message_naming_the_variable(env, words):
+    with pytest.raises(SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
+
+
+def test_ort_threads_split_the_cores_between_workers(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert Settings.from_env({"CLF_WORKERS": "2"}).ort_threads == 4
+    assert Settings.from_env({"CLF_WORKERS": "16"}).ort_threads == 1
+    assert Settings.from_env({"CLF_INTRA_OP_THREADS": "3"}).ort_threads == 3
