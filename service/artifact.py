@@ -78,4 +78,4 @@ def load_artifact(tag: str) -> Artifact:
 def _store_path() -> str:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    return str(BentoMLContainer.model_store.get()._fs.getsyspath("/"))
+    return str(BentoMLContainer.model_store_dir.get())

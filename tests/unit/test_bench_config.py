@@ -12,7 +12,9 @@ def test_full_run_defaults_match_the_peers_methodology() -> None:
     assert cfg.concs == cfg.floor_concs == (1, 16, 64)
     assert (cfg.warmup_s, cfg.duration_s) == (5.0, 20.0)
     assert cfg.raw_batches == (1, 8, 32, 64)
-    assert cfg.workers == 1  # the service's configured default (CLF_WORKERS unset in tests)
+    from service.settings import Settings
+
+    assert cfg.workers == Settings().workers  # the service's default (CLF_WORKERS unset in tests)
 
 
 def test_quick_is_short_and_floors_only_the_top_concurrency() -> None:
@@ -27,8 +29,8 @@ def test_options_override_and_skip_floor() -> None:
 
 
 def test_the_configured_workers_are_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLF_WORKERS", "2")
-    assert parse_config([]).workers == 2
+    monkeypatch.setenv("CLF_WORKERS", "3")
+    assert parse_config([]).workers == 3
 
 
 def test_a_bad_service_setting_stops_the_bench_with_its_message(monkeypatch) -> None:

@@ -166,7 +166,7 @@ def test_load_spec_image() -> None:
     assert load_spec(SPEC.to_json()) == SPEC
 
 
-@pytest.mark.parametrize("kind", ["text", "audio", "", None])
+@pytest.mark.parametrize("kind", ["audio", "video", "", None])
 def test_load_spec_unknown_kind(kind: object) -> None:
     with pytest.raises(SpecError, match="unknown preprocessing spec kind"):
         load_spec(json.dumps(spec_dict(kind=kind)))

@@ -1,0 +1,73 @@
+"""Request bodies as users send them: a real PNG file in the multipart field ``image``.
+
+The reference model gets seeded random noise (it has random weights, so the picture does not
+matter, only its size and format); the digits model gets a digit rendered exactly the way the
+training data is (``training.data.digits_images``), reproduced here so the bench needs no torch.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BOUNDARY = "clfbench0123456789"
+
+
+@dataclass(frozen=True)
+class Body:
+    """One request body on disk, ready for wrk's lua script, and what it holds."""
+
+    path: Path
+    headers: list[str]
+    image: bytes  # the PNG inside, for the bench's own correctness check
+    description: str
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def noise_png(size: int = 64, channels: int = 3, seed: int = 0) -> bytes:
+    """A seeded uniform-noise RGB (or L) PNG: the worst case for PNG compression, as photos are."""
+    rng = np.random.default_rng(seed)
+    if channels == 1:
+        return png_bytes(Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L"))
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return png_bytes(Image.fromarray(pixels, "RGB"))
+
+
+def digit_png(index: int = 0, size: int = 32) -> bytes:
+    """scikit-learn's digit ``index``: 8x8 values 0..16 -> *255/16 uint8 -> bicubic -> PNG."""
+    from sklearn.datasets import load_digits  # heavy import; only when the digits model is benched
+
+    pixels = np.clip(np.rint(load_digits().images[index] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return png_bytes(Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC))
+
+
+def multipart(files: list[tuple[str, str, bytes]], boundary: str = BOUNDARY) -> tuple[bytes, str]:
+    """A multipart/form-data body of ``(field, filename, data)`` files and its Content-Type."""
+    b = boundary.encode()
+    chunks = []
+    for field, filename, data in files:
+        disposition = f'Content-Disposition: form-data; name="{field}"; filename="{filename}"'
+        chunks.append(b"--" + b + b"\r\n" + disposition.encode() + b"\r\n"
+                      + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n")
+    chunks.append(b"--" + b + b"--\r\n")
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def write_image_body(folder: Path, name: str, png: bytes, description: str) -> Body:
+    """Write a one-image multipart body to ``folder/name.bin``."""
+    data, content_type = multipart([("image", f"{name}.png", png)])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.bin"
+    path.write_bytes(data)
+    return Body(path=path, headers=[f"Content-Type: {content_type}"], image=png,
+                description=f"{description}, {len(png):,} B PNG in a {len(data):,} B "
+                            "multipart body")

@@ -1,0 +1,154 @@
+"""Served measurements: one server, checked once, then one cell per concurrency.
+
+A cell is the peers' procedure: a wrk warm-up run, then a measured ``wrk --latency`` run, with the
+server tree's CPU taken from /proc over the measured window and the service's own histograms
+scraped from ``/metrics`` just before and just after it (after a short settle, so requests still
+in flight when wrk stops are counted on both sides or neither).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from .bodies import Body
+from .cpu import CpuUse, CpuWindow, least_contaminated
+from .prometheus import BATCH_ITEMS, INFERENCE, PREPROCESS, QUEUE_WAIT, HistogramDelta, deltas
+from .server import Server, ServerError, ServerSpec, running
+from .wrk import WrkResult, run_wrk
+
+SETTLE_S = 1.0
+PROB_TOLERANCE = 1e-4  # the service rounds probabilities to 6 decimals
+
+
+@dataclass
+class Cell:
+    conc: int
+    wrk: WrkResult
+    cpu: CpuUse
+    hist: dict[str, HistogramDelta]
+    wrk_output: str
+    noise_per_attempt: list[float] = field(default_factory=list)
+    contaminated: bool = False
+
+    @property
+    def rps(self) -> float:
+        return self.wrk.ok_per_s
+
+    @property
+    def items_per_batch(self) -> float | None:
+        """Mean items per model call (batch_size_items sum/count): per call, not per request."""
+        return self.hist[BATCH_ITEMS].mean
+
+    @property
+    def server_cpu_ms_per_request(self) -> float | None:
+        return self.cpu.server_cpu_s * 1e3 / self.wrk.requests if self.wrk.requests else None
+
+    def hist_mean_ms(self, name: str) -> float | None:
+        mean = self.hist[name].mean
+        return None if mean is None else mean * 1e3
+
+    @property
+    def ort_wall_ms_per_item(self) -> float | None:
+        """Model-call wall time divided over the items it served."""
+        items = self.hist[BATCH_ITEMS].sum
+        return self.hist[INFERENCE].sum * 1e3 / items if items else None
+
+    def to_dict(self) -> dict:
+        return {
+            "conc": self.conc, "rps": round(self.rps, 2), "requests": self.wrk.requests,
+            "duration_s": self.wrk.duration_s, "p50_ms": self.wrk.p("50"),
+            "p75_ms": self.wrk.p("75"), "p90_ms": self.wrk.p("90"), "p99_ms": self.wrk.p("99"),
+            "non2xx": self.wrk.non2xx, "socket_errors": self.wrk.socket_errors,
+            "errors": self.wrk.errors, "items_per_batch": self.items_per_batch,
+            "model_calls": self.hist[BATCH_ITEMS].count,
+            "server_cpu_ms_per_request": self.server_cpu_ms_per_request,
+            "preprocess_ms_mean": self.hist_mean_ms(PREPROCESS),
+            "queue_wait_ms_mean": self.hist_mean_ms(QUEUE_WAIT),
+            "inference_ms_per_call_mean": self.hist_mean_ms(INFERENCE),
+            "ort_wall_ms_per_item": self.ort_wall_ms_per_item,
+            "histograms": {k: {"sum": v.sum, "count": v.count} for k, v in self.hist.items()},
+            "cpu": self.cpu.to_dict(), "noise_per_attempt": self.noise_per_attempt,
+            "contaminated": self.contaminated, "wrk_output": self.wrk_output,
+        }
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    warmup_s: float
+    duration_s: float
+    retries: int
+    quiet_wait_s: float
+    idle_s: float
+    may_retry: Callable[[], bool]
+
+
+def measure_once(server: Server, body: Body, conc: int, plan: CellPlan,
+                 model: str) -> tuple[Cell, CpuUse]:
+    run_wrk(server.classify_url, body.path, body.headers, conc, plan.warmup_s, latency=False)
+    time.sleep(SETTLE_S)
+    before = server.metrics()
+    window = CpuWindow(server.tree)
+    result, output = run_wrk(server.classify_url, body.path, body.headers, conc, plan.duration_s,
+                             latency=True)
+    cpu = window.close()
+    time.sleep(SETTLE_S)
+    cell = Cell(conc, result, cpu, deltas(before, server.metrics(), model), output)
+    return cell, cpu
+
+
+def check_answer(server: Server, body: Body, expected: Mapping[str, float]) -> None:
+    """One real request: 200, and the probabilities the bench computes itself for this image."""
+    data = body.path.read_bytes()
+    status, answer = server.post_classify(data, body.headers)
+    if status != 200:
+        raise ServerError(f"the check request got HTTP {status}: {answer}")
+    top_k = answer["predictions"][0]["top_k"]
+    for entry in top_k:
+        want = expected.get(entry["label"])
+        if want is None or abs(want - entry["probability"]) > PROB_TOLERANCE:
+            raise ServerError(f"wrong answer: {top_k}; expected {dict(expected)}")
+
+
+def bench_served(spec: ServerSpec, body: Body, expected: Mapping[str, float], concs: list[int],
+                 plan: CellPlan, log: Callable[[str], None], tag: str) -> dict:
+    """Start one server, check it, measure its idle CPU and every concurrency; always stop it."""
+    result: dict = {"runtime": spec.runtime, "model": spec.model_tag, "workers": spec.workers,
+                    "body": body.description, "cells": []}
+    model = spec.model_tag.split(":", 1)[0]
+    try:
+        with running(spec, log) as server:
+            result["startup_s"] = round(server.startup_s or 0.0, 2)
+            check_answer(server, body, expected)
+            result["processes"] = len(server.tree.refresh())
+            window = CpuWindow(server.tree)
+            time.sleep(plan.idle_s)
+            result["idle_server_cores"] = round(window.close().server_cores, 3)
+            log(f"  [{tag}] ready in {result['startup_s']} s, answer checked, "
+                f"{result['processes']} processes, idle {result['idle_server_cores']} cores")
+            for conc in concs:
+                attempts = least_contaminated(
+                    lambda: measure_once(server, body, conc, plan, model), what=f"{tag} c={conc}",
+                    retries=plan.retries, quiet_wait=plan.quiet_wait_s, may_retry=plan.may_retry,
+                    log=log)
+                cell = attempts.best
+                cell.noise_per_attempt = attempts.noise_per_attempt
+                cell.contaminated = attempts.contaminated
+                log(_cell_line(tag, cell))
+                result["cells"].append(cell)
+    except Exception as exc:  # noqa: BLE001 - recorded and reported; the other sections still run
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  [{tag}] FAILED: {result['error']}")
+    return result
+
+
+def _cell_line(tag: str, c: Cell) -> str:
+    def f(v: float | None, spec: str = ".1f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    return (f"  [{tag}] c={c.conc:3d} {c.rps:7.1f} req/s  p50={f(c.wrk.p('50'))} ms  "
+            f"p99={f(c.wrk.p('99'))} ms  items/batch={f(c.items_per_batch)}  "
+            f"errors={c.wrk.errors}  "
+            f"srv={c.cpu.server_cores:.2f} cores ({f(c.server_cpu_ms_per_request, '.2f')} ms/req)  "
+            f"foreign+steal={c.cpu.noise:.2f}{' !' if c.contaminated else ''}")

@@ -1,0 +1,72 @@
+"""Reading the service's ``/metrics`` text: samples, and histogram sum/count deltas over a window.
+
+Only what the bench needs from the Prometheus text format: ``name{labels} value`` lines, comments
+skipped. With several workers BentoML's ``/metrics`` already sums the per-worker files, so one
+scrape before and one after a measured window give the window's totals.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+Labels = tuple[tuple[str, str], ...]
+Samples = dict[tuple[str, Labels], float]
+
+_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+# The histograms the bench reads, by what they mean.
+PREPROCESS = "clf_preprocess_seconds"
+INFERENCE = "clf_inference_seconds"
+QUEUE_WAIT = "clf_queue_wait_seconds"
+BATCH_ITEMS = "clf_batch_size_items"
+HISTOGRAMS = (PREPROCESS, INFERENCE, QUEUE_WAIT, BATCH_ITEMS)
+
+
+def parse_samples(text: str) -> Samples:
+    """Every sample in an exposition, keyed by (metric name, sorted label pairs)."""
+    samples: Samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
+        try:
+            samples[(m.group(1), labels)] = float(m.group(3))
+        except ValueError:
+            continue
+    return samples
+
+
+def total(samples: Samples, name: str, **match: str) -> float:
+    """Sum of a metric's samples over every label set that has the given label values."""
+    want = set(match.items())
+    return sum(v for (n, labels), v in samples.items() if n == name and want <= set(labels))
+
+
+@dataclass(frozen=True)
+class HistogramDelta:
+    """What one histogram observed between two scrapes."""
+
+    sum: float
+    count: float
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count else None
+
+
+def histogram_delta(before: Samples, after: Samples, name: str, **match: str) -> HistogramDelta:
+    """``<name>_sum`` and ``<name>_count`` increase from ``before`` to ``after``."""
+    return HistogramDelta(
+        sum=total(after, f"{name}_sum", **match) - total(before, f"{name}_sum", **match),
+        count=total(after, f"{name}_count", **match) - total(before, f"{name}_count", **match),
+    )
+
+
+def deltas(before: Samples, after: Samples, model: str) -> dict[str, HistogramDelta]:
+    """The four request-path histograms for one model, as deltas over the window."""
+    return {name: histogram_delta(before, after, name, model=model) for name in HISTOGRAMS}

@@ -1,0 +1,160 @@
+"""Tables (markdown, so the same text goes to the terminal and the README) and the per-request
+CPU breakdown. Pure functions over measured numbers: no I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .cells import Cell
+from .prometheus import PREPROCESS, QUEUE_WAIT
+from .raw import RawCell
+
+P99_TARGET_X = 3.0  # the service's target: p99 at c=64 below 3x one raw batch-64 call
+
+
+def fmt(value: float | int | None, spec: str = ".1f") -> str:
+    """A table value; None (not measured) prints as '-'."""
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table; numbers are right-aligned when the header says so with '>'."""
+    names = [h.lstrip(">") for h in headers]
+    align = ["---:" if h.startswith(">") else "---" for h in headers]
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(align) + "|"]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, table has {len(headers)} columns: {row}")
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def ratio(value: float | None, denominator: float | None) -> float | None:
+    return value / denominator if value is not None and denominator else None
+
+
+def raw_table(cells: Sequence[RawCell]) -> str:
+    rows = [[c.config, str(c.batch), fmt(c.images_per_s, ".0f"), fmt(c.p50_ms, ".2f"),
+             fmt(c.p99_ms, ".2f")] for c in cells]
+    return markdown_table(["config", ">batch", ">images/s", ">p50 ms/call", ">p99 ms/call"], rows)
+
+
+def served_table(cells: Sequence[Cell], raw_best: float | None, raw_b64_ms: float | None) -> str:
+    rows = []
+    for c in cells:
+        p99 = c.wrk.p("99")
+        rows.append([
+            str(c.conc), fmt(c.rps, ".0f"), fmt(ratio(c.rps, raw_best), ".2f"), fmt(c.wrk.p("50")),
+            fmt(p99), _times(ratio(p99, raw_b64_ms)), fmt(c.items_per_batch),
+            str(c.wrk.errors), fmt(c.cpu.server_cores, ".2f"),
+            fmt(c.server_cpu_ms_per_request, ".2f"),
+            fmt(c.cpu.noise, ".2f") + (" ⚠" if c.contaminated else ""),
+        ])
+    return markdown_table([">c", ">req/s", ">ratio to raw best", ">p50 ms", ">p99 ms",
+                           ">p99 / raw b64", ">items/batch", ">errors", ">server CPU (cores)",
+                           ">CPU ms/req", ">foreign+steal"], rows)
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}x"
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Server CPU per request at one concurrency, split by where it goes (milliseconds)."""
+
+    conc: int
+    total_ms: float | None
+    preprocess_ms: float | None
+    inference_ms: float | None
+    http_ms: float | None
+    queue_wait_ms: float | None  # wall time, not CPU
+    inference_ort_ms: float | None  # ORT wall per item x intra-op threads (cross-check)
+    method: str
+
+    @property
+    def residual_ms(self) -> float | None:
+        parts = (self.total_ms, self.preprocess_ms, self.inference_ms, self.http_ms)
+        return None if None in parts else parts[0] - parts[1] - parts[2] - parts[3]
+
+
+def breakdown(model: Cell, floor: Cell | None, intra_op_threads: int) -> Breakdown:
+    """Per-request CPU: total from /proc; preprocessing from its histogram (it runs on the event
+    loop, so wall ~ CPU); inference = total minus the noop floor's total at the same concurrency;
+    HTTP/framework = the floor's total minus the floor's own preprocessing. Without a floor,
+    inference is ORT wall per item x threads and HTTP/framework is what is left."""
+    total = model.server_cpu_ms_per_request
+    pre = model.hist_mean_ms(PREPROCESS)
+    ort_wall = model.ort_wall_ms_per_item
+    ort_est = ort_wall * intra_op_threads if ort_wall is not None else None
+    if floor is not None and floor.server_cpu_ms_per_request is not None and total is not None:
+        floor_total = floor.server_cpu_ms_per_request
+        floor_pre = floor.hist_mean_ms(PREPROCESS) or 0.0
+        return Breakdown(model.conc, total, pre, total - floor_total, floor_total - floor_pre,
+                         model.hist_mean_ms(QUEUE_WAIT), ort_est, "floor-difference")
+    http = None if None in (total, pre, ort_est) else total - pre - ort_est
+    return Breakdown(model.conc, total, pre, ort_est, http, model.hist_mean_ms(QUEUE_WAIT), ort_est,
+                     "ort-wall-x-threads")
+
+
+def breakdown_table(b: Breakdown) -> str:
+    def share(v: float | None) -> str:
+        r = ratio(v, b.total_ms)
+        return "-" if r is None else f"{100 * r:.0f}%"
+
+    residual_how = "total minus the three above"
+    if b.method == "floor-difference":
+        inf_how = "server CPU/req minus the noop floor's, same c"
+        http_how = "floor CPU/req minus floor preprocessing"
+        # = floor preprocessing - this run's: its wall time grows where ORT shares the core
+        residual_how += " (floor's preprocessing wall minus this run's)"
+    else:
+        inf_how = "ORT wall/item x intra-op threads (no floor measured)"
+        http_how = "total minus preprocessing minus inference"
+    rows = [
+        ["total server CPU", fmt(b.total_ms, ".2f"), "100%",
+         "/proc utime+stime of the tree / requests"],
+        ["preprocessing (decode+preprocess)", fmt(b.preprocess_ms, ".2f"), share(b.preprocess_ms),
+         "clf_preprocess_seconds mean (event loop: wall ~ CPU)"],
+        ["inference (ONNX Runtime)", fmt(b.inference_ms, ".2f"), share(b.inference_ms), inf_how],
+        ["HTTP/framework (BentoML, ASGI, JSON)", fmt(b.http_ms, ".2f"), share(b.http_ms), http_how],
+        ["residual", fmt(b.residual_ms, ".2f"), share(b.residual_ms), residual_how],
+        ["cross-check: ORT wall/item x threads", fmt(b.inference_ort_ms, ".2f"),
+         share(b.inference_ort_ms),
+         "clf_inference_seconds sum / items x intra-op threads (upper bound)"],
+        ["queue wait (wall, not CPU)", fmt(b.queue_wait_ms, ".2f"), "",
+         "clf_queue_wait_seconds mean"],
+    ]
+    return markdown_table(["where", ">ms/request", ">share", "how"], rows)
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    what: str
+    conc: int | None
+    per_s: float | None
+    x_raw: float | None  # per_s over the raw in-process best of the same model
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    items_per_batch: float | None = None
+    server_cores: float | None = None
+    cpu_ms_per_req: float | None = None
+    flagged: bool = False
+
+
+def summary_row(what: str, cell: Cell, raw_best: float | None) -> SummaryRow:
+    return SummaryRow(what, cell.conc, cell.rps, ratio(cell.rps, raw_best), cell.wrk.p("50"),
+                      cell.wrk.p("99"), cell.items_per_batch, cell.cpu.server_cores,
+                      cell.server_cpu_ms_per_request, cell.contaminated)
+
+
+def summary_table(rows: Sequence[SummaryRow]) -> str:
+    """The README's table: one line per setup and concurrency, against its model's raw best."""
+    out = []
+    for r in rows:
+        out.append([r.what + (" ⚠" if r.flagged else ""), fmt(r.conc, "d"), fmt(r.per_s, ".0f"),
+                    fmt(r.x_raw, ".2f"), fmt(r.p50_ms), fmt(r.p99_ms), fmt(r.items_per_batch),
+                    fmt(r.server_cores, ".2f"), fmt(r.cpu_ms_per_req, ".2f")])
+    return markdown_table(["setup", ">c", ">req/s (img/s)", ">x raw best", ">p50 ms", ">p99 ms",
+                           ">items/batch", ">server CPU (cores)", ">CPU ms/req"], out)

@@ -1,0 +1,173 @@
+"""One ``bentoml serve service.service:Classifier`` under test: start, wait, talk, stop by PID.
+
+The service is configured only through ``CLF_*`` variables. It is started in its own session on
+127.0.0.1 and stopped in a ``finally``: SIGTERM to the leader, then SIGTERM and later SIGKILL to
+every remaining PID of its process tree (circus puts workers in sessions of their own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .cpu import ProcessTree
+from .prometheus import Samples, parse_samples
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLASSIFY_PATH = "/v1/classify/image"
+
+
+class ServerError(RuntimeError):
+    """The server did not start, did not answer, or answered wrongly."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    model_tag: str
+    runtime: str  # "onnx", or "noop" for the request path's floor
+    workers: int
+    providers: str
+    port: int
+    log_path: Path
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1",
+                   CLF_IMAGE_MODEL=self.model_tag, CLF_RUNTIME=self.runtime,
+                   CLF_WORKERS=str(self.workers), CLF_PROVIDERS=self.providers)
+        env.pop("CLF_PORT", None)  # the port comes from the command line
+        env.pop("CLF_HOST", None)
+        return env
+
+
+class Server:
+    def __init__(self, spec: ServerSpec, log: Callable[[str], None]) -> None:
+        self.spec = spec
+        self.log = log
+        self.base = f"http://127.0.0.1:{spec.port}"
+        self.proc: subprocess.Popen | None = None
+        self.tree: ProcessTree | None = None
+        self.startup_s: float | None = None
+
+    @property
+    def classify_url(self) -> str:
+        return self.base + CLASSIFY_PATH
+
+    def start(self, timeout_s: float) -> None:
+        if _port_in_use(self.spec.port):
+            raise ServerError(f"port {self.spec.port} on 127.0.0.1 is in use by another process; "
+                              "pick another with --port")
+        bentoml = Path(sys.executable).with_name("bentoml")
+        cmd = [str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
+               "--port", str(self.spec.port)]
+        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        with open(self.spec.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.spec.env(), stdout=logf,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.tree = ProcessTree(self.proc.pid)
+        self.log(f"  [server] pid {self.proc.pid}: CLF_RUNTIME={self.spec.runtime} "
+                 f"CLF_IMAGE_MODEL={self.spec.model_tag} CLF_WORKERS={self.spec.workers} "
+                 f"port {self.spec.port}")
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with rc={self.proc.returncode} during start-up:\n"
+                                  + self.log_tail())
+            if time.monotonic() - t0 > timeout_s:
+                raise ServerError(f"/readyz not 200 after {timeout_s:.0f} s:\n" + self.log_tail())
+            if self._get_status("/readyz") == 200:
+                break
+            time.sleep(0.25)
+        self.startup_s = time.monotonic() - t0
+
+    def stop(self, grace_s: float = 20.0) -> list[int]:
+        """Stop the whole tree by PID; returns PIDs still alive afterwards (none, normally)."""
+        if self.proc is None or self.tree is None:
+            return []
+        self.tree.refresh()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.log(f"  [server] leader {self.proc.pid} alive after {grace_s:.0f} s: SIGKILL")
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        for sig, wait_s in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+            left = sorted(self.tree.refresh() - {self.proc.pid})
+            if not left:
+                break
+            self.log(f"  [server] {len(left)} leftover process(es) of {self.proc.pid}: "
+                     f"{sig.name} {left}")
+            for pid in left:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and self.tree.refresh() - {self.proc.pid}:
+                time.sleep(0.2)
+        left = sorted(self.tree.refresh() - {self.proc.pid})
+        if left:
+            self.log(f"  [server] WARNING: still alive after SIGKILL: {left}")
+        return left
+
+    def metrics(self) -> Samples:
+        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r:
+            return parse_samples(r.read().decode())
+
+    def post_classify(self, body: bytes, headers: list[str]) -> tuple[int, dict]:
+        request = urllib.request.Request(self.classify_url, data=body, method="POST")
+        for header in headers:
+            key, _, value = header.partition(":")
+            request.add_header(key.strip(), value.strip())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.spec.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no server log)"
+
+    def _get_status(self, path: str) -> int | None:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (OSError, ValueError):
+            return None
+
+
+@contextmanager
+def running(spec: ServerSpec, log: Callable[[str], None],
+            timeout_s: float = 120.0) -> Iterator[Server]:
+    """A started server that is stopped, with its whole process tree, however the block ends."""
+    server = Server(spec, log)
+    try:
+        server.start(timeout_s)
+        yield server
+    finally:
+        left = server.stop()
+        if left:
+            log(f"  [server] could not stop PIDs {left}; stop them by hand")
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0

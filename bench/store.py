@@ -1,0 +1,55 @@
+"""The models the bench serves, from BentoML's model store (``$BENTOML_HOME``).
+
+The reference model is exported if the store lacks it (by ``training.reference_model`` in a child
+process, so torch never loads into the bench); the trained default model is only looked up.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Callable
+
+from service.artifact import Artifact, ArtifactError, load_artifact
+
+from .server import REPO_ROOT
+
+
+def store_path() -> str:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(BentoMLContainer.model_store_dir.get())
+
+
+def has_model(tag: str) -> bool:
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        bentoml.models.get(tag)
+    except (NotFound, ValueError):
+        return False
+    return True
+
+
+def ensure_reference(name: str, log: Callable[[str], None]) -> tuple[Artifact, bool]:
+    """The reference model's artifact, exported first if absent; returns (artifact, exported)."""
+    tag = f"{name}:latest"
+    exported = False
+    if not has_model(tag):
+        log(f"  [store] {tag} not in {store_path()}: exporting it "
+            "(python -m training.reference_model)")
+        proc = subprocess.run([sys.executable, "-m", "training.reference_model", "--name", name],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise ArtifactError(f"exporting the reference model failed (rc={proc.returncode}):\n"
+                                + (proc.stdout + proc.stderr)[-3000:])
+        exported = True
+    return load_artifact(tag), exported
+
+
+def find_default(tag: str) -> Artifact | None:
+    """The trained default model's artifact, or None when the store does not have it."""
+    if not tag or not has_model(tag):
+        return None
+    return load_artifact(tag)
