@@ -3,6 +3,10 @@
 Short enough to hold in your head (cf. nanoGPT's train.py). Same seed + same data gives the
 same metrics: seeds are fixed, the loader's shuffle has its own generator, augmentation is seeded
 per item, and torch runs in deterministic mode.
+
+The image and the text models share it: a batch is ``(x, y)`` where ``x`` is one tensor (images)
+or a tuple of tensors passed as positional arguments (``input_ids, attention_mask``), and a
+dataset with a ``collate`` method batches its own items (texts are padded per batch).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -23,9 +27,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import TrainConfig
-
 log = logging.getLogger("training")
+
+
+class LoopConfig(Protocol):
+    """The fields ``fit`` reads; ``TrainConfig`` and the text command's config both have them."""
+
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    epochs: int
+    patience: int
+    label_smoothing: float
+    seed: int
+    progress: bool
 
 
 @dataclass
@@ -81,10 +97,30 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """num_workers=0: the data is tiny and decoded once; worker processes would only add startup
-    time and fight the training threads for 2 cores."""
+    time and fight the training threads for 2 cores.
+
+    A dataset's own ``collate`` (if any) makes its batches, and its ``batch_sampler`` (if any)
+    picks them when shuffling: texts are padded per batch, so batches of similar lengths cost
+    a fraction of random ones."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    collate = getattr(dataset, "collate", None)
+    grouped = getattr(dataset, "batch_sampler", None)
+    if shuffle and grouped is not None:
+        return DataLoader(dataset, batch_sampler=grouped(batch_size, generator),
+                          collate_fn=collate, num_workers=0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=0)
+                      num_workers=0, collate_fn=collate)
+
+
+def _to_device(x: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device
+               ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    return tuple(t.to(device) for t in x) if isinstance(x, (tuple, list)) else x.to(device)
+
+
+def forward(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(x)`` for one input tensor, ``model(*x)`` for several (ids and mask)."""
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
 @torch.no_grad()
@@ -94,8 +130,8 @@ def evaluate(model: nn.Module, loader: DataLoader) -> tuple[float, float]:
     device = next(model.parameters()).device
     total_loss, correct, count = 0.0, 0, 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
+        x, y = _to_device(x, device), y.to(device)
+        logits, _ = forward(model, x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(dim=1) == y).sum().item()
         count += len(y)
@@ -110,16 +146,21 @@ def train_epoch(
     label_smoothing: float = 0.0,
     desc: str = "",
     progress: bool = True,
+    class_weights: torch.Tensor | None = None,
 ) -> float:
-    """One pass over ``loader``; the scheduler steps per batch. Returns the mean training loss."""
+    """One pass over ``loader``; the scheduler steps per batch. Returns the mean training loss.
+
+    ``class_weights`` (one per class) reweights the loss for imbalanced labels."""
     model.train()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    # disable=None: tqdm hides itself when stderr is not a terminal, so logs and CI stay readable.
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
+    weight = None if class_weights is None else class_weights.to(device)
     for x, y in bar:
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        x, y = _to_device(x, device), y.to(device)
+        logits, _ = forward(model, x)
+        loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,8 +171,12 @@ def train_epoch(
     return total / max(1, count)
 
 
-def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: TrainConfig) -> FitResult:
-    """Train ``model`` with early stopping on validation loss; returns the best epoch's model."""
+def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
+        class_weights: torch.Tensor | None = None) -> FitResult:
+    """Train ``model`` with early stopping on validation loss; returns the best epoch's model.
+
+    ``class_weights`` weight the training loss only; validation loss (early stopping) and
+    accuracy stay unweighted, comparable across runs with and without them."""
     train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(val_set, 256, shuffle=False)
     steps_per_epoch = len(train_loader)
@@ -149,7 +194,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: TrainConfig
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)  # fresh (but seeded) augmentations each epoch
         train_loss = train_epoch(model, train_loader, optimizer, scheduler, cfg.label_smoothing,
-                                 desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress)
+                                 desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
+                                 class_weights=class_weights)
         val_loss, val_acc = evaluate(model, val_loader)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise RuntimeError(f"training diverged at epoch {epoch} (loss {train_loss}, "
