@@ -5,7 +5,7 @@ evidently: the serving path and the training path both build on it.
 """
 
 from .errors import REASONS, InputError
-from .features import IMAGE_FEATURES, image_features
+from .features import IMAGE_FEATURES, TEXT_FEATURES, image_features, text_features
 from .image import (
     ALLOWED_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -14,7 +14,8 @@ from .image import (
     preprocess_image_bytes,
     resize_image,
 )
-from .spec import SPEC_VERSION, ImageSpec, SpecError, load_spec
+from .spec import SPEC_VERSION, ImageSpec, SpecError, TextSpec, load_spec
+from .text import EncodedBatch, TextPreprocessor, TokenStats, decode_text, normalize_text
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -22,13 +23,21 @@ __all__ = [
     "IMAGE_FEATURES",
     "REASONS",
     "SPEC_VERSION",
+    "TEXT_FEATURES",
+    "EncodedBatch",
     "ImageSpec",
     "InputError",
     "SpecError",
+    "TextPreprocessor",
+    "TextSpec",
+    "TokenStats",
     "decode_image",
+    "decode_text",
     "image_features",
     "image_to_array",
     "load_spec",
+    "normalize_text",
     "preprocess_image_bytes",
     "resize_image",
+    "text_features",
 ]

@@ -15,6 +15,11 @@ REASONS: dict[str, int] = {
     "too_many_items": 413,
     "bad_request": 400,
     "bad_field": 422,
+    # Text: nothing left to classify, longer than the spec's max_chars, not valid UTF-8 (or
+    # holding NUL, the mark of UTF-16 or binary data read as text).
+    "empty_text": 422,
+    "text_too_long": 413,
+    "bad_encoding": 422,
 }
 
 

@@ -2,13 +2,18 @@
 
 They describe the raw decoded input (before resizing to the model's size), so drift in what users
 send (smaller photos, darker scenes, another aspect ratio) shows even when the model's tensor
-hides it.
+hides it. Text features likewise describe the raw string (before lowercasing and truncation),
+plus what the tokenizer made of it.
 """
 
 from __future__ import annotations
 
+import unicodedata
+
 import numpy as np
 from PIL import Image
+
+from .text import TokenStats
 
 IMAGE_FEATURES = (
     "width",
@@ -53,4 +58,44 @@ def image_features(img: Image.Image) -> dict[str, float]:
         "mean_b": float(means[2]),
         "saturation": float(saturation),
         "edge_density": edges,
+    }
+
+
+TEXT_FEATURES = (
+    "chars",
+    "words",
+    "tokens",
+    "unknown_rate",
+    "truncated",
+    "mean_word_length",
+    "non_ascii_rate",
+    "upper_rate",
+    "digit_rate",
+    "punct_rate",
+)
+
+
+def text_features(text: str, stats: TokenStats) -> dict[str, float]:
+    """Monitored features of one raw text and its tokenization (``EncodedBatch.stats``).
+
+    ``tokens`` counts the text's own tokens before truncation; ``upper_rate`` is over letters,
+    the other rates over characters. All plain floats, 0.0 for an empty denominator.
+    """
+    chars = len(text)
+    words = text.split()
+    letters = sum(map(str.isalpha, text))
+    # str methods mapped in C: a 10,000-character text costs well under a millisecond.
+    non_ascii = chars - len(text.encode("ascii", "ignore"))
+    punct = sum(1 for ch in text if unicodedata.category(ch).startswith("P"))
+    return {
+        "chars": float(chars),
+        "words": float(len(words)),
+        "tokens": float(stats.tokens),
+        "unknown_rate": stats.unknown / stats.tokens if stats.tokens else 0.0,
+        "truncated": 1.0 if stats.truncated else 0.0,
+        "mean_word_length": sum(map(len, words)) / len(words) if words else 0.0,
+        "non_ascii_rate": non_ascii / chars if chars else 0.0,
+        "upper_rate": sum(map(str.isupper, text)) / letters if letters else 0.0,
+        "digit_rate": sum(map(str.isdigit, text)) / chars if chars else 0.0,
+        "punct_rate": punct / chars if chars else 0.0,
     }

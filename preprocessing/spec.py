@@ -9,8 +9,9 @@ schema is refused with a clear message rather than half-understood.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ SPEC_VERSION = 1
 SUPPORTED_SPEC_VERSIONS = frozenset({1})
 
 RESIZE_RULES = ("stretch", "center_crop", "pad")
+NORMALIZATION_FORMS = ("NFC", "NFKC")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 COLOR_MODES = {"L": 1, "RGB": 3}
 
@@ -134,12 +136,112 @@ class ImageSpec:
         return cls.from_dict(data)
 
 
-def load_spec(text: str) -> ImageSpec:
-    """Parse a spec of any kind this code knows (the text kind joins here later)."""
+@dataclass(frozen=True)
+class TextSpec:
+    """How a string becomes ``input_ids`` and ``attention_mask`` (int64 ``[N, L]``).
+
+    Per text: refuse NUL and over-long input, drop control characters (``strip_control``; tabs
+    and line breaks become spaces), Unicode-normalise (``normalization``), lowercase
+    (``lowercase``). Then the Hugging Face ``tokenizers`` file ``tokenizer`` (shipped next to the
+    spec; ``tokenizer_sha256`` pins its content) splits it, and the ids are truncated to
+    ``max_length`` tokens including the tokenizer's special tokens. A batch is padded with
+    ``pad_token`` to its own longest sequence. ``max_chars`` bounds the raw text's length so a
+    huge request never reaches the tokenizer.
+    """
+
+    tokenizer: str = "tokenizer.json"
+    tokenizer_sha256: str = ""
+    max_length: int = 128
+    normalization: str = "NFC"
+    lowercase: bool = True
+    strip_control: bool = True
+    max_chars: int = 10_000
+    pad_token: str = "[PAD]"
+    unk_token: str = "[UNK]"
+    kind: str = field(default="text")
+    version: int = field(default=SPEC_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.kind != "text":
+            raise SpecError(f"TextSpec got kind={self.kind!r}")
+        _check_version(self.version)
+        for name in ("lowercase", "strip_control"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("max_length", "max_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SpecError(f"{name} must be an integer, got {value!r}")
+        if not 2 < self.max_length <= 8192:
+            raise SpecError(f"max_length must be in 3..8192 tokens, got {self.max_length}")
+        if self.max_chars < 1:
+            raise SpecError(f"max_chars must be positive, got {self.max_chars}")
+        if self.normalization not in NORMALIZATION_FORMS:
+            raise SpecError(
+                f"normalization must be one of {NORMALIZATION_FORMS}, got {self.normalization!r}")
+        # A bare file name: the spec must never point the service outside the artifact folder.
+        if (not isinstance(self.tokenizer, str) or not self.tokenizer.endswith(".json")
+                or "/" in self.tokenizer or "\\" in self.tokenizer
+                or self.tokenizer.startswith(".")):
+            raise SpecError(f"tokenizer must be a plain .json file name, got {self.tokenizer!r}")
+        if self.tokenizer_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.tokenizer_sha256):
+            raise SpecError("tokenizer_sha256 must be 64 lowercase hex digits or empty")
+        if not (isinstance(self.pad_token, str) and self.pad_token
+                and isinstance(self.unk_token, str) and self.unk_token):
+            raise SpecError("pad_token and unk_token must be non-empty strings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON (which pins the tokenizer through its sha256)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TextSpec":
+        _check_version(data.get("version"))
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpecError(
+                f"preprocessing spec has fields this code does not know: {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise SpecError(f"preprocessing spec is incomplete: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "TextSpec":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"preprocessing spec is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SpecError("preprocessing spec must be a JSON object")
+        return cls.from_dict(data)
+
+
+def _check_version(version: object) -> None:
+    if version not in SUPPORTED_SPEC_VERSIONS:
+        raise SpecError(
+            f"preprocessing spec version {version!r} is not supported by this code "
+            f"(supported: {sorted(SUPPORTED_SPEC_VERSIONS)}); upgrade the server or re-export "
+            "the model"
+        )
+
+
+def load_spec(text: str) -> ImageSpec | TextSpec:
+    """Parse a spec of any kind this code knows: ``"image"`` or ``"text"``."""
     try:
         kind = json.loads(text).get("kind")
     except (json.JSONDecodeError, AttributeError) as exc:
         raise SpecError(f"preprocessing spec is not a JSON object: {exc}") from exc
     if kind == "image":
         return ImageSpec.from_json(text)
+    if kind == "text":
+        return TextSpec.from_json(text)
     raise SpecError(f"unknown preprocessing spec kind {kind!r}")

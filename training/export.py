@@ -283,8 +283,6 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
     the store untouched. ``store`` overrides the default store (``$BENTOML_HOME/models``); tests
     pass one to stay off the user's store.
     """
-    import bentoml
-
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         staged = Path(tmp)
         export_info = stage_artifact(
@@ -301,12 +299,21 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
             "exporter": export_info["exporter"],
             "num_classes": len(labels),
         }
-        metadata = {k: v for k, v in metadata.items() if v is not None}  # bentoml refuses None
-        # ``_model_store`` is create()'s injection point (bentoml's own tests use it); without
-        # it the store is the process-wide $BENTOML_HOME one, fixed at first use.
-        extra = {} if store is None else {"_model_store": store}
-        with bentoml.models.create(name, labels={"task": "image-classification"},
-                                   metadata=metadata, **extra) as bento_model:
-            for filename in CONTRACT_FILES:
-                shutil.copyfile(staged / filename, Path(bento_model.path) / filename)
-        return bento_model.tag
+        return save_staged(staged, name, files=CONTRACT_FILES, task="image-classification",
+                           metadata=metadata, store=store)
+
+
+def save_staged(staged: Path, name: str, *, files: Sequence[str], task: str,
+                metadata: dict[str, Any], store: "ModelStore | None" = None) -> "bentoml.Tag":
+    """Copy checked ``files`` from ``staged`` into a new version of ``name`` in the model store."""
+    import bentoml
+
+    metadata = {k: v for k, v in metadata.items() if v is not None}  # bentoml refuses None
+    # ``_model_store`` is create()'s injection point (bentoml's own tests use it); without
+    # it the store is the process-wide $BENTOML_HOME one, fixed at first use.
+    extra = {} if store is None else {"_model_store": store}
+    with bentoml.models.create(name, labels={"task": task}, metadata=metadata,
+                               **extra) as bento_model:
+        for filename in files:
+            shutil.copyfile(staged / filename, Path(bento_model.path) / filename)
+    return bento_model.tag

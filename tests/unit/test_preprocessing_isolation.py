@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "preprocessing"
-HEAVY = ("torch", "onnxruntime", "bentoml", "evidently", "pandas")
+HEAVY = ("torch", "onnxruntime", "bentoml", "evidently", "pandas", "transformers")
 PROJECT = ("training", "service", "monitoring")
 
 
@@ -29,7 +29,7 @@ def imported_modules(source: str) -> set[str]:
 def test_import_loads_no_heavy_runtime() -> None:
     code = (
         "import sys, preprocessing, preprocessing.image, preprocessing.features, "
-        "preprocessing.spec, preprocessing.errors\n"
+        "preprocessing.spec, preprocessing.errors, preprocessing.text\n"
         f"print(','.join(sorted(m for m in {HEAVY + PROJECT!r} if m in sys.modules)))\n"
     )
     result = subprocess.run(

