@@ -1,0 +1,197 @@
+"""``python -m monitoring {drift,slices,exporter}``: the monitoring jobs.
+
+Exit codes of ``drift``: 0 = the window did not drift, 1 = it drifted, 2 = the report could not
+be made (bad arguments, no logged rows in the window, no such model or reference profile).
+``slices`` and ``exporter`` exit 0 on success and 2 on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+_RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class CommandError(RuntimeError):
+    """A failure the user can act on; printed without a traceback, exit code 2."""
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """ISO 8601 (naive = UTC), ``now``, or a duration before now (``90m``, ``24h``, ``7d``;
+    ``--since=-24h`` works too: argparse takes ``--since -24h`` for an option)."""
+    now = time.time() if now is None else now
+    if text == "now":
+        return now
+    match = _RELATIVE.match(text)
+    if match:
+        return now - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ISO 8601, 'now' or like 24h") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m monitoring", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    drift = sub.add_parser("drift", help="drift of a logged window against the reference profile")
+    _window_args(drift)
+    drift.add_argument("--out", default="artifacts/drift", help="folder for drift.html/drift.json")
+    drift.add_argument("--store", help="BENTOML_HOME of the model store (default: environment)")
+    drift.add_argument("--reference", help="a model version folder, instead of the model store")
+    drift.add_argument("--state", help=f"latest-scores file (default: drift_latest.json next to "
+                                       "the log)")
+    drift.add_argument("--alpha", type=float, default=0.05,
+                       help="family-wise false-alarm rate of the p-value tests (default 0.05)")
+    drift.add_argument("--min-share", type=float, default=0.0,
+                       help="share of columns that must drift (default 0: any one)")
+    drift.add_argument("--max-rows", type=int, default=20_000,
+                       help="subsample the window to this many rows for the tests")
+    slices = sub.add_parser("slices", help="per-slice accuracy, F1, calibration, confidence, OOD")
+    _window_args(slices)
+    slices.add_argument("--margin", type=float, default=0.05)
+    slices.add_argument("--min-count", type=int, default=30)
+    slices.add_argument("--low-confidence", type=float, default=0.5,
+                        help="answers below this confidence count as low-confidence")
+    slices.add_argument("--json", help="also write the table as JSON here")
+    exporter = sub.add_parser("exporter", help="serve the latest drift scores to Prometheus")
+    exporter.add_argument("--state", help="latest-scores file (or give --log)")
+    exporter.add_argument("--log", help="prediction log whose drift_latest.json to serve")
+    exporter.add_argument("--port", type=int, default=9108)
+    exporter.add_argument("--host", default="127.0.0.1")
+    return parser
+
+
+def _window_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name as logged (e.g. digits-cnn)")
+    p.add_argument("--version", help="model version (default: the one with most rows logged)")
+    p.add_argument("--log", required=True, help="the prediction log (SQLite file)")
+    p.add_argument("--since", type=parse_time, default="24h",
+                   help="ISO 8601, or a duration before now: 90m, 24h (default), 7d")
+    p.add_argument("--until", type=parse_time, default="now", help="ISO 8601 or now (default)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"drift": run_drift, "slices": run_slices, "exporter": run_exporter}
+    try:
+        return commands[args.command](args)
+    except (CommandError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _open_window(args: argparse.Namespace) -> tuple[Any, str]:
+    from .store import PredictionLog
+
+    if not Path(args.log).exists():
+        raise CommandError(f"no prediction log at {args.log}")
+    log = PredictionLog(args.log)
+    versions = log.versions(args.model, args.since, args.until)
+    if not versions:
+        raise CommandError(f"no predictions of model {args.model!r} logged between "
+                           f"{_iso(args.since)} and {_iso(args.until)} in {args.log}")
+    version = args.version or versions[0][0]
+    if version not in dict(versions):
+        raise CommandError(f"version {version!r} has no rows in the window; logged: {versions}")
+    return log.frame(args.model, args.since, args.until, version=version), version
+
+
+def _reference_folder(args: argparse.Namespace, version: str) -> Path:
+    if args.reference:
+        return Path(args.reference)
+    if args.store:
+        os.environ["BENTOML_HOME"] = str(Path(args.store).resolve())  # read at bentoml's import
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return Path(bentoml.models.get(f"{args.model}:{version}").path)
+    except NotFound:
+        raise CommandError(f"model {args.model}:{version} is not in the model store; pass "
+                           "--store BENTOML_HOME or --reference VERSION_FOLDER") from None
+
+
+def run_drift(args: argparse.Namespace) -> int:
+    from .drift import DriftConfig, drift_report, format_table, save_report
+    from .exporter import state_path_for, write_state
+    from .frames import reference_frame
+    from .reference import load_reference
+
+    config = DriftConfig(alpha=args.alpha, min_share=args.min_share, max_rows=args.max_rows)
+    current, version = _open_window(args)
+    reference = load_reference(_reference_folder(args, version))
+    print(f"drift: model {args.model}:{version}, window {_iso(args.since)} .. {_iso(args.until)}, "
+          f"{len(current)} rows; {config}", file=sys.stderr)
+    result = drift_report(reference_frame(reference), current, reference.feature_names, config)
+    meta = {"model": args.model, "version": version, "since": _iso(args.since),
+            "until": _iso(args.until), "created": time.time()}
+    paths = save_report(result, args.out, meta)
+    entry = {**meta, **{k: v for k, v in result.to_dict().items() if k != "config"}}
+    write_state(args.state or state_path_for(args.log), args.model, entry)
+    print(format_table(result))
+    print(f"wrote {paths['html']} and {paths['json']}")
+    return EXIT_DRIFT if result.dataset_drift else EXIT_OK
+
+
+def run_slices(args: argparse.Namespace) -> int:
+    from .slice_metrics import add_derived_slices, format_table, slice_metrics, to_records
+
+    frame, version = _open_window(args)
+    frame, derived = add_derived_slices(frame)
+    columns = sorted(c for c in frame.columns if c.startswith("tag.")) + derived
+    print(f"slices: model {args.model}:{version}, window {_iso(args.since)} .. "
+          f"{_iso(args.until)}, {len(frame)} rows ({int(frame['label'].notna().sum())} labelled); "
+          f"slices {columns}; margin {args.margin}, min count {args.min_count}", file=sys.stderr)
+    table = slice_metrics(frame, columns, args.margin, args.min_count, args.low_confidence)
+    print(format_table(table))
+    flagged = table[table["flagged"]]
+    print(f"{len(flagged)} of {len(table) - 1} slice values flagged")
+    if args.json:
+        doc = {"model": args.model, "version": version, "since": _iso(args.since),
+               "until": _iso(args.until), "margin": args.margin, "min_count": args.min_count,
+               "low_confidence": args.low_confidence, "rows": to_records(table)}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return EXIT_OK
+
+
+def run_exporter(args: argparse.Namespace) -> int:
+    from .exporter import serve, state_path_for
+
+    if not (args.state or args.log):
+        raise CommandError("give --state FILE or --log LOG (its drift_latest.json is served)")
+    path = Path(args.state) if args.state else state_path_for(args.log)
+    server = serve(path, args.port, args.host)
+    print(f"serving {path} on http://{args.host}:{args.port}/metrics", file=sys.stderr, flush=True)
+    stop = {"now": False}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(now=True))
+    while not stop["now"]:
+        time.sleep(0.2)
+    server.shutdown()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The latest drift scores as Prometheus gauges.
+
+``python -m monitoring drift`` writes its verdict to ``drift_latest.json`` (next to the
+prediction log by default; one entry per model, replaced atomically). Two ways to expose it:
+  * ``DriftCollector(path)``: a custom collector that reads the file at every scrape. Register it
+    in a registry served over HTTP: the standalone exporter (``python -m monitoring exporter``)
+    does exactly that, on 127.0.0.1.
+  * ``DriftGauges``: ordinary gauges in ``mostrecent`` multiprocess mode, refreshed from the file
+    by the caller (e.g. a worker's periodic task). This is the way into BentoML's own
+    ``/metrics`` when it runs several workers: there ``/metrics`` is built from the workers'
+    multiprocess files only, and a custom collector registered inside a worker never shows.
+
+Series: ``clf_drift_score{model,feature}`` (the test's score: a p-value or a distance, see
+``clf_drift_threshold``), ``clf_drift_column_drifted{model,feature}`` (0/1),
+``clf_drift_detected{model}`` (0/1), ``clf_drift_share{model}`` (share of columns drifted) and
+``clf_drift_last_run_timestamp_seconds{model}`` (alert when it grows stale).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+STATE_FILE = "drift_latest.json"
+NAMESPACE = "clf"
+
+_PER_FEATURE = (
+    ("drift_score", "Drift score of a column in the latest drift report (p-value or distance).",
+     "score"),
+    ("drift_threshold", "Threshold the drift score was compared with.", "threshold"),
+    ("drift_column_drifted", "1 if the column drifted in the latest drift report.", "drifted"),
+)
+_PER_MODEL = (
+    ("drift_detected", "1 if the latest drift report found the data drifted.", "dataset_drift"),
+    ("drift_share", "Share of tested columns that drifted in the latest drift report.",
+     "share_drifted"),
+    ("drift_last_run_timestamp_seconds", "When the latest drift report ran (unix seconds).",
+     "created"),
+)
+
+
+def state_path_for(log_path: str | Path) -> Path:
+    """Where the drift command writes, and exporters read, the latest scores for a log."""
+    return Path(log_path).resolve().parent / STATE_FILE
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """``{"models": {name: entry}}``; an absent file is an empty state (no report ran yet)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {"models": {}}
+
+
+def write_state(path: str | Path, model: str, entry: dict[str, Any]) -> None:
+    """Replace one model's entry, atomically, under a lock (two reports may finish at once)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_suffix(".lock")):
+        state = read_state(path)
+        state.setdefault("models", {})[model] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".drift-", suffix=".json")
+        with os.fdopen(fd, "w") as out:
+            json.dump(state, out, indent=1)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def metric_samples(state: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Metric name -> [(labels, value)] for a state (pure; both exposures use it)."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {
+        f"{NAMESPACE}_{name}": [] for name, _, _ in _PER_FEATURE + _PER_MODEL}
+    for model, entry in sorted(state.get("models", {}).items()):
+        for name, _, key in _PER_MODEL:
+            out[f"{NAMESPACE}_{name}"].append(({"model": model}, float(entry[key])))
+        for row in entry.get("rows", []):
+            labels = {"model": model, "feature": row["feature"]}
+            for name, _, key in _PER_FEATURE:
+                out[f"{NAMESPACE}_{name}"].append((labels, float(row[key])))
+    return out
+
+
+def _help(name: str) -> str:
+    return next(h for n, h, _ in _PER_FEATURE + _PER_MODEL if f"{NAMESPACE}_{n}" == name)
+
+
+def _label_names(name: str) -> list[str]:
+    per_feature = {f"{NAMESPACE}_{n}" for n, _, _ in _PER_FEATURE}
+    return ["model", "feature"] if name in per_feature else ["model"]
+
+
+class DriftCollector:
+    """prometheus_client custom collector over a ``drift_latest.json`` (read at each scrape)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def describe(self) -> list:
+        return list(self._families({}))  # names only: no file read at registration
+
+    def collect(self) -> list:
+        return list(self._families(read_state(self.path)))
+
+    @staticmethod
+    def _families(state: dict[str, Any]) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        for name, samples in metric_samples(state).items():
+            family = GaugeMetricFamily(name, _help(name), labels=_label_names(name))
+            for labels, value in samples:
+                family.add_metric([labels[k] for k in _label_names(name)], value)
+            yield family
+
+
+class DriftGauges:
+    """The same series as ordinary gauges, for a multiprocess ``/metrics`` (BentoML workers)."""
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Gauge
+
+        self._gauges = {
+            name: Gauge(name, _help(name), _label_names(name), multiprocess_mode="mostrecent",
+                        registry=registry if registry is not None else REGISTRY)
+            for name in metric_samples({})}
+
+    def refresh(self, path: str | Path) -> None:
+        """Set every gauge from the state file (call it periodically, e.g. every 30 s)."""
+        for name, samples in metric_samples(read_state(path)).items():
+            gauge = self._gauges[name]
+            for labels, value in samples:
+                gauge.labels(**labels).set(value)
+
+
+def serve(path: str | Path, port: int, host: str = "127.0.0.1") -> Any:
+    """Start the standalone exporter's HTTP server in a thread; returns the server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(DriftCollector(path))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

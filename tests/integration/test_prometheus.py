@@ -1,0 +1,143 @@
+"""Drift gauges reach a real Prometheus, and the exposition passes ``promtool check metrics``.
+
+A real Prometheus (Debian's ``prometheus`` package: ``apt-get install -y prometheus``) scrapes
+the standalone exporter (``python -m monitoring exporter``) on loopback; a PromQL query over its
+HTTP API must return the drift gauges. Skipped, with the reason, where the binary is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from monitoring.exporter import DriftCollector, DriftGauges, metric_samples, write_state
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+needs_prometheus = pytest.mark.skipif(
+    not os.access(PROMETHEUS, os.X_OK),
+    reason="no prometheus binary: install Debian's package (apt-get install -y prometheus)")
+
+ENTRY = {
+    "model": "digits-cnn", "version": "v1", "created": 1_700_000_000.0, "dataset_drift": True,
+    "share_drifted": 0.25,
+    "rows": [
+        {"feature": "brightness", "group": "input", "method": "ks", "score": 1e-12,
+         "threshold": 0.0025, "drifted": True},
+        {"feature": "embedding.pc1", "group": "embedding", "method": "ks", "score": 0.4,
+         "threshold": 0.0025, "drifted": False},
+    ],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
+def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited:\n{log.read_text()[-2000:]}")
+        try:
+            response = httpx.get(url, timeout=1.0)
+            if response.status_code == 200:
+                return response.text
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready in {timeout} s:\n{log.read_text()[-2000:]}")
+
+
+def test_collector_and_gauges_expose_the_same_series(tmp_path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    state = tmp_path / "drift_latest.json"
+    write_state(state, "digits-cnn", ENTRY)
+    collected, gauged = CollectorRegistry(), CollectorRegistry()
+    collected.register(DriftCollector(state))
+    DriftGauges(gauged).refresh(state)
+    for registry in (collected, gauged):
+        assert registry.get_sample_value("clf_drift_detected", {"model": "digits-cnn"}) == 1.0
+        assert registry.get_sample_value("clf_drift_share", {"model": "digits-cnn"}) == 0.25
+        assert registry.get_sample_value(
+            "clf_drift_score", {"model": "digits-cnn", "feature": "brightness"}) == 1e-12
+    assert metric_samples({})["clf_drift_score"] == []  # no report yet: no series, no error
+
+
+@needs_prometheus
+def test_prometheus_scrapes_the_drift_gauges(tmp_path) -> None:
+    state = tmp_path / "drift_latest.json"
+    write_state(state, "digits-cnn", ENTRY)
+    exporter_port, prom_port = free_port(), free_port()
+    exporter = _start([sys.executable, "-m", "monitoring", "exporter", "--state", str(state),
+                       "--port", str(exporter_port)], tmp_path / "exporter.log")
+    prometheus = None
+    try:
+        text = _wait_for(f"http://127.0.0.1:{exporter_port}/metrics", exporter,
+                         tmp_path / "exporter.log")
+        if os.access(PROMTOOL, os.X_OK):
+            lint = subprocess.run([PROMTOOL, "check", "metrics"], input=text, text=True,
+                                  capture_output=True, timeout=30)
+            assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: clf-monitoring\n    static_configs:\n"
+            f"      - targets: ['127.0.0.1:{exporter_port}']\n")
+        prometheus = _start([PROMETHEUS, f"--config.file={config}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            tmp_path / "prometheus.log")
+        base = f"http://127.0.0.1:{prom_port}"
+        _wait_for(f"{base}/-/ready", prometheus, tmp_path / "prometheus.log")
+        result = _query_until_found(base, 'clf_drift_score{feature="brightness"}', prometheus)
+        assert result[0]["metric"]["model"] == "digits-cnn"
+        assert float(result[0]["value"][1]) == pytest.approx(1e-12)
+        detected = _query_until_found(base, "clf_drift_detected", prometheus)
+        assert float(detected[0]["value"][1]) == 1.0
+    finally:
+        if prometheus is not None:
+            _stop(prometheus)
+        _stop(exporter)
+
+
+def _query_until_found(base: str, promql: str, process: subprocess.Popen,
+                       timeout: float = 30.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "prometheus exited"
+        body = httpx.get(f"{base}/api/v1/query", params={"query": promql}, timeout=5.0).json()
+        if body["status"] == "success" and body["data"]["result"]:
+            return body["data"]["result"]
+        time.sleep(0.5)
+    raise AssertionError(f"no result for {promql} in {timeout} s: {json.dumps(body)[:500]}")

@@ -1,0 +1,103 @@
+"""The OOD scorer on synthetic embeddings: calibration, flags, JSON round trip, cost."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from monitoring.ood import OODScorer, fit_ood, ledoit_wolf
+from monitoring.reference import Reference
+
+DIM, CLASSES = 32, 5
+
+
+def synthetic(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings around class centres (fixed across seeds) and confident logits."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(123).normal(0, 3, (CLASSES, DIM))
+    labels = rng.integers(0, CLASSES, n)
+    emb = centres[labels] + rng.normal(0, 1, (n, DIM)) + shift
+    logits = rng.normal(0, 1, (n, CLASSES))
+    logits[np.arange(n), labels] += 5.0
+    return emb.astype(np.float32), logits.astype(np.float32), labels
+
+
+def reference(n: int = 400, seed: int = 0) -> Reference:
+    emb, logits, labels = synthetic(n, seed)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return Reference(feature_names=("brightness",), features=np.zeros((n, 1)), embeddings=emb,
+                     logits=logits, labels=labels.astype(np.int64),
+                     predicted=probs.argmax(1).astype(np.int64),
+                     confidence=probs.max(1).astype(np.float32),
+                     classes=tuple(str(c) for c in range(CLASSES)))
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    from sklearn.covariance import ledoit_wolf as sk_ledoit_wolf
+
+    x = np.random.default_rng(0).normal(size=(60, 20)) @ np.diag(np.linspace(0.5, 3, 20))
+    x = x - x.mean(0)
+    np.testing.assert_allclose(ledoit_wolf(x), sk_ledoit_wolf(x, assume_centered=True)[0],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_fresh_in_distribution_rows_are_flagged_near_the_nominal_rate() -> None:
+    scorer = fit_ood(reference(), distance_quantile=0.99, confidence_quantile=0.02)
+    emb, logits, _ = synthetic(5000, seed=7)
+    _, flags = scorer.score(_probs(logits), emb)
+    # nominal: 1% by distance + 2% by confidence (overlapping); cross-fitting keeps it honest
+    assert 0.01 <= flags.mean() <= 0.06
+
+
+def test_far_embeddings_and_unsure_answers_are_flagged() -> None:
+    scorer = fit_ood(reference())
+    emb, logits, _ = synthetic(200, seed=8, shift=4.0)
+    assert scorer.score(_probs(logits), emb)[1].mean() > 0.95
+    emb, _, _ = synthetic(200, seed=9)
+    flat = np.full((200, CLASSES), 1.0 / CLASSES)
+    assert scorer.score(flat, emb)[1].all()
+
+
+def test_score_above_one_is_exactly_the_flag() -> None:
+    scorer = fit_ood(reference())
+    near, near_logits, _ = synthetic(300, seed=3)
+    far, far_logits, _ = synthetic(300, seed=4, shift=4.0)
+    logits = np.vstack([near_logits, far_logits])
+    scores, flags = scorer.score(_probs(logits), np.vstack([near, far]))
+    assert np.array_equal(flags, scores > 1.0)
+    assert 0 < flags.mean() < 1
+
+
+def test_cross_fitted_threshold_is_above_the_in_sample_quantile() -> None:
+    ref = reference(n=150)
+    scorer = fit_ood(ref)
+    in_sample = np.quantile(scorer.distances(ref.embeddings), 0.99)
+    assert scorer.distance_threshold > in_sample
+
+
+def test_json_round_trip_gives_the_same_scores() -> None:
+    scorer = fit_ood(reference())
+    again = OODScorer.from_json(scorer.to_json())
+    emb, logits, _ = synthetic(100, seed=4)
+    np.testing.assert_array_equal(scorer.score(_probs(logits), emb)[0],
+                                  again.score(_probs(logits), emb)[0])
+    with pytest.raises(ValueError, match="format"):
+        OODScorer.from_json('{"format": 99}')
+
+
+def test_scoring_a_batch_is_cheap() -> None:
+    scorer = fit_ood(reference())
+    emb, logits, _ = synthetic(64, seed=5)
+    probs = _probs(logits)
+    started = time.perf_counter()
+    for _ in range(200):
+        scorer.score(probs, emb)
+    per_batch = (time.perf_counter() - started) / 200
+    assert per_batch < 0.005, f"{per_batch * 1e3:.2f} ms per batch of 64"

@@ -1,0 +1,198 @@
+"""The prediction log: WAL, one transaction per batch, no loss under SIGKILL, feedback, frames."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitoring.slices import OTHER
+from monitoring.store import (SCHEMA_VERSION, FeedbackError, PredictionLog, PredictionRecord,
+                              UnknownRequestError)
+
+ROOT = Path(__file__).resolve().parents[2]
+FEATURES = ("width", "height", "brightness")
+
+
+def record(request_id: str, item: int = 0, ts: float = 1000.0, version: str = "v1",
+           slices: dict[str, str] | None = None, seed: int = 0, dim: int = 8) -> PredictionRecord:
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(4)).astype(np.float32)
+    return PredictionRecord(
+        request_id=request_id, item=item, ts=ts, model="m", version=version,
+        predicted=str(int(probs.argmax())), confidence=float(probs.max()), probabilities=probs,
+        embedding=rng.normal(size=dim).astype(np.float32),
+        features={"width": 32.0, "height": 32.0, "brightness": float(rng.random())},
+        slices=slices or {}, latency_ms=1.5, ood=bool(seed % 2), ood_score=0.1 * seed)
+
+
+@pytest.fixture()
+def log(tmp_path) -> PredictionLog:
+    with PredictionLog(tmp_path / "log.db") as opened:
+        yield opened
+
+
+def test_wal_mode_durable_sync_and_schema_version(log) -> None:
+    db = sqlite3.connect(log.path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert log._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert log.schema_version == SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused(tmp_path) -> None:
+    db = sqlite3.connect(tmp_path / "new.db")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="upgrade"):
+        PredictionLog(tmp_path / "new.db")
+
+
+def test_one_transaction_per_batch(log) -> None:
+    statements: list[str] = []
+    log._db.set_trace_callback(statements.append)
+    log.write_batch([record("a", i, seed=i) for i in range(5)])
+    log._db.set_trace_callback(None)
+    assert [s for s in statements if s.split()[0] in ("BEGIN", "COMMIT")] == ["BEGIN IMMEDIATE",
+                                                                              "COMMIT"]
+    assert sum(s.startswith("INSERT INTO predictions") for s in statements) == 5
+    assert log.count() == 5
+
+
+def test_a_failing_batch_writes_nothing(log) -> None:
+    bad = record("b", 1)
+    object.__setattr__(bad, "predicted", None)  # NOT NULL: the 2nd row of 3 fails
+    with pytest.raises(sqlite3.IntegrityError):
+        log.write_batch([record("b", 0), bad, record("b", 2)])
+    assert log.count() == 0
+    log.write_batch([record("c")])
+    assert log.count() == 1
+
+
+def test_frame_round_trip(log) -> None:
+    records = [record("r1", 0, ts=10.0, seed=1, slices={"device": "ios"}),
+               record("r1", 1, ts=10.0, seed=2),
+               record("r2", 0, ts=20.0, seed=3, slices={"device": "web", "region": "eu"}),
+               record("r3", 0, ts=30.0, seed=4, version="v2")]
+    log.write_batch(records)
+    log.add_feedback("r1", ["1", "2"])
+    frame = log.frame("m", since=10.0, until=30.0, probabilities=True)  # [since, until)
+    assert list(frame["request_id"]) == ["r1", "r1", "r2"]
+    assert list(frame["label"].fillna("-")) == ["1", "2", "-"]
+    assert list(frame["tag.device"].fillna("-")) == ["ios", "-", "web"]
+    emb = frame[[f"emb_{i}" for i in range(8)]].to_numpy()
+    probs = frame[[f"prob_{i}" for i in range(4)]].to_numpy()
+    for row, rec in enumerate(records[:3]):
+        assert emb[row].tobytes() == rec.embedding.tobytes()  # float32, bit for bit
+        assert probs[row].tobytes() == rec.probabilities.tobytes()
+        assert frame["brightness"].iloc[row] == rec.features["brightness"]
+        assert frame["ood"].iloc[row] == rec.ood
+    assert list(log.frame("m", version="v2")["request_id"]) == ["r3"]
+    assert log.versions("m", 0, 100) == [("v1", 3), ("v2", 1)]
+
+
+def test_feedback_unknown_id_count_and_label_checks(log) -> None:
+    log.write_batch([record("r1", 0), record("r1", 1), record("solo")])
+    with pytest.raises(UnknownRequestError) as err:
+        log.add_feedback("nope", "1")
+    assert err.value.request_ids == ["nope"]
+    with pytest.raises(FeedbackError, match="2 input"):
+        log.add_feedback("r1", "1")
+    with pytest.raises(FeedbackError, match="unknown label"):
+        log.add_feedback("solo", "cat", valid_labels={"0", "1", "2", "3"})
+    assert log.add_feedback("solo", "3").created == 1
+
+
+def test_feedback_is_idempotent_and_corrections_replace(log) -> None:
+    log.write_batch([record("r1", 0), record("r1", 1)])
+    first = log.add_feedback("r1", ["1", "2"])
+    again = log.add_feedback("r1", ["1", "2"])
+    fixed = log.add_feedback("r1", ["1", "3"])
+    assert (first.created, first.updated, first.unchanged) == (2, 0, 0)
+    assert (again.created, again.updated, again.unchanged) == (0, 0, 2)
+    assert (fixed.created, fixed.updated, fixed.unchanged) == (0, 1, 1)
+    assert list(log.frame("m")["label"]) == ["1", "3"]
+
+
+def test_feedback_for_many_is_all_or_nothing(log) -> None:
+    log.write_batch([record("a"), record("b")])
+    with pytest.raises(UnknownRequestError):
+        log.add_feedback_many({"a": "1", "zzz": "2", "b": "0"})
+    assert log.frame("m")["label"].isna().all()
+    results = log.add_feedback_many({"a": "1", "b": ["0"]})
+    assert [r.created for r in results] == [1, 1]
+
+
+def test_slice_values_are_capped_the_same_way_for_every_writer(tmp_path) -> None:
+    first = PredictionLog(tmp_path / "log.db", max_slice_values=2)
+    second = PredictionLog(tmp_path / "log.db", max_slice_values=2)  # another worker
+    first.write_batch([record("1", slices={"customer": "acme"})])
+    second.write_batch([record("2", slices={"customer": "globex"}),
+                        record("3", slices={"customer": "initech"})])
+    first.write_batch([record("4", slices={"customer": "initech"}),
+                       record("5", slices={"customer": "acme", "device": OTHER})])
+    stored = list(first.frame("m")["tag.customer"])
+    assert stored == ["acme", "globex", OTHER, OTHER, "acme"]
+    assert first.slice_values() == {"customer": ["acme", "globex"]}
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from tests.unit.test_monitoring_store import record
+    from monitoring.store import PredictionLog
+    log = PredictionLog(sys.argv[1])
+    worker, batches = sys.argv[2], int(sys.argv[3])
+    for b in range(batches):
+        log.write_batch([record(f"{worker}-{b}", i, seed=i) for i in range(8)])
+        print(f"{worker}-{b}", flush=True)  # "answered": only after the commit returned
+""")
+
+
+def _writer(path: Path, worker: str, batches: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), worker, str(batches)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_several_processes_write_the_same_file(tmp_path) -> None:
+    writers = [_writer(tmp_path / "log.db", f"w{i}", 30) for i in range(4)]
+    for w in writers:
+        _, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err  # no "database is locked": busy_timeout waits
+    with PredictionLog(tmp_path / "log.db") as log:
+        assert log.count() == 4 * 30 * 8
+
+
+def test_sigkill_loses_no_committed_batch(tmp_path) -> None:
+    writer = _writer(tmp_path / "log.db", "k", 100_000)
+    acknowledged: list[str] = []
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 200 and time.monotonic() < deadline:
+        line = writer.stdout.readline()
+        if not line:
+            break
+        acknowledged.append(line.strip())
+    os.kill(writer.pid, signal.SIGKILL)  # mid-flight: more batches were being written
+    writer.wait(timeout=10)
+    assert len(acknowledged) >= 200, writer.stderr.read()
+    with PredictionLog(tmp_path / "log.db") as log:
+        stored = set(log.frame("m")["request_id"])
+    assert set(acknowledged) <= stored
+
+
+def test_the_write_path_imports_neither_pandas_nor_evidently() -> None:
+    code = ("import sys, monitoring.store, monitoring.ood, monitoring.slices, "
+            "monitoring.reference, monitoring.exporter\n"
+            "print(json.dumps(sorted(m for m in ('pandas', 'evidently', 'torch', 'bentoml') "
+            "if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
