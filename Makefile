@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install demo test train serve bench lock clean
+.PHONY: install demo test test-deps train serve bench lock clean
 
 $(VENV)/.installed-$(ORT_EXTRA): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON_BIN) -m venv $(VENV)
@@ -34,8 +34,15 @@ serve: install
 demo: install
 	bash scripts/demo.sh
 
-test: install
+test: install test-deps
 	$(PY) -m pytest tests -q -ra
+
+# Debian's Prometheus and promtool for the real-scrape integration test. Best effort: without
+# root or apt the test skips and says why.
+test-deps:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1; } \
+	  || echo "prometheus not installed: tests/integration/test_prometheus.py will skip"
 
 bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)

@@ -92,7 +92,7 @@ def test_concurrent_requests_form_batches_and_keep_order(service_module, digit_p
     single_labels = [r.json()["predictions"][0]["label"] for r in singles[:8]]
     assert [p["label"] for p in many.json()["predictions"]] == single_labels
     accuracy = np.mean([int(r.json()["predictions"][0]["label"]) == y for r, (_, y) in zip(singles, digit_pngs)])
-    assert accuracy > 0.2  # a briefly trained small model: above chance (0.1)
+    assert accuracy > 0.6  # the fixture model scores ~0.86 on its test split; chance is 0.1
 
 
 @pytest.mark.parametrize(
