@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--out", default="artifacts/drift", help="folder for drift.html/drift.json")
     drift.add_argument("--store", help="BENTOML_HOME of the model store (default: environment)")
     drift.add_argument("--reference", help="a model version folder, instead of the model store")
-    drift.add_argument("--state", help=f"latest-scores file (default: drift_latest.json next to "
+    drift.add_argument("--state", help="latest-scores file (default: drift_latest.json next to "
                                        "the log)")
     drift.add_argument("--alpha", type=float, default=0.05,
                        help="family-wise false-alarm rate of the p-value tests (default 0.05)")

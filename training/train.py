@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -19,6 +18,7 @@ import torch
 
 from preprocessing import ImageSpec
 
+from . import cli
 from .augment import Augment
 from .config import TrainConfig, config_from_args
 from .data import (DataError, ImageDataset, Splits, data_hash, load_images, stratified_split,
@@ -147,30 +147,9 @@ def summary(result: TrainResult, tag: "bentoml.Tag", seconds: float) -> str:
     ])
 
 
-def _setup_logging(cfg: TrainConfig) -> None:
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr),
-                    logging.FileHandler(cfg.output_dir / "train.log", mode="w")):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: ``python -m training [--data digits|PATH] [--epochs N] ...``."""
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    cfg = config_from_args(argv)
-    _setup_logging(cfg)
-    log.info("config %s", cfg.describe())
-    start = time.perf_counter()
-    try:
-        result, tag = train_and_export(cfg)
-    except (DataError, ExportError) as exc:  # a fixable problem: say what, no traceback
-        log.error("error: %s", exc)
-        return 2
-    print(summary(result, tag, time.perf_counter() - start))
-    return 0
+    return cli.run(config_from_args(argv), train_and_export, summary, (DataError, ExportError))
 
 
 if __name__ == "__main__":

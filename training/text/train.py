@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from preprocessing import TextPreprocessor, TextSpec, normalize_text
 
+from .. import cli
 from ..export import PARITY_TOLERANCE, ExportError, build_manifest
 from ..loop import FitResult, evaluate, fit, make_loader, plot_curves, seed_everything
 from ..models import count_parameters
@@ -248,30 +249,9 @@ def summary(result: TextTrainResult, tag: "bentoml.Tag", seconds: float) -> str:
     ])
 
 
-def _setup_logging(cfg: TextTrainConfig) -> None:
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr),
-                    logging.FileHandler(cfg.output_dir / "train.log", mode="w")):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: ``python -m training.text --model transformer|minilm [--data ...]``."""
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    cfg = config_from_args(argv)
-    _setup_logging(cfg)
-    log.info("config %s", cfg.describe())
-    start = time.perf_counter()
-    try:
-        result, tag = train_and_export(cfg)
-    except (DataError, ExportError) as exc:  # a fixable problem: say what, no traceback
-        log.error("error: %s", exc)
-        return 2
-    print(summary(result, tag, time.perf_counter() - start))
-    return 0
+    return cli.run(config_from_args(argv), train_and_export, summary, (DataError, ExportError))
 
 
 if __name__ == "__main__":
