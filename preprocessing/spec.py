@@ -28,8 +28,47 @@ class SpecError(ValueError):
     """A spec that this code cannot honour (unknown version, bad field)."""
 
 
+class _SpecJSON:
+    """JSON round-trip and content hash, shared by every spec kind (frozen dataclasses)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON: two specs with the same hash preprocess identically
+        (a text spec pins its tokenizer file through ``tokenizer_sha256``)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        _check_version(data.get("version"))
+        unknown = set(data) - set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+        if unknown:
+            raise SpecError(
+                f"preprocessing spec has fields this code does not know: {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise SpecError(f"preprocessing spec is incomplete: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"preprocessing spec is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise SpecError("preprocessing spec must be a JSON object")
+        return cls.from_dict(data)
+
+
 @dataclass(frozen=True)
-class ImageSpec:
+class ImageSpec(_SpecJSON):
     """How image bytes become a float32 ``[C, H, W]`` tensor.
 
     ``resize``: ``stretch`` resizes to ``height x width`` ignoring aspect; ``center_crop`` scales the
@@ -95,49 +134,9 @@ class ImageSpec:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
-
-    @property
-    def content_hash(self) -> str:
-        """sha256 of the canonical JSON: two specs with the same hash preprocess identically."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ImageSpec":
-        version = data.get("version")
-        if version not in SUPPORTED_SPEC_VERSIONS:
-            raise SpecError(
-                f"preprocessing spec version {version!r} is not supported by this code "
-                f"(supported: {sorted(SUPPORTED_SPEC_VERSIONS)}); upgrade the server or re-export "
-                "the model"
-            )
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise SpecError(f"preprocessing spec has fields this code does not know: {sorted(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise SpecError(f"preprocessing spec is incomplete: {exc}") from exc
-
-    @classmethod
-    def from_json(cls, text: str) -> "ImageSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"preprocessing spec is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise SpecError("preprocessing spec must be a JSON object")
-        return cls.from_dict(data)
-
 
 @dataclass(frozen=True)
-class TextSpec:
+class TextSpec(_SpecJSON):
     """How a string becomes ``input_ids`` and ``attention_mask`` (int64 ``[N, L]``).
 
     Per text: refuse NUL and over-long input, drop control characters (``strip_control``; tabs
@@ -189,40 +188,6 @@ class TextSpec:
         if not (isinstance(self.pad_token, str) and self.pad_token
                 and isinstance(self.unk_token, str) and self.unk_token):
             raise SpecError("pad_token and unk_token must be non-empty strings")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
-
-    @property
-    def content_hash(self) -> str:
-        """sha256 of the canonical JSON (which pins the tokenizer through its sha256)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TextSpec":
-        _check_version(data.get("version"))
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SpecError(
-                f"preprocessing spec has fields this code does not know: {sorted(unknown)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise SpecError(f"preprocessing spec is incomplete: {exc}") from exc
-
-    @classmethod
-    def from_json(cls, text: str) -> "TextSpec":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"preprocessing spec is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise SpecError("preprocessing spec must be a JSON object")
-        return cls.from_dict(data)
 
 
 def _check_version(version: object) -> None:
