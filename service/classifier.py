@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,12 @@ from .metrics import get_metrics
 from .runtime import Model
 
 logger = logging.getLogger(__name__)
+
+# Requests with more image bytes than this are decoded in a thread pool: a large photo takes
+# tens of milliseconds to decode and resize, and on the event loop it would stall every other
+# connection of the worker. Small uploads (the common case) stay inline, where a thread hop
+# would cost more than the decode.
+INLINE_DECODE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class ImageClassifier:
         self.labels = artifact.labels
         self.model = model
         self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self._record_batch)
+        self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self.ready = False
         metrics = get_metrics()
         self._m_predictions = metrics.predictions
@@ -86,6 +94,7 @@ class ImageClassifier:
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop()
+        self._decode_pool.shutdown(wait=True)
 
     def preprocess(self, images: list[bytes]) -> list[np.ndarray]:
         """Decode and preprocess every image, or raise InputError naming the first bad one."""
@@ -104,7 +113,11 @@ class ImageClassifier:
         self._m_rejected.labels(self.name, reason).inc()
 
     async def classify(self, images: list[bytes], top_k: int) -> list[Prediction]:
-        tensors = self.preprocess(images)
+        if sum(map(len, images)) <= INLINE_DECODE_BYTES:
+            tensors = self.preprocess(images)
+        else:
+            loop = asyncio.get_running_loop()
+            tensors = await loop.run_in_executor(self._decode_pool, self.preprocess, images)
         results = await self.batcher.submit(tensors)
         k = min(top_k, len(self.labels))
         predictions = []

@@ -153,3 +153,23 @@ def test_models_route_and_request_id_passthrough(service_module, digits_model):
     (model,) = models.json()["models"]
     assert model["name"] == "digits-cnn" and model["spec"]["color_mode"] == "L"
     assert json.loads(tagged.text)["request_id"] == "abc-123"
+
+
+def test_large_uploads_are_decoded_off_the_event_loop(service_module, digit_pngs, monkeypatch):
+    import threading
+
+    # Four digit PNGs are ~3 KB: over a 1,000-byte threshold, so they go to the decode pool.
+    monkeypatch.setattr("service.classifier.INLINE_DECODE_BYTES", 1000)
+
+    async def body(client, instance):
+        threads = []
+        original = instance.image.preprocess
+        instance.image.preprocess = lambda images: (threads.append(threading.current_thread().name), original(images))[1]
+        files = [("image", (f"{i}.png", d, "image/png")) for i, (d, _) in enumerate(digit_pngs[:4])]
+        response = await client.post(URL, files=files)
+        return response, threads
+
+    response, threads = run(service_module, body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 4
+    assert threads and threads[0].startswith("decode")
