@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
+
+from . import distributed
 
 log = logging.getLogger("training")
 
@@ -95,15 +97,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
+                sampler: Sampler | None = None) -> DataLoader:
     """num_workers=0: the data is tiny and decoded once; worker processes would only add startup
     time and fight the training threads for 2 cores.
 
     A dataset's own ``collate`` (if any) makes its batches, and its ``batch_sampler`` (if any)
     picks them when shuffling: texts are padded per batch, so batches of similar lengths cost
-    a fraction of random ones."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    a fraction of random ones. A ``sampler`` (a rank's shard, see ``distributed``) replaces
+    both shuffling and grouping."""
     collate = getattr(dataset, "collate", None)
+    if sampler is not None:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0,
+                          collate_fn=collate)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
     grouped = getattr(dataset, "batch_sampler", None)
     if shuffle and grouped is not None:
         return DataLoader(dataset, batch_sampler=grouped(batch_size, generator),
@@ -176,9 +183,17 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
     """Train ``model`` with early stopping on validation loss; returns the best epoch's model.
 
     ``class_weights`` weight the training loss only; validation loss (early stopping) and
-    accuracy stay unweighted, comparable across runs with and without them."""
-    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    accuracy stay unweighted, comparable across runs with and without them.
+
+    Under torchrun (see ``distributed``) each rank trains on its shard with its share of the
+    global batch; the figures logged and returned are averaged across ranks."""
+    shard = distributed.sampler(train_set, cfg.seed)
+    train_loader = make_loader(train_set, distributed.per_rank_batch(cfg.batch_size),
+                               shuffle=True, seed=cfg.seed, sampler=shard)
     val_loader = make_loader(val_set, 256, shuffle=False)
+    trained = distributed.wrap(model)  # ``model`` itself in a single process
+    if distributed.active():
+        torch.manual_seed(cfg.seed + distributed.rank())  # same init, different dropout masks
     steps_per_epoch = len(train_loader)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch),
@@ -193,10 +208,16 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
         lr = optimizer.param_groups[0]["lr"]
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)  # fresh (but seeded) augmentations each epoch
-        train_loss = train_epoch(model, train_loader, optimizer, scheduler, cfg.label_smoothing,
-                                 desc=f"epoch {epoch}/{cfg.epochs}", progress=cfg.progress,
+        if shard is not None:
+            shard.set_epoch(epoch)  # a new (seeded) shuffle and split across ranks each epoch
+        train_loss = train_epoch(trained, train_loader, optimizer, scheduler, cfg.label_smoothing,
+                                 desc=f"epoch {epoch}/{cfg.epochs}",
+                                 progress=cfg.progress and distributed.is_main(),
                                  class_weights=class_weights)
+        distributed.sync_buffers(model)
         val_loss, val_acc = evaluate(model, val_loader)
+        # Averaged, so every rank takes the same early-stopping branch below.
+        train_loss, val_loss, val_acc = distributed.all_reduce_mean(train_loss, val_loss, val_acc)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise RuntimeError(f"training diverged at epoch {epoch} (loss {train_loss}, "
                                f"val loss {val_loss}); lower --lr")

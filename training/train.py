@@ -18,7 +18,7 @@ import torch
 
 from preprocessing import ImageSpec
 
-from . import cli
+from . import cli, distributed
 from .augment import Augment
 from .config import TrainConfig, config_from_args
 from .data import (DataError, ImageDataset, Splits, data_hash, load_images, stratified_split,
@@ -82,8 +82,10 @@ def build_datasets(splits: Splits, spec: ImageSpec, cfg: TrainConfig
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train and test a model as ``cfg`` says (no export). Same cfg + data -> same metrics."""
-    seed_everything(cfg.seed, cfg.num_threads)
+    """Train and test a model as ``cfg`` says (no export). Same cfg + data -> same metrics.
+
+    Under torchrun every rank calls this (see ``distributed``); each gets the same result."""
+    seed_everything(cfg.seed, distributed.threads_per_rank(cfg.num_threads))
     spec = cfg.image_spec()
     splits, digest = prepare_splits(cfg)
     train_set, val_set, test_set = build_datasets(splits, spec, cfg)
@@ -93,7 +95,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model_config = CNNConfig(in_channels=spec.channels, num_classes=len(splits.train.classes),
                              widths=cfg.widths, dropout=cfg.dropout,
                              embedding_dim=cfg.embedding_dim)
-    model = build_model(model_config).to(cfg.device)
+    model = build_model(model_config).to(distributed.device(cfg.device))
     log.info("model %s: %d parameters", model_config, count_parameters(model))
     result = fit(model, train_set, val_set, cfg)
     test_loss, test_acc = evaluate(result.model, make_loader(test_set, 256, shuffle=False))
@@ -119,11 +121,15 @@ def export_result(result: TrainResult, curves: str | os.PathLike | None = None,
 
 
 def train_and_export(cfg: TrainConfig, store: "ModelStore | None" = None
-                     ) -> tuple[TrainResult, "bentoml.Tag"]:
-    """The whole command: train, test, write curves/history to ``cfg.output_dir``, export, save."""
+                     ) -> tuple[TrainResult, "bentoml.Tag | None"]:
+    """The whole command: train, test, write curves/history to ``cfg.output_dir``, export, save.
+
+    Under torchrun only rank 0 writes and exports; the other ranks get no tag (None)."""
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     result = train(cfg)
+    if not distributed.is_main():
+        return result, None
     curves = plot_curves(result.fit.history, out / "curves.png")
     (out / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
     tag = export_result(result, curves=curves, store=store)
@@ -148,8 +154,10 @@ def summary(result: TrainResult, tag: "bentoml.Tag", seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: ``python -m training [--data digits|PATH] [--epochs N] ...``."""
-    return cli.run(config_from_args(argv), train_and_export, summary, (DataError, ExportError))
+    """CLI entry point: ``python -m training [--data digits|PATH] [--epochs N] ...``, or the same
+    under ``torchrun --nproc_per_node=N -m training ...`` (data-parallel, see ``distributed``)."""
+    return cli.run(config_from_args(argv), train_and_export, summary,
+                   (DataError, ExportError, distributed.DistributedError), distributed_ok=True)
 
 
 if __name__ == "__main__":
