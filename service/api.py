@@ -262,8 +262,9 @@ def _extract_texts(body: bytes, content_type: str, max_texts: int) -> list:
             f"unsupported Content-Type {media or '(none)'!r}; use application/json "
             '({"texts": ["...", ...]} or {"text": "..."}) or a UTF-8 text/plain body',
         )
+    decoded = decode_text(body)  # bad_encoding, before JSON can call it malformed
     try:
-        doc = json.loads(decode_text(body))
+        doc = json.loads(decoded)
     except ValueError as exc:
         raise InputError("bad_request", f"the body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in TEXT_FIELDS:
