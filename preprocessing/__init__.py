@@ -15,7 +15,8 @@ from .image import (
     resize_image,
 )
 from .spec import SPEC_VERSION, ImageSpec, SpecError, TextSpec, load_spec
-from .text import EncodedBatch, TextPreprocessor, TokenStats, decode_text, normalize_text
+from .text import (EncodedBatch, TextPreprocessor, TokenStats, decode_text, normalize_text,
+                   pad_ids)
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -37,6 +38,7 @@ __all__ = [
     "image_to_array",
     "load_spec",
     "normalize_text",
+    "pad_ids",
     "preprocess_image_bytes",
     "resize_image",
     "text_features",

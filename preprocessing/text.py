@@ -95,6 +95,18 @@ def normalize_text(text: str, spec: TextSpec) -> str:
     return text
 
 
+def pad_ids(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token id rows -> int64 ``input_ids`` and ``attention_mask`` ``[N, L]``, L the longest row:
+    ``pad_id`` (mask 0) after each row's end. The service's batcher pads with this too."""
+    longest = max((len(r) for r in rows), default=0)
+    input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = row
+        attention_mask[i, :len(row)] = 1
+    return input_ids, attention_mask
+
+
 class TextPreprocessor:
     """A ``TextSpec`` plus its tokenizer: ``encode(texts) -> (input_ids, attention_mask)``.
 
@@ -159,12 +171,7 @@ class TextPreprocessor:
                 enc.truncate(self._budget)
             # The tokenizer's own template adds the special tokens ([CLS] ... [SEP] for BERT).
             rows.append(self._tokenizer.post_process(enc).ids)
-        longest = max((len(r) for r in rows), default=0)
-        input_ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = row
-            attention_mask[i, :len(row)] = 1
+        input_ids, attention_mask = pad_ids(rows, self.pad_id)
         return EncodedBatch(input_ids, attention_mask, tuple(stats))
 
     def encode_batch(self, texts: Sequence[str]) -> EncodedBatch:

@@ -8,7 +8,11 @@ the server, the workers, ``/metrics``, ``/readyz`` and its traffic middlewares a
 Routes (paths relative to the mount point):
   POST /classify/image   one or many images: multipart (field ``image``, repeatable), JSON
                          ``{"images": ["<base64>", ...]}``, or a raw ``image/*`` body
-  GET  /models           what is served: name, version, labels, spec
+  POST /classify/text    JSON ``{"texts": ["...", ...]}`` or ``{"text": "..."}``, or one UTF-8
+                         ``text/plain`` body
+  GET  /models           what is served: name, version, task, labels, spec
+
+A route whose model is not configured answers 404 naming the setting that enables it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import re
 import uuid
 from typing import Any, Awaitable, Callable
 
-from preprocessing import InputError
+from preprocessing import InputError, decode_text
 
 from .batching import BatchError
 from .classifier import ImageClassifier
 from .multipart import boundary_of, parse_multipart
+from .text_classifier import TextClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 IMAGE_FIELDS = ("image", "images")
+TEXT_FIELDS = ("text", "texts")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -42,15 +48,22 @@ class ClassifyAPI:
 
     def __init__(self) -> None:
         self.image: ImageClassifier | None = None
+        self.text: TextClassifier | None = None
+        self.bound = False  # after bind(), a missing model is "not configured", not "loading"
         self.max_body_bytes = 20 * 1024 * 1024
         self.max_images = 64
+        self.max_texts = 64
         self.default_top_k = 3
 
-    def bind(self, image: ImageClassifier, max_body_bytes: int, max_images: int, top_k: int) -> None:
+    def bind(self, image: ImageClassifier | None, text: TextClassifier | None = None, *,
+             max_body_bytes: int, max_images: int, max_texts: int = 64, top_k: int) -> None:
         self.image = image
+        self.text = text
         self.max_body_bytes = max_body_bytes
         self.max_images = max_images
+        self.max_texts = max_texts
         self.default_top_k = top_k
+        self.bound = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,16 +76,19 @@ class ClassifyAPI:
             if method != "POST":
                 return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
             return await self._classify_image(scope, receive, send, headers, request_id)
+        if path.endswith("/classify/text"):
+            if method != "POST":
+                return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
+            return await self._classify_text(scope, receive, send, headers, request_id)
         if path.endswith("/models") and method == "GET":
-            models = [self.image.describe()] if self.image else []
+            models = [m.describe() for m in (self.image, self.text) if m is not None]
             return await _send_json(send, 200, {"models": models}, request_id)
         await _send_json(send, 404, _error("not_found", f"no route {method} {scope['path']}", request_id), request_id)
 
     async def _classify_image(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str) -> None:
         image = self.image
         if image is None or not image.ready:
-            body = _error("not_ready", "the model is still loading; retry when /readyz answers 200", request_id)
-            return await _send_json(send, 503, body, request_id)
+            return await self._unavailable(send, image, "image", request_id)
         try:
             top_k = _top_k(scope, self.default_top_k)
             body = await _read_body(receive, headers, self.max_body_bytes)
@@ -96,6 +112,45 @@ class ClassifyAPI:
             "predictions": [p.to_dict() for p in predictions],
         }
         await _send_json(send, 200, answer, request_id)
+
+
+    async def _classify_text(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str) -> None:
+        text = self.text
+        if text is None or not text.ready:
+            return await self._unavailable(send, text, "text", request_id)
+        try:
+            top_k = _top_k(scope, self.default_top_k)
+            body = await _read_body(receive, headers, self.max_body_bytes)
+            texts = _extract_texts(body, headers.get("content-type", ""), self.max_texts)
+            predictions = await text.classify(texts, top_k)
+        except InputError as exc:
+            text.reject(exc.reason)
+            return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
+        except BatchError:
+            logger.exception("inference failed [request_id=%s]", request_id)
+            body = _error("internal", f"inference failed; the server log has request id {request_id}", request_id)
+            return await _send_json(send, 500, body, request_id)
+        except Exception:
+            logger.exception("unexpected failure [request_id=%s]", request_id)
+            body = _error("internal", f"internal error; the server log has request id {request_id}", request_id)
+            return await _send_json(send, 500, body, request_id)
+        answer = {
+            "request_id": request_id,
+            "model": text.name,
+            "model_version": text.version,
+            "predictions": [p.to_dict() for p in predictions],
+        }
+        await _send_json(send, 200, answer, request_id)
+
+    async def _unavailable(self, send: Send, model: object, kind: str, request_id: str) -> None:
+        """404 for a model this service was not configured with, 503 for one still loading."""
+        if model is None and self.bound:
+            setting = "CLF_IMAGE_MODEL" if kind == "image" else "CLF_TEXT_MODEL"
+            message = (f"this service has no {kind} model; start it with {setting} set to a "
+                       "model store tag to enable this route")
+            return await _send_json(send, 404, _error("not_found", message, request_id), request_id)
+        body = _error("not_ready", "the model is still loading; retry when /readyz answers 200", request_id)
+        await _send_json(send, 503, body, request_id)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -194,6 +249,52 @@ def _b64(value: str, index: int) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise InputError("bad_field", f"images[{index}] is not valid base64") from None
+
+
+def _extract_texts(body: bytes, content_type: str, max_texts: int) -> list:
+    """The request's texts, unvalidated one by one (the classifier does that per item)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "text/plain":
+        return [decode_text(body)]
+    if media != "application/json":
+        raise InputError(
+            "bad_request",
+            f"unsupported Content-Type {media or '(none)'!r}; use application/json "
+            '({"texts": ["...", ...]} or {"text": "..."}) or a UTF-8 text/plain body',
+        )
+    decoded = decode_text(body)  # bad_encoding, before JSON can call it malformed
+    try:
+        doc = json.loads(decoded)
+    except ValueError as exc:
+        raise InputError("bad_request", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in TEXT_FIELDS:
+        keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+        raise InputError(
+            "bad_field",
+            f'the JSON body must be {{"texts": ["...", ...]}} or {{"text": "..."}}, got {keys}',
+        )
+    if "text" in doc:
+        if not isinstance(doc["text"], str):
+            raise InputError("bad_field", f"'text' must be a string, got {_json_type(doc['text'])}")
+        return [doc["text"]]
+    texts = doc["texts"]
+    if not isinstance(texts, list):
+        raise InputError("bad_field", f"'texts' must be a list of strings, got {_json_type(texts)}; "
+                         'for one text send {"text": "..."}')
+    if not texts:
+        raise InputError("empty", "'texts' is an empty list; send at least one text")
+    if len(texts) > max_texts:
+        raise InputError("too_many_items", f"{len(texts)} texts in one request; the limit is {max_texts}")
+    for i, value in enumerate(texts):
+        if not isinstance(value, str):
+            raise InputError("bad_field", f"texts[{i}] must be a string, got {_json_type(value)}")
+    return texts
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _error(reason: str, message: str, request_id: str) -> dict:

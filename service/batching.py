@@ -6,6 +6,11 @@ up, so the batch size follows the load by itself: 1 when traffic is light (no ad
 large under pressure. ``max_queue_delay_s`` optionally holds a partial batch a little longer, but
 the wait is measured from the oldest item's arrival, so no item waits longer than that in total
 for company.
+
+Two optional hooks make the same loop serve a text model (``text_batching.py``): ``plan`` picks
+which queued items go into the next call (length grouping), ``collate`` builds the model input
+from their tensors (padding). Without them, the image path is the cheap default: up to
+``max_batch_size`` items from the front of the queue, ``np.stack``-ed.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from .runtime import Model, Outputs
+from .runtime import Batch, Model, Outputs
 
 
 class BatchError(RuntimeError):
@@ -37,9 +42,15 @@ class BatchStats:
 
 @dataclass
 class _Item:
-    tensor: np.ndarray
+    tensor: Any  # an image's float32 array; a text's 1-D int64 token ids
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+# plan(pending, max_batch_size) removes and returns the items of the next call (at least one);
+# collate(tensors) -> the model's input for those items, in that order.
+Plan = Callable[["deque[_Item]", int], "list[_Item]"]
+Collate = Callable[[list], Batch]
 
 
 class Batcher:
@@ -49,11 +60,15 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         on_batch: Callable[[BatchStats], None] | None = None,
+        plan: Plan | None = None,
+        collate: Collate | None = None,
     ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch
+        self._plan = plan
+        self._collate = collate
         self._pending: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         # One model thread: one batch in flight per worker. ORT releases the GIL while it runs,
@@ -75,7 +90,7 @@ class Batcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
-    async def submit(self, tensors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def submit(self, tensors: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Queue one request's items; returns (probabilities, embedding) per item, in order."""
         loop = asyncio.get_running_loop()
         items = [_Item(t, loop.create_future()) for t in tensors]
@@ -90,7 +105,7 @@ class Batcher:
                 raise result
         return results
 
-    def run_sync(self, batch: np.ndarray) -> Outputs:
+    def run_sync(self, batch: Batch) -> Outputs:
         """Run one batch directly (warm-up), bypassing the queue."""
         return self.model.run(batch)
 
@@ -103,10 +118,16 @@ class Batcher:
                 continue
             if self.max_queue_delay_s > 0 and len(self._pending) < self.max_batch_size:
                 await self._hold_for_company()
-            batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
+            if self._plan is None:
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
+            else:
+                batch = self._plan(self._pending, self.max_batch_size)
             started = time.perf_counter()
             try:
-                x = np.stack([item.tensor for item in batch])
+                if self._collate is None:
+                    x = np.stack([item.tensor for item in batch])
+                else:
+                    x = self._collate([item.tensor for item in batch])
                 out = await loop.run_in_executor(self._executor, self.model.run, x)
                 if out.probabilities.shape[0] != len(batch) or out.embedding.shape[0] != len(batch):
                     raise BatchError(

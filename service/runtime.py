@@ -1,5 +1,8 @@
 """ONNX Runtime sessions: provider choice, threads, and the batch call the batcher makes.
 
+An image model takes one float32 input ``[N, C, H, W]``; a text model takes int64 ``input_ids``
+and ``attention_mask`` ``[N, L]``, fed as a dict. Both answer ``logits`` and ``embedding``.
+
 Threads are set on purpose: ORT's default spins its pool threads while idle, and on a 2-core box
 those spinning threads take the core the HTTP event loop needs. We size the intra-op pool to the
 cores a worker owns and turn spinning off.
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Union
 
 import numpy as np
 
@@ -28,10 +31,16 @@ class Outputs:
     embedding: np.ndarray  # [N, D] float32
 
 
+# One model call's input: an image batch, or a text model's named inputs.
+Batch = Union[np.ndarray, dict[str, np.ndarray]]
+TEXT_INPUTS = ("input_ids", "attention_mask")
+
+
 class Model(Protocol):
     provider: str
+    input_names: tuple[str, ...]
 
-    def run(self, batch: np.ndarray) -> Outputs: ...
+    def run(self, batch: Batch) -> Outputs: ...
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,7 +93,8 @@ class OnnxModel:
         names = [o.name for o in self._session.get_outputs()]
         if names[:2] != ["logits", "embedding"]:
             raise RuntimeStartError(f"model outputs are {names}; expected ['logits', 'embedding']")
-        self._input = self._session.get_inputs()[0].name
+        self.input_names = tuple(i.name for i in self._session.get_inputs())
+        self._input = self.input_names[0]
         self.embedding_dim = int(self._session.get_outputs()[1].shape[1])
         self.num_classes = int(self._session.get_outputs()[0].shape[1])
         logger.info(
@@ -92,8 +102,9 @@ class OnnxModel:
             self.provider, intra_op_threads, path,
         )
 
-    def run(self, batch: np.ndarray) -> Outputs:
-        logits, embedding = self._session.run(["logits", "embedding"], {self._input: batch})
+    def run(self, batch: Batch) -> Outputs:
+        feed = batch if isinstance(batch, dict) else {self._input: batch}
+        logits, embedding = self._session.run(["logits", "embedding"], feed)
         return Outputs(probabilities=softmax(logits), embedding=embedding)
 
 
@@ -102,11 +113,13 @@ class NoopModel:
 
     provider = "noop"
 
-    def __init__(self, num_classes: int, embedding_dim: int) -> None:
+    def __init__(self, num_classes: int, embedding_dim: int,
+                 input_names: tuple[str, ...] = ("input",)) -> None:
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim
+        self.input_names = input_names
 
-    def run(self, batch: np.ndarray) -> Outputs:
-        n = batch.shape[0]
+    def run(self, batch: Batch) -> Outputs:
+        n = len(batch["input_ids"]) if isinstance(batch, dict) else batch.shape[0]
         probs = np.full((n, self.num_classes), 1.0 / self.num_classes, dtype=np.float32)
         return Outputs(probabilities=probs, embedding=np.zeros((n, self.embedding_dim), np.float32))

@@ -19,8 +19,10 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    # Which models to serve: a BentoML model tag ("name" or "name:version"); "" disables.
+    # Which models to serve: a BentoML model tag ("name" or "name:version"); "" disables. One
+    # service serves both side by side (each with its own session and batcher); at least one.
     image_model: str = "digits-cnn:latest"
+    text_model: str = ""
     # Workers (processes). Each has its own ONNX Runtime session and batcher. Two beat one on a
     # 2-core box (each event loop parses requests while the other worker's model runs).
     workers: int = 2
@@ -37,6 +39,11 @@ class Settings:
     max_body_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 64
     max_image_pixels: int = 40_000_000
+    max_texts_per_request: int = 64
+    # Text batching: the cap on one model call's padded size (texts x longest length, in tokens),
+    # and the largest share of that call's token slots that may be padding (see text_batching.py).
+    max_batch_tokens: int = 8192
+    max_padding_fraction: float = 0.25
     top_k: int = 3
     # Serving.
     host: str = "127.0.0.1"
@@ -76,11 +83,16 @@ class Settings:
             (self.max_body_bytes >= 1024, "CLF_MAX_BODY_BYTES must be >= 1024"),
             (self.max_images_per_request >= 1, "CLF_MAX_IMAGES_PER_REQUEST must be >= 1"),
             (self.max_image_pixels >= 64, "CLF_MAX_IMAGE_PIXELS must be >= 64"),
+            (self.max_texts_per_request >= 1, "CLF_MAX_TEXTS_PER_REQUEST must be >= 1"),
+            (self.max_batch_tokens >= 16, "CLF_MAX_BATCH_TOKENS must be >= 16"),
+            (0 <= self.max_padding_fraction < 1, "CLF_MAX_PADDING_FRACTION must be in [0, 1)"),
             (self.top_k >= 1, "CLF_TOP_K must be >= 1"),
             (0 < self.port < 65536, "CLF_PORT must be a TCP port"),
             (self.warmup_batches >= 0, "CLF_WARMUP_BATCHES must be >= 0"),
             (self.request_timeout_s > 0, "CLF_REQUEST_TIMEOUT_S must be > 0"),
-            (bool(self.image_model), "CLF_IMAGE_MODEL must name a model (e.g. digits-cnn:latest)"),
+            (bool(self.image_model or self.text_model),
+             "CLF_IMAGE_MODEL and CLF_TEXT_MODEL are both empty: set at least one to a model store "
+             "tag (e.g. CLF_IMAGE_MODEL=digits-cnn:latest, CLF_TEXT_MODEL=lang-transformer:latest)"),
         ]
         for ok, message in checks:
             if not ok:

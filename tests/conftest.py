@@ -52,6 +52,22 @@ def digits_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     return TrainedModel(tag=str(tag), result=result, bentoml_home=_HOME)
 
 
+@pytest.fixture(scope="session")
+def text_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """A tiny transformer on 440 demo texts (40 per language), two epochs, exported into the
+    session's model store: seconds, and enough to serve (the tests check plumbing and parity,
+    not accuracy)."""
+    from training.text.config import TextTrainConfig
+    from training.text.train import train_and_export
+
+    cfg = TextTrainConfig(model="transformer", demo_per_class=40, limit=440, epochs=2,
+                          vocab_size=600, d_model=32, layers=1, heads=2, ff_dim=64, max_length=64,
+                          model_name="lang-tiny", progress=False,
+                          out_dir=str(tmp_path_factory.mktemp("train-text")))
+    result, tag = train_and_export(cfg)
+    return TrainedModel(tag=str(tag), result=result, bentoml_home=_HOME)
+
+
 def png_bytes(array, mode: str | None = None) -> bytes:
     from PIL import Image
 

@@ -72,11 +72,13 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(digits_model, tmp_path_factory) -> Server:
+def server(digits_model, text_model, tmp_path_factory) -> Server:
+    """Both models side by side in one service, as production may run them."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     srv = start_server(
-        {"CLF_IMAGE_MODEL": digits_model.tag, "CLF_WORKERS": "2", "CLF_MAX_BODY_BYTES": "300000",
-         "CLF_MAX_IMAGES_PER_REQUEST": "16", "CLF_MAX_IMAGE_PIXELS": "1000000"},
+        {"CLF_IMAGE_MODEL": digits_model.tag, "CLF_TEXT_MODEL": text_model.tag, "CLF_WORKERS": "2",
+         "CLF_MAX_BODY_BYTES": "300000", "CLF_MAX_IMAGES_PER_REQUEST": "16",
+         "CLF_MAX_TEXTS_PER_REQUEST": "16", "CLF_MAX_IMAGE_PIXELS": "1000000"},
         log,
     )
     yield srv

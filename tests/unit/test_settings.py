@@ -23,11 +23,19 @@ def test_values_are_parsed_by_type():
     ({"CLF_WORKERS": "0"}, "CLF_WORKERS must be >= 1"),
     ({"CLF_TRACE_REQUESTS": "maybe"}, "CLF_TRACE_REQUESTS='maybe'"),
     ({"CLF_BATCH": "3"}, "unknown setting CLF_BATCH"),
-    ({"CLF_IMAGE_MODEL": ""}, "CLF_IMAGE_MODEL must name a model"),
+    ({"CLF_IMAGE_MODEL": ""}, "CLF_IMAGE_MODEL and CLF_TEXT_MODEL are both empty"),
+    ({"CLF_MAX_TEXTS_PER_REQUEST": "0"}, "CLF_MAX_TEXTS_PER_REQUEST must be >= 1"),
+    ({"CLF_MAX_BATCH_TOKENS": "8"}, "CLF_MAX_BATCH_TOKENS must be >= 16"),
+    ({"CLF_MAX_PADDING_FRACTION": "1.5"}, "CLF_MAX_PADDING_FRACTION must be in"),
 ])
 def test_bad_values_stop_with_a_message_naming_the_variable(env, words):
     with pytest.raises(SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
         Settings.from_env(env)
+
+
+def test_a_text_model_alone_is_enough():
+    s = Settings.from_env({"CLF_IMAGE_MODEL": "", "CLF_TEXT_MODEL": "lang-transformer:latest"})
+    assert (s.image_model, s.text_model, s.max_texts_per_request) == ("", "lang-transformer:latest", 64)
 
 
 def test_ort_threads_split_the_cores_between_workers(monkeypatch):
