@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install demo test test-deps train serve bench lock clean
+.PHONY: install demo test test-deps train train-text serve bench lock clean
 
 $(VENV)/.installed-$(ORT_EXTRA): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON_BIN) -m venv $(VENV)
@@ -27,6 +27,9 @@ install: $(VENV)/.installed-$(ORT_EXTRA)
 
 train: install
 	$(PY) -m training
+
+train-text: install
+	$(PY) -m training.text --model transformer
 
 serve: install
 	CLF_HOST=$(HOST) CLF_PORT=$(PORT) $(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)

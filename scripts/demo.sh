@@ -8,16 +8,19 @@ mkdir -p "$OUT"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1/5 train and export the default image model (digits-cnn, scikit-learn's load_digits)"
+step "1/6 train and export the default image model (digits-cnn, scikit-learn's load_digits)"
 $PY -m training
 
-step "2/5 sample images from the held-out test split"
+step "2/6 train and export the fast text model (lang-transformer: language ID on generated sentences)"
+$PY -m training.text --model transformer
+
+step "3/6 sample images from the held-out test split"
 $PY scripts/demo_samples.py "$OUT/samples"
 
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL="http://127.0.0.1:$PORT"
-step "3/5 serve on $URL (log: $OUT/server.log)"
-setsid .venv/bin/bentoml serve service.service:Classifier --host 127.0.0.1 --port "$PORT" \
+step "4/6 serve both models on $URL (log: $OUT/server.log)"
+CLF_TEXT_MODEL=lang-transformer:latest setsid .venv/bin/bentoml serve service.service:Classifier --host 127.0.0.1 --port "$PORT" \
   >"$OUT/server.log" 2>&1 &
 SERVER=$!
 stop_server() {
@@ -33,7 +36,7 @@ for i in $(seq 1 240); do
 done
 echo "ready: $(curl -s "$URL/v1/models" | head -c 200)..."
 
-step "4/5 query"
+step "5/6 query"
 S="$OUT/samples"
 run() { echo "\$ $*" | sed "s#$URL#\$URL#g"; "$@"; echo; }
 first=$(ls "$S"/digit-*.png | head -1)
@@ -46,8 +49,14 @@ curl -s -H 'Content-Type: application/json' -d "{\"images\": [\"$b64\"]}" "$URL/
 echo "# bad input gets a 4xx with a reason, and the server keeps serving:"
 run curl -s -w ' -> HTTP %{http_code}' -F "image=@$S/not-an-image.png" "$URL/v1/classify/image"
 run curl -s -w ' -> HTTP %{http_code}' -F "photo=@$first" "$URL/v1/classify/image"
+echo "# text:"
+run curl -s -H 'Content-Type: application/json' -d '{"text": "Guten Morgen, wie geht es dir heute?"}' "$URL/v1/classify/text"
+run curl -s -H 'Content-Type: application/json' \
+  -d '{"texts": ["Dziekuje bardzo za pomoc", "Merci beaucoup pour votre aide", "Grazie mille per il vostro aiuto"]}' \
+  "$URL/v1/classify/text?top_k=2"
+run curl -s -w ' -> HTTP %{http_code}' -H 'Content-Type: application/json' -d '{"texts": ["   "]}' "$URL/v1/classify/text"
 
-step "5/5 what /metrics counted"
+step "6/6 what /metrics counted"
 curl -s "$URL/metrics" | grep -E '^clf_(predictions_total|rejected_inputs_total|batch_size_items_(count|sum)|inference_seconds_(count|sum)|model_info)' || true
 curl -s "$URL/metrics" | grep -E '^bentoml_service_request_total.*classify' | cut -c1-160 || true
 echo
