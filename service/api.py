@@ -75,27 +75,33 @@ class ClassifyAPI:
         if path.endswith("/classify/image"):
             if method != "POST":
                 return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
-            return await self._classify_image(scope, receive, send, headers, request_id)
+            return await self._classify(scope, receive, send, headers, request_id, "image")
         if path.endswith("/classify/text"):
             if method != "POST":
                 return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
-            return await self._classify_text(scope, receive, send, headers, request_id)
+            return await self._classify(scope, receive, send, headers, request_id, "text")
         if path.endswith("/models") and method == "GET":
             models = [m.describe() for m in (self.image, self.text) if m is not None]
             return await _send_json(send, 200, {"models": models}, request_id)
         await _send_json(send, 404, _error("not_found", f"no route {method} {scope['path']}", request_id), request_id)
 
-    async def _classify_image(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str) -> None:
-        image = self.image
-        if image is None or not image.ready:
-            return await self._unavailable(send, image, "image", request_id)
+    async def _classify(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str],
+                        request_id: str, kind: str) -> None:
+        """One request to one model: read, extract the inputs, classify, answer or explain."""
+        model = self.image if kind == "image" else self.text
+        if model is None or not model.ready:
+            return await self._unavailable(send, model, kind, request_id)
         try:
             top_k = _top_k(scope, self.default_top_k)
             body = await _read_body(receive, headers, self.max_body_bytes)
-            images = _extract_images(body, headers.get("content-type", ""), self.max_images)
-            predictions = await image.classify(images, top_k)
+            content_type = headers.get("content-type", "")
+            if kind == "image":
+                inputs = _extract_images(body, content_type, self.max_images)
+            else:
+                inputs = _extract_texts(body, content_type, self.max_texts)
+            predictions = await model.classify(inputs, top_k)
         except InputError as exc:
-            image.reject(exc.reason)
+            model.reject(exc.reason)
             return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
         except BatchError:
             logger.exception("inference failed [request_id=%s]", request_id)
@@ -107,37 +113,8 @@ class ClassifyAPI:
             return await _send_json(send, 500, body, request_id)
         answer = {
             "request_id": request_id,
-            "model": image.name,
-            "model_version": image.version,
-            "predictions": [p.to_dict() for p in predictions],
-        }
-        await _send_json(send, 200, answer, request_id)
-
-
-    async def _classify_text(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str], request_id: str) -> None:
-        text = self.text
-        if text is None or not text.ready:
-            return await self._unavailable(send, text, "text", request_id)
-        try:
-            top_k = _top_k(scope, self.default_top_k)
-            body = await _read_body(receive, headers, self.max_body_bytes)
-            texts = _extract_texts(body, headers.get("content-type", ""), self.max_texts)
-            predictions = await text.classify(texts, top_k)
-        except InputError as exc:
-            text.reject(exc.reason)
-            return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
-        except BatchError:
-            logger.exception("inference failed [request_id=%s]", request_id)
-            body = _error("internal", f"inference failed; the server log has request id {request_id}", request_id)
-            return await _send_json(send, 500, body, request_id)
-        except Exception:
-            logger.exception("unexpected failure [request_id=%s]", request_id)
-            body = _error("internal", f"internal error; the server log has request id {request_id}", request_id)
-            return await _send_json(send, 500, body, request_id)
-        answer = {
-            "request_id": request_id,
-            "model": text.name,
-            "model_version": text.version,
+            "model": model.name,
+            "model_version": model.version,
             "predictions": [p.to_dict() for p in predictions],
         }
         await _send_json(send, 200, answer, request_id)

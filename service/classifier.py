@@ -17,8 +17,8 @@ import numpy as np
 from preprocessing import DEFAULT_MAX_PIXELS, InputError, preprocess_image_bytes
 
 from .artifact import Artifact
-from .batching import Batcher, BatchStats
-from .metrics import get_metrics
+from .batching import Batcher
+from .metrics import ModelMetrics
 from .runtime import Model
 
 logger = logging.getLogger(__name__)
@@ -59,20 +59,11 @@ class ImageClassifier:
         self.spec = artifact.spec
         self.labels = artifact.labels
         self.model = model
-        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self._record_batch)
+        self.metrics = ModelMetrics(artifact.name, artifact.version, self.spec.content_hash,
+                                    model.provider)
+        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.metrics.batch)
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         self.ready = False
-        metrics = get_metrics()
-        self._m_predictions = metrics.predictions
-        self._m_confidence = metrics.confidence.labels(artifact.name)
-        self._m_batch = metrics.batch_items.labels(artifact.name)
-        self._m_wait = metrics.queue_wait.labels(artifact.name)
-        self._m_infer = metrics.inference.labels(artifact.name)
-        self._m_pre = metrics.preprocess.labels(artifact.name)
-        self._m_rejected = metrics.rejected
-        metrics.model_info.labels(
-            artifact.name, artifact.version, self.spec.content_hash[:12], model.provider
-        ).set(1)
 
     @property
     def name(self) -> str:
@@ -106,11 +97,11 @@ class ImageClassifier:
             except InputError as exc:
                 prefix = f"image {i}: " if len(images) > 1 else ""
                 raise InputError(exc.reason, prefix + exc.message) from None
-        self._m_pre.observe(time.perf_counter() - started)
+        self.metrics.preprocessed(time.perf_counter() - started)
         return tensors
 
     def reject(self, reason: str) -> None:
-        self._m_rejected.labels(self.name, reason).inc()
+        self.metrics.rejected(reason)
 
     async def classify(self, images: list[bytes], top_k: int) -> list[Prediction]:
         if sum(map(len, images)) <= INLINE_DECODE_BYTES:
@@ -125,15 +116,8 @@ class ImageClassifier:
             order = np.argsort(probs)[::-1][:k]
             top = [(self.labels[j], float(probs[j])) for j in order]
             predictions.append(Prediction(top[0][0], top[0][1], top, embedding))
-            self._m_predictions.labels(self.name, self.version, top[0][0]).inc()
-            self._m_confidence.observe(top[0][1])
+            self.metrics.predicted(top[0][0], top[0][1])
         return predictions
-
-    def _record_batch(self, stats: BatchStats) -> None:
-        self._m_batch.observe(stats.size)
-        self._m_infer.observe(stats.inference_seconds)
-        for wait in stats.queue_waits:
-            self._m_wait.observe(wait)
 
     def describe(self) -> dict:
         return {

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .batching import BatchStats
 
 NAMESPACE = "clf"
 
@@ -82,3 +86,36 @@ def get_metrics() -> Metrics:
             multiprocess_mode="max",
         ),
     )
+
+
+class ModelMetrics:
+    """The project's metrics bound to one served model: what a classifier records."""
+
+    def __init__(self, name: str, version: str, spec_hash: str, provider: str) -> None:
+        metrics = get_metrics()
+        self.name, self.version = name, version
+        self._predictions = metrics.predictions
+        self._confidence = metrics.confidence.labels(name)
+        self._batch = metrics.batch_items.labels(name)
+        self._wait = metrics.queue_wait.labels(name)
+        self._infer = metrics.inference.labels(name)
+        self._pre = metrics.preprocess.labels(name)
+        self._rejected = metrics.rejected
+        metrics.model_info.labels(name, version, spec_hash[:12], provider).set(1)
+
+    def preprocessed(self, seconds: float) -> None:
+        self._pre.observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(self.name, reason).inc()
+
+    def predicted(self, label: str, confidence: float) -> None:
+        self._predictions.labels(self.name, self.version, label).inc()
+        self._confidence.observe(confidence)
+
+    def batch(self, stats: "BatchStats") -> None:
+        """The batcher's ``on_batch`` callback."""
+        self._batch.observe(stats.size)
+        self._infer.observe(stats.inference_seconds)
+        for wait in stats.queue_waits:
+            self._wait.observe(wait)

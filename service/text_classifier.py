@@ -19,9 +19,9 @@ import numpy as np
 from preprocessing import InputError, TextPreprocessor
 
 from .artifact import Artifact, ArtifactError
-from .batching import Batcher, BatchStats
+from .batching import Batcher
 from .classifier import Prediction
-from .metrics import get_metrics
+from .metrics import ModelMetrics
 from .runtime import TEXT_INPUTS, Model
 from .text_batching import LengthPlanner, PadCollate
 
@@ -53,23 +53,14 @@ class TextClassifier:
         self.preprocessor = preprocessor
         self.labels = artifact.labels
         self.model = model
+        self.metrics = ModelMetrics(artifact.name, artifact.version, self.spec.content_hash,
+                                    model.provider)
         self.batcher = Batcher(
-            model, max_batch_size, max_queue_delay_s, on_batch=self._record_batch,
+            model, max_batch_size, max_queue_delay_s, on_batch=self.metrics.batch,
             plan=LengthPlanner(max_batch_tokens, max_padding),
             collate=PadCollate(preprocessor.pad_id),
         )
         self.ready = False
-        metrics = get_metrics()
-        self._m_predictions = metrics.predictions
-        self._m_confidence = metrics.confidence.labels(artifact.name)
-        self._m_batch = metrics.batch_items.labels(artifact.name)
-        self._m_wait = metrics.queue_wait.labels(artifact.name)
-        self._m_infer = metrics.inference.labels(artifact.name)
-        self._m_pre = metrics.preprocess.labels(artifact.name)
-        self._m_rejected = metrics.rejected
-        metrics.model_info.labels(
-            artifact.name, artifact.version, self.spec.content_hash[:12], model.provider
-        ).set(1)
 
     @property
     def name(self) -> str:
@@ -111,11 +102,11 @@ class TextClassifier:
         encoded = self.preprocessor.tokenize(prepared)
         lengths = encoded.attention_mask.sum(axis=1)
         rows = [encoded.input_ids[i, :n] for i, n in enumerate(lengths)]
-        self._m_pre.observe(time.perf_counter() - started)
+        self.metrics.preprocessed(time.perf_counter() - started)
         return rows, [s.truncated for s in encoded.stats]
 
     def reject(self, reason: str) -> None:
-        self._m_rejected.labels(self.name, reason).inc()
+        self.metrics.rejected(reason)
 
     async def classify(self, texts: Sequence[Any], top_k: int) -> list[TextPrediction]:
         rows, truncated = self.preprocess(texts)
@@ -126,15 +117,8 @@ class TextClassifier:
             order = np.argsort(probs)[::-1][:k]
             top = [(self.labels[j], float(probs[j])) for j in order]
             predictions.append(TextPrediction(top[0][0], top[0][1], top, embedding, cut))
-            self._m_predictions.labels(self.name, self.version, top[0][0]).inc()
-            self._m_confidence.observe(top[0][1])
+            self.metrics.predicted(top[0][0], top[0][1])
         return predictions
-
-    def _record_batch(self, stats: BatchStats) -> None:
-        self._m_batch.observe(stats.size)
-        self._m_infer.observe(stats.inference_seconds)
-        for wait in stats.queue_waits:
-            self._m_wait.observe(wait)
 
     def describe(self) -> dict:
         return {
