@@ -61,26 +61,12 @@ class TrainConfig:
 
     def _validate(self) -> None:
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
-             and self.val_fraction + self.test_fraction < 1,
-             "val_fraction and test_fraction must be in (0, 1) and sum to less than 1"),
+            *recipe_checks(self),
             (self.limit is None or self.limit >= 20, "limit must be at least 20 images"),
             (self.color_mode in COLOR_MODES, f"color_mode must be one of {sorted(COLOR_MODES)}"),
             (self.resize in RESIZE_RULES, f"resize must be one of {RESIZE_RULES}"),
             (self.interpolation in INTERPOLATIONS,
              f"interpolation must be one of {INTERPOLATIONS}"),
-            (self.num_threads >= 1, "num_threads must be >= 1"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (bool(self.model_name) and "/" not in self.model_name and ":" not in self.model_name,
-             f"model_name must be a plain name, got {self.model_name!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,6 +96,27 @@ class TrainConfig:
 
     def describe(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
+def recipe_checks(cfg: Any) -> list[tuple[bool, str]]:
+    """The checks every training command's config shares (optimiser, schedule, split, run)."""
+    return [
+        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}"),
+        (cfg.patience >= 1, f"patience must be >= 1, got {cfg.patience}"),
+        (0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
+        (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+        (0 < cfg.val_fraction < 1 and 0 < cfg.test_fraction < 1
+         and cfg.val_fraction + cfg.test_fraction < 1,
+         "val_fraction and test_fraction must be in (0, 1) and sum to less than 1"),
+        (cfg.num_threads >= 1, "num_threads must be >= 1"),
+        (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
+        (bool(cfg.model_name) and "/" not in cfg.model_name and ":" not in cfg.model_name,
+         f"model_name must be a plain name, got {cfg.model_name!r}"),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

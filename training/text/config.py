@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from preprocessing.spec import NORMALIZATION_FORMS
 
+from ..config import recipe_checks
+
 DEMO = "demo"
 MODELS = ("transformer", "minilm")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -91,17 +93,7 @@ class TextTrainConfig:
 
     def _validate(self) -> None:
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
-             and self.val_fraction + self.test_fraction < 1,
-             "val_fraction and test_fraction must be in (0, 1) and sum to less than 1"),
+            *recipe_checks(self),
             (self.limit is None or self.limit >= 20, "limit must be at least 20 texts"),
             (self.demo_per_class >= 10, "demo_per_class must be at least 10"),
             (3 <= self.max_length <= 512, f"max_length must be in 3..512, got {self.max_length}"),
@@ -117,10 +109,6 @@ class TextTrainConfig:
              "text_column and label_column must be two different, non-empty names"),
             (self.lowercase or self.model != "minilm",
              "MiniLM's vocabulary is lowercase: --cased is for the transformer only"),
-            (self.num_threads >= 1, "num_threads must be >= 1"),
-            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (bool(self.model_name) and "/" not in self.model_name and ":" not in self.model_name,
-             f"model_name must be a plain name, got {self.model_name!r}"),
         ]
         for ok, message in checks:
             if not ok:
