@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Collection, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -30,7 +30,9 @@ from .slices import OTHER, cap_values
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Labels feedback may use: one collection for all requests, or per model name.
+ValidLabels = Union[Collection[str], Mapping[str, Collection[str]], None]
 BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
 
 _SCHEMA = """
@@ -49,7 +51,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     slices TEXT NOT NULL DEFAULT '{}',  -- JSON object: slice key -> value
     features TEXT NOT NULL DEFAULT '{}',  -- JSON object: monitored input features
     embedding BLOB,                  -- float32 little-endian
-    probabilities BLOB               -- float32 little-endian, in the model's label order
+    probabilities BLOB,              -- float32 little-endian, in the model's label order
+    input BLOB                       -- the raw input (image file bytes, UTF-8 text), if kept
 );
 CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
 CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id, item);
@@ -87,6 +90,22 @@ class PredictionRecord:
     latency_ms: float | None = None
     ood: bool = False
     ood_score: float | None = None
+    input: bytes | None = None  # raw image bytes or UTF-8 text, for retraining on traffic
+
+
+@dataclass(frozen=True)
+class LabelledInput:
+    """One logged input with its ground-truth label (``PredictionLog.labelled_inputs``)."""
+
+    request_id: str
+    item: int
+    ts: float
+    version: str
+    label: str
+    predicted: str
+    input: bytes
+    slices: dict[str, str]
+    features: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -164,10 +183,13 @@ class PredictionLog:
                 if version > SCHEMA_VERSION:
                     raise RuntimeError(f"{self.path} has schema {version}; this code knows "
                                        f"{SCHEMA_VERSION}: upgrade the project")
-                if version < SCHEMA_VERSION:
+                if version == 0:
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
+                elif version == 1:  # 1 -> 2: the raw input column
+                    self._db.execute("ALTER TABLE predictions ADD COLUMN input BLOB")
+                if version < SCHEMA_VERSION:
                     self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
             except BaseException:
@@ -226,15 +248,16 @@ class PredictionLog:
         return out
 
     def add_feedback(self, request_id: str, labels: Sequence[str] | str,
-                     valid_labels: Collection[str] | None = None) -> FeedbackResult:
+                     valid_labels: ValidLabels = None) -> FeedbackResult:
         """Ground truth for one request: a list with one label per input, in order, or a string
         for a one-input request. Repeats are idempotent; a different label replaces the old."""
         return self.add_feedback_many({request_id: labels}, valid_labels)[0]
 
     def add_feedback_many(self, feedback: Mapping[str, Sequence[str] | str],
-                          valid_labels: Collection[str] | None = None) -> list[FeedbackResult]:
+                          valid_labels: ValidLabels = None) -> list[FeedbackResult]:
         """Feedback for several requests, all or nothing: an unknown id or a bad label list
-        raises before anything is written."""
+        raises before anything is written. ``valid_labels``: one collection for every request,
+        or a mapping model name -> its labels (each request checked against its own model's)."""
         if not feedback:
             return []
         with self._lock:
@@ -248,16 +271,18 @@ class PredictionLog:
         return results
 
     def _apply_feedback(self, feedback: Mapping[str, Sequence[str] | str],
-                        valid_labels: Collection[str] | None) -> list[FeedbackResult]:
-        counts = dict(self._db.execute(
-            f"SELECT request_id, MAX(item) + 1 FROM predictions WHERE request_id IN "
-            f"({','.join('?' * len(feedback))}) GROUP BY request_id", list(feedback)))
-        unknown = [rid for rid in feedback if rid not in counts]
+                        valid_labels: ValidLabels) -> list[FeedbackResult]:
+        found = {rid: (n, model) for rid, n, model in self._db.execute(
+            f"SELECT request_id, MAX(item) + 1, MAX(model) FROM predictions WHERE request_id IN "
+            f"({','.join('?' * len(feedback))}) GROUP BY request_id", list(feedback))}
+        unknown = [rid for rid in feedback if rid not in found]
         if unknown:
             raise UnknownRequestError(unknown)
         results, now = [], time.time()
         for rid, given in feedback.items():
-            labels = check_labels(rid, given, counts[rid], valid_labels)
+            items, model = found[rid]
+            valid = valid_labels.get(model) if isinstance(valid_labels, Mapping) else valid_labels
+            labels = check_labels(rid, given, items, valid)
             stored = dict(self._db.execute(
                 "SELECT item, label FROM feedback WHERE request_id = ?", (rid,)))
             changes = [(rid, i, lab, now) for i, lab in enumerate(labels) if stored.get(i) != lab]
@@ -269,6 +294,20 @@ class PredictionLog:
             results.append(FeedbackResult(rid, len(labels), len(changes) - updated, updated,
                                           len(labels) - len(changes)))
         return results
+
+    def labelled_inputs(self, model: str, since: float = 0.0, until: float = math.inf
+                        ) -> list[LabelledInput]:
+        """Logged inputs of ``model`` that have a ground-truth label and stored bytes, oldest
+        first: the production traffic a retraining may learn from."""
+        rows = self._read(
+            "SELECT p.request_id, p.item, p.ts, p.version, f.label, p.predicted, p.input,"
+            " p.slices, p.features FROM predictions p JOIN feedback f ON"
+            " f.request_id = p.request_id AND f.item = p.item"
+            " WHERE p.model = ? AND p.ts >= ? AND p.ts < ? AND p.input IS NOT NULL"
+            " ORDER BY p.ts, p.id", (model, since, until if math.isfinite(until) else 1e300))
+        return [LabelledInput(rid, int(item), float(ts), version, label, predicted, bytes(data),
+                              json.loads(slices), json.loads(features))
+                for rid, item, ts, version, label, predicted, data, slices, features in rows]
 
     def count(self, model: str | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM predictions", ()
@@ -306,8 +345,8 @@ class PredictionLog:
 
 
 _INSERT = ("INSERT INTO predictions (request_id, item, ts, model, version, predicted, confidence,"
-           " ood, ood_score, latency_ms, slices, features, embedding, probabilities)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           " ood, ood_score, latency_ms, slices, features, embedding, probabilities, input)"
+           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def _row(r: PredictionRecord) -> list:
@@ -317,7 +356,7 @@ def _row(r: PredictionRecord) -> list:
             None if r.latency_ms is None else float(r.latency_ms),
             json.dumps(dict(r.slices), separators=(",", ":")),
             json.dumps({k: float(v) for k, v in r.features.items()}, separators=(",", ":")),
-            _blob(r.embedding), _blob(r.probabilities)]
+            _blob(r.embedding), _blob(r.probabilities), r.input]
 
 
 def _blob(array: np.ndarray | None) -> bytes | None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from monitoring.slices import SliceRules
 
 PREFIX = "CLF_"
 
@@ -45,6 +48,28 @@ class Settings:
     max_batch_tokens: int = 8192
     max_padding_fraction: float = 0.25
     top_k: int = 3
+    # Monitoring. The prediction log (SQLite, WAL): every answer is committed here before it is
+    # sent; "" turns logging off. Several workers (and replicas on one host) share the file.
+    prediction_log: str = "artifacts/predictions.db"
+    log_synchronous: str = "NORMAL"  # FULL fsyncs each commit (power-loss durable, slower)
+    # Store each input's raw bytes (image file, UTF-8 text) with its record, so labelled traffic
+    # can be retrained on (training/retrain.py); inputs over the byte cap are not stored.
+    log_inputs: bool = True
+    log_input_max_bytes: int = 1024 * 1024
+    # Ground-truth feedback (POST /v1/feedback) needs "Authorization: Bearer <token>"; "" disables
+    # the route (403 saying so).
+    feedback_token: str = ""
+    # Slice tags a request may carry (header X-Slices: key=value;...): "device=ios|android|web;
+    # region" allows device with three values (others fold into "other") and free region values,
+    # at most slice_max_values distinct per key across the whole log.
+    slice_keys: str = ""
+    slice_max_values: int = 20
+    # How often each worker re-reads the drift report's latest scores (drift_latest.json next to
+    # the log) into its clf_drift_* gauges; 0 = never.
+    drift_refresh_s: float = 15.0
+    # Hot reload: how often each worker checks the production pointer of a model named without
+    # a version (CLF_IMAGE_MODEL=digits-cnn); 0 = never. A pinned "name:version" never reloads.
+    reload_interval_s: float = 2.0
     # Serving.
     host: str = "127.0.0.1"
     port: int = 3000
@@ -87,6 +112,12 @@ class Settings:
             (self.max_batch_tokens >= 16, "CLF_MAX_BATCH_TOKENS must be >= 16"),
             (0 <= self.max_padding_fraction < 1, "CLF_MAX_PADDING_FRACTION must be in [0, 1)"),
             (self.top_k >= 1, "CLF_TOP_K must be >= 1"),
+            (self.log_synchronous.upper() in ("NORMAL", "FULL"),
+             "CLF_LOG_SYNCHRONOUS must be NORMAL or FULL"),
+            (self.log_input_max_bytes >= 0, "CLF_LOG_INPUT_MAX_BYTES must be >= 0"),
+            (self.slice_max_values >= 1, "CLF_SLICE_MAX_VALUES must be >= 1"),
+            (self.drift_refresh_s >= 0, "CLF_DRIFT_REFRESH_S must be >= 0 (0 = off)"),
+            (self.reload_interval_s >= 0, "CLF_RELOAD_INTERVAL_S must be >= 0 (0 = off)"),
             (0 < self.port < 65536, "CLF_PORT must be a TCP port"),
             (self.warmup_batches >= 0, "CLF_WARMUP_BATCHES must be >= 0"),
             (self.request_timeout_s > 0, "CLF_REQUEST_TIMEOUT_S must be > 0"),
@@ -97,6 +128,15 @@ class Settings:
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        self.slice_rules()  # a malformed CLF_SLICE_KEYS stops start-up too
+
+    def slice_rules(self) -> "SliceRules":
+        from monitoring.slices import SliceError, SliceRules
+
+        try:
+            return SliceRules.parse(self.slice_keys, self.slice_max_values)
+        except SliceError as exc:
+            raise SettingsError(f"CLF_SLICE_KEYS={self.slice_keys!r}: {exc}") from None
 
     @property
     def ort_threads(self) -> int:
@@ -105,7 +145,11 @@ class Settings:
         return max(1, (os.cpu_count() or 1) // self.workers)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as logged at start-up: the feedback token is masked."""
+        out = asdict(self)
+        if out["feedback_token"]:
+            out["feedback_token"] = "***"
+        return out
 
 
 def _parse(key: str, raw: str, kind: type) -> Any:
