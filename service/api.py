@@ -10,9 +10,13 @@ Routes (paths relative to the mount point):
                          ``{"images": ["<base64>", ...]}``, or a raw ``image/*`` body
   POST /classify/text    JSON ``{"texts": ["...", ...]}`` or ``{"text": "..."}``, or one UTF-8
                          ``text/plain`` body
+  POST /feedback         ground truth by request id (``Authorization: Bearer <token>``):
+                         ``{"request_id": "...", "labels": ["..."]}`` (one label per input, in
+                         order; ``"label"`` for a one-input request) or ``{"feedback": [...]}``
   GET  /models           what is served: name, version, task, labels, spec
 
-A route whose model is not configured answers 404 naming the setting that enables it.
+A route whose model is not configured answers 404 naming the setting that enables it. A classify
+request may carry slice tags in ``X-Slices: key=value; key2=value2`` (keys the settings allow).
 """
 
 from __future__ import annotations
@@ -21,16 +25,21 @@ import base64
 import binascii
 import json
 import logging
+import asyncio
+import hmac
 import re
 import uuid
 from typing import Any, Awaitable, Callable
 
+from monitoring.slices import SliceRules
+from monitoring.store import FeedbackError, PredictionLog, UnknownRequestError
 from preprocessing import InputError, decode_text
 
 from .batching import BatchError
-from .classifier import ImageClassifier
+from .classifier import BaseClassifier
+from .metrics import get_metrics
+from .monitor import SLICES_HEADER, LogUnavailable, RequestContext, parse_slices
 from .multipart import boundary_of, parse_multipart
-from .text_classifier import TextClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -43,27 +52,48 @@ TEXT_FIELDS = ("text", "texts")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+MAX_FEEDBACK_BYTES = 1024 * 1024
+
+
+class Slot:
+    """Holds the classifier currently serving a model; hot reload replaces ``current``."""
+
+    def __init__(self, current: BaseClassifier) -> None:
+        self.current = current
+
+
 class ClassifyAPI:
-    """ASGI callable; ``bind()`` hands it the loaded model once the service has started it."""
+    """ASGI callable; ``bind()`` hands it the loaded models once the service has started them."""
 
     def __init__(self) -> None:
-        self.image: ImageClassifier | None = None
-        self.text: TextClassifier | None = None
+        self.slots: dict[str, Slot] = {}
         self.bound = False  # after bind(), a missing model is "not configured", not "loading"
         self.max_body_bytes = 20 * 1024 * 1024
         self.max_images = 64
         self.max_texts = 64
         self.default_top_k = 3
+        self.slice_rules = SliceRules()
+        self.log: PredictionLog | None = None
+        self.feedback_token = ""
 
-    def bind(self, image: ImageClassifier | None, text: TextClassifier | None = None, *,
-             max_body_bytes: int, max_images: int, max_texts: int = 64, top_k: int) -> None:
-        self.image = image
-        self.text = text
+    def bind(self, image: Slot | BaseClassifier | None, text: Slot | BaseClassifier | None = None,
+             *, max_body_bytes: int, max_images: int, max_texts: int = 64, top_k: int,
+             slice_rules: SliceRules | None = None, log: PredictionLog | None = None,
+             feedback_token: str = "") -> None:
+        self.slots = {kind: m if isinstance(m, Slot) else Slot(m)
+                      for kind, m in (("image", image), ("text", text)) if m is not None}
         self.max_body_bytes = max_body_bytes
         self.max_images = max_images
         self.max_texts = max_texts
         self.default_top_k = top_k
+        self.slice_rules = slice_rules or SliceRules()
+        self.log = log
+        self.feedback_token = feedback_token
         self.bound = True
+
+    def model(self, kind: str) -> BaseClassifier | None:
+        slot = self.slots.get(kind)
+        return None if slot is None else slot.current
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,18 +110,24 @@ class ClassifyAPI:
             if method != "POST":
                 return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
             return await self._classify(scope, receive, send, headers, request_id, "text")
+        if path.endswith("/feedback"):
+            if method != "POST":
+                return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
+            return await self._feedback(receive, send, headers, request_id)
         if path.endswith("/models") and method == "GET":
-            models = [m.describe() for m in (self.image, self.text) if m is not None]
+            models = [slot.current.describe() for slot in self.slots.values()]
             return await _send_json(send, 200, {"models": models}, request_id)
         await _send_json(send, 404, _error("not_found", f"no route {method} {scope['path']}", request_id), request_id)
 
     async def _classify(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str],
                         request_id: str, kind: str) -> None:
         """One request to one model: read, extract the inputs, classify, answer or explain."""
-        model = self.image if kind == "image" else self.text
+        model = self.model(kind)
         if model is None or not model.ready:
             return await self._unavailable(send, model, kind, request_id)
         try:
+            ctx = RequestContext(request_id, parse_slices(headers.get(SLICES_HEADER, ""),
+                                                          self.slice_rules))
             top_k = _top_k(scope, self.default_top_k)
             body = await _read_body(receive, headers, self.max_body_bytes)
             content_type = headers.get("content-type", "")
@@ -99,10 +135,13 @@ class ClassifyAPI:
                 inputs = _extract_images(body, content_type, self.max_images)
             else:
                 inputs = _extract_texts(body, content_type, self.max_texts)
-            predictions = await model.classify(inputs, top_k)
+            predictions = await model.classify(inputs, top_k, ctx)
         except InputError as exc:
             model.reject(exc.reason)
             return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
+        except LogUnavailable as exc:  # never answer what was not recorded
+            body = _error("log_unavailable", f"{exc}; retry later", request_id)
+            return await _send_json(send, 503, body, request_id)
         except BatchError:
             logger.exception("inference failed [request_id=%s]", request_id)
             body = _error("internal", f"inference failed; the server log has request id {request_id}", request_id)
@@ -117,6 +156,52 @@ class ClassifyAPI:
             "model_version": model.version,
             "predictions": [p.to_dict() for p in predictions],
         }
+        await _send_json(send, 200, answer, request_id)
+
+    async def _feedback(self, receive: Receive, send: Send, headers: dict[str, str],
+                        request_id: str) -> None:
+        """Ground-truth labels for logged requests: 401 without the token, 404 for an unknown
+        request id, 422 for labels that do not fit; a repeat changes nothing."""
+        if not self.feedback_token or self.log is None:
+            missing = "CLF_FEEDBACK_TOKEN" if not self.feedback_token else "CLF_PREDICTION_LOG"
+            body = _error("feedback_disabled", f"feedback is disabled on this server: set {missing}",
+                          request_id)
+            return await _send_json(send, 403, body, request_id)
+        given = headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.feedback_token.encode()):
+            body = _error("unauthorized", "send the feedback token as 'Authorization: Bearer <token>'",
+                          request_id)
+            return await _send_json(send, 401, body, request_id,
+                                    [(b"www-authenticate", b'Bearer realm="feedback"')])
+        try:
+            raw = await _read_body(receive, headers, MAX_FEEDBACK_BYTES)
+            feedback = _feedback_items(raw)
+            labels = {slot.current.name: slot.current.labels for slot in self.slots.values()}
+            results = await asyncio.get_running_loop().run_in_executor(
+                None, self.log.add_feedback_many, feedback, labels)
+        except InputError as exc:
+            return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
+        except UnknownRequestError as exc:
+            body = _error("unknown_request_id", f"no logged prediction has request id(s) "
+                          f"{exc.request_ids}; nothing was stored", request_id)
+            return await _send_json(send, 404, body, request_id)
+        except FeedbackError as exc:
+            body = _error("bad_labels", f"{exc}; nothing was stored", request_id)
+            return await _send_json(send, 422, body, request_id)
+        except Exception:
+            logger.exception("feedback failed [request_id=%s]", request_id)
+            body = _error("internal", f"internal error; the server log has request id {request_id}", request_id)
+            return await _send_json(send, 500, body, request_id)
+        counter = get_metrics().feedback
+        for result in results:
+            for name in ("created", "updated", "unchanged"):
+                if getattr(result, name):
+                    counter.labels(name).inc(getattr(result, name))
+        answer = {"request_id": request_id, "results": [
+            {"request_id": r.request_id, "labels": r.items, "created": r.created,
+             "updated": r.updated, "unchanged": r.unchanged} for r in results]}
         await _send_json(send, 200, answer, request_id)
 
     async def _unavailable(self, send: Send, model: object, kind: str, request_id: str) -> None:
@@ -268,6 +353,41 @@ def _extract_texts(body: bytes, content_type: str, max_texts: int) -> list:
     return texts
 
 
+def _feedback_items(body: bytes) -> dict[str, list[str] | str]:
+    """``{"request_id", "labels"|"label"}`` or ``{"feedback": [those, ...]}`` -> id -> labels."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError("bad_request", f"the body is not valid JSON: {exc}") from None
+    usage = ('send {"request_id": "...", "labels": ["..."]} or {"feedback": [{"request_id": '
+             '"...", "labels": ["..."]}, ...]}')
+    if isinstance(doc, dict) and set(doc) == {"feedback"}:
+        entries = doc["feedback"]
+        if not isinstance(entries, list) or not entries:
+            raise InputError("bad_field", f"'feedback' must be a non-empty list; {usage}")
+    else:
+        entries = [doc]
+    out: dict[str, list[str] | str] = {}
+    for i, entry in enumerate(entries):
+        where = f"feedback[{i}]: " if len(entries) > 1 else ""
+        if not isinstance(entry, dict) or "request_id" not in entry or \
+                len(set(entry) & {"labels", "label"}) != 1 or \
+                set(entry) - {"request_id", "labels", "label"}:
+            raise InputError("bad_field", f"{where}{usage}")
+        rid, labels = entry["request_id"], entry.get("labels", entry.get("label"))
+        if not isinstance(rid, str) or not _REQUEST_ID.match(rid):
+            raise InputError("bad_field", f"{where}'request_id' must be a request id string")
+        ok = isinstance(labels, str) or (isinstance(labels, list) and labels
+                                         and all(isinstance(x, str) for x in labels))
+        if not ok:
+            raise InputError("bad_field", f"{where}'labels' must be a non-empty list of strings "
+                             "(one per input of the request), 'label' a string")
+        if rid in out:
+            raise InputError("bad_field", f"{where}request id {rid} appears twice")
+        out[rid] = labels
+    return out
+
+
 def _json_type(value: object) -> str:
     names = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
              dict: "an object", type(None): "null"}
@@ -278,7 +398,8 @@ def _error(reason: str, message: str, request_id: str) -> dict:
     return {"error": {"reason": reason, "message": message}, "request_id": request_id}
 
 
-async def _send_json(send: Send, status: int, payload: dict, request_id: str) -> None:
+async def _send_json(send: Send, status: int, payload: dict, request_id: str,
+                     extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
     await send({
         "type": "http.response.start",
@@ -287,6 +408,7 @@ async def _send_json(send: Send, status: int, payload: dict, request_id: str) ->
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", request_id.encode()),
+            *extra_headers,
         ],
     })
     await send({"type": "http.response.body", "body": body})

@@ -32,6 +32,11 @@ class Metrics:
     preprocess: object
     rejected: object
     model_info: object
+    ood_flagged: object
+    log_commit: object
+    log_errors: object
+    feedback: object
+    reloads: object
 
 
 @lru_cache(maxsize=1)
@@ -85,7 +90,40 @@ def get_metrics() -> Metrics:
             ["model", "version", "spec_hash", "provider"],
             multiprocess_mode="max",
         ),
+        ood_flagged=Counter(
+            f"{NAMESPACE}_ood_flagged_total",
+            "Answers flagged as unlike the training data (low confidence or far from every class "
+            "in embedding space); divide by clf_predictions_total for the share.",
+            ["model", "version"],
+        ),
+        log_commit=Histogram(
+            f"{NAMESPACE}_prediction_log_commit_seconds",
+            "Time to commit one group of records to the prediction log (one transaction).",
+            buckets=_FAST,
+        ),
+        log_errors=Counter(
+            f"{NAMESPACE}_prediction_log_errors_total",
+            "Commits to the prediction log that failed (their requests answered 503).",
+        ),
+        feedback=Counter(
+            f"{NAMESPACE}_feedback_labels_total",
+            "Ground-truth labels received on /v1/feedback, by what they did.",
+            ["result"],  # created | updated | unchanged
+        ),
+        reloads=Counter(
+            f"{NAMESPACE}_model_reloads_total",
+            "Hot reloads of a model to a newly promoted version, by outcome.",
+            ["model", "result"],  # loaded | failed
+        ),
     )
+
+
+@lru_cache(maxsize=1)
+def drift_gauges():
+    """The clf_drift_* gauges of this worker (monitoring/exporter.py), created once."""
+    from monitoring.exporter import DriftGauges
+
+    return DriftGauges()
 
 
 class ModelMetrics:
@@ -101,7 +139,17 @@ class ModelMetrics:
         self._infer = metrics.inference.labels(name)
         self._pre = metrics.preprocess.labels(name)
         self._rejected = metrics.rejected
-        metrics.model_info.labels(name, version, spec_hash[:12], provider).set(1)
+        self._ood = metrics.ood_flagged.labels(name, version)
+        self._info = metrics.model_info.labels(name, version, spec_hash[:12], provider)
+        self._info.set(1)
+
+    def retire(self) -> None:
+        """This worker no longer serves the version (hot reload replaced it)."""
+        self._info.set(0)
+
+    def flagged(self, count: int) -> None:
+        if count:
+            self._ood.inc(count)
 
     def preprocessed(self, seconds: float) -> None:
         self._pre.observe(seconds)

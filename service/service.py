@@ -3,7 +3,10 @@
 Settings are read and validated when BentoML imports this module (a bad value stops start-up
 before any worker forks); the models (image, text, or both side by side, each with its own ONNX
 Runtime session and batcher) load in each worker's ``__init__``, the batchers start and warm up
-in the startup hook, and ``/readyz`` answers 200 only after all of them have.
+in the startup hook, and ``/readyz`` answers 200 only after all of them have. Each worker also
+opens the prediction log (``CLF_PREDICTION_LOG``), refreshes the drift gauges from the latest
+drift report, and follows the production pointer of models named without a version (hot
+reload, ``reload.py``).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import os
 import bentoml
 
 from . import patches
-from .api import ClassifyAPI
+from .api import ClassifyAPI, Slot
 from .artifact import Artifact, load_artifact, text_preprocessor
-from .classifier import ImageClassifier
+from .classifier import BaseClassifier, ImageClassifier
+from .monitor import DriftRefresher, PredictionLogger, load_ood
+from .reload import Reloader, tracks_production
 from .runtime import TEXT_INPUTS, Model, NoopModel, OnnxModel
 from .settings import Settings, SettingsError
 from .text_classifier import TextClassifier
@@ -44,18 +49,55 @@ class Classifier:
     def __init__(self) -> None:
         logging.getLogger("service").setLevel(SETTINGS.log_level)
         logger.info("settings: %s", SETTINGS.to_dict())
-        self.image = _image_classifier(SETTINGS.image_model) if SETTINGS.image_model else None
-        self.text = _text_classifier(SETTINGS.text_model) if SETTINGS.text_model else None
-        self.models: list[ImageClassifier | TextClassifier] = [
-            m for m in (self.image, self.text) if m is not None]
-        api.bind(self.image, self.text, max_body_bytes=SETTINGS.max_body_bytes,
+        self.log = _prediction_logger()
+        builders = {"image": lambda tag: _image_classifier(tag, self.log),
+                    "text": lambda tag: _text_classifier(tag, self.log)}
+        tags = {"image": SETTINGS.image_model, "text": SETTINGS.text_model}
+        self.slots: dict[str, Slot] = {}
+        self.reloaders: list[Reloader] = []
+        for kind, tag in tags.items():
+            if not tag:
+                continue
+            self.slots[kind] = Slot(builders[kind](_resolve(tag)))
+            if tracks_production(tag) and SETTINGS.reload_interval_s > 0:
+                self.reloaders.append(Reloader(
+                    self.slots[kind], tag.partition(":")[0], builders[kind],
+                    SETTINGS.reload_interval_s, SETTINGS.warmup_batches,
+                    SETTINGS.request_timeout_s))
+        self.drift = (DriftRefresher(SETTINGS.prediction_log, SETTINGS.drift_refresh_s)
+                      if SETTINGS.prediction_log and SETTINGS.drift_refresh_s > 0 else None)
+        api.bind(self.slots.get("image"), self.slots.get("text"),
+                 max_body_bytes=SETTINGS.max_body_bytes,
                  max_images=SETTINGS.max_images_per_request,
-                 max_texts=SETTINGS.max_texts_per_request, top_k=SETTINGS.top_k)
+                 max_texts=SETTINGS.max_texts_per_request, top_k=SETTINGS.top_k,
+                 slice_rules=SETTINGS.slice_rules(),
+                 log=self.log.log if self.log is not None else None,
+                 feedback_token=SETTINGS.feedback_token)
+
+    @property
+    def image(self) -> ImageClassifier | None:
+        slot = self.slots.get("image")
+        return None if slot is None else slot.current
+
+    @property
+    def text(self) -> TextClassifier | None:
+        slot = self.slots.get("text")
+        return None if slot is None else slot.current
+
+    @property
+    def models(self) -> list[BaseClassifier]:
+        return [slot.current for slot in self.slots.values()]
 
     @bentoml.on_startup
     async def start_batcher(self) -> None:
+        if self.log is not None:
+            self.log.start()
         for model in self.models:
             await model.start(SETTINGS.warmup_batches)
+        for reloader in self.reloaders:
+            reloader.start()
+        if self.drift is not None:
+            self.drift.start()
         # Everything allocated so far (modules, the model, the app) lives as long as the worker:
         # move it out of the collector's view so full collections under load stay short.
         gc.collect()
@@ -64,11 +106,40 @@ class Classifier:
 
     @bentoml.on_shutdown
     async def stop_batcher(self) -> None:
+        for reloader in self.reloaders:
+            await reloader.stop()
+        if self.drift is not None:
+            await self.drift.stop()
         for model in self.models:
             await model.stop()
+        if self.log is not None:
+            await self.log.stop()
 
     def __is_ready__(self) -> bool:
         return all(model.ready for model in self.models)
+
+
+def _resolve(tag: str) -> str:
+    """A tag that follows production -> its production version now (latest if none yet)."""
+    if not tracks_production(tag):
+        return tag
+    from . import registry
+
+    try:
+        return registry.resolve(tag)
+    except registry.RegistryError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _prediction_logger() -> PredictionLogger | None:
+    if not SETTINGS.prediction_log:
+        return None
+    from monitoring.store import PredictionLog
+
+    log = PredictionLog(SETTINGS.prediction_log, synchronous=SETTINGS.log_synchronous,
+                        max_slice_values=SETTINGS.slice_max_values)
+    logger.info("prediction log: %s", log.path.resolve())
+    return PredictionLogger(log, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes)
 
 
 def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
@@ -82,30 +153,40 @@ def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
     return model
 
 
-def _image_classifier(tag: str) -> ImageClassifier:
+def _ood(artifact: Artifact, model: Model):
+    return load_ood(artifact, getattr(model, "embedding_dim", None))
+
+
+def _image_classifier(tag: str, log: PredictionLogger | None = None) -> ImageClassifier:
     artifact = load_artifact(tag, "image")
+    model = _model(artifact, ("input",))
     return ImageClassifier(
         artifact,
-        _model(artifact, ("input",)),
+        model,
         max_batch_size=SETTINGS.max_batch_size,
         max_queue_delay_s=SETTINGS.max_queue_delay_ms / 1000.0,
         max_pixels=SETTINGS.max_image_pixels,
+        log=log,
+        ood=_ood(artifact, model),
     )
 
 
-def _text_classifier(tag: str) -> TextClassifier:
+def _text_classifier(tag: str, log: PredictionLogger | None = None) -> TextClassifier:
     artifact = load_artifact(tag, "text")
     preprocessor = text_preprocessor(artifact)
     if SETTINGS.max_batch_tokens < preprocessor.spec.max_length:
         raise SettingsError(
             f"CLF_MAX_BATCH_TOKENS={SETTINGS.max_batch_tokens} is below {artifact.name}'s "
             f"max_length of {preprocessor.spec.max_length} tokens; raise it to at least that")
+    model = _model(artifact, TEXT_INPUTS)
     return TextClassifier(
         artifact,
-        _model(artifact, TEXT_INPUTS),
+        model,
         preprocessor,
         max_batch_size=SETTINGS.max_batch_size,
         max_batch_tokens=SETTINGS.max_batch_tokens,
         max_padding=SETTINGS.max_padding_fraction,
         max_queue_delay_s=SETTINGS.max_queue_delay_ms / 1000.0,
+        log=log,
+        ood=_ood(artifact, model),
     )

@@ -22,9 +22,11 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    # Which models to serve: a BentoML model tag ("name" or "name:version"); "" disables. One
-    # service serves both side by side (each with its own session and batcher); at least one.
-    image_model: str = "digits-cnn:latest"
+    # Which models to serve: a BentoML model tag; "" disables. A bare name (or name:production)
+    # serves the production version (service/registry.py; the latest when none is set) and
+    # follows it when it is promoted (hot reload); "name:version" pins one version. One service
+    # serves both side by side (each with its own session and batcher); at least one.
+    image_model: str = "digits-cnn"
     text_model: str = ""
     # Workers (processes). Each has its own ONNX Runtime session and batcher. Two beat one on a
     # 2-core box (each event loop parses requests while the other worker's model runs).
@@ -123,7 +125,7 @@ class Settings:
             (self.request_timeout_s > 0, "CLF_REQUEST_TIMEOUT_S must be > 0"),
             (bool(self.image_model or self.text_model),
              "CLF_IMAGE_MODEL and CLF_TEXT_MODEL are both empty: set at least one to a model store "
-             "tag (e.g. CLF_IMAGE_MODEL=digits-cnn:latest, CLF_TEXT_MODEL=lang-transformer:latest)"),
+             "tag (e.g. CLF_IMAGE_MODEL=digits-cnn, CLF_TEXT_MODEL=lang-transformer)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,12 +16,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from preprocessing import InputError, TextPreprocessor
+from monitoring.ood import OODScorer
+from preprocessing import InputError, TextPreprocessor, text_features
 
 from .artifact import Artifact, ArtifactError
 from .batching import Batcher
-from .classifier import Prediction
-from .metrics import ModelMetrics
+from .classifier import BaseClassifier, Prediction
+from .monitor import PredictionLogger, RequestContext
 from .runtime import TEXT_INPUTS, Model
 from .text_batching import LengthPlanner, PadCollate
 
@@ -34,7 +35,9 @@ class TextPrediction(Prediction):
         return {**super().to_dict(), "truncated": self.truncated}
 
 
-class TextClassifier:
+class TextClassifier(BaseClassifier):
+    task = "text-classification"
+
     def __init__(
         self,
         artifact: Artifact,
@@ -44,31 +47,20 @@ class TextClassifier:
         max_batch_tokens: int,
         max_padding: float,
         max_queue_delay_s: float = 0.0,
+        log: PredictionLogger | None = None,
+        ood: OODScorer | None = None,
     ) -> None:
         if tuple(model.input_names) != TEXT_INPUTS:
             raise ArtifactError(f"model {artifact.name} takes inputs {list(model.input_names)}; a text "
                              f"model must take {list(TEXT_INPUTS)}")
-        self.artifact = artifact
+        super().__init__(artifact, model, log, ood)
         self.spec = preprocessor.spec
         self.preprocessor = preprocessor
-        self.labels = artifact.labels
-        self.model = model
-        self.metrics = ModelMetrics(artifact.name, artifact.version, self.spec.content_hash,
-                                    model.provider)
         self.batcher = Batcher(
             model, max_batch_size, max_queue_delay_s, on_batch=self.metrics.batch,
             plan=LengthPlanner(max_batch_tokens, max_padding),
             collate=PadCollate(preprocessor.pad_id),
         )
-        self.ready = False
-
-    @property
-    def name(self) -> str:
-        return self.artifact.name
-
-    @property
-    def version(self) -> str:
-        return self.artifact.version
 
     async def start(self, warmup_batches: int) -> None:
         """Start the batcher and warm up at a short, the longest and a mid-size shape."""
@@ -86,9 +78,10 @@ class TextClassifier:
         self.ready = False
         await self.batcher.stop()
 
-    def preprocess(self, texts: Sequence[Any]) -> tuple[list[np.ndarray], list[bool]]:
-        """Validate, normalise and tokenize every text -> unpadded id rows and truncated flags,
-        or raise InputError naming the first bad text (``text 2: ...``)."""
+    def preprocess(self, texts: Sequence[Any]
+                   ) -> tuple[list[np.ndarray], list[bool], list[dict] | None]:
+        """Validate, normalise and tokenize every text -> unpadded id rows, truncated flags and
+        (when logging) monitored features, or raise InputError naming the first bad text."""
         if not texts:
             raise InputError("empty", "the request contains no text")
         started = time.perf_counter()
@@ -102,32 +95,23 @@ class TextClassifier:
         encoded = self.preprocessor.tokenize(prepared)
         lengths = encoded.attention_mask.sum(axis=1)
         rows = [encoded.input_ids[i, :n] for i, n in enumerate(lengths)]
+        features = None
+        if self.log is not None:
+            features = [text_features(t, st) for t, st in zip(texts, encoded.stats)]
         self.metrics.preprocessed(time.perf_counter() - started)
-        return rows, [s.truncated for s in encoded.stats]
+        return rows, [s.truncated for s in encoded.stats], features
 
-    def reject(self, reason: str) -> None:
-        self.metrics.rejected(reason)
+    async def classify(self, texts: Sequence[Any], top_k: int,
+                       ctx: RequestContext | None = None) -> list[TextPrediction]:
+        self.inflight += 1
+        try:
+            rows, truncated, features = self.preprocess(texts)
+            results = await self.batcher.submit(rows)
+            inputs = [t.encode("utf-8") for t in texts] if self.log is not None else None
+            return await self._answer(results, top_k, ctx, features, inputs,
+                                      [{"truncated": cut} for cut in truncated])
+        finally:
+            self.inflight -= 1
 
-    async def classify(self, texts: Sequence[Any], top_k: int) -> list[TextPrediction]:
-        rows, truncated = self.preprocess(texts)
-        results = await self.batcher.submit(rows)
-        k = min(top_k, len(self.labels))
-        predictions = []
-        for (probs, embedding), cut in zip(results, truncated):
-            order = np.argsort(probs)[::-1][:k]
-            top = [(self.labels[j], float(probs[j])) for j in order]
-            predictions.append(TextPrediction(top[0][0], top[0][1], top, embedding, cut))
-            self.metrics.predicted(top[0][0], top[0][1])
-        return predictions
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "task": "text-classification",
-            "labels": list(self.labels),
-            "provider": self.model.provider,
-            "spec": self.spec.to_dict(),
-            "spec_hash": self.spec.content_hash,
-            "ready": self.ready,
-        }
+    def _prediction(self, *args: Any, **extra: Any) -> TextPrediction:
+        return TextPrediction(*args, **extra)

@@ -20,6 +20,9 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 os.environ["HF_HUB_OFFLINE"] = "1"
 for _key in [k for k in os.environ if k.startswith("CLF_")]:
     del os.environ[_key]  # a developer's serving settings must not leak into the tests
+# Every service a test starts logs its predictions here unless the test says otherwise (the
+# default, artifacts/predictions.db, would be the repository's).
+os.environ["CLF_PREDICTION_LOG"] = os.path.join(_HOME, "predictions.db")
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,125 @@
+"""Hot reload: a worker follows its model's production pointer without a restart.
+
+A model named without a version (``CLF_IMAGE_MODEL=digits-cnn``) tracks the production pointer
+that ``python -m service.registry promote`` (or a retraining) moves. Every
+``CLF_RELOAD_INTERVAL_S`` each worker stats the pointer file; when the production version
+changes it loads the new version beside the old one (its own ONNX Runtime session, batcher and
+warm-up, off the event loop), then swaps it in with one assignment. Requests that already hold
+the old version finish on it (it drains, bounded by the request timeout), new requests go to the
+new one: no request fails during the switch. A version that fails to load (or to warm up) is
+refused: the old one keeps serving, the failure is logged and counted
+(``clf_model_reloads_total{result="failed"}``), and that version is not retried until the
+pointer moves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from .api import Slot
+from .classifier import BaseClassifier
+from .metrics import get_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def tracks_production(tag: str) -> bool:
+    """A tag without a version, or ``name:production``, follows the production pointer."""
+    name, _, version = tag.partition(":")
+    return bool(name) and version in ("", "production")
+
+
+class Reloader:
+    def __init__(self, slot: Slot, name: str, build: Callable[[str], BaseClassifier],
+                 interval_s: float, warmup_batches: int, drain_timeout_s: float) -> None:
+        self.slot = slot
+        self.name = name
+        self.build = build  # "name:version" -> an unstarted classifier (runs in a thread)
+        self.interval_s = interval_s
+        self.warmup_batches = warmup_batches
+        self.drain_timeout_s = drain_timeout_s
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the pointer file
+        self._refused: str | None = None
+        self._task: asyncio.Task | None = None
+        self._reloads = get_metrics().reloads
+
+    def start(self) -> None:
+        self._seen = self._stat()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"reload-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def _stat(self) -> tuple[int, int] | None:
+        from . import registry
+
+        try:
+            st = registry.pointer_path(self.name).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the reloader must outlive any one bad check
+                logger.exception("hot reload check of %s failed", self.name)
+
+    async def check(self) -> bool:
+        """Reload if the production version moved; True when a new version was swapped in."""
+        from . import registry
+
+        seen = self._stat()
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(None, registry.production, self.name)
+        except registry.RegistryError as exc:
+            logger.error("hot reload of %s: cannot read the production pointer: %s", self.name, exc)
+            self._reloads.labels(self.name, "failed").inc()
+            return False
+        if version is None or version == self.slot.current.version or version == self._refused:
+            return False
+        return await self.reload(version)
+
+    async def reload(self, version: str) -> bool:
+        old = self.slot.current
+        tag = f"{self.name}:{version}"
+        logger.info("hot reload: loading %s (serving %s:%s)", tag, self.name, old.version)
+        new: BaseClassifier | None = None
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, self.build, tag)
+            if new.labels != old.labels:
+                logger.warning("hot reload: %s has labels %s, %s:%s had %s", tag,
+                               list(new.labels), self.name, old.version, list(old.labels))
+            await new.start(self.warmup_batches)
+        except Exception:
+            logger.exception("hot reload: %s failed to load; %s:%s keeps serving", tag,
+                             self.name, old.version)
+            self._reloads.labels(self.name, "failed").inc()
+            self._refused = version
+            if new is not None:
+                new.retire()
+                await new.stop()
+            return False
+        self.slot.current = new  # from here on, new requests go to the new version
+        self._refused = None
+        old.retire()
+        self._reloads.labels(self.name, "loaded").inc()
+        logger.info("hot reload: %s serving; draining %s:%s", tag, self.name, old.version)
+        await old.drain(self.drain_timeout_s)
+        await old.stop()
+        return True
