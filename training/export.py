@@ -305,7 +305,8 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
 
 def save_staged(staged: Path, name: str, *, files: Sequence[str], task: str,
                 metadata: dict[str, Any], store: "ModelStore | None" = None) -> "bentoml.Tag":
-    """Copy checked ``files`` from ``staged`` into a new version of ``name`` in the model store."""
+    """Copy checked ``files`` from ``staged`` into a new version of ``name`` in the model store;
+    the first version of a name is made production (``service.registry.ensure_production``)."""
     import bentoml
 
     metadata = {k: v for k, v in metadata.items() if v is not None}  # bentoml refuses None
@@ -316,4 +317,9 @@ def save_staged(staged: Path, name: str, *, files: Sequence[str], task: str,
                                **extra) as bento_model:
         for filename in files:
             shutil.copyfile(staged / filename, Path(bento_model.path) / filename)
+    from service.registry import ensure_production  # stdlib + bentoml only
+
+    # The first export of a name becomes production; later ones wait for `registry promote`.
+    if ensure_production(name, str(bento_model.tag.version), store=store) is not None:
+        log.info("%s is the first version of %s: it is production now", bento_model.tag, name)
     return bento_model.tag
