@@ -97,7 +97,7 @@ class BaseClassifier:
         probs = np.stack([p for p, _ in results])
         embeddings = np.stack([e for _, e in results])
         if self.ood is not None:
-            scores, flags = self.ood.score(probs, embeddings)
+            scores, flags = self.ood.score(probs, embeddings, features)
             self.metrics.flagged(int(flags.sum()))
         else:
             scores, flags = [None] * len(results), [False] * len(results)

@@ -81,7 +81,7 @@ class TextClassifier(BaseClassifier):
     def preprocess(self, texts: Sequence[Any]
                    ) -> tuple[list[np.ndarray], list[bool], list[dict] | None]:
         """Validate, normalise and tokenize every text -> unpadded id rows, truncated flags and
-        (when logging) monitored features, or raise InputError naming the first bad text."""
+        monitored features, or raise InputError naming the first bad text."""
         if not texts:
             raise InputError("empty", "the request contains no text")
         started = time.perf_counter()
@@ -95,9 +95,8 @@ class TextClassifier(BaseClassifier):
         encoded = self.preprocessor.tokenize(prepared)
         lengths = encoded.attention_mask.sum(axis=1)
         rows = [encoded.input_ids[i, :n] for i, n in enumerate(lengths)]
-        features = None
-        if self.log is not None:
-            features = [text_features(t, st) for t, st in zip(texts, encoded.stats)]
+        # Always: the OOD flag reads them too (a few microseconds per text).
+        features = [text_features(t, st) for t, st in zip(texts, encoded.stats)]
         self.metrics.preprocessed(time.perf_counter() - started)
         return rows, [s.truncated for s in encoded.stats], features
 

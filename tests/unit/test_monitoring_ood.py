@@ -101,3 +101,31 @@ def test_scoring_a_batch_is_cheap() -> None:
         scorer.score(probs, emb)
     per_batch = (time.perf_counter() - started) / 200
     assert per_batch < 0.005, f"{per_batch * 1e3:.2f} ms per batch of 64"
+
+
+def test_text_profiles_add_a_fragmentation_signal_calibrated_on_validation():
+    from monitoring.ood import OODScorer, fit_ood, fragmentation_of
+    from monitoring.reference import Reference
+
+    rng = np.random.default_rng(0)
+    n, d, k = 200, 8, 3
+    classes = rng.integers(0, k, n)
+    emb = rng.normal(size=(n, d)).astype(np.float32) + classes[:, None]
+    logits = np.eye(k)[classes] * 4.0
+    chars = rng.integers(20, 200, n).astype(float)
+    tokens = np.round(chars * rng.uniform(0.2, 0.4, n))
+    ref = Reference(("chars", "tokens"), np.column_stack([chars, tokens]), emb,
+                    logits.astype(np.float32), classes, classes, np.ones(n, np.float32),
+                    tuple("abc"))
+    scorer = fit_ood(ref)
+    assert 0.35 < scorer.fragmentation_threshold <= 0.4
+    probs = np.eye(k)[classes[:2]] * 0.98 + 0.01
+    words = [{"chars": 100.0, "tokens": 30.0}, {"chars": 40.0, "tokens": 36.0}]  # noise: ~1/char
+    _, flags = scorer.score(probs, emb[:2], words)
+    assert list(flags) == [False, True]
+    assert fragmentation_of({"chars": 0.0, "tokens": 0.0}) == 0.0
+    again = OODScorer.from_json(scorer.to_json())
+    assert again.fragmentation_threshold == scorer.fragmentation_threshold
+    image_like = Reference(("brightness",), chars[:, None], emb, logits.astype(np.float32),
+                           classes, classes, np.ones(n, np.float32), tuple("abc"))
+    assert fit_ood(image_like).fragmentation_threshold is None
