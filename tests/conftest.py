@@ -71,6 +71,26 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     return TrainedModel(tag=str(tag), result=result, bentoml_home=_HOME)
 
 
+def clone_version(tag: str, name: str, work: Path, corrupt: bool = False) -> str:
+    """Save a copy of model ``tag`` as a new version of ``name`` in the session's store (the
+    first version of a name becomes production); ``corrupt`` replaces its model.onnx with junk,
+    a version that cannot load. Returns the new version."""
+    import shutil
+
+    import bentoml
+
+    from training.export import CONTRACT_FILES, save_staged
+
+    source = Path(bentoml.models.get(tag).path)
+    staged = Path(tempfile.mkdtemp(prefix="stage-", dir=work))
+    for file in CONTRACT_FILES:
+        shutil.copyfile(source / file, staged / file)
+    if corrupt:
+        (staged / "model.onnx").write_bytes(b"this is not an onnx graph")
+    task = bentoml.models.get(tag).info.labels.get("task", "image-classification")
+    return str(save_staged(staged, name, files=CONTRACT_FILES, task=task, metadata={}).version)
+
+
 def png_bytes(array, mode: str | None = None) -> bytes:
     from PIL import Image
 

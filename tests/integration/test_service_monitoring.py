@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import io
-import shutil
 import sqlite3
 
 import httpx
@@ -18,31 +17,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import clone_version
+
 pytestmark = pytest.mark.slow
 IMAGE = "/v1/classify/image"
 TEXT = "/v1/classify/text"
 FEEDBACK = "/v1/feedback"
 TOKEN = "s3cret-token"
 NAME = "mon-digits"
-
-
-def _stage(tmp_path, source_path, corrupt: bool = False):
-    from training.export import CONTRACT_FILES
-
-    staged = tmp_path / ("broken" if corrupt else "staged")
-    staged.mkdir(exist_ok=True)
-    for name in CONTRACT_FILES:
-        shutil.copyfile(source_path / name, staged / name)
-    if corrupt:
-        (staged / "model.onnx").write_bytes(b"this is not an onnx graph")
-    return staged
-
-
-def _save(staged, name=NAME) -> str:
-    from training.export import CONTRACT_FILES, save_staged
-
-    tag = save_staged(staged, name, files=CONTRACT_FILES, task="image-classification", metadata={})
-    return str(tag.version)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +37,8 @@ def monkeypatch_module():
 @pytest.fixture(scope="module")
 def setup(digits_model, text_model, tmp_path_factory, monkeypatch_module):
     """A model name of its own (so promotions here touch nothing else) and a fresh log."""
-    import bentoml
-
     tmp = tmp_path_factory.mktemp("monitoring")
-    source = __import__("pathlib").Path(bentoml.models.get(digits_model.tag).path)
-    first = _save(_stage(tmp, source))  # the first export of a name becomes production
+    first = clone_version(digits_model.tag, NAME, tmp)  # a name's first version is production
     log_path = tmp / "predictions.db"
     env = {"CLF_IMAGE_MODEL": NAME, "CLF_TEXT_MODEL": text_model.tag,
            "CLF_PREDICTION_LOG": str(log_path), "CLF_FEEDBACK_TOKEN": TOKEN,
@@ -70,7 +49,7 @@ def setup(digits_model, text_model, tmp_path_factory, monkeypatch_module):
     import service.service as module
 
     module = importlib.reload(module)
-    return {"module": module, "log": log_path, "tmp": tmp, "source": source, "first": first}
+    return {"module": module, "log": log_path, "tmp": tmp, "tag": digits_model.tag, "first": first}
 
 
 def run(setup, body):
@@ -258,8 +237,8 @@ def test_hot_reload_swaps_a_promoted_version_under_load_and_refuses_a_broken_one
 
     from service import registry
 
-    second = _save(_stage(setup["tmp"], setup["source"]))
-    broken = _save(_stage(setup["tmp"], setup["source"], corrupt=True))
+    second = clone_version(setup["tag"], NAME, setup["tmp"])
+    broken = clone_version(setup["tag"], NAME, setup["tmp"], corrupt=True)
     data = digit_pngs[0][0]
 
     def failures() -> float:
