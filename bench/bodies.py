@@ -3,6 +3,7 @@
 The reference model gets seeded random noise (it has random weights, so the picture does not
 matter, only its size and format); the digits model gets a digit rendered exactly the way the
 training data is (``training.data.digits_images``), reproduced here so the bench needs no torch.
+Text bodies (a rotating mix of JSON bodies) are built in ``textmix.py``.
 """
 
 from __future__ import annotations
@@ -15,16 +16,25 @@ import numpy as np
 from PIL import Image
 
 BOUNDARY = "clfbench0123456789"
+IMAGE_ROUTE = "/v1/classify/image"
+TEXT_ROUTE = "/v1/classify/text"
+# wrk scripts: one fixed body per request, or a file of bodies (one per line) sent in turn.
+POST_LUA = Path(__file__).with_name("post.lua")
+ROTATE_LUA = Path(__file__).with_name("rotate.lua")
 
 
 @dataclass(frozen=True)
 class Body:
-    """One request body on disk, ready for wrk's lua script, and what it holds."""
+    """What wrk posts: a body file (``script`` reads it from $CLF_BENCH_BODY), its headers and
+    route, and what it holds (for the bench's own correctness checks)."""
 
     path: Path
     headers: list[str]
-    image: bytes  # the PNG inside, for the bench's own correctness check
     description: str
+    image: bytes = b""  # image bodies: the PNG inside
+    texts: tuple[str, ...] = ()  # text bodies: the texts, in the order wrk sends them
+    route: str = IMAGE_ROUTE
+    script: Path = POST_LUA
 
 
 def png_bytes(img: Image.Image) -> bytes:

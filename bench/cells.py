@@ -3,17 +3,20 @@
 A cell is the peers' procedure: a wrk warm-up run, then a measured ``wrk --latency`` run, with the
 server tree's CPU taken from /proc over the measured window and the service's own histograms
 scraped from ``/metrics`` just before and just after it (after a short settle, so requests still
-in flight when wrk stops are counted on both sides or neither).
+in flight when wrk stops are counted on both sides or neither). With the prediction log on, the
+log's rows are counted at the same two moments, so each cell says how many answers it logged.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 from .bodies import Body
 from .cpu import CpuUse, CpuWindow, least_contaminated
+from .predlog import count_rows
 from .prometheus import BATCH_ITEMS, INFERENCE, PREPROCESS, QUEUE_WAIT, HistogramDelta, deltas
 from .server import Server, ServerError, ServerSpec, running
 from .wrk import WrkResult, run_wrk
@@ -31,6 +34,13 @@ class Cell:
     wrk_output: str
     noise_per_attempt: list[float] = field(default_factory=list)
     contaminated: bool = False
+    warmup_ok: int = 0  # 2xx answers of the warm-up run before the measured one
+    log_rows: int | None = None  # prediction-log rows added over the measured run (log on)
+
+    @property
+    def ok(self) -> int:
+        """2xx answers wrk counted in the measured run."""
+        return self.wrk.requests - self.wrk.non2xx
 
     @property
     def rps(self) -> float:
@@ -70,7 +80,8 @@ class Cell:
             "ort_wall_ms_per_item": self.ort_wall_ms_per_item,
             "histograms": {k: {"sum": v.sum, "count": v.count} for k, v in self.hist.items()},
             "cpu": self.cpu.to_dict(), "noise_per_attempt": self.noise_per_attempt,
-            "contaminated": self.contaminated, "wrk_output": self.wrk_output,
+            "contaminated": self.contaminated, "warmup_ok": self.warmup_ok,
+            "log_rows": self.log_rows, "wrk_output": self.wrk_output,
         }
 
 
@@ -84,52 +95,76 @@ class CellPlan:
     may_retry: Callable[[], bool]
 
 
-def measure_once(server: Server, body: Body, conc: int, plan: CellPlan,
-                 model: str) -> tuple[Cell, CpuUse]:
-    run_wrk(server.classify_url, body.path, body.headers, conc, plan.warmup_s, latency=False)
+@dataclass(frozen=True)
+class Check:
+    """One request the bench sends before measuring, and the probabilities it must get back."""
+
+    body: bytes
+    expected: Mapping[str, float]
+    what: str = ""
+
+
+def measure_once(server: Server, body: Body, conc: int, plan: CellPlan, model: str,
+                 log_db: Path | None = None) -> tuple[Cell, CpuUse]:
+    warmup, _ = run_wrk(server.classify_url, body, conc, plan.warmup_s, latency=False)
     time.sleep(SETTLE_S)
+    rows_before = count_rows(log_db) if log_db else None
     before = server.metrics()
     window = CpuWindow(server.tree)
-    result, output = run_wrk(server.classify_url, body.path, body.headers, conc, plan.duration_s,
-                             latency=True)
+    result, output = run_wrk(server.classify_url, body, conc, plan.duration_s, latency=True)
     cpu = window.close()
     time.sleep(SETTLE_S)
-    cell = Cell(conc, result, cpu, deltas(before, server.metrics(), model), output)
+    cell = Cell(conc, result, cpu, deltas(before, server.metrics(), model), output,
+                warmup_ok=warmup.requests - warmup.non2xx)
+    if log_db:
+        cell.log_rows = count_rows(log_db) - rows_before
     return cell, cpu
 
 
-def check_answer(server: Server, body: Body, expected: Mapping[str, float]) -> None:
-    """One real request: 200, and the probabilities the bench computes itself for this image."""
-    data = body.path.read_bytes()
-    status, answer = server.post_classify(data, body.headers)
+def check_answer(server: Server, body: Body, check: Check) -> None:
+    """One real request: 200, and the probabilities the bench computes itself for its input."""
+    status, answer = server.post_classify(check.body, body.headers)
     if status != 200:
-        raise ServerError(f"the check request got HTTP {status}: {answer}")
+        raise ServerError(f"the check request{check.what} got HTTP {status}: {answer}")
     top_k = answer["predictions"][0]["top_k"]
     for entry in top_k:
-        want = expected.get(entry["label"])
+        want = check.expected.get(entry["label"])
         if want is None or abs(want - entry["probability"]) > PROB_TOLERANCE:
-            raise ServerError(f"wrong answer: {top_k}; expected {dict(expected)}")
+            raise ServerError(f"wrong answer{check.what}: {top_k}; expected "
+                              f"{dict(check.expected)}")
 
 
-def bench_served(spec: ServerSpec, body: Body, expected: Mapping[str, float], concs: list[int],
+def bench_served(spec: ServerSpec, body: Body, checks: Sequence[Check], concs: list[int],
                  plan: CellPlan, log: Callable[[str], None], tag: str) -> dict:
-    """Start one server, check it, measure its idle CPU and every concurrency; always stop it."""
+    """Start one server, check it, measure its idle CPU and every concurrency; always stop it.
+    With ``spec.prediction_log`` set, each cell also counts the log rows it added."""
     result: dict = {"runtime": spec.runtime, "model": spec.model_tag, "workers": spec.workers,
-                    "body": body.description, "cells": []}
+                    "prediction_log": spec.prediction_log, "body": body.description,
+                    "checks": len(checks), "cells": []}
     model = spec.model_tag.split(":", 1)[0]
+    log_db = Path(spec.prediction_log) if spec.prediction_log else None
     try:
         with running(spec, log) as server:
             result["startup_s"] = round(server.startup_s or 0.0, 2)
-            check_answer(server, body, expected)
+            for check in checks:
+                check_answer(server, body, check)
             result["processes"] = len(server.tree.refresh())
             window = CpuWindow(server.tree)
             time.sleep(plan.idle_s)
             result["idle_server_cores"] = round(window.close().server_cores, 3)
             log(f"  [{tag}] ready in {result['startup_s']} s, answer checked, "
                 f"{result['processes']} processes, idle {result['idle_server_cores']} cores")
+            answered = len(checks)  # 2xx answers sent in all, retried attempts included
+
+            def measure(conc: int) -> tuple[Cell, CpuUse]:
+                nonlocal answered
+                cell, cpu = measure_once(server, body, conc, plan, model, log_db)
+                answered += cell.warmup_ok + cell.ok
+                return cell, cpu
+
             for conc in concs:
                 attempts = least_contaminated(
-                    lambda: measure_once(server, body, conc, plan, model), what=f"{tag} c={conc}",
+                    lambda: measure(conc), what=f"{tag} c={conc}",
                     retries=plan.retries, quiet_wait=plan.quiet_wait_s, may_retry=plan.may_retry,
                     log=log)
                 cell = attempts.best
@@ -137,6 +172,9 @@ def bench_served(spec: ServerSpec, body: Body, expected: Mapping[str, float], co
                 cell.contaminated = attempts.contaminated
                 log(_cell_line(tag, cell))
                 result["cells"].append(cell)
+            if log_db:
+                result["answered_2xx"] = answered
+                result["log_rows_total"] = count_rows(log_db)
     except Exception as exc:  # noqa: BLE001 - recorded and reported; the other sections still run
         result["error"] = f"{type(exc).__name__}: {exc}"
         log(f"  [{tag}] FAILED: {result['error']}")
@@ -151,4 +189,5 @@ def _cell_line(tag: str, c: Cell) -> str:
             f"p99={f(c.wrk.p('99'))} ms  items/batch={f(c.items_per_batch)}  "
             f"errors={c.wrk.errors}  "
             f"srv={c.cpu.server_cores:.2f} cores ({f(c.server_cpu_ms_per_request, '.2f')} ms/req)  "
-            f"foreign+steal={c.cpu.noise:.2f}{' !' if c.contaminated else ''}")
+            f"foreign+steal={c.cpu.noise:.2f}{' !' if c.contaminated else ''}"
+            + ("" if c.log_rows is None else f"  log rows +{c.log_rows} (2xx {c.ok})"))

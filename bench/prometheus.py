@@ -22,6 +22,8 @@ INFERENCE = "clf_inference_seconds"
 QUEUE_WAIT = "clf_queue_wait_seconds"
 BATCH_ITEMS = "clf_batch_size_items"
 HISTOGRAMS = (PREPROCESS, INFERENCE, QUEUE_WAIT, BATCH_ITEMS)
+# The prediction log's commits (one transaction each; no model label: one log per worker).
+LOG_COMMIT = "clf_prediction_log_commit_seconds"
 
 
 def parse_samples(text: str) -> Samples:
@@ -68,5 +70,8 @@ def histogram_delta(before: Samples, after: Samples, name: str, **match: str) ->
 
 
 def deltas(before: Samples, after: Samples, model: str) -> dict[str, HistogramDelta]:
-    """The four request-path histograms for one model, as deltas over the window."""
-    return {name: histogram_delta(before, after, name, model=model) for name in HISTOGRAMS}
+    """The four request-path histograms for one model and the log's commits, as deltas over
+    the window."""
+    out = {name: histogram_delta(before, after, name, model=model) for name in HISTOGRAMS}
+    out[LOG_COMMIT] = histogram_delta(before, after, LOG_COMMIT)
+    return out

@@ -85,7 +85,9 @@ def make_runner(config: RawConfig, onnx_path: str, providers: str) -> tuple[Call
         session = spinning_session(onnx_path, providers, config.intra_op_threads)
         name = session.get_inputs()[0].name
         provider = session.get_providers()[0]
-        return (lambda x: session.run(["logits", "embedding"], {name: x})), provider
+        # an image batch is one array; a text batch is already a feed of named inputs
+        return (lambda x: session.run(["logits", "embedding"],
+                                      x if isinstance(x, dict) else {name: x})), provider
     model = OnnxModel(onnx_path, providers=providers, intra_op_threads=config.intra_op_threads)
     return model.run, model.provider
 
@@ -122,7 +124,10 @@ def fastest_batch_call(cells: list[RawCell], batch: int) -> RawCell | None:
     return min(at, key=lambda c: c.p50_ms) if at else None
 
 
-def expected_probabilities(onnx_path: str, providers: str, tensor: np.ndarray) -> np.ndarray:
-    """What the service must answer for one preprocessed image (the served cells' check)."""
+def expected_probabilities(onnx_path: str, providers: str,
+                           item: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    """What the service must answer for one preprocessed input, an image tensor or a text's
+    named token arrays (the served cells' check)."""
     model = OnnxModel(onnx_path, providers=providers, intra_op_threads=1)
-    return model.run(tensor[None]).probabilities[0]
+    batch = {k: v[None] for k, v in item.items()} if isinstance(item, dict) else item[None]
+    return model.run(batch).probabilities[0]

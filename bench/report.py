@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .cells import Cell
-from .prometheus import PREPROCESS, QUEUE_WAIT
+from .prometheus import LOG_COMMIT, PREPROCESS, QUEUE_WAIT
 from .raw import RawCell
 
 P99_TARGET_X = 3.0  # the service's target: p99 at c=64 below 3x one raw batch-64 call
@@ -38,6 +38,15 @@ def raw_table(cells: Sequence[RawCell]) -> str:
     rows = [[c.config, str(c.batch), fmt(c.images_per_s, ".0f"), fmt(c.p50_ms, ".2f"),
              fmt(c.p99_ms, ".2f")] for c in cells]
     return markdown_table(["config", ">batch", ">images/s", ">p50 ms/call", ">p99 ms/call"], rows)
+
+
+def text_raw_table(cells: Sequence) -> str:
+    """The text ceiling's cells (``textraw.TextRawCell``): per config, batch and call order."""
+    rows = [[c.config, str(c.batch), c.order, fmt(c.images_per_s, ".0f"),
+             f"{100 * c.padding_share:.0f}%", fmt(c.mean_ms, ".2f"), fmt(c.p50_ms, ".2f"),
+             fmt(c.p99_ms, ".2f")] for c in cells]
+    return markdown_table(["config", ">batch", "calls", ">texts/s", ">padding", ">mean ms/call",
+                           ">p50 ms/call", ">p99 ms/call"], rows)
 
 
 def served_table(cells: Sequence[Cell], raw_best: float | None, raw_b64_ms: float | None) -> str:
@@ -149,12 +158,81 @@ def summary_row(what: str, cell: Cell, raw_best: float | None) -> SummaryRow:
                       cell.server_cpu_ms_per_request, cell.contaminated)
 
 
-def summary_table(rows: Sequence[SummaryRow]) -> str:
-    """The README's table: one line per setup and concurrency, against its model's raw best."""
+def summary_table(rows: Sequence[SummaryRow], unit: str = "img/s") -> str:
+    """The README's table: one line per setup and concurrency, against its model's raw best;
+    ``unit`` names what a request carries (one image, or one text)."""
     out = []
     for r in rows:
         out.append([r.what + (" ⚠" if r.flagged else ""), fmt(r.conc, "d"), fmt(r.per_s, ".0f"),
                     fmt(r.x_raw, ".2f"), fmt(r.p50_ms), fmt(r.p99_ms), fmt(r.items_per_batch),
                     fmt(r.server_cores, ".2f"), fmt(r.cpu_ms_per_req, ".2f")])
-    return markdown_table(["setup", ">c", ">req/s (img/s)", ">x raw best", ">p50 ms", ">p99 ms",
+    return markdown_table(["setup", ">c", f">req/s ({unit})", ">x raw best", ">p50 ms", ">p99 ms",
                            ">items/batch", ">server CPU (cores)", ">CPU ms/req"], out)
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """One concurrency: log off vs on, and the log's rows vs wrk's 2xx answers."""
+
+    task: str
+    conc: int
+    off_rps: float | None
+    on_rps: float
+    off_p99_ms: float | None
+    on_p99_ms: float | None
+    rows: int | None  # rows added over the measured run
+    ok: int  # 2xx answers wrk counted in it
+    commits: float | None = None  # log transactions over the measured run
+    commit_ms: float | None = None  # mean time of one
+    flagged: bool = False
+
+    @property
+    def on_off(self) -> float | None:
+        return ratio(self.on_rps, self.off_rps)
+
+    @property
+    def rows_per_commit(self) -> float | None:
+        return ratio(self.rows, self.commits)
+
+    @property
+    def consistent(self) -> bool:
+        """Every counted answer was logged, and at most the c in flight at the end besides."""
+        return self.rows is not None and 0 <= self.rows - self.ok <= self.conc
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "conc": self.conc, "off_rps": self.off_rps,
+                "on_rps": self.on_rps, "on_off": self.on_off, "off_p99_ms": self.off_p99_ms,
+                "on_p99_ms": self.on_p99_ms, "rows": self.rows, "ok_2xx": self.ok,
+                "consistent": self.consistent, "commits": self.commits,
+                "commit_ms_mean": self.commit_ms, "rows_per_commit": self.rows_per_commit,
+                "contaminated": self.flagged}
+
+
+def log_rows(task: str, off_cells: Sequence, on_cells: Sequence) -> list[LogRow]:
+    """Pair each log-on cell with the log-off cell at the same concurrency (if measured)."""
+    off = {c.conc: c for c in off_cells}
+    rows = []
+    for c in on_cells:
+        o = off.get(c.conc)
+        commit = c.hist.get(LOG_COMMIT)
+        rows.append(LogRow(
+            task, c.conc, o.rps if o else None, c.rps, o.wrk.p("99") if o else None,
+            c.wrk.p("99"), c.log_rows, c.ok, commit.count if commit else None,
+            commit.mean * 1e3 if commit and commit.mean is not None else None,
+            c.contaminated or bool(o and o.contaminated)))
+    return rows
+
+
+def log_table(rows: Sequence[LogRow]) -> str:
+    out = []
+    for r in rows:
+        diff = None if r.rows is None else r.rows - r.ok
+        out.append([
+            r.task + (" ⚠" if r.flagged else ""), str(r.conc), fmt(r.off_rps, ".0f"),
+            fmt(r.on_rps, ".0f"), fmt(r.on_off, ".2f"), fmt(r.off_p99_ms), fmt(r.on_p99_ms),
+            fmt(r.rows, "d"), str(r.ok), fmt(diff, "+d") + ("" if r.consistent else " ✗"),
+            fmt(r.rows_per_commit), fmt(r.commit_ms, ".2f"),
+        ])
+    return markdown_table(["task", ">c", ">log off req/s", ">log on req/s", ">on/off",
+                           ">p99 off ms", ">p99 on ms", ">log rows", ">wrk 2xx", ">rows - 2xx",
+                           ">rows/commit", ">commit ms"], out)

@@ -1,8 +1,10 @@
 """One ``bentoml serve service.service:Classifier`` under test: start, wait, talk, stop by PID.
 
-The service is configured only through ``CLF_*`` variables. It is started in its own session on
-127.0.0.1 and stopped in a ``finally``: SIGTERM to the leader, then SIGTERM and later SIGKILL to
-every remaining PID of its process tree (circus puts workers in sessions of their own).
+The service is configured only through ``CLF_*`` variables: one model (image or text, the other
+one off) and the prediction log set explicitly ("" = off, so no cell ever writes into the
+repository's artifacts/). It is started in its own session on 127.0.0.1 and stopped in a
+``finally``: SIGTERM to the leader, then SIGTERM and later SIGKILL to every remaining PID of its
+process tree (circus puts workers in sessions of their own).
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .bodies import IMAGE_ROUTE, TEXT_ROUTE
 from .cpu import ProcessTree
 from .prometheus import Samples, parse_samples
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CLASSIFY_PATH = "/v1/classify/image"
+ROUTES = {"image": IMAGE_ROUTE, "text": TEXT_ROUTE}
+MODEL_SETTINGS = {"image": "CLF_IMAGE_MODEL", "text": "CLF_TEXT_MODEL"}
+BENCH_PREFIX = "CLF_BENCH_"  # e.g. CLF_BENCH_WRK_CPU (wrk.py): the bench's, not the service's
 
 
 class ServerError(RuntimeError):
@@ -40,13 +45,23 @@ class ServerSpec:
     providers: str
     port: int
     log_path: Path
+    task: str = "image"  # which model setting gets model_tag; the other model is off
+    prediction_log: str = ""  # CLF_PREDICTION_LOG: "" = off (serving alone)
+
+    @property
+    def route(self) -> str:
+        return ROUTES[self.task]
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1",
-                   CLF_IMAGE_MODEL=self.model_tag, CLF_RUNTIME=self.runtime,
-                   CLF_WORKERS=str(self.workers), CLF_PROVIDERS=self.providers)
+                   CLF_IMAGE_MODEL="", CLF_TEXT_MODEL="", CLF_RUNTIME=self.runtime,
+                   CLF_WORKERS=str(self.workers), CLF_PROVIDERS=self.providers,
+                   CLF_PREDICTION_LOG=self.prediction_log)
+        env[MODEL_SETTINGS[self.task]] = self.model_tag
         env.pop("CLF_PORT", None)  # the port comes from the command line
         env.pop("CLF_HOST", None)
+        for key in [k for k in env if k.startswith(BENCH_PREFIX)]:
+            del env[key]  # the bench's own knobs; the service refuses CLF_ names it does not know
         return env
 
 
@@ -61,7 +76,7 @@ class Server:
 
     @property
     def classify_url(self) -> str:
-        return self.base + CLASSIFY_PATH
+        return self.base + self.spec.route
 
     def start(self, timeout_s: float) -> None:
         if _port_in_use(self.spec.port):
@@ -77,8 +92,9 @@ class Server:
                                          stderr=subprocess.STDOUT, start_new_session=True)
         self.tree = ProcessTree(self.proc.pid)
         self.log(f"  [server] pid {self.proc.pid}: CLF_RUNTIME={self.spec.runtime} "
-                 f"CLF_IMAGE_MODEL={self.spec.model_tag} CLF_WORKERS={self.spec.workers} "
-                 f"port {self.spec.port}")
+                 f"{MODEL_SETTINGS[self.spec.task]}={self.spec.model_tag} "
+                 f"CLF_WORKERS={self.spec.workers} "
+                 f"CLF_PREDICTION_LOG={self.spec.prediction_log or '(off)'} port {self.spec.port}")
         while True:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with rc={self.proc.returncode} during start-up:\n"

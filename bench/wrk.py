@@ -12,7 +12,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LUA_SCRIPT = Path(__file__).with_name("post.lua")
+from .bodies import POST_LUA, Body
+
+LUA_SCRIPT = POST_LUA
 WRK_CPU = os.environ.get("CLF_BENCH_WRK_CPU", "1")
 
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
@@ -72,9 +74,9 @@ def parse_wrk(out: str) -> WrkResult:
 
 
 def wrk_command(url: str, conc: int, seconds: float, headers: list[str], latency: bool,
-                timeout_s: int = 10) -> list[str]:
+                timeout_s: int = 10, script: Path = LUA_SCRIPT) -> list[str]:
     cmd = ["taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{conc}", f"-d{seconds:g}s",
-           f"--timeout={timeout_s}s", "-s", str(LUA_SCRIPT)]
+           f"--timeout={timeout_s}s", "-s", str(script)]
     if latency:
         cmd.append("--latency")
     for header in headers:
@@ -82,11 +84,11 @@ def wrk_command(url: str, conc: int, seconds: float, headers: list[str], latency
     return cmd + [url]
 
 
-def run_wrk(url: str, body_path: Path, headers: list[str], conc: int, seconds: float,
+def run_wrk(url: str, body: Body, conc: int, seconds: float,
             latency: bool) -> tuple[WrkResult, str]:
     """Run wrk once (bounded in time); returns the parsed result and wrk's raw output."""
-    cmd = wrk_command(url, conc, seconds, headers, latency)
-    env = dict(os.environ, CLF_BENCH_BODY=str(body_path))
+    cmd = wrk_command(url, conc, seconds, body.headers, latency, script=body.script)
+    env = dict(os.environ, CLF_BENCH_BODY=str(body.path))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60)
     except FileNotFoundError as exc:

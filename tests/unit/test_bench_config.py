@@ -43,3 +43,35 @@ def test_a_bad_service_setting_stops_the_bench_with_its_message(monkeypatch) -> 
 def test_bad_concurrency_lists_are_refused(bad: str) -> None:
     with pytest.raises(SystemExit):
         parse_config(["--conc", bad])
+
+
+def test_both_tasks_by_default_and_one_on_request() -> None:
+    assert parse_config([]).tasks == ("image", "text")
+    assert parse_config(["--task", "text"]).tasks == ("text",)
+    with pytest.raises(SystemExit):
+        parse_config(["--task", "audio"])
+
+
+def test_prediction_log_cells_at_the_loaded_concurrencies() -> None:
+    assert parse_config([]).log_concs == (16, 64)
+    assert parse_config(["--quick"]).log_concs == (16,)
+    assert parse_config(["--conc", "1,8"]).log_concs == (8,)
+    assert parse_config(["--skip-log"]).log_concs == ()
+
+
+def test_retry_budget_scales_with_the_tasks() -> None:
+    assert parse_config(["--task", "image"]).budget_s * 2 == parse_config([]).budget_s
+    assert parse_config(["--budget", "10"]).budget_s == 10
+
+
+def test_text_mix_options_are_checked() -> None:
+    cfg = parse_config(["--text-bodies", "64", "--short-share", "0.5"])
+    assert (cfg.text_bodies, cfg.text_short_share) == (64, 0.5)
+    for bad in (["--text-bodies", "1"], ["--short-share", "1.5"]):
+        with pytest.raises(SystemExit):
+            parse_config(bad)
+
+
+def test_the_benchs_own_variables_are_not_taken_for_service_settings(monkeypatch) -> None:
+    monkeypatch.setenv("CLF_BENCH_WRK_CPU", "0-1")
+    assert parse_config([]).workers >= 1  # the service would refuse an unknown CLF_ name

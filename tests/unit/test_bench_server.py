@@ -1,0 +1,40 @@
+"""The environment a served cell's server gets: one model, the log off unless asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.bodies import IMAGE_ROUTE, TEXT_ROUTE
+from bench.server import ServerSpec
+from service.settings import Settings
+
+
+def spec(**kw) -> ServerSpec:
+    return ServerSpec(model_tag="m:1", runtime="onnx", workers=2, providers="cpu", port=3390,
+                      log_path=Path("/tmp/x.log"), **kw)
+
+
+def test_image_cells_serve_the_image_model_alone_with_the_log_off(monkeypatch) -> None:
+    monkeypatch.setenv("CLF_TEXT_MODEL", "someone-elses:latest")
+    monkeypatch.setenv("CLF_PREDICTION_LOG", "artifacts/predictions.db")
+    env = spec().env()
+    assert (env["CLF_IMAGE_MODEL"], env["CLF_TEXT_MODEL"]) == ("m:1", "")
+    assert env["CLF_PREDICTION_LOG"] == ""
+    assert spec().route == IMAGE_ROUTE
+
+
+def test_text_cells_serve_the_text_model_and_may_log_to_a_given_path() -> None:
+    s = spec(task="text", prediction_log="/tmp/d/predictions.db")
+    env = s.env()
+    assert (env["CLF_IMAGE_MODEL"], env["CLF_TEXT_MODEL"]) == ("", "m:1")
+    assert env["CLF_PREDICTION_LOG"] == "/tmp/d/predictions.db"
+    assert s.route == TEXT_ROUTE
+
+
+def test_the_server_env_is_one_the_service_accepts(monkeypatch) -> None:
+    monkeypatch.setenv("CLF_BENCH_WRK_CPU", "0-1")
+    monkeypatch.setenv("CLF_PORT", "9999")
+    env = spec(task="text").env()
+    assert not [k for k in env if k.startswith("CLF_BENCH_")] and "CLF_PORT" not in env
+    settings = Settings.from_env(env)
+    assert (settings.text_model, settings.image_model, settings.prediction_log) == ("m:1", "", "")
