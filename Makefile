@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install demo test test-deps train train-text serve bench lock clean
+.PHONY: install demo test test-deps train train-text serve bench models retrain bento lock clean
 
 $(VENV)/.installed-$(ORT_EXTRA): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON_BIN) -m venv $(VENV)
@@ -46,6 +46,19 @@ test-deps:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1; } \
 	  || echo "prometheus not installed: tests/integration/test_prometheus.py will skip"
+
+# The model lifecycle: versions with their metrics and the production marker; a retraining that
+# promotes its challenger only if it wins (training/retrain.py; RETRAIN_ARGS=--only-if-drifted ...).
+MODEL ?= digits-cnn
+models: install
+	$(PY) -m service.registry list $(MODEL)
+
+retrain: install
+	$(PY) -m training.retrain --model $(MODEL) $(RETRAIN_ARGS)
+
+# A Bento (serving code + dependencies, no torch) with the production version of $(MODEL).
+bento: install
+	$(PY) scripts/build_bento.py --model $(MODEL)
 
 bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
