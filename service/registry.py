@@ -134,14 +134,20 @@ def resolve(tag: str, store: "ModelStore | None" = None) -> str:
 
 
 def promote(name: str, version: str, reason: str = "promote",
-            store: "ModelStore | None" = None) -> Pointer:
+            store: "ModelStore | None" = None, expect: str | None = None) -> Pointer:
     """Make ``name:version`` production, once it is checked to hold ``REQUIRED_FILES``; the old
     production version goes to the front of the history. Promoting the production version
-    changes nothing and returns the pointer as it is."""
+    changes nothing and returns the pointer as it is. ``expect``: promote only if production is
+    still that version (compare-and-swap under the lock; a RegistryError otherwise), so a
+    challenger judged against one champion never replaces another."""
     store, name = model_store(store), _name(name)
     version = _servable(store, name, version)
     with _locked(store, name):
         old = read_pointer(name, store)
+        if expect is not None and (old.version if old is not None else None) != expect:
+            raise RegistryError(
+                f"{name}: production is {old.version if old else 'not set'}, not {expect}; "
+                f"{name}:{version} was not promoted")
         if old is not None and old.version == version:
             log.info("%s:%s is already production; nothing changed", name, version)
             return old

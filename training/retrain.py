@@ -342,17 +342,18 @@ def _export_store(cfg: RetrainConfig, champion: Champion, store: "ModelStore",
 
 def _promote(champion: Champion, version: str, table: dict[str, Any],
              store: "ModelStore") -> tuple[bool, str]:
-    from service.registry import production, promote
+    from service.registry import RegistryError, production, promote
 
-    current = production(champion.name, store)
-    if current != champion.version:
+    overall = table["overall"]
+    try:  # compare-and-swap: only over the champion it was judged against
+        promote(champion.name, version, store=store, expect=champion.version,
+                reason=f"retrain: accuracy {overall['challenger']:.4f} vs "
+                       f"{overall['champion']:.4f} on {overall['count']} held-out inputs")
+    except RegistryError:
+        current = production(champion.name, store)
         return False, (f"kept out: production changed to {champion.name}:{current} during the "
                        f"retraining; {champion.name}:{version} was judged against "
                        f"{champion.version} only and stays in the store, not production")
-    overall = table["overall"]
-    promote(champion.name, version, store=store,
-            reason=f"retrain: accuracy {overall['challenger']:.4f} vs {overall['champion']:.4f} "
-                   f"on {overall['count']} held-out inputs")
     return True, f"promoted: {champion.name}:{version} is production (was {champion.version})"
 
 

@@ -323,3 +323,13 @@ def test_concurrent_writers_leave_a_valid_pointer(store, versions, tmp_path) -> 
     assert 1 <= len(log) <= 40 and log[-1]["to"] == pointer.version
     assert all(a["to"] == b["from"] for a, b in zip(log, log[1:]))
     assert not list(registry.pointer_path(NAME, store).parent.glob(".production.*.tmp"))
+
+
+def test_promote_with_expect_is_a_compare_and_swap(store, versions) -> None:
+    a, b, c = versions[:3]
+    registry.promote(NAME, a, store=store)
+    registry.promote(NAME, b, store=store, expect=a)
+    assert registry.production(NAME, store) == b
+    with pytest.raises(RegistryError, match=f"production is {b}, not {a}"):
+        registry.promote(NAME, c, store=store, expect=a)
+    assert registry.production(NAME, store) == b
