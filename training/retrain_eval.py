@@ -123,10 +123,12 @@ def decide(table: Mapping[str, Any], rules: Rules) -> Decision:
     """Promote iff both rules pass; one reason per rule, with the figures that decided it."""
     overall = table["overall"]
     needed = overall["champion"] + rules.margin
-    wins = overall["challenger"] >= needed - _EPS
+    # A win is strictly better AND by at least the margin: a tie never replaces the champion.
+    wins = overall["challenger"] >= needed - _EPS and overall["delta"] > _EPS
     reasons = [f"{'pass' if wins else 'fail'}: overall accuracy {overall['challenger']:.4f} vs "
                f"champion {overall['champion']:.4f} ({overall['delta']:+.4f}) on "
-               f"{overall['count']} held-out inputs; the margin asks for >= {needed:.4f}"]
+               f"{overall['count']} held-out inputs; a win needs > {overall['champion']:.4f} "
+               f"and >= {needed:.4f}"]
     judged = {name: cell for name, cell in table["slices"].items()
               if cell["count"] >= rules.min_slice_count}
     dropped = {name: cell for name, cell in judged.items()

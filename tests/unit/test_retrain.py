@@ -28,8 +28,9 @@ def test_a_better_challenger_is_promoted() -> None:
     assert "no slice with >= 30 held-out inputs drops more than 0.0500" in decision.reasons[1]
 
 
-def test_a_tie_is_promoted_at_margin_zero_but_not_above() -> None:
-    assert decide(table(0.80, 0.80), Rules(margin=0.0)).promote
+def test_a_tie_is_never_promoted() -> None:
+    assert not decide(table(0.80, 0.80), Rules(margin=0.0)).promote
+    assert decide(table(0.80, 0.81), Rules(margin=0.0)).promote
     decision = decide(table(0.80, 0.80), Rules(margin=0.01))
     assert not decision.promote
     assert decision.reasons[0].startswith("fail: overall accuracy 0.8000 vs champion 0.8000")
