@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -18,31 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from .timeparse import parse_time
+
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
-_RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class CommandError(RuntimeError):
     """A failure the user can act on; printed without a traceback, exit code 2."""
-
-
-def parse_time(text: str, now: float | None = None) -> float:
-    """ISO 8601 (naive = UTC), ``now``, or a duration before now (``90m``, ``24h``, ``7d``;
-    ``--since=-24h`` works too: argparse takes ``--since -24h`` for an option)."""
-    now = time.time() if now is None else now
-    if text == "now":
-        return now
-    match = _RELATIVE.match(text)
-    if match:
-        return now - float(match.group(1)) * _UNITS[match.group(2)]
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not ISO 8601, 'now' or like 24h") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
 
 
 def _iso(ts: float) -> str:

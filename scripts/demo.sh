@@ -8,18 +8,18 @@ mkdir -p "$OUT"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1/8 train and export the default image model (digits-cnn, scikit-learn's load_digits)"
+step "1/9 train and export the default image model (digits-cnn, scikit-learn's load_digits)"
 $PY -m training
 # The first version of a name becomes production by itself; a later one is promoted by hand
 # (or by the retraining script). The demo serves what it just trained:
 $PY -m service.registry promote digits-cnn:latest --reason "make demo"
 
-step "2/8 train and export the fast text model (lang-transformer: language ID on generated sentences)"
+step "2/9 train and export the fast text model (lang-transformer: language ID on generated sentences)"
 $PY -m training.text --model transformer
 $PY -m service.registry promote lang-transformer:latest --reason "make demo"
 $PY -m service.registry list digits-cnn | head -6
 
-step "3/8 sample images from the held-out test split"
+step "3/9 sample images from the held-out test split"
 $PY scripts/demo_samples.py "$OUT/samples"
 LOG="$OUT/predictions.db"
 rm -f "$LOG" "$LOG"-wal "$LOG"-shm "$OUT/drift_latest.json"
@@ -27,7 +27,7 @@ TOKEN=demo-feedback-token
 
 PORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 URL="http://127.0.0.1:$PORT"
-step "4/8 serve both models on $URL (log: $OUT/server.log, predictions: $LOG)"
+step "4/9 serve both models on $URL (log: $OUT/server.log, predictions: $LOG)"
 CLF_IMAGE_MODEL=digits-cnn CLF_TEXT_MODEL=lang-transformer CLF_PREDICTION_LOG="$LOG" \
 CLF_FEEDBACK_TOKEN=$TOKEN CLF_SLICE_KEYS="device=ios|android|web" setsid .venv/bin/bentoml serve service.service:Classifier --host 127.0.0.1 --port "$PORT" \
   >"$OUT/server.log" 2>&1 &
@@ -45,7 +45,7 @@ for i in $(seq 1 240); do
 done
 echo "ready: $(curl -s "$URL/v1/models" | head -c 200)..."
 
-step "5/8 query"
+step "5/9 query"
 S="$OUT/samples"
 run() { echo "\$ $*" | sed "s#$URL#\$URL#g"; "$@"; echo; }
 first=$(ls "$S"/digit-*.png | head -1)
@@ -68,23 +68,38 @@ run curl -s -H 'Content-Type: application/json' \
   "$URL/v1/classify/text?top_k=2"
 run curl -s -w ' -> HTTP %{http_code}' -H 'Content-Type: application/json' -d '{"texts": ["   "]}' "$URL/v1/classify/text"
 
-step "6/8 production traffic: 300 held-out digits from 'ios' devices, with their true labels as feedback"
+step "6/9 production traffic: 300 held-out digits from 'ios' devices, with their true labels as feedback"
 $PY scripts/demo_traffic.py "$URL" --count 300 --device ios --token $TOKEN --since-file "$OUT/normal.since"
 $PY -m monitoring slices --model digits-cnn --log "$LOG" --since 1h --min-count 20
 
-step "7/8 a shifted batch (brighter, rotated scans from 'android' devices) and the drift report"
+step "7/9 a shifted batch (brighter, rotated scans from 'android' devices) and the drift report"
 $PY -m monitoring drift --model digits-cnn --log "$LOG" --since "$(cat "$OUT/normal.since")" \
   --out "$OUT/drift-normal" | tail -2 || true
-$PY scripts/demo_traffic.py "$URL" --count 200 --shift bright --device android --since-file "$OUT/shift.since"
+$PY scripts/demo_traffic.py "$URL" --count 200 --shift bright --device android --token $TOKEN \
+  --since-file "$OUT/shift.since"
 set +e
 $PY -m monitoring drift --model digits-cnn --log "$LOG" --since "$(cat "$OUT/shift.since")" --out "$OUT/drift"
 code=$?
 set -e
 echo "drift exit code: $code (0 = no drift, 1 = drifted, 2 = no report); HTML report: $OUT/drift/drift.html"
+
+step "8/9 the data drifted: retrain on the labelled traffic, promote only if better, hot reload"
+before=$(curl -s "$URL/v1/models" | $PY -c 'import json,sys; print(json.load(sys.stdin)["models"][0]["version"])')
+set +e
+$PY -m training.retrain --model digits-cnn --log "$LOG" --only-if-drifted --audit "$OUT/retrain-audit.jsonl" \
+  2>&1 | grep -vE '^[0-9:]+ epoch ' | cut -c1-300
+set -e
+for _ in $(seq 1 20); do  # the workers check the production pointer every 2 s
+  after=$(curl -s "$URL/v1/models" | $PY -c 'import json,sys; print(json.load(sys.stdin)["models"][0]["version"])')
+  [ "$after" != "$before" ] && break; sleep 0.5
+done
+echo "served version before: digits-cnn:$before, now: digits-cnn:$after (no restart)"
+echo "# 100 more shifted digits, none of them among the 200 the challenger saw:"
+$PY scripts/demo_traffic.py "$URL" --count 100 --offset 200 --shift bright --device android
 sleep 16  # the workers copy the latest drift scores into their gauges every 15 s
 
-step "8/8 what /metrics counted"
-curl -s "$URL/metrics" | grep -E '^clf_(predictions_total|rejected_inputs_total|batch_size_items_(count|sum)|inference_seconds_(count|sum)|model_info|ood_flagged_total|feedback_labels_total|drift_detected|drift_share)' || true
+step "9/9 what /metrics counted"
+curl -s "$URL/metrics" | grep -E '^clf_(predictions_total|rejected_inputs_total|batch_size_items_(count|sum)|inference_seconds_(count|sum)|model_info|ood_flagged_total|feedback_labels_total|model_reloads_total|drift_detected|drift_share)' || true
 curl -s "$URL/metrics" | grep -E '^bentoml_service_request_total.*classify' | cut -c1-160 || true
 echo
 echo "demo done; stopping the server"

@@ -1,7 +1,7 @@
 """Send the demo's production traffic: held-out digits, as they are or shifted, with a slice tag,
 then (optionally) their true labels as feedback. Prints one summary line.
 
-    python scripts/demo_traffic.py URL [--count 300] [--shift none|bright] [--device ios]
+    python scripts/demo_traffic.py URL [--count 300] [--offset 0] [--shift none|bright] [--device ios]
                                    [--token TOKEN] [--since-file PATH]
 
 ``--shift bright`` brightens and slightly rotates every digit: the kind of change (a new camera,
@@ -35,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("url")
     p.add_argument("--count", type=int, default=300)
+    p.add_argument("--offset", type=int, default=0, help="skip this many digits of the pool")
     p.add_argument("--shift", choices=("none", "bright"), default="none")
     p.add_argument("--device", default="ios")
     p.add_argument("--token", default="")
@@ -46,7 +47,7 @@ def main() -> None:
     split = stratified_split(data, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     # Unseen digits: the held-out test split first, then whatever training never drew from.
     pool = list(zip(split.test.blobs, split.test.labels)) + list(zip(data.blobs, data.labels))
-    pool = pool[: args.count]
+    pool = pool[args.offset: args.offset + args.count]
     if args.since_file:
         args.since_file.write_text(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     answers, flagged, correct, feedback = 0, 0, 0, []

@@ -122,7 +122,7 @@ class RetrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from monitoring.__main__ import parse_time
+    from monitoring.timeparse import parse_time
 
     p = argparse.ArgumentParser(prog="python -m training.retrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
