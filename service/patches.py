@@ -1,4 +1,14 @@
-"""A targeted fix to BentoML 1.4's request-timeout middleware, applied when the service loads.
+"""Two targeted fixes to BentoML 1.4, applied when the service loads.
+
+1. Each server gets its own Prometheus multiprocess directory (``isolate_metrics_dir``).
+BentoML keeps every server's multiprocess files in ``$BENTOML_HOME/prometheus_multiproc_dir``
+and empties that directory when a server starts. A second server on the same BENTOML_HOME (a
+second replica on the host, a benchmark, the demo) therefore deletes the first one's metric
+files (its counters restart from zero) and writes its own into the directory the first one's
+``/metrics`` sums: each server reports the other's traffic. Found when the demo's ``/metrics``
+showed a benchmark server's model.
+
+2. The request-timeout middleware.
 
 ``TimeoutMiddleware`` (bentoml/_internal/server/http/traffic.py) arms ``loop.call_later(timeout,
 ...)`` for every request and never cancels it. With the default 60 s timeout, each request keeps
@@ -12,10 +22,35 @@ response has started. If BentoML changes the class, the patch is skipped and log
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import os
+import shutil
+import tempfile
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+def isolate_metrics_dir() -> None:
+    """Point this server's Prometheus multiprocess files at a fresh directory of its own.
+
+    Runs in the process that starts the server (``bentoml serve`` imports the service before
+    it prepares the directory); the workers inherit ``PROMETHEUS_MULTIPROC_DIR`` from it and
+    skip this. The directory is removed when that process exits.
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return  # a worker (or a caller that chose one): the directory is already decided
+    try:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        provider = BentoMLContainer.prometheus_multiproc_dir
+    except (ImportError, AttributeError):
+        logger.warning("BentoML changed: metrics directory not isolated (see service/patches.py)")
+        return
+    path = tempfile.mkdtemp(prefix="clfserve-metrics-")
+    provider.set(path)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
 async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None:

@@ -31,6 +31,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 SETTINGS = Settings.from_env()
 patches.apply()  # BentoML's per-request timer leak (see patches.py); before any app is built
+patches.isolate_metrics_dir()  # this server's /metrics counts this server only
 api = ClassifyAPI()
 logger = logging.getLogger("service")
 

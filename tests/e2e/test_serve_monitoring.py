@@ -202,3 +202,29 @@ def test_prometheus_scrapes_the_service_with_a_drift_gauge(served, tmp_path, ben
         assert _query_until_found(base, f'clf_ood_flagged_total{{model="{NAME}"}}', prometheus)
     finally:
         _stop(prometheus)
+
+
+def test_a_second_server_on_the_same_store_keeps_its_metrics_apart(served, digits_model, digit_pngs):
+    """BentoML 1.4 shares (and empties at start) one metrics directory per BENTOML_HOME; each
+    server here has its own (service/patches.py), so neither wipes nor reports the other's."""
+    first = served["server"]
+    before = _metric(httpx.get(f"{first.url}/metrics").text, "clf_predictions_total", model=NAME,
+                     predicted_class="0")
+    httpx.post(f"{first.url}/v1/classify/image", content=digit_pngs[0][0],
+               headers={"Content-Type": "image/png"})
+    second = start_server({"CLF_IMAGE_MODEL": digits_model.tag, "CLF_WORKERS": "1",
+                           "CLF_PREDICTION_LOG": ""}, served["work"] / "second.log")
+    try:
+        for data, _ in digit_pngs[:5]:
+            assert httpx.post(f"{second.url}/v1/classify/image", content=data,
+                              headers={"Content-Type": "image/png"}).status_code == 200
+        first_metrics = httpx.get(f"{first.url}/metrics").text
+        second_metrics = httpx.get(f"{second.url}/metrics").text
+    finally:
+        stop_server(second)
+    name = digits_model.tag.split(":")[0]
+    assert f'model="{name}"' not in first_metrics
+    assert f'model="{NAME}"' not in second_metrics
+    total = sum(_metric(first_metrics, "clf_predictions_total", model=NAME, predicted_class=str(c))
+                for c in range(10))
+    assert total >= before + 1  # nothing of the first server's was wiped
