@@ -5,16 +5,23 @@ one off) and the prediction log set explicitly ("" = off, so no cell ever writes
 repository's artifacts/). It is started in its own session on 127.0.0.1 and stopped in a
 ``finally``: SIGTERM to the leader, then SIGTERM and later SIGKILL to every remaining PID of its
 process tree (circus puts workers in sessions of their own).
+
+Each server gets a BENTOML_HOME of its own (a temporary folder whose ``models`` links to the
+bench's model store): ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when
+it starts, so two servers sharing a home (another developer's, a test's) delete each other's
+metric files, and /metrics silently answers for the wrong server.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -52,7 +59,7 @@ class ServerSpec:
     def route(self) -> str:
         return ROUTES[self.task]
 
-    def env(self) -> dict[str, str]:
+    def env(self, bentoml_home: Path | None = None) -> dict[str, str]:
         env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1",
                    CLF_IMAGE_MODEL="", CLF_TEXT_MODEL="", CLF_RUNTIME=self.runtime,
                    CLF_WORKERS=str(self.workers), CLF_PROVIDERS=self.providers,
@@ -62,7 +69,16 @@ class ServerSpec:
         env.pop("CLF_HOST", None)
         for key in [k for k in env if k.startswith(BENCH_PREFIX)]:
             del env[key]  # the bench's own knobs; the service refuses CLF_ names it does not know
+        if bentoml_home is not None:
+            env["BENTOML_HOME"] = str(bentoml_home)
         return env
+
+
+def private_home(model_store: Path) -> Path:
+    """A fresh BENTOML_HOME whose ``models`` is a link to ``model_store`` (see the module doc)."""
+    home = Path(tempfile.mkdtemp(prefix="clfbench-bentoml-"))
+    (home / "models").symlink_to(model_store.resolve(), target_is_directory=True)
+    return home
 
 
 class Server:
@@ -73,6 +89,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.tree: ProcessTree | None = None
         self.startup_s: float | None = None
+        self.home: Path | None = None
 
     @property
     def classify_url(self) -> str:
@@ -82,14 +99,18 @@ class Server:
         if _port_in_use(self.spec.port):
             raise ServerError(f"port {self.spec.port} on 127.0.0.1 is in use by another process; "
                               "pick another with --port")
+        from .store import store_path  # lazily: store imports this module
+
         bentoml = Path(sys.executable).with_name("bentoml")
         cmd = [str(bentoml), "serve", "service.service:Classifier", "--host", "127.0.0.1",
                "--port", str(self.spec.port)]
         self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.home = private_home(Path(store_path()))
         t0 = time.monotonic()
         with open(self.spec.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.spec.env(), stdout=logf,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.spec.env(self.home),
+                                         stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self.tree = ProcessTree(self.proc.pid)
         self.log(f"  [server] pid {self.proc.pid}: CLF_RUNTIME={self.spec.runtime} "
                  f"{MODEL_SETTINGS[self.spec.task]}={self.spec.model_tag} "
@@ -109,6 +130,8 @@ class Server:
     def stop(self, grace_s: float = 20.0) -> list[int]:
         """Stop the whole tree by PID; returns PIDs still alive afterwards (none, normally)."""
         if self.proc is None or self.tree is None:
+            if self.home is not None:
+                shutil.rmtree(self.home, ignore_errors=True)
             return []
         self.tree.refresh()
         if self.proc.poll() is None:
@@ -136,6 +159,8 @@ class Server:
         left = sorted(self.tree.refresh() - {self.proc.pid})
         if left:
             self.log(f"  [server] WARNING: still alive after SIGKILL: {left}")
+        elif self.home is not None:
+            shutil.rmtree(self.home, ignore_errors=True)  # the link only, never the store
         return left
 
     def metrics(self) -> Samples:

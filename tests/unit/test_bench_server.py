@@ -38,3 +38,20 @@ def test_the_server_env_is_one_the_service_accepts(monkeypatch) -> None:
     assert not [k for k in env if k.startswith("CLF_BENCH_")] and "CLF_PORT" not in env
     settings = Settings.from_env(env)
     assert (settings.text_model, settings.image_model, settings.prediction_log) == ("m:1", "", "")
+
+
+def test_each_server_gets_a_private_home_linked_to_the_store(tmp_path) -> None:
+    import shutil
+
+    from bench.server import private_home
+
+    store = tmp_path / "store"
+    (store / "m" / "1").mkdir(parents=True)
+    (store / "m" / "1" / "model.onnx").write_bytes(b"x")
+    home = private_home(store)
+    try:
+        assert (home / "models" / "m" / "1" / "model.onnx").read_bytes() == b"x"
+        assert spec().env(home)["BENTOML_HOME"] == str(home)
+    finally:
+        shutil.rmtree(home)
+    assert not home.exists() and (store / "m" / "1" / "model.onnx").exists()  # link, not store
