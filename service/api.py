@@ -102,22 +102,18 @@ class ClassifyAPI:
         headers = _headers(scope)
         request_id = _request_id(headers)
         method = scope["method"]
-        if path.endswith("/classify/image"):
+        post_routes = {"/classify/image": "image", "/classify/text": "text", "/feedback": "feedback"}
+        route = next((r for r in post_routes if path.endswith(r)), None)
+        if route is not None:
             if method != "POST":
-                return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
-            return await self._classify(scope, receive, send, headers, request_id, "image")
-        if path.endswith("/classify/text"):
-            if method != "POST":
-                return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
-            return await self._classify(scope, receive, send, headers, request_id, "text")
-        if path.endswith("/feedback"):
-            if method != "POST":
-                return await _send_json(send, 405, _error("method_not_allowed", "use POST", request_id), request_id)
-            return await self._feedback(receive, send, headers, request_id)
+                return await _fail(send, 405, "method_not_allowed", "use POST", request_id)
+            if route == "/feedback":
+                return await self._feedback(receive, send, headers, request_id)
+            return await self._classify(scope, receive, send, headers, request_id, post_routes[route])
         if path.endswith("/models") and method == "GET":
             models = [slot.current.describe() for slot in self.slots.values()]
             return await _send_json(send, 200, {"models": models}, request_id)
-        await _send_json(send, 404, _error("not_found", f"no route {method} {scope['path']}", request_id), request_id)
+        await _fail(send, 404, "not_found", f"no route {method} {scope['path']}", request_id)
 
     async def _classify(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str],
                         request_id: str, kind: str) -> None:
@@ -138,18 +134,15 @@ class ClassifyAPI:
             predictions = await model.classify(inputs, top_k, ctx)
         except InputError as exc:
             model.reject(exc.reason)
-            return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
+            return await _fail(send, exc.status, exc.reason, exc.message, request_id)
         except LogUnavailable as exc:  # never answer what was not recorded
-            body = _error("log_unavailable", f"{exc}; retry later", request_id)
-            return await _send_json(send, 503, body, request_id)
+            return await _fail(send, 503, "log_unavailable", f"{exc}; retry later", request_id)
         except BatchError:
             logger.exception("inference failed [request_id=%s]", request_id)
-            body = _error("internal", f"inference failed; the server log has request id {request_id}", request_id)
-            return await _send_json(send, 500, body, request_id)
+            return await _fail(send, 500, "internal", f"inference failed; the server log has request id {request_id}", request_id)
         except Exception:
             logger.exception("unexpected failure [request_id=%s]", request_id)
-            body = _error("internal", f"internal error; the server log has request id {request_id}", request_id)
-            return await _send_json(send, 500, body, request_id)
+            return await _fail(send, 500, "internal", f"internal error; the server log has request id {request_id}", request_id)
         answer = {
             "request_id": request_id,
             "model": model.name,
@@ -164,17 +157,15 @@ class ClassifyAPI:
         request id, 422 for labels that do not fit; a repeat changes nothing."""
         if not self.feedback_token or self.log is None:
             missing = "CLF_FEEDBACK_TOKEN" if not self.feedback_token else "CLF_PREDICTION_LOG"
-            body = _error("feedback_disabled", f"feedback is disabled on this server: set {missing}",
-                          request_id)
-            return await _send_json(send, 403, body, request_id)
+            return await _fail(send, 403, "feedback_disabled",
+                               f"feedback is disabled on this server: set {missing}", request_id)
         given = headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
                                                                  self.feedback_token.encode()):
-            body = _error("unauthorized", "send the feedback token as 'Authorization: Bearer <token>'",
-                          request_id)
-            return await _send_json(send, 401, body, request_id,
-                                    [(b"www-authenticate", b'Bearer realm="feedback"')])
+            return await _fail(send, 401, "unauthorized",
+                               "send the feedback token as 'Authorization: Bearer <token>'",
+                               request_id, [(b"www-authenticate", b'Bearer realm="feedback"')])
         try:
             raw = await _read_body(receive, headers, MAX_FEEDBACK_BYTES)
             feedback = _feedback_items(raw)
@@ -182,18 +173,15 @@ class ClassifyAPI:
             results = await asyncio.get_running_loop().run_in_executor(
                 None, self.log.add_feedback_many, feedback, labels)
         except InputError as exc:
-            return await _send_json(send, exc.status, _error(exc.reason, exc.message, request_id), request_id)
+            return await _fail(send, exc.status, exc.reason, exc.message, request_id)
         except UnknownRequestError as exc:
-            body = _error("unknown_request_id", f"no logged prediction has request id(s) "
-                          f"{exc.request_ids}; nothing was stored", request_id)
-            return await _send_json(send, 404, body, request_id)
+            return await _fail(send, 404, "unknown_request_id", "no logged prediction has request "
+                               f"id(s) {exc.request_ids}; nothing was stored", request_id)
         except FeedbackError as exc:
-            body = _error("bad_labels", f"{exc}; nothing was stored", request_id)
-            return await _send_json(send, 422, body, request_id)
+            return await _fail(send, 422, "bad_labels", f"{exc}; nothing was stored", request_id)
         except Exception:
             logger.exception("feedback failed [request_id=%s]", request_id)
-            body = _error("internal", f"internal error; the server log has request id {request_id}", request_id)
-            return await _send_json(send, 500, body, request_id)
+            return await _fail(send, 500, "internal", f"internal error; the server log has request id {request_id}", request_id)
         counter = get_metrics().feedback
         for result in results:
             for name in ("created", "updated", "unchanged"):
@@ -210,9 +198,9 @@ class ClassifyAPI:
             setting = "CLF_IMAGE_MODEL" if kind == "image" else "CLF_TEXT_MODEL"
             message = (f"this service has no {kind} model; start it with {setting} set to a "
                        "model store tag to enable this route")
-            return await _send_json(send, 404, _error("not_found", message, request_id), request_id)
-        body = _error("not_ready", "the model is still loading; retry when /readyz answers 200", request_id)
-        await _send_json(send, 503, body, request_id)
+            return await _fail(send, 404, "not_found", message, request_id)
+        await _fail(send, 503, "not_ready", "the model is still loading; retry when /readyz answers 200",
+                    request_id)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -396,6 +384,11 @@ def _json_type(value: object) -> str:
 
 def _error(reason: str, message: str, request_id: str) -> dict:
     return {"error": {"reason": reason, "message": message}, "request_id": request_id}
+
+
+async def _fail(send: Send, status: int, reason: str, message: str, request_id: str,
+                extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    await _send_json(send, status, _error(reason, message, request_id), request_id, extra_headers)
 
 
 async def _send_json(send: Send, status: int, payload: dict, request_id: str,

@@ -27,6 +27,17 @@ import numpy as np
 from .runtime import Batch, Model, Outputs
 
 
+async def cancel_task(task: asyncio.Task | None) -> None:
+    """Cancel a background loop and wait until it has stopped (None: nothing to do)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
 class BatchError(RuntimeError):
     """The model failed or returned a batch of the wrong length; every item in it fails."""
 
@@ -81,13 +92,8 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         self._executor.shutdown(wait=True)
 
     async def submit(self, tensors: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:

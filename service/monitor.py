@@ -30,6 +30,7 @@ from monitoring.store import PredictionLog, PredictionRecord
 from preprocessing import InputError
 
 from .artifact import Artifact
+from .batching import cancel_task
 from .metrics import get_metrics
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,10 @@ class PredictionLogger:
 
     async def stop(self) -> None:
         if self._task is not None:
-            while self._records:  # let queued commits finish: they belong to answered requests
-                await asyncio.sleep(0.01)
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            deadline = time.monotonic() + 10.0
+            while self._records and time.monotonic() < deadline and not self._task.done():
+                await asyncio.sleep(0.01)  # queued commits belong to requests awaiting answers
+            await cancel_task(self._task)
             self._task = None
         self._executor.shutdown(wait=True)
         self.log.close()
@@ -184,9 +182,4 @@ class DriftRefresher:
             await loop.run_in_executor(None, self.refresh)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_task(self._task)

@@ -19,6 +19,7 @@ import logging
 from typing import Callable
 
 from .api import Slot
+from .batching import cancel_task
 from .classifier import BaseClassifier
 from .metrics import get_metrics
 
@@ -50,12 +51,7 @@ class Reloader:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"reload-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_task(self._task)
 
     def _stat(self) -> tuple[int, int] | None:
         from . import registry
