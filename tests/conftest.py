@@ -34,6 +34,14 @@ class TrainedModel:
     bentoml_home: str
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """monkeypatch for module-scoped fixtures (e.g. settings read when a module is imported)."""
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def bentoml_home() -> str:
     return _HOME

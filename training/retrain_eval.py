@@ -123,12 +123,16 @@ def decide(table: Mapping[str, Any], rules: Rules) -> Decision:
     """Promote iff both rules pass; one reason per rule, with the figures that decided it."""
     overall = table["overall"]
     needed = overall["champion"] + rules.margin
-    # A win is strictly better AND by at least the margin: a tie never replaces the champion.
-    wins = overall["challenger"] >= needed - _EPS and overall["delta"] > _EPS
+    # With a margin >= 0 a win is strictly better, by at least the margin: a tie never replaces
+    # the champion. A negative margin says how much worse the challenger may be (e.g. to
+    # promote a smaller, faster model); then the bound alone decides.
+    strict = rules.margin >= 0
+    wins = overall["challenger"] >= needed - _EPS and (overall["delta"] > _EPS or not strict)
+    needs = (f"> {overall['champion']:.4f} and >= {needed:.4f}" if strict
+             else f">= {needed:.4f}")
     reasons = [f"{'pass' if wins else 'fail'}: overall accuracy {overall['challenger']:.4f} vs "
                f"champion {overall['champion']:.4f} ({overall['delta']:+.4f}) on "
-               f"{overall['count']} held-out inputs; a win needs > {overall['champion']:.4f} "
-               f"and >= {needed:.4f}"]
+               f"{overall['count']} held-out inputs; a win needs {needs}"]
     judged = {name: cell for name, cell in table["slices"].items()
               if cell["count"] >= rules.min_slice_count}
     dropped = {name: cell for name, cell in judged.items()

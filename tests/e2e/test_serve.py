@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import start_server, stop_server
+from .conftest import start_server
 
 pytestmark = pytest.mark.slow
 

@@ -63,6 +63,17 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=5)
 
 
+def start_prometheus(folder: Path, job: str, target_port: int, port: int) -> subprocess.Popen:
+    """Debian's prometheus on 127.0.0.1:``port`` scraping 127.0.0.1:``target_port`` every second."""
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: {job}\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{target_port}']\n")
+    return _start([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'tsdb'}",
+                   f"--web.listen-address=127.0.0.1:{port}"], folder / "prometheus.log")
+
+
 def _wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,15 +120,7 @@ def test_prometheus_scrapes_the_drift_gauges(tmp_path) -> None:
             lint = subprocess.run([PROMTOOL, "check", "metrics"], input=text, text=True,
                                   capture_output=True, timeout=30)
             assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: clf-monitoring\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{exporter_port}']\n")
-        prometheus = _start([PROMETHEUS, f"--config.file={config}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            tmp_path / "prometheus.log")
+        prometheus = start_prometheus(tmp_path, "clf-monitoring", exporter_port, prom_port)
         base = f"http://127.0.0.1:{prom_port}"
         _wait_for(f"{base}/-/ready", prometheus, tmp_path / "prometheus.log")
         result = _query_until_found(base, 'clf_drift_score{feature="brightness"}', prometheus)

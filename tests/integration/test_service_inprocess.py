@@ -28,13 +28,6 @@ def service_module(digits_model, monkeypatch_module):
     return importlib.reload(module)  # settings are read at import
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
 async def _with_service(module, body):
     instance = module.Classifier()
     await instance.start_batcher()

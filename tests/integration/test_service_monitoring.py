@@ -28,13 +28,6 @@ NAME = "mon-digits"
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def setup(digits_model, text_model, tmp_path_factory, monkeypatch_module):
     """A model name of its own (so promotions here touch nothing else) and a fresh log."""
     tmp = tmp_path_factory.mktemp("monitoring")

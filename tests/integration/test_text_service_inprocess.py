@@ -29,13 +29,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def service_module(digits_model, text_model, monkeypatch_module):
     monkeypatch_module.setenv("CLF_IMAGE_MODEL", digits_model.tag)
     monkeypatch_module.setenv("CLF_TEXT_MODEL", text_model.tag)

@@ -31,6 +31,7 @@ def test_a_better_challenger_is_promoted() -> None:
 def test_a_tie_is_never_promoted() -> None:
     assert not decide(table(0.80, 0.80), Rules(margin=0.0)).promote
     assert decide(table(0.80, 0.81), Rules(margin=0.0)).promote
+    assert decide(table(0.80, 0.79), Rules(margin=-0.02)).promote  # worse, but allowed
     decision = decide(table(0.80, 0.80), Rules(margin=0.01))
     assert not decision.promote
     assert decision.reasons[0].startswith("fail: overall accuracy 0.8000 vs champion 0.8000")
