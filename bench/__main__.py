@@ -49,12 +49,15 @@ def run_bench(run: Run, results: dict) -> None:
 def _summary(results: dict) -> str:
     """The README's tables: images, texts, the prediction log's cost, and the method line."""
     parts = []
+    text = results.get("text") or {}
     if "raw_best" in results and "served" in results:
         parts.append(summary_table(image_summary_rows(results), unit="img/s"))
-    text = results.get("text") or {}
     if "raw_best" in text and "served" in text:
         parts.append(f"Text mix: {text['mix']['description']}.\n\n"
                      + summary_table(text_summary_rows(text), unit="texts/s"))
+    bounds = [b["line"] for b in (results.get("floor_bound"), text.get("floor_bound")) if b]
+    if bounds:
+        parts.append("\n".join(f"- {line}." for line in bounds))
     logged = [r for section in (results.get("log_on"), text.get("log_on")) if section
               for r in section.get("comparison", [])]
     if logged:
@@ -68,8 +71,10 @@ def _summary(results: dict) -> str:
         f"CLF_WORKERS={cfg['workers']}; wrk -t1 closed loop pinned to CPU 1, "
         f"{cfg['duration_s']:g} s after {cfg['warmup_s']:g} s warm-up; x raw best = req/s over "
         "the same model's best raw in-process items/s; items/batch = mean items per model call; "
-        "⚠ = other processes took > 0.25 cores during the cell; every cell but the log-on ones "
-        "runs with CLF_PREDICTION_LOG=\"\".")
+        "⚠ = other processes took > 0.25 cores during the cell; ⚖ = every wrk connection landed "
+        "on one worker (the kernel picks the accepting worker; such a cell is measured again "
+        "once and kept only if no attempt spread); every cell but the log-on ones runs with "
+        "CLF_PREDICTION_LOG=\"\".")
     return "\n\n".join(parts)
 
 

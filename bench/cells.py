@@ -5,10 +5,14 @@ server tree's CPU taken from /proc over the measured window and the service's ow
 scraped from ``/metrics`` just before and just after it (after a short settle, so requests still
 in flight when wrk stops are counted on both sides or neither). With the prediction log on, the
 log's rows are counted at the same two moments, so each cell says how many answers it logged.
+Mid-run, ``ss`` says which worker holds each of wrk's connections: the worker that wakes first
+accepts every pending connection, so a cell can end up measuring one worker alone; such a cell
+is measured again (once, like a contaminated one) and marked if it stays so.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,15 @@ class Cell:
     contaminated: bool = False
     warmup_ok: int = 0  # 2xx answers of the warm-up run before the measured one
     log_rows: int | None = None  # prediction-log rows added over the measured run (log on)
+    # wrk's connections held by each worker mid-run, most first. Which worker accepts a
+    # connection is the kernel's choice, and a keep-alive connection stays where it landed.
+    conns_per_worker: list[int] | None = None
+
+    @property
+    def one_worker(self) -> bool:
+        """Every connection went to one worker although there were enough for each."""
+        c = self.conns_per_worker
+        return bool(c) and len(c) > 1 and self.conc >= len(c) and c[1] == 0
 
     @property
     def ok(self) -> int:
@@ -81,7 +94,8 @@ class Cell:
             "histograms": {k: {"sum": v.sum, "count": v.count} for k, v in self.hist.items()},
             "cpu": self.cpu.to_dict(), "noise_per_attempt": self.noise_per_attempt,
             "contaminated": self.contaminated, "warmup_ok": self.warmup_ok,
-            "log_rows": self.log_rows, "wrk_output": self.wrk_output,
+            "log_rows": self.log_rows, "connections_per_worker": self.conns_per_worker,
+            "one_worker": self.one_worker, "wrk_output": self.wrk_output,
         }
 
 
@@ -110,12 +124,18 @@ def measure_once(server: Server, body: Body, conc: int, plan: CellPlan, model: s
     time.sleep(SETTLE_S)
     rows_before = count_rows(log_db) if log_db else None
     before = server.metrics()
+    spread: list = []
+    sampler = threading.Timer(plan.duration_s / 2,
+                              lambda: spread.append(server.connections_per_worker()))
     window = CpuWindow(server.tree)
+    sampler.start()
     result, output = run_wrk(server.classify_url, body, conc, plan.duration_s, latency=True)
     cpu = window.close()
+    sampler.join()
     time.sleep(SETTLE_S)
     cell = Cell(conc, result, cpu, deltas(before, server.metrics(), model), output,
-                warmup_ok=warmup.requests - warmup.non2xx)
+                warmup_ok=warmup.requests - warmup.non2xx,
+                conns_per_worker=spread[0] if spread else None)
     if log_db:
         cell.log_rows = count_rows(log_db) - rows_before
     return cell, cpu
@@ -166,7 +186,7 @@ def bench_served(spec: ServerSpec, body: Body, checks: Sequence[Check], concs: l
                 attempts = least_contaminated(
                     lambda: measure(conc), what=f"{tag} c={conc}",
                     retries=plan.retries, quiet_wait=plan.quiet_wait_s, may_retry=plan.may_retry,
-                    log=log)
+                    log=log, unsuitable=_one_worker)
                 cell = attempts.best
                 cell.noise_per_attempt = attempts.noise_per_attempt
                 cell.contaminated = attempts.contaminated
@@ -181,13 +201,25 @@ def bench_served(spec: ServerSpec, body: Body, checks: Sequence[Check], concs: l
     return result
 
 
+def _one_worker(cell: Cell) -> str | None:
+    """A cell where one worker got every connection measures one worker, not the server."""
+    if not cell.one_worker:
+        return None
+    return f"all {cell.conc} connections went to one worker ({cell.conns_per_worker})"
+
+
 def _cell_line(tag: str, c: Cell) -> str:
     def f(v: float | None, spec: str = ".1f") -> str:
         return "-" if v is None else format(v, spec)
 
     return (f"  [{tag}] c={c.conc:3d} {c.rps:7.1f} req/s  p50={f(c.wrk.p('50'))} ms  "
             f"p99={f(c.wrk.p('99'))} ms  items/batch={f(c.items_per_batch)}  "
-            f"errors={c.wrk.errors}  "
+            f"errors={c.wrk.errors}  conns/worker={conns(c)}  "
             f"srv={c.cpu.server_cores:.2f} cores ({f(c.server_cpu_ms_per_request, '.2f')} ms/req)  "
             f"foreign+steal={c.cpu.noise:.2f}{' !' if c.contaminated else ''}"
             + ("" if c.log_rows is None else f"  log rows +{c.log_rows} (2xx {c.ok})"))
+
+
+def conns(c: Cell) -> str:
+    """'10+6' connections per worker; '-' where not known."""
+    return "+".join(map(str, c.conns_per_worker)) if c.conns_per_worker else "-"

@@ -167,19 +167,24 @@ class Attempts(Generic[T]):
 
 def least_contaminated(measure: Callable[[], tuple[T, CpuUse]], *, what: str, retries: int,
                        quiet_wait: float, may_retry: Callable[[], bool],
-                       log: Callable[[str], None]) -> Attempts[T]:
-    """Measure after the box is quiet; re-measure (bounded) while others took > 0.25 cores."""
+                       log: Callable[[str], None],
+                       unsuitable: Callable[[T], str | None] = lambda _: None) -> Attempts[T]:
+    """Measure after the box is quiet; re-measure (bounded) while others took > 0.25 cores, or
+    while ``unsuitable`` names a reason the attempt does not measure what it should. The kept
+    attempt is a suitable one if any, the least contaminated among those."""
     tried: list[tuple[T, CpuUse]] = []
     for attempt in range(retries + 1):
         wait_quiet(quiet_wait, FOREIGN_THRESHOLD, log)
         tried.append(measure())
-        noise = tried[-1][1].noise
-        if noise <= FOREIGN_THRESHOLD:
+        noise, reason = tried[-1][1].noise, unsuitable(tried[-1][0])
+        if noise <= FOREIGN_THRESHOLD and reason is None:
             break
         again = attempt < retries and may_retry()
-        log(f"  [noise] {what}: foreign+steal CPU {noise:.2f} cores > {FOREIGN_THRESHOLD}: "
-            f"{'measuring again' if again else 'keeping the least-contaminated attempt'}")
+        why = (reason if reason is not None else
+               f"foreign+steal CPU {noise:.2f} cores > {FOREIGN_THRESHOLD}")
+        log(f"  [noise] {what}: {why}: "
+            f"{'measuring again' if again else 'keeping the best attempt'}")
         if not again:
             break
-    best, cpu = min(tried, key=lambda t: t[1].noise)
+    best, cpu = min(tried, key=lambda t: (unsuitable(t[0]) is not None, t[1].noise))
     return Attempts(best, cpu, [round(c.noise, 3) for _, c in tried])

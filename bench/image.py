@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from .raw import RAW_CONFIGS, best_cell, fastest_batch_call
 from .report import SummaryRow, summary_row
-from .sections import (Run, Yardstick, breakdown_section, cell_at, image_body, log_cells,
-                       print_served, raw_section, served_section, served_threads)
+from .sections import (Run, Yardstick, breakdown_section, cell_at, floor_bound_section,
+                       image_body, log_cells, print_served, raw_section, served_section,
+                       served_threads)
 from .store import ensure_reference, find_default, store_path
 
 
@@ -51,6 +52,8 @@ def run_image(run: Run, results: dict) -> None:
         yardstick = Yardstick(b64.p50_ms, b64.config, f"the raw batch-{b64.batch} call "
                               f"({b64.p50_ms:.1f} ms p50, {b64.config})")
         results.update(breakdown_section(run, served, floor, top, yardstick))
+        results["floor_bound"] = floor_bound_section(run, f"{artifact.name} (images)", served,
+                                                     floor, top, best.images_per_s)
 
     results["log_on"] = log_cells(run, "image", artifact, body, served, best.images_per_s,
                                   b64.p50_ms)

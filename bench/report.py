@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .cells import Cell
+from .cells import Cell, conns
 from .prometheus import LOG_COMMIT, PREPROCESS, QUEUE_WAIT
 from .raw import RawCell
 
@@ -34,6 +34,26 @@ def ratio(value: float | None, denominator: float | None) -> float | None:
     return value / denominator if value is not None and denominator else None
 
 
+def floor_bound(raw_best: float | None, floor_rps: float | None) -> float | None:
+    """The most a served model can reach if every request pays the request path (the noop
+    floor's rate) and the model (the raw best rate) one after the other on the same cores:
+    1 / (1/raw + 1/floor). Overlap of the two (ORT runs without the GIL) can beat it a little."""
+    if not raw_best or not floor_rps:
+        return None
+    return 1.0 / (1.0 / raw_best + 1.0 / floor_rps)
+
+
+def bound_line(what: str, served_rps: float | None, raw_best: float | None,
+               floor_rps: float | None, conc: int) -> str | None:
+    """One sentence: the floor-allowed bound at ``conc`` and how much of it is served."""
+    bound = floor_bound(raw_best, floor_rps)
+    if bound is None or served_rps is None:
+        return None
+    return (f"{what} at c={conc}: raw best {raw_best:.0f}/s and floor {floor_rps:.0f} req/s allow "
+            f"1/(1/raw + 1/floor) = {bound:.0f} req/s ({bound / raw_best:.2f} x raw); served "
+            f"{served_rps:.0f} req/s = {served_rps / bound:.2f} of that bound")
+
+
 def raw_table(cells: Sequence[RawCell]) -> str:
     rows = [[c.config, str(c.batch), fmt(c.images_per_s, ".0f"), fmt(c.p50_ms, ".2f"),
              fmt(c.p99_ms, ".2f")] for c in cells]
@@ -56,12 +76,14 @@ def served_table(cells: Sequence[Cell], raw_best: float | None, raw_b64_ms: floa
         rows.append([
             str(c.conc), fmt(c.rps, ".0f"), fmt(ratio(c.rps, raw_best), ".2f"), fmt(c.wrk.p("50")),
             fmt(p99), _times(ratio(p99, raw_b64_ms)), fmt(c.items_per_batch),
-            str(c.wrk.errors), fmt(c.cpu.server_cores, ".2f"),
+            str(c.wrk.errors), conns(c) + (" ⚖" if c.one_worker else ""),
+            fmt(c.cpu.server_cores, ".2f"),
             fmt(c.server_cpu_ms_per_request, ".2f"),
             fmt(c.cpu.noise, ".2f") + (" ⚠" if c.contaminated else ""),
         ])
     return markdown_table([">c", ">req/s", ">ratio to raw best", ">p50 ms", ">p99 ms",
-                           ">p99 / raw b64", ">items/batch", ">errors", ">server CPU (cores)",
+                           ">p99 / raw b64", ">items/batch", ">errors", ">conns/worker",
+                           ">server CPU (cores)",
                            ">CPU ms/req", ">foreign+steal"], rows)
 
 
@@ -150,12 +172,13 @@ class SummaryRow:
     server_cores: float | None = None
     cpu_ms_per_req: float | None = None
     flagged: bool = False
+    one_worker: bool = False  # every connection landed on one worker
 
 
 def summary_row(what: str, cell: Cell, raw_best: float | None) -> SummaryRow:
     return SummaryRow(what, cell.conc, cell.rps, ratio(cell.rps, raw_best), cell.wrk.p("50"),
                       cell.wrk.p("99"), cell.items_per_batch, cell.cpu.server_cores,
-                      cell.server_cpu_ms_per_request, cell.contaminated)
+                      cell.server_cpu_ms_per_request, cell.contaminated, cell.one_worker)
 
 
 def summary_table(rows: Sequence[SummaryRow], unit: str = "img/s") -> str:
@@ -163,7 +186,8 @@ def summary_table(rows: Sequence[SummaryRow], unit: str = "img/s") -> str:
     ``unit`` names what a request carries (one image, or one text)."""
     out = []
     for r in rows:
-        out.append([r.what + (" ⚠" if r.flagged else ""), fmt(r.conc, "d"), fmt(r.per_s, ".0f"),
+        flags = (" ⚠" if r.flagged else "") + (" ⚖" if r.one_worker else "")
+        out.append([r.what + flags, fmt(r.conc, "d"), fmt(r.per_s, ".0f"),
                     fmt(r.x_raw, ".2f"), fmt(r.p50_ms), fmt(r.p99_ms), fmt(r.items_per_batch),
                     fmt(r.server_cores, ".2f"), fmt(r.cpu_ms_per_req, ".2f")])
     return markdown_table(["setup", ">c", f">req/s ({unit})", ">x raw best", ">p50 ms", ">p99 ms",
@@ -184,7 +208,8 @@ class LogRow:
     ok: int  # 2xx answers wrk counted in it
     commits: float | None = None  # log transactions over the measured run
     commit_ms: float | None = None  # mean time of one
-    flagged: bool = False
+    flagged: bool = False  # others' CPU contaminated one of the two cells
+    one_worker: bool = False  # one of the two cells had every connection on one worker
 
     @property
     def on_off(self) -> float | None:
@@ -205,7 +230,7 @@ class LogRow:
                 "on_p99_ms": self.on_p99_ms, "rows": self.rows, "ok_2xx": self.ok,
                 "consistent": self.consistent, "commits": self.commits,
                 "commit_ms_mean": self.commit_ms, "rows_per_commit": self.rows_per_commit,
-                "contaminated": self.flagged}
+                "contaminated": self.flagged, "one_worker": self.one_worker}
 
 
 def log_rows(task: str, off_cells: Sequence, on_cells: Sequence) -> list[LogRow]:
@@ -219,7 +244,7 @@ def log_rows(task: str, off_cells: Sequence, on_cells: Sequence) -> list[LogRow]
             task, c.conc, o.rps if o else None, c.rps, o.wrk.p("99") if o else None,
             c.wrk.p("99"), c.log_rows, c.ok, commit.count if commit else None,
             commit.mean * 1e3 if commit and commit.mean is not None else None,
-            c.contaminated or bool(o and o.contaminated)))
+            c.contaminated or bool(o and o.contaminated), c.one_worker or bool(o and o.one_worker)))
     return rows
 
 
@@ -228,7 +253,8 @@ def log_table(rows: Sequence[LogRow]) -> str:
     for r in rows:
         diff = None if r.rows is None else r.rows - r.ok
         out.append([
-            r.task + (" ⚠" if r.flagged else ""), str(r.conc), fmt(r.off_rps, ".0f"),
+            r.task + (" ⚠" if r.flagged else "") + (" ⚖" if r.one_worker else ""), str(r.conc),
+            fmt(r.off_rps, ".0f"),
             fmt(r.on_rps, ".0f"), fmt(r.on_off, ".2f"), fmt(r.off_p99_ms), fmt(r.on_p99_ms),
             fmt(r.rows, "d"), str(r.ok), fmt(diff, "+d") + ("" if r.consistent else " ✗"),
             fmt(r.rows_per_commit), fmt(r.commit_ms, ".2f"),

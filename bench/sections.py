@@ -17,9 +17,9 @@ from .cells import CellPlan, Check, bench_served
 from .config import BenchConfig
 from .cpu import least_contaminated
 from .predlog import log_bytes, temp_log
-from .raw import RAW_CONFIGS, RawCell, RawConfig, bench_config, expected_probabilities
-from .report import (P99_TARGET_X, breakdown, breakdown_table, log_rows, log_table, ratio,
-                     raw_table, served_table)
+from .raw import RAW_CONFIGS, RawConfig, bench_config, expected_probabilities
+from .report import (P99_TARGET_X, bound_line, breakdown, breakdown_table, floor_bound,
+                     log_rows, log_table, ratio, raw_table, served_table)
 from .server import ServerSpec
 
 
@@ -92,6 +92,19 @@ def breakdown_section(run: Run, served: dict, floor: dict | None, conc: int,
     run.log(f"p99 target at c={model.conc}: {p99:.1f} ms = {x:.1f}x {yardstick.what}; target < "
             f"{P99_TARGET_X:g}x: {'met' if x < P99_TARGET_X else 'MISSED'}")
     return out
+
+
+def floor_bound_section(run: Run, what: str, served: dict, floor: dict | None, conc: int,
+                        raw_best: float) -> dict | None:
+    """The served rate at ``conc`` against what the floor and the raw ceiling allow (printed)."""
+    cell, floor_cell = cell_at(served, conc), cell_at(floor, conc)
+    if cell is None or floor_cell is None:
+        return None
+    line = bound_line(what, cell.rps, raw_best, floor_cell.rps, conc)
+    run.log(line + ".")
+    return {"conc": conc, "raw_best": raw_best, "floor_rps": floor_cell.rps,
+            "bound_rps": floor_bound(raw_best, floor_cell.rps), "served_rps": cell.rps,
+            "served_over_bound": cell.rps / floor_bound(raw_best, floor_cell.rps), "line": line}
 
 
 def log_cells(run: Run, task: str, artifact: Artifact, body: Body, served: dict,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -178,6 +179,20 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"{}")
 
+    def connections_per_worker(self) -> list[int] | None:
+        """Established client connections held by each worker now, most first (a worker with
+        none counts 0); None where ``ss`` cannot say which process owns a socket."""
+        try:
+            out = subprocess.run(["ss", "-tnpH", "state", "established",
+                                  f"( sport = :{self.spec.port} )"], capture_output=True,
+                                 text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        per_pid = socket_owners(out)
+        if not per_pid:
+            return None
+        return spread(per_pid, self.spec.workers)
+
     def log_tail(self, chars: int = 3000) -> str:
         try:
             return self.spec.log_path.read_text(errors="replace")[-chars:]
@@ -206,6 +221,22 @@ def running(spec: ServerSpec, log: Callable[[str], None],
         left = server.stop()
         if left:
             log(f"  [server] could not stop PIDs {left}; stop them by hand")
+
+
+def socket_owners(ss_output: str) -> dict[int, int]:
+    """``ss -tnpH`` lines -> sockets per owning pid (a socket shared by several counts once
+    for each)."""
+    owners: dict[int, int] = {}
+    for line in ss_output.splitlines():
+        for pid in set(re.findall(r"pid=(\d+)", line)):
+            owners[int(pid)] = owners.get(int(pid), 0) + 1
+    return owners
+
+
+def spread(per_pid: dict[int, int], workers: int) -> list[int]:
+    """Connections per worker, most first, padded with 0 for workers that hold none."""
+    counts = sorted(per_pid.values(), reverse=True)
+    return counts + [0] * (workers - len(counts))
 
 
 def _port_in_use(port: int) -> bool:

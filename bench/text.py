@@ -13,8 +13,8 @@ from service.artifact import Artifact, text_preprocessor
 from .cpu import least_contaminated
 from .raw import RAW_CONFIGS, RawConfig, best_cell
 from .report import SummaryRow, summary_row, text_raw_table
-from .sections import (Run, Yardstick, breakdown_section, cell_at, log_cells, print_served,
-                       served_section, served_threads)
+from .sections import (Run, Yardstick, breakdown_section, cell_at, floor_bound_section,
+                       log_cells, print_served, served_section, served_threads)
 from .server import REPO_ROOT
 from .store import ensure_text_model, store_path
 from .textmix import MixSpec, build_mix, demo_data, describe_mix, mix_stats, write_text_body
@@ -84,6 +84,8 @@ def run_text(run: Run, results: dict) -> None:
     if cell_at(served, top) is not None:
         run.heading(f"Text: where the server's CPU goes, per request at c={top}")
         out.update(breakdown_section(run, served, floor, top, yardstick))
+        out["floor_bound"] = floor_bound_section(run, f"{artifact.name} (texts)", served, floor,
+                                                 top, best.images_per_s)
 
     out["log_on"] = log_cells(run, "text", artifact, body, served, best.images_per_s, b64_ms)
 

@@ -59,7 +59,7 @@ def test_served_table_ratios_and_flags() -> None:
     assert len(lines) == 4
     row64 = [c.strip() for c in lines[2].strip("|").split("|")]
     assert row64[:8] == ["64", "500", "0.50", "60.0", "120.0", "3.0x", "25.0", "3"]
-    assert row64[8:10] == ["1.50", "3.00"]
+    assert row64[8:11] == ["-", "1.50", "3.00"]
     assert lines[3].endswith("0.40 ⚠ |")
 
 
@@ -114,3 +114,30 @@ def test_summary_rows_relate_to_their_own_models_raw_best() -> None:
     assert lines[2] == "| raw | - | 1000 | 1.00 | - | - | - | - | - |"
     assert lines[3] == "| served | 64 | 500 | 0.50 | 60.0 | 120.0 | 25.0 | 1.50 | 3.00 |"
     assert lines[4].startswith("| other model ⚠ | 16 | 500 | 0.12 |")
+
+
+def test_floor_bound_is_the_two_costs_paid_in_turn() -> None:
+    from bench.report import bound_line, floor_bound
+
+    assert floor_bound(1731.0, 3665.0) == pytest.approx(1175.7, abs=0.1)
+    assert floor_bound(None, 3665.0) is None and floor_bound(1731.0, 0.0) is None
+    line = bound_line("m", 1225.0, 1731.0, 3665.0, 64)
+    assert line.startswith("m at c=64: raw best 1731/s and floor 3665 req/s allow")
+    assert "= 1176 req/s (0.68 x raw); served 1225 req/s = 1.04 of that bound" in line
+    assert bound_line("m", None, 1731.0, 3665.0, 64) is None
+
+
+def test_a_cell_with_every_connection_on_one_worker_is_marked() -> None:
+    from bench.cells import _one_worker
+
+    one, spread = make_cell(conc=16), make_cell(conc=16)
+    one.conns_per_worker, spread.conns_per_worker = [16, 0], [15, 1]
+    assert one.one_worker and not spread.one_worker
+    assert _one_worker(one) and _one_worker(spread) is None
+    c1 = make_cell(conc=1)
+    c1.conns_per_worker = [1, 0]
+    assert not c1.one_worker  # one connection cannot be spread
+    assert not make_cell().one_worker  # not known: not marked
+    row = served_table([one], None, None).splitlines()[2]
+    assert "| 16+0 ⚖ |" in row
+    assert summary_table([summary_row("s", one, 1000.0)]).splitlines()[2].startswith("| s ⚖ |")

@@ -55,3 +55,15 @@ def test_each_server_gets_a_private_home_linked_to_the_store(tmp_path) -> None:
     finally:
         shutil.rmtree(home)
     assert not home.exists() and (store / "m" / "1" / "model.onnx").exists()  # link, not store
+
+
+def test_socket_owners_and_spread_from_ss_output() -> None:
+    from bench.server import socket_owners, spread
+
+    out = ('0 0 127.0.0.1:3390 127.0.0.1:50000 users:(("python3",pid=11,fd=20))\n'
+           '0 0 127.0.0.1:3390 127.0.0.1:50001 users:(("python3",pid=11,fd=21))\n'
+           '0 0 127.0.0.1:3390 127.0.0.1:50002 users:(("python3",pid=12,fd=20))\n')
+    assert socket_owners(out) == {11: 2, 12: 1}
+    assert spread({11: 2, 12: 1}, workers=2) == [2, 1]
+    assert spread({11: 3}, workers=2) == [3, 0]
+    assert socket_owners("") == {}
