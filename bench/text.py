@@ -8,8 +8,10 @@ from typing import Sequence
 
 import numpy as np
 
+from preprocessing import TextPreprocessor
 from service.artifact import Artifact, text_preprocessor
 
+from .bodies import Body
 from .cpu import least_contaminated
 from .raw import RAW_CONFIGS, RawConfig, best_cell
 from .report import SummaryRow, summary_row, text_raw_table
@@ -25,8 +27,37 @@ from .textraw import (SORTED, TextRawCell, bench_text_config, bench_text_paralle
 def run_text(run: Run, results: dict) -> None:
     cfg = run.cfg
     out = results["text"] = {}
+    artifact, pre = _model(run, out)
+    body, rows = _mix(run, out, artifact, pre)
+    best, yardstick = _raw(run, out, artifact, rows, pre.pad_id)
+    raw_best, yard_ms = best.images_per_s, yardstick.ms if yardstick else None
+
+    run.heading(f"Served {artifact.name} (CLF_WORKERS={cfg.workers}, {served_threads(cfg)} "
+                f"intra-op thread(s) per worker, prediction log off; one text per request, wrk "
+                f"rotating through the mix; {cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s)")
+    served = out["served"] = served_section(run, artifact, body, "onnx", cfg.concs, "text")
+    print_served(run, served, raw_best, yard_ms)
+    floor = None
+    if cfg.floor_concs:
+        run.heading("Text floor: the same mix with CLF_RUNTIME=noop")
+        floor = out["floor"] = served_section(run, artifact, body, "noop", cfg.floor_concs,
+                                              "text-floor")
+        print_served(run, floor, raw_best, yard_ms)
+
+    top = max(cfg.concs)
+    if cell_at(served, top) is not None:
+        run.heading(f"Text: where the server's CPU goes, per request at c={top}")
+        out.update(breakdown_section(run, served, floor, top, yardstick))
+        out["floor_bound"] = floor_bound_section(run, f"{artifact.name} (texts)", served, floor,
+                                                 top, raw_best)
+
+    out["log_on"] = log_cells(run, "text", artifact, body, served, raw_best, yard_ms)
+
+
+def _model(run: Run, out: dict) -> tuple[Artifact, TextPreprocessor]:
+    """The bench's text model from the store (trained first if absent) and its preprocessor."""
     run.heading("Text model")
-    artifact, trained = ensure_text_model(cfg.text_model, run.work_dir, run.log)
+    artifact, trained = ensure_text_model(run.cfg.text_model, run.work_dir, run.log)
     pre = text_preprocessor(artifact)
     metrics = artifact.read_json("metrics.json") or {}
     out["model"] = {"tag": f"{artifact.name}:{artifact.version}", "trained_now": trained,
@@ -36,7 +67,13 @@ def run_text(run: Run, results: dict) -> None:
     run.log(f"{artifact.name}:{artifact.version} ({'trained now' if trained else 'reused'}), "
             f"max_length {pre.spec.max_length} tokens, vocabulary {pre.vocab_size}, test "
             f"accuracy {metrics.get('test_accuracy', float('nan')):.3f}, {artifact.onnx_path}")
+    return artifact, pre
 
+
+def _mix(run: Run, out: dict, artifact: Artifact, pre: TextPreprocessor
+         ) -> tuple[Body, list[np.ndarray]]:
+    """The length mix as wrk's rotating bodies, and its texts' token ids for the raw cells."""
+    cfg = run.cfg
     run.heading("The text mix (the project's demo data, python -m training.text.demo)")
     spec = MixSpec(bodies=cfg.text_bodies, short_share=cfg.text_short_share)
     texts, labels = demo_data(run.work_dir, spec.demo_per_class, spec.seed, REPO_ROOT)
@@ -50,44 +87,29 @@ def run_text(run: Run, results: dict) -> None:
                   "bodies_file": str(body.path), "tokenize_ms_per_text": tokenize_ms}
     run.log(f"{description}.\nTokenizing one text alone (validate, normalise, BPE; as the "
             f"service does per request) costs {1e3 * tokenize_ms:.0f} us in this process.")
+    return body, rows
 
-    run.heading(f"Raw ONNX Runtime on the mix, in-process (providers={cfg.providers}; calls "
-                "padded to their own longest text; p50/p99 per call)")
-    raw = out["raw"] = _raw_section(run, artifact, rows, pre.pad_id)
+
+def _raw(run: Run, out: dict, artifact: Artifact, rows: Sequence[np.ndarray], pad_id: int
+         ) -> tuple[TextRawCell, Yardstick | None]:
+    """The raw ceiling on the mix: the best cell (the ratio denominator) and the p99 yardstick
+    (the mean length-sorted call at the server's max batch size: calls of short and of long
+    texts differ tenfold, so one call's p50 would say little)."""
+    run.heading(f"Raw ONNX Runtime on the mix, in-process (providers={run.cfg.providers}; "
+                "calls padded to their own longest text; p50/p99 per call)")
+    raw = out["raw"] = _raw_section(run, artifact, rows, pad_id)
     best = best_cell(raw["cells"])
-    batch = max(b for b in raw["batches"])
+    batch = max(raw["batches"])
     b64 = _fastest_sorted_call(raw["cells"], batch)
     out["raw_best"], out["raw_batch_call"] = best.to_dict(), b64.to_dict() if b64 else None
     run.log(f"Raw best (the ratio denominator): {best.images_per_s:.0f} texts/s ({best.config}, "
             f"batch {best.batch}, {best.order}).")
-    yardstick = None
-    if b64:
-        yardstick = Yardstick(b64.mean_ms, b64.config,
-                              f"a raw length-sorted batch-{batch} call of the mix "
-                              f"({b64.mean_ms:.1f} ms mean, {b64.config})")
-        run.log(f"The p99 yardstick: {yardstick.what}.")
-
-    run.heading(f"Served {artifact.name} (CLF_WORKERS={cfg.workers}, {served_threads(cfg)} "
-                f"intra-op thread(s) per worker, prediction log off; one text per request, wrk "
-                f"rotating through the mix; {cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s)")
-    b64_ms = yardstick.ms if yardstick else None
-    served = out["served"] = served_section(run, artifact, body, "onnx", cfg.concs, "text")
-    print_served(run, served, best.images_per_s, b64_ms)
-    floor = None
-    if cfg.floor_concs:
-        run.heading("Text floor: the same mix with CLF_RUNTIME=noop")
-        floor = out["floor"] = served_section(run, artifact, body, "noop", cfg.floor_concs,
-                                              "text-floor")
-        print_served(run, floor, best.images_per_s, b64_ms)
-
-    top = max(cfg.concs)
-    if cell_at(served, top) is not None:
-        run.heading(f"Text: where the server's CPU goes, per request at c={top}")
-        out.update(breakdown_section(run, served, floor, top, yardstick))
-        out["floor_bound"] = floor_bound_section(run, f"{artifact.name} (texts)", served, floor,
-                                                 top, best.images_per_s)
-
-    out["log_on"] = log_cells(run, "text", artifact, body, served, best.images_per_s, b64_ms)
+    if b64 is None:
+        return best, None
+    yardstick = Yardstick(b64.mean_ms, b64.config, f"a raw length-sorted batch-{batch} call of "
+                          f"the mix ({b64.mean_ms:.1f} ms mean, {b64.config})")
+    run.log(f"The p99 yardstick: {yardstick.what}.")
+    return best, yardstick
 
 
 def _raw_section(run: Run, artifact: Artifact, rows: Sequence[np.ndarray], pad_id: int) -> dict:
