@@ -1,8 +1,8 @@
-"""``python -m monitoring {drift,slices,exporter}``: the monitoring jobs.
+"""``python -m monitoring {drift,slices,exporter,prune}``: the monitoring jobs.
 
 Exit codes of ``drift``: 0 = the window did not drift, 1 = it drifted, 2 = the report could not
 be made (bad arguments, no logged rows in the window, no such model or reference profile).
-``slices`` and ``exporter`` exit 0 on success and 2 on error.
+``slices``, ``exporter`` and ``prune`` exit 0 on success and 2 on error.
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--log", help="prediction log whose drift_latest.json to serve")
     exporter.add_argument("--port", type=int, default=9108)
     exporter.add_argument("--host", default="127.0.0.1")
+    prune = sub.add_parser("prune", help="retention: delete old predictions, or just their inputs")
+    prune.add_argument("--log", required=True, help="the prediction log (SQLite file)")
+    prune.add_argument("--older-than", required=True, type=parse_time, dest="before",
+                       help="a duration (30d, 12h) or an ISO 8601 time: rows logged before it")
+    prune.add_argument("--inputs-only", action="store_true",
+                       help="keep the rows (reports, feedback) and drop only their raw inputs")
+    prune.add_argument("--vacuum", action="store_true",
+                       help="then shrink the file (rewrites it; run off-peak)")
     return parser
 
 
@@ -73,12 +81,28 @@ def _window_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"drift": run_drift, "slices": run_slices, "exporter": run_exporter}
+    commands = {"drift": run_drift, "slices": run_slices, "exporter": run_exporter,
+                "prune": run_prune}
     try:
         return commands[args.command](args)
     except (CommandError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from .store import PredictionLog
+
+    if not Path(args.log).exists():
+        raise CommandError(f"no prediction log at {args.log}")
+    with PredictionLog(args.log) as log:
+        n = log.prune(args.before, inputs_only=args.inputs_only)
+        what = "raw inputs dropped from" if args.inputs_only else "predictions deleted:"
+        print(f"{what} {n} rows logged before {_iso(args.before)}")
+        if args.vacuum:
+            log.vacuum()
+            print(f"vacuumed: {Path(args.log).stat().st_size / 1e6:.1f} MB")
+    return EXIT_OK
 
 
 def _open_window(args: argparse.Namespace) -> tuple[Any, str]:

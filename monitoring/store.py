@@ -309,6 +309,45 @@ class PredictionLog:
                               json.loads(slices), json.loads(features))
                 for rid, item, ts, version, label, predicted, data, slices, features in rows]
 
+    def prune(self, before: float, inputs_only: bool = False, chunk: int = 5000) -> int:
+        """Retention: delete predictions (and their feedback) logged before ``before`` (unix
+        seconds), or with ``inputs_only`` just drop their raw inputs, the bulk of the file.
+        Works in transactions of ``chunk`` rows so the serving workers never wait long for the
+        write lock; returns the rows affected. The file shrinks only after ``vacuum()``."""
+        done = 0
+        while True:
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    if inputs_only:
+                        n = self._db.execute(
+                            "UPDATE predictions SET input = NULL WHERE id IN (SELECT id FROM"
+                            " predictions WHERE ts < ? AND input IS NOT NULL LIMIT ?)",
+                            (before, chunk)).rowcount
+                    else:
+                        ids = [i for (i,) in self._db.execute(
+                            "SELECT id FROM predictions WHERE ts < ? LIMIT ?", (before, chunk))]
+                        marks = ",".join("?" * len(ids))
+                        if ids:
+                            self._db.execute(
+                                "DELETE FROM feedback WHERE request_id IN (SELECT request_id FROM"
+                                f" predictions WHERE id IN ({marks}))", ids)
+                        n = self._db.execute(f"DELETE FROM predictions WHERE id IN ({marks})",
+                                             ids).rowcount if ids else 0
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            done += n
+            if n < chunk:
+                return done
+
+    def vacuum(self) -> None:
+        """Give freed pages back to the file system (rewrites the file: run it off-peak)."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+
     def count(self, model: str | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM predictions", ()
         if model is not None:

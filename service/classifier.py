@@ -113,6 +113,7 @@ class BaseClassifier:
             self.metrics.predicted(top[0][0], top[0][1])
         if self.log is not None and ctx is not None:
             now, latency = time.time(), (time.perf_counter() - ctx.started) * 1000.0
+            sampled = self.log.sampled(ctx.request_id)
             await self.log.write([
                 PredictionRecord(
                     request_id=ctx.request_id, item=i, ts=now, model=self.name,
@@ -120,7 +121,7 @@ class BaseClassifier:
                     probabilities=probs[i], embedding=embeddings[i],
                     features=features[i] if features else {}, slices=ctx.slices,
                     latency_ms=latency, ood=p.ood, ood_score=p.ood_score,
-                    input=self.log.keep(inputs[i]) if inputs else None)
+                    input=self.log.keep(inputs[i], sampled) if inputs else None)
                 for i, p in enumerate(predictions)])
         return predictions
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +55,12 @@ class RequestContext:
 class PredictionLogger:
     """Group-committing writer over one ``PredictionLog`` (see the module docstring)."""
 
-    def __init__(self, log: PredictionLog, keep_inputs: bool, max_input_bytes: int) -> None:
+    def __init__(self, log: PredictionLog, keep_inputs: bool, max_input_bytes: int,
+                 input_sample: float = 1.0) -> None:
         self.log = log
-        self.keep_inputs = keep_inputs
+        self.keep_inputs = keep_inputs and input_sample > 0
         self.max_input_bytes = max_input_bytes
+        self._sample_below = int(input_sample * 2**32)
         self._records: list[PredictionRecord] = []
         self._waiters: list[asyncio.Future] = []
         self._wakeup: asyncio.Event | None = None
@@ -82,9 +85,13 @@ class PredictionLogger:
         self._executor.shutdown(wait=True)
         self.log.close()
 
-    def keep(self, data: bytes) -> bytes | None:
-        """The raw input as stored: None when inputs are not kept or this one is over the cap."""
-        return data if self.keep_inputs and len(data) <= self.max_input_bytes else None
+    def sampled(self, request_id: str) -> bool:
+        """Whether this request's inputs are kept (the same answer for every worker)."""
+        return self.keep_inputs and zlib.crc32(request_id.encode()) < self._sample_below
+
+    def keep(self, data: bytes, sampled: bool) -> bytes | None:
+        """The raw input as stored: None when not kept, not sampled or over the size cap."""
+        return data if sampled and len(data) <= self.max_input_bytes else None
 
     async def write(self, records: Sequence[PredictionRecord]) -> None:
         """Returns once ``records`` are committed; raises LogUnavailable if they cannot be."""

@@ -140,7 +140,8 @@ def _prediction_logger() -> PredictionLogger | None:
     log = PredictionLog(SETTINGS.prediction_log, synchronous=SETTINGS.log_synchronous,
                         max_slice_values=SETTINGS.slice_max_values)
     logger.info("prediction log: %s", log.path.resolve())
-    return PredictionLogger(log, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes)
+    return PredictionLogger(log, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes,
+                            SETTINGS.log_input_sample)
 
 
 def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:

@@ -196,3 +196,45 @@ def test_the_write_path_imports_neither_pandas_nor_evidently() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == []
+
+
+def test_prune_deletes_old_rows_with_their_feedback_or_only_their_inputs(log, tmp_path) -> None:
+    from dataclasses import replace
+
+    log.write_batch([replace(record(f"r{i}", ts=1000.0 + i), input=b"x" * 100) for i in range(10)])
+    log.add_feedback("r1", "a")
+    log.add_feedback("r8", "a")
+    assert log.prune(1005.0, inputs_only=True, chunk=2) == 5
+    assert [x.request_id for x in log.labelled_inputs("m")] == ["r8"]  # r1 lost its input
+    assert log.count() == 10
+    assert log.prune(1005.0, chunk=3) == 5
+    assert log.count() == 5
+    remaining = {rid for (rid,) in sqlite3.connect(tmp_path / "log.db").execute(
+        "SELECT request_id FROM feedback")}
+    assert remaining == {"r8"}
+    log.vacuum()
+    from monitoring.__main__ import main
+
+    assert main(["prune", "--log", str(tmp_path / "log.db"), "--older-than", "1970-01-01T00:16:48",
+                 "--vacuum"]) == 0
+    assert log.count() == 2
+    assert main(["prune", "--log", str(tmp_path / "nope.db"), "--older-than", "1d"]) == 2
+
+
+def test_schema_1_logs_gain_the_input_column(tmp_path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE predictions (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL,"
+                     " item INTEGER NOT NULL, ts REAL NOT NULL, model TEXT NOT NULL, version TEXT"
+                     " NOT NULL, predicted TEXT NOT NULL, confidence REAL NOT NULL, ood INTEGER NOT"
+                     " NULL DEFAULT 0, ood_score REAL, latency_ms REAL, slices TEXT NOT NULL DEFAULT"
+                     " '{}', features TEXT NOT NULL DEFAULT '{}', embedding BLOB, probabilities"
+                     " BLOB); CREATE TABLE feedback (request_id TEXT NOT NULL, item INTEGER NOT"
+                     " NULL, label TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (request_id, item));"
+                     " CREATE TABLE slice_values (key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY"
+                     " KEY (key, value)); PRAGMA user_version = 1;")
+    db.close()
+    with PredictionLog(path) as upgraded:
+        assert upgraded.schema_version == SCHEMA_VERSION == 2
+        upgraded.write_batch([record("new")])
+        assert upgraded.count() == 1
