@@ -11,6 +11,7 @@ import asyncio
 import importlib
 import io
 import sqlite3
+import time
 
 import httpx
 import numpy as np
@@ -298,3 +299,37 @@ def test_random_strings_are_mostly_flagged_real_texts_mostly_not(setup):
     flags = run(setup, body)
     assert np.mean(flags["noise"]) >= 0.9, f"random strings flagged {np.mean(flags['noise']):.0%}"
     assert np.mean(flags["real"]) <= 0.25, f"real texts flagged {np.mean(flags['real']):.0%}"
+
+
+def test_a_shifted_text_mix_drifts_and_the_same_mix_does_not(setup, text_model, tmp_path):
+    """Texts logged by the service, then `python -m monitoring drift` over each window: fresh
+    texts of the training mix are not flagged; long texts of one language are."""
+    from datetime import datetime, timezone
+
+    from monitoring.__main__ import main
+    from training.text.demo import demo_texts
+
+    fresh = demo_texts(per_class=12, seed=777)
+    same = list(fresh.texts)
+    german = [t for t, lab in zip(fresh.texts, fresh.labels) if fresh.classes[lab] == "de"]
+    shifted = [" ".join(german[i:] + german[:i]) for i in range(len(german))] * 11
+
+    async def body(client, instance):
+        windows = {}
+        for name, texts in (("same", same), ("shifted", shifted)):
+            start = time.time()
+            for i in range(0, len(texts), 16):
+                r = await client.post(TEXT, json={"texts": texts[i:i + 16]})
+                assert r.status_code == 200, r.text
+            windows[name] = (start, time.time() + 0.001)
+            await asyncio.sleep(0.05)
+        return windows
+
+    windows = run(setup, body)
+    iso = lambda ts: datetime.fromtimestamp(ts, timezone.utc).isoformat()  # noqa: E731
+    codes = {}
+    for name, (since, until) in windows.items():
+        codes[name] = main(["drift", "--model", text_model.tag.split(":")[0], "--log",
+                            str(setup["log"]), "--since", iso(since), "--until", iso(until),
+                            "--out", str(tmp_path / name), "--state", str(tmp_path / "state.json")])
+    assert codes == {"same": 0, "shifted": 1}
