@@ -79,6 +79,26 @@ def text_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     return TrainedModel(tag=str(tag), result=result, bentoml_home=_HOME)
 
 
+def run_service(module, body):
+    """Run ``await body(client, instance)`` against a fresh ``module.Classifier()`` (the real
+    service object, started and stopped around it) through its ASGI app, in-process."""
+    import asyncio
+
+    import httpx
+
+    async def go():
+        instance = module.Classifier()
+        await instance.start_batcher()
+        try:
+            transport = httpx.ASGITransport(app=module.api)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await body(client, instance)
+        finally:
+            await instance.stop_batcher()
+
+    return asyncio.run(go())
+
+
 def clone_version(tag: str, name: str, work: Path, corrupt: bool = False) -> str:
     """Save a copy of model ``tag`` as a new version of ``name`` in the session's store (the
     first version of a name becomes production); ``corrupt`` replaces its model.onnx with junk,

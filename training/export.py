@@ -29,6 +29,7 @@ from preprocessing import IMAGE_FEATURES, ImageSpec, decode_image, image_feature
 
 if TYPE_CHECKING:  # bentoml and onnxruntime are heavy; imported where used
     import bentoml
+    import onnx
     import onnxruntime as ort
     from bentoml._internal.models import ModelStore
 
@@ -113,8 +114,9 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def check_onnx(path: str | Path, input_shape: Sequence[int]) -> int:
-    """``onnx.checker`` plus the I/O contract (names, dtypes, dynamic batch); returns the opset."""
+def checked_graph(path: str | Path, input_names: Sequence[str]) -> "onnx.ModelProto":
+    """The exported graph after ``onnx.checker``, with the expected input names and outputs
+    ``logits`` and ``embedding``; ExportError otherwise."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -124,8 +126,14 @@ def check_onnx(path: str | Path, input_shape: Sequence[int]) -> int:
         raise ExportError(f"onnx.checker rejected the export: {exc}") from exc
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+    if inputs != list(input_names) or outputs != list(OUTPUT_NAMES):
         raise ExportError(f"unexpected graph I/O: inputs {inputs}, outputs {outputs}")
+    return proto
+
+
+def check_onnx(path: str | Path, input_shape: Sequence[int]) -> int:
+    """``onnx.checker`` plus the I/O contract (names, dtypes, dynamic batch); returns the opset."""
+    proto = checked_graph(path, [INPUT_NAME])
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     if not dims[0].dim_param or [d.dim_value for d in dims[1:]] != list(input_shape):
         raise ExportError(f"input must be [batch, {', '.join(map(str, input_shape))}], got {dims}")
@@ -183,11 +191,18 @@ def reference_profile(session: "ort.InferenceSession", blobs: Sequence[bytes],
         out_logits, out_emb = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         logits.append(out_logits)
         embeddings.append(out_emb)
+    return profile_arrays(IMAGE_FEATURES, features, logits, embeddings, labels)
+
+
+def profile_arrays(feature_names: Sequence[str], features: list[list[float]],
+                   logits: list[np.ndarray], embeddings: list[np.ndarray],
+                   labels: Sequence[int]) -> dict[str, np.ndarray]:
+    """The arrays of ``reference.npz`` (image and text alike) from per-batch model outputs."""
     logits_arr = np.concatenate(logits).astype(np.float32)
     probs = softmax(logits_arr.astype(np.float64))
     return {
-        "feature_names": np.array(IMAGE_FEATURES, dtype=str),
-        "features": np.array(features, dtype=np.float64).reshape(len(blobs), len(IMAGE_FEATURES)),
+        "feature_names": np.array(feature_names, dtype=str),
+        "features": np.array(features, dtype=np.float64).reshape(len(features), len(feature_names)),
         "embeddings": np.concatenate(embeddings).astype(np.float32),
         "logits": logits_arr,
         "labels": np.asarray(labels, dtype=np.int64),
@@ -244,14 +259,32 @@ def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: S
     opset = check_onnx(onnx_path, spec.input_shape)
     session = ort_session(onnx_path)
     report = parity(model, session, spec.input_shape)
+    check_export(report, report["per_batch"], session, labels, tolerance)
+    export_info = {**report, "opset": opset, "exporter": exporter, "tolerance": tolerance}
+    profile = reference_profile(session, reference_blobs, reference_labels, spec)
+    write_contract_files(folder, spec=spec, labels=labels, metrics=metrics,
+                         export_info=export_info, manifest=manifest, profile=profile,
+                         curves=curves)
+    return export_info
+
+
+def check_export(report: dict[str, Any], detail: Any, session: "ort.InferenceSession",
+                 labels: Sequence[str], tolerance: float) -> None:
+    """Refuse an export whose ONNX outputs stray from PyTorch's or whose logits and labels
+    disagree in number; ``detail`` (per batch / per shape) goes into the message."""
     if not report["max_abs_diff"] <= tolerance:  # "not <=" also catches NaN
         raise ExportError(f"ONNX Runtime and PyTorch disagree by {report['max_abs_diff']:.3g} "
-                          f"(tolerance {tolerance:g}): {report['per_batch']}; nothing saved")
+                          f"(tolerance {tolerance:g}): {detail}; nothing saved")
     logits_dim = session.get_outputs()[0].shape[1]
     if logits_dim != len(labels):
         raise ExportError(f"model has {logits_dim} logits but {len(labels)} labels")
-    export_info = {**report, "opset": opset, "exporter": exporter, "tolerance": tolerance}
-    profile = reference_profile(session, reference_blobs, reference_labels, spec)
+
+
+def write_contract_files(folder: Path, *, spec: Any, labels: Sequence[str],
+                         metrics: dict[str, Any], export_info: dict[str, Any],
+                         manifest: dict[str, Any], profile: dict[str, np.ndarray],
+                         curves: str | Path | None) -> None:
+    """Every contract file but model.onnx (already there) and a text model's tokenizer."""
     np.savez(folder / "reference.npz", **profile)
     (folder / "spec.json").write_text(spec.to_json() + "\n")
     _write_json(folder / "labels.json", list(labels))
@@ -262,7 +295,23 @@ def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: S
         shutil.copyfile(curves, folder / "curves.png")
     else:
         _blank_png(folder / "curves.png")
-    return export_info
+
+
+def store_metadata(metrics: dict[str, Any], spec: Any, export_info: dict[str, Any],
+                   manifest: dict[str, Any], labels: Sequence[str], **extra: Any
+                   ) -> dict[str, Any]:
+    """The model store entry's metadata (what `bentoml models get` and the registry show)."""
+    return {
+        "test_accuracy": metrics.get("test_accuracy"),
+        "val_accuracy": metrics.get("val_accuracy"),
+        "spec_hash": spec.content_hash,
+        **extra,
+        "parity_max_abs_diff": export_info["max_abs_diff"],
+        "data_hash": manifest.get("data_hash"),
+        "opset": export_info["opset"],
+        "exporter": export_info["exporter"],
+        "num_classes": len(labels),
+    }
 
 
 def _blank_png(path: Path) -> None:
@@ -289,16 +338,7 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
             model, staged, spec=spec, labels=labels, reference_blobs=reference_blobs,
             reference_labels=reference_labels, metrics=metrics, manifest=manifest,
             curves=curves, tolerance=tolerance)
-        metadata = {
-            "test_accuracy": metrics.get("test_accuracy"),
-            "val_accuracy": metrics.get("val_accuracy"),
-            "spec_hash": spec.content_hash,
-            "parity_max_abs_diff": export_info["max_abs_diff"],
-            "data_hash": manifest.get("data_hash"),
-            "opset": export_info["opset"],
-            "exporter": export_info["exporter"],
-            "num_classes": len(labels),
-        }
+        metadata = store_metadata(metrics, spec, export_info, manifest, labels)
         return save_staged(staged, name, files=CONTRACT_FILES, task="image-classification",
                            metadata=metadata, store=store)
 

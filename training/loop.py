@@ -59,6 +59,21 @@ class FitResult:
     train_seconds: float
     stopped_early: bool = False
 
+    def metrics(self, test_loss: float, test_accuracy: float, splits: Any,
+                train_seconds: float | None = None) -> dict[str, Any]:
+        """metrics.json (image and text alike): the fields the service, the registry and the
+        retraining read; ``splits`` has train/val/test parts."""
+        return {
+            "test_accuracy": test_accuracy, "test_loss": test_loss,
+            "val_accuracy": self.val_accuracy, "val_loss": self.val_loss,
+            "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
+            "stopped_early": self.stopped_early,
+            "train_seconds": round(self.train_seconds if train_seconds is None else train_seconds, 2),
+            "history": self.history,
+            "split_sizes": {"train": len(splits.train), "val": len(splits.val),
+                            "test": len(splits.test)},
+        }
+
 
 def seed_everything(seed: int, num_threads: int = 2) -> None:
     """Fix every RNG we draw from and the thread count (2 cores: more threads only contend)."""

@@ -10,9 +10,10 @@ import base64
 import importlib
 import json
 
-import httpx
 import numpy as np
 import pytest
+
+from tests.conftest import run_service as run
 
 pytestmark = pytest.mark.slow
 URL = "http://test/v1/classify/image"
@@ -26,21 +27,6 @@ def service_module(digits_model, monkeypatch_module):
     import service.service as module
 
     return importlib.reload(module)  # settings are read at import
-
-
-async def _with_service(module, body):
-    instance = module.Classifier()
-    await instance.start_batcher()
-    try:
-        transport = httpx.ASGITransport(app=module.api)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await body(client, instance)
-    finally:
-        await instance.stop_batcher()
-
-
-def run(module, body):
-    return asyncio.run(_with_service(module, body))
 
 
 def test_multipart_json_and_raw_bodies_agree(service_module, digit_pngs, digits_model):

@@ -13,12 +13,11 @@ import io
 import sqlite3
 import time
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import clone_version
+from tests.conftest import clone_version, run_service
 
 pytestmark = pytest.mark.slow
 IMAGE = "/v1/classify/image"
@@ -47,17 +46,7 @@ def setup(digits_model, text_model, tmp_path_factory, monkeypatch_module):
 
 
 def run(setup, body):
-    async def go():
-        instance = setup["module"].Classifier()
-        await instance.start_batcher()
-        try:
-            transport = httpx.ASGITransport(app=setup["module"].api)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await body(client, instance)
-        finally:
-            await instance.stop_batcher()
-
-    return asyncio.run(go())
+    return run_service(setup["module"], body)
 
 
 def _rows(log_path, where: str = "", args=()) -> list[sqlite3.Row]:

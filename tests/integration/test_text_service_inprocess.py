@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 
-import httpx
 import numpy as np
 import pytest
+
+from tests.conftest import run_service as run
 
 from preprocessing import TextPreprocessor, load_spec
 from service.metrics import get_metrics
@@ -58,21 +59,6 @@ def direct(text_model):
         return z / z.sum(axis=1, keepdims=True)
 
     return probabilities
-
-
-async def _with_service(module, body):
-    instance = module.Classifier()
-    await instance.start_batcher()
-    try:
-        transport = httpx.ASGITransport(app=module.api)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await body(client, instance)
-    finally:
-        await instance.stop_batcher()
-
-
-def run(module, body):
-    return asyncio.run(_with_service(module, body))
 
 
 def _distribution(prediction: dict, labels: list[str]) -> np.ndarray:

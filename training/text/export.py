@@ -8,7 +8,6 @@ would fail or silently misbehave at 40. Parity at other lengths is what proves t
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,7 +20,8 @@ from torch import nn
 from preprocessing import TEXT_FEATURES, TextPreprocessor, text_features
 
 from ..export import (CONTRACT_FILES, ONNX_OPSET, OUTPUT_NAMES, PARITY_TOLERANCE, ExportError,
-                      _blank_png, _quiet_exporter, _write_json, ort_session, save_staged, softmax)
+                      _quiet_exporter, check_export, checked_graph, ort_session, profile_arrays, save_staged,
+                      store_metadata, write_contract_files)
 
 if TYPE_CHECKING:
     import bentoml
@@ -87,15 +87,7 @@ def check_text_onnx(path: str | Path) -> int:
     symbolic, outputs ``logits`` and ``embedding``; returns the opset."""
     import onnx
 
-    proto = onnx.load(str(path))
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx.checker rejected the export: {exc}") from exc
-    inputs = [i.name for i in proto.graph.input]
-    outputs = [o.name for o in proto.graph.output]
-    if inputs != list(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
-        raise ExportError(f"unexpected graph I/O: inputs {inputs}, outputs {outputs}")
+    proto = checked_graph(path, INPUT_NAMES)
     for graph_input in proto.graph.input:
         tensor = graph_input.type.tensor_type
         dims = tensor.shape.dim
@@ -161,17 +153,7 @@ def text_reference_profile(session: "ort.InferenceSession", pre: TextPreprocesso
             "input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
         logits.append(out_logits)
         embeddings.append(out_emb)
-    logits_arr = np.concatenate(logits).astype(np.float32)
-    probs = softmax(logits_arr.astype(np.float64))
-    return {
-        "feature_names": np.array(TEXT_FEATURES, dtype=str),
-        "features": np.array(features, dtype=np.float64).reshape(len(texts), len(TEXT_FEATURES)),
-        "embeddings": np.concatenate(embeddings).astype(np.float32),
-        "logits": logits_arr,
-        "labels": np.asarray(labels, dtype=np.int64),
-        "predicted": probs.argmax(axis=1).astype(np.int64),
-        "confidence": probs.max(axis=1).astype(np.float32),
-    }
+    return profile_arrays(TEXT_FEATURES, features, logits, embeddings, labels)
 
 
 def stage_text_artifact(model: nn.Module, folder: Path, *, pre: TextPreprocessor,
@@ -189,25 +171,13 @@ def stage_text_artifact(model: nn.Module, folder: Path, *, pre: TextPreprocessor
     session = ort_session(onnx_path)
     report = text_parity(model, session, vocab_size=pre.vocab_size, pad_id=pre.pad_id,
                          max_length=spec.max_length)
-    if not report["max_abs_diff"] <= tolerance:  # "not <=" also catches NaN
-        raise ExportError(f"ONNX Runtime and PyTorch disagree by {report['max_abs_diff']:.3g} "
-                          f"(tolerance {tolerance:g}): {report['per_shape']}; nothing saved")
-    logits_dim = session.get_outputs()[0].shape[1]
-    if logits_dim != len(labels):
-        raise ExportError(f"model has {logits_dim} logits but {len(labels)} labels")
+    check_export(report, report["per_shape"], session, labels, tolerance)
     export_info = {**report, "opset": opset, "exporter": "dynamo", "tolerance": tolerance}
     profile = text_reference_profile(session, pre, reference_texts, reference_labels)
-    np.savez(folder / "reference.npz", **profile)
-    (folder / "spec.json").write_text(spec.to_json() + "\n")
+    write_contract_files(folder, spec=spec, labels=labels, metrics=metrics,
+                         export_info=export_info, manifest=manifest, profile=profile,
+                         curves=curves)
     (folder / spec.tokenizer).write_text(tokenizer_json, encoding="utf-8")
-    _write_json(folder / "labels.json", list(labels))
-    _write_json(folder / "metrics.json", metrics)
-    _write_json(folder / "export.json", export_info)
-    _write_json(folder / "manifest.json", manifest)
-    if curves is not None:
-        shutil.copyfile(curves, folder / "curves.png")
-    else:
-        _blank_png(folder / "curves.png")
     return export_info
 
 
@@ -228,17 +198,8 @@ def export_text_to_store(model: nn.Module, *, name: str, pre: TextPreprocessor,
             model, staged, pre=pre, tokenizer_json=tokenizer_json, labels=labels,
             reference_texts=reference_texts, reference_labels=reference_labels, metrics=metrics,
             manifest=manifest, curves=curves, tolerance=tolerance)
-        metadata = {
-            "test_accuracy": metrics.get("test_accuracy"),
-            "val_accuracy": metrics.get("val_accuracy"),
-            "spec_hash": pre.spec.content_hash,
-            "tokenizer_sha256": pre.tokenizer_sha256,
-            "max_length": pre.spec.max_length,
-            "parity_max_abs_diff": info["max_abs_diff"],
-            "data_hash": manifest.get("data_hash"),
-            "opset": info["opset"],
-            "exporter": info["exporter"],
-            "num_classes": len(labels),
-        }
+        metadata = store_metadata(metrics, pre.spec, info, manifest, labels,
+                                  tokenizer_sha256=pre.tokenizer_sha256,
+                                  max_length=pre.spec.max_length)
         return save_staged(staged, name, files=TEXT_CONTRACT_FILES, task="text-classification",
                            metadata=metadata, store=store)

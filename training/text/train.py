@@ -66,15 +66,7 @@ class TextTrainResult:
 
     def metrics(self) -> dict[str, Any]:
         """metrics.json: the fields the service and the promotion step read."""
-        f = self.fit
-        return {
-            "test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
-            "val_accuracy": f.val_accuracy, "val_loss": f.val_loss, "best_epoch": f.best_epoch,
-            "epochs_run": f.epochs_run, "stopped_early": f.stopped_early,
-            "train_seconds": round(self.train_seconds, 2), "history": f.history,
-            "split_sizes": {"train": len(self.splits.train), "val": len(self.splits.val),
-                            "test": len(self.splits.test)},
-        }
+        return self.fit.metrics(self.test_loss, self.test_accuracy, self.splits, self.train_seconds)
 
 
 def load_data(cfg: TextTrainConfig) -> LabelledTexts:
