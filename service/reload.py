@@ -9,7 +9,9 @@ the old version finish on it (it drains, bounded by the request timeout), new re
 new one: no request fails during the switch. A version that fails to load (or to warm up) is
 refused: the old one keeps serving, the failure is logged and counted
 (``clf_model_reloads_total{result="failed"}``), and that version is not retried until the
-pointer moves again.
+pointer moves again. A worker that missed an intermediate version (the pointer moved twice
+between two of its checks) then falls back to the newest earlier production version in the
+pointer's history, so every worker ends on the same version.
 """
 
 from __future__ import annotations
@@ -82,14 +84,26 @@ class Reloader:
         self._seen = seen
         loop = asyncio.get_running_loop()
         try:
-            version = await loop.run_in_executor(None, registry.production, self.name)
+            pointer = await loop.run_in_executor(None, registry.read_pointer, self.name)
         except registry.RegistryError as exc:
             logger.error("hot reload of %s: cannot read the production pointer: %s", self.name, exc)
             self._reloads.labels(self.name, "failed").inc()
             return False
-        if version is None or version == self.slot.current.version or version == self._refused:
+        if pointer is None or pointer.version in (self.slot.current.version, self._refused):
             return False
-        return await self.reload(version)
+        if await self.reload(pointer.version):
+            self._refused = None
+            return True
+        self._refused = pointer.version
+        # Refused. A worker that missed the versions in between (the pointer moved twice
+        # between two checks) converges on the newest earlier production version it can load,
+        # so all workers end on the same one.
+        for older in pointer.history:
+            if older == self.slot.current.version:
+                break
+            if await self.reload(older):
+                return True
+        return False
 
     async def reload(self, version: str) -> bool:
         old = self.slot.current
@@ -106,13 +120,11 @@ class Reloader:
             logger.exception("hot reload: %s failed to load; %s:%s keeps serving", tag,
                              self.name, old.version)
             self._reloads.labels(self.name, "failed").inc()
-            self._refused = version
             if new is not None:
                 new.retire()
                 await new.stop()
             return False
         self.slot.current = new  # from here on, new requests go to the new version
-        self._refused = None
         old.retire()
         self._reloads.labels(self.name, "loaded").inc()
         logger.info("hot reload: %s serving; draining %s:%s", tag, self.name, old.version)

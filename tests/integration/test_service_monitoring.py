@@ -322,3 +322,26 @@ def test_a_shifted_text_mix_drifts_and_the_same_mix_does_not(setup, text_model, 
                             str(setup["log"]), "--since", iso(since), "--until", iso(until),
                             "--out", str(tmp_path / name), "--state", str(tmp_path / "state.json")])
     assert codes == {"same": 0, "shifted": 1}
+
+
+def test_a_worker_that_missed_a_version_falls_back_to_it_when_the_newest_is_refused(setup):
+    """The pointer moves twice between two checks (good, then broken): the worker refuses the
+    broken version and ends on the good one, like the workers that saw it in between."""
+    from service import registry
+
+    async def body(client, instance):
+        reloader = instance.reloaders[0]
+        start = instance.image.version
+        good = clone_version(setup["tag"], NAME, setup["tmp"])
+        broken = clone_version(setup["tag"], NAME, setup["tmp"], corrupt=True)
+        registry.promote(NAME, good, reason="test: missed by the worker")
+        registry.promote(NAME, broken, reason="test: cannot load")
+        swapped = await reloader.check()
+        again = await reloader.check()  # nothing moved: nothing retried
+        answer = (await client.post(IMAGE, content=b"", headers={"Content-Type": "image/png"}))
+        return start, good, swapped, again, instance.image.version, answer.status_code
+
+    start, good, swapped, again, serving, status = run(setup, body)
+    assert swapped and not again
+    assert serving == good != start
+    assert status == 422  # still serving (an empty body is the client's error)
