@@ -32,7 +32,7 @@ train-text: install
 	$(PY) -m training.text --model transformer
 
 serve: install
-	CLF_HOST=$(HOST) CLF_PORT=$(PORT) $(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)
+	$(VENV)/bin/bentoml serve service.service:Classifier --host $(HOST) --port $(PORT)
 
 demo: install
 	bash scripts/demo.sh
@@ -51,7 +51,7 @@ test-deps:
 # promotes its challenger only if it wins (training/retrain.py; RETRAIN_ARGS=--only-if-drifted ...).
 MODEL ?= digits-cnn
 models: install
-	$(PY) -m service.registry list $(MODEL)
+	$(PY) -m modelstore list $(MODEL)
 
 retrain: install
 	$(PY) -m training.retrain --model $(MODEL) $(RETRAIN_ARGS)
@@ -62,7 +62,7 @@ bento: install
 
 bench: install
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m tools.bench $(BENCH_ARGS)
 
 # Re-pin every package after changing pyproject.toml's dependencies.
 lock:

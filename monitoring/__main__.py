@@ -127,12 +127,11 @@ def _reference_folder(args: argparse.Namespace, version: str) -> Path:
     if args.store:
         os.environ["BENTOML_HOME"] = str(Path(args.store).resolve())  # read at bentoml's import
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    import bentoml
-    from bentoml.exceptions import NotFound
+    from modelstore.registry import RegistryError, version_path
 
     try:
-        return Path(bentoml.models.get(f"{args.model}:{version}").path)
-    except NotFound:
+        return version_path(f"{args.model}:{version}")
+    except RegistryError:
         raise CommandError(f"model {args.model}:{version} is not in the model store; pass "
                            "--store BENTOML_HOME or --reference VERSION_FOLDER") from None
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modelstore.layout import LABELS_FILE, REFERENCE_FILE
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -49,7 +51,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def load_reference(folder: str | Path) -> Reference:
     """Read ``reference.npz`` and ``labels.json`` from a model version folder."""
     folder = Path(folder)
-    npz_path, labels_path = folder / "reference.npz", folder / "labels.json"
+    npz_path, labels_path = folder / REFERENCE_FILE, folder / LABELS_FILE
     for path in (npz_path, labels_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: is {folder} an exported model version?")

@@ -1,7 +1,7 @@
 """Build the Bento with the PRODUCTION version of each model: ``make bento``.
 
 ``bentofile.yaml`` names models by tag, and a tag has no notion of "production", so this resolves
-each model name through the production pointer (``service/registry.py``) and builds from a copy
+each model name through the production pointer (``modelstore/registry.py``) and builds from a copy
 of ``bentofile.yaml`` with those exact versions. Offline: no lock against a remote index.
 
     python scripts/build_bento.py [--model digits-cnn] [--model lang-transformer] [--bentofile bentofile.yaml]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def resolved_bentofile(text: str, models: list[str]) -> str:
     """``bentofile.yaml`` with its ``models:`` list replaced by the production tags."""
-    from service import registry
+    from modelstore import registry
 
     tags = [registry.resolve(name) for name in models]
     lines, out, skipping = text.splitlines(), [], False
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", action="append", help="model name (repeatable; default digits-cnn)")
     p.add_argument("--bentofile", default=str(ROOT / "bentofile.yaml"))
     args = p.parse_args(argv)
-    from service.registry import RegistryError
+    from modelstore.registry import RegistryError
 
     try:
         text = resolved_bentofile(Path(args.bentofile).read_text(), args.model or ["digits-cnn"])

@@ -12,12 +12,12 @@ step "1/9 train and export the default image model (digits-cnn, scikit-learn's l
 $PY -m training
 # The first version of a name becomes production by itself; a later one is promoted by hand
 # (or by the retraining script). The demo serves what it just trained:
-$PY -m service.registry promote digits-cnn:latest --reason "make demo"
+$PY -m modelstore promote digits-cnn:latest --reason "make demo"
 
 step "2/9 train and export the fast text model (lang-transformer: language ID on generated sentences)"
 $PY -m training.text --model transformer
-$PY -m service.registry promote lang-transformer:latest --reason "make demo"
-$PY -m service.registry list digits-cnn | head -6
+$PY -m modelstore promote lang-transformer:latest --reason "make demo"
+$PY -m modelstore list digits-cnn | head -6
 
 step "3/9 sample images from the held-out test split"
 $PY scripts/demo_samples.py "$OUT/samples"

@@ -1,4 +1,5 @@
-"""Adaptive batching across concurrent requests, on the event loop of one worker.
+"""Adaptive batching across concurrent requests, on the event loop of one worker: step 4 of
+the request path (``service.py`` lists them all).
 
 The policy is greedy: when the model is free, everything queued (up to ``max_batch_size``) goes in
 one batch at once. While a batch runs in the model thread, new requests keep arriving and queue
@@ -7,10 +8,20 @@ large under pressure. ``max_queue_delay_s`` optionally holds a partial batch a l
 the wait is measured from the oldest item's arrival, so no item waits longer than that in total
 for company.
 
-Two optional hooks make the same loop serve a text model (``text_batching.py``): ``plan`` picks
-which queued items go into the next call (length grouping), ``collate`` builds the model input
-from their tensors (padding). Without them, the image path is the cheap default: up to
-``max_batch_size`` items from the front of the queue, ``np.stack``-ed.
+Two optional hooks make the same loop serve a text model: ``plan`` picks which queued items go
+into the next call (``LengthPlanner``: length grouping, below), ``collate`` builds the model
+input from their tensors (``PadCollate``: padding). Without them, the image path is the cheap
+default: up to ``max_batch_size`` items from the front of the queue, ``np.stack``-ed.
+
+Length grouping for a text model: a call costs about (texts x longest length) token slots,
+padding included, so one long text in a call of short ones makes every short one pay for its
+length. The planner takes the queue's oldest ``max_batch_size`` texts, sorts them by token length
+and cuts the sorted run into groups where (a) the call's padded size ``N x L`` stays within
+``max_batch_tokens`` and (b) at most ``max_padding`` of its token slots are padding. The group
+holding the oldest text goes into the next call (so no text starves behind a stream of shorter
+ones); the others go back to the front of the queue in their arrival order and are planned again
+when the model is free, together with whatever arrived meanwhile. Each call is padded to its own
+longest text.
 """
 
 from __future__ import annotations
@@ -20,9 +31,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from preprocessing import pad_ids
 
 from .runtime import Batch, Model, Outputs
 
@@ -163,3 +176,68 @@ class Batcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 return
+
+
+# ---- length grouping for text models ---------------------------------------------------
+
+# A model call has a fixed cost (session overhead, kernel launches) that a few pad tokens per
+# row do not outweigh: texts within this many tokens of the group's shortest always share a call.
+SLACK_TOKENS = 8
+
+
+def length_groups(lengths: Sequence[int], max_tokens: int, max_padding: float) -> list[list[int]]:
+    """Partition indices of ``lengths`` into model calls, each a run of the length-sorted order.
+
+    A group grows while ``N x longest <= max_tokens`` and its padding is at most ``max_padding``
+    of ``N x longest`` (or its lengths are within ``SLACK_TOKENS`` of each other). One text is
+    always a group of its own, whatever its length.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # stable: ties keep arrival order
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        longest = lengths[i]  # sorted ascending: a newcomer is the group's longest
+        if current:
+            padded = (len(current) + 1) * longest
+            waste = padded - real - longest
+            close = longest - lengths[current[0]] <= SLACK_TOKENS
+            if padded > max_tokens or (waste > max_padding * padded and not close):
+                groups.append(current)
+                current, real = [], 0
+        current.append(i)
+        real += longest
+    if current:
+        groups.append(current)
+    return groups
+
+
+class LengthPlanner:
+    """``Batcher`` plan hook: the next call's texts, grouped by length (see the module doc)."""
+
+    def __init__(self, max_tokens: int, max_padding: float) -> None:
+        self.max_tokens = max_tokens
+        self.max_padding = max_padding
+
+    def __call__(self, pending: "deque[_Item]", max_items: int) -> "list[_Item]":
+        n = min(len(pending), max_items)
+        if n == 1:
+            return [pending.popleft()]
+        candidates = [pending.popleft() for _ in range(n)]
+        groups = length_groups([len(c.tensor) for c in candidates], self.max_tokens,
+                               self.max_padding)
+        chosen = next(g for g in groups if 0 in g)  # the oldest queued text rides now
+        taken = set(chosen)
+        pending.extendleft(reversed([c for i, c in enumerate(candidates) if i not in taken]))
+        return [candidates[i] for i in chosen]
+
+
+class PadCollate:
+    """``Batcher`` collate hook: token id rows -> the text model's padded int64 inputs."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+        input_ids, attention_mask = pad_ids(rows, self.pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -8,12 +8,17 @@ class labels and error reasons, never request ids or file names.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .batching import BatchStats
+
+logger = logging.getLogger(__name__)
 
 NAMESPACE = "clf"
 
@@ -167,3 +172,37 @@ class ModelMetrics:
         self._infer.observe(stats.inference_seconds)
         for wait in stats.queue_waits:
             self._wait.observe(wait)
+
+
+class DriftRefresher:
+    """Copies the latest drift scores (``drift_latest.json`` next to the log, written by
+    ``python -m monitoring drift``) into this worker's ``clf_drift_*`` gauges periodically."""
+
+    def __init__(self, log_path: str | Path, every_s: float) -> None:
+        from monitoring.exporter import state_path_for
+
+        self.state_path = state_path_for(log_path)
+        self.every_s = every_s
+        self._gauges = drift_gauges()
+        self._task: asyncio.Task | None = None
+
+    def refresh(self) -> None:
+        try:
+            self._gauges.refresh(self.state_path)
+        except Exception:  # a half-written or foreign file must not take the worker down
+            logger.exception("could not read drift state %s", self.state_path)
+
+    def start(self) -> None:
+        self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="drift-gauges")
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.every_s)
+            await loop.run_in_executor(None, self.refresh)
+
+    async def stop(self) -> None:
+        from .batching import cancel_task
+
+        await cancel_task(self._task)

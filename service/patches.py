@@ -42,9 +42,9 @@ def isolate_metrics_dir() -> None:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         return  # a worker (or a caller that chose one): the directory is already decided
     try:
-        from bentoml._internal.configuration.containers import BentoMLContainer
+        from modelstore._bentoml import prometheus_multiproc_dir_provider
 
-        provider = BentoMLContainer.prometheus_multiproc_dir
+        provider = prometheus_multiproc_dir_provider()
     except (ImportError, AttributeError):
         logger.warning("BentoML changed: metrics directory not isolated (see service/patches.py)")
         return
@@ -83,7 +83,9 @@ async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None
 def apply() -> None:
     """Install the fix once; idempotent."""
     try:
-        from bentoml._internal.server.http.traffic import TimeoutMiddleware
+        from modelstore._bentoml import timeout_middleware_class
+
+        TimeoutMiddleware = timeout_middleware_class()
     except ImportError:
         logger.warning("BentoML TimeoutMiddleware not found; timer-leak fix not applied")
         return

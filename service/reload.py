@@ -1,7 +1,7 @@
 """Hot reload: a worker follows its model's production pointer without a restart.
 
 A model named without a version (``CLF_IMAGE_MODEL=digits-cnn``) tracks the production pointer
-that ``python -m service.registry promote`` (or a retraining) moves. Every
+that ``python -m modelstore promote`` (or a retraining) moves. Every
 ``CLF_RELOAD_INTERVAL_S`` each worker stats the pointer file; when the production version
 changes it loads the new version beside the old one (its own ONNX Runtime session, batcher and
 warm-up, off the event loop), then swaps it in with one assignment. Requests that already hold
@@ -20,10 +20,11 @@ import asyncio
 import logging
 from typing import Callable
 
-from .api import Slot
+from modelstore import registry
+
 from .batching import cancel_task
-from .classifier import BaseClassifier
 from .metrics import get_metrics
+from .served import ServedModel, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,11 @@ def tracks_production(tag: str) -> bool:
 
 
 class Reloader:
-    def __init__(self, slot: Slot, name: str, build: Callable[[str], BaseClassifier],
+    def __init__(self, slot: Slot, name: str, build: Callable[[str], ServedModel],
                  interval_s: float, warmup_batches: int, drain_timeout_s: float) -> None:
         self.slot = slot
         self.name = name
-        self.build = build  # "name:version" -> an unstarted classifier (runs in a thread)
+        self.build = build  # "name:version" -> an unstarted served model (runs in a thread)
         self.interval_s = interval_s
         self.warmup_batches = warmup_batches
         self.drain_timeout_s = drain_timeout_s
@@ -56,8 +57,6 @@ class Reloader:
         await cancel_task(self._task)
 
     def _stat(self) -> tuple[int, int] | None:
-        from . import registry
-
         try:
             st = registry.pointer_path(self.name).stat()
         except FileNotFoundError:
@@ -76,8 +75,6 @@ class Reloader:
 
     async def check(self) -> bool:
         """Reload if the production version moved; True when a new version was swapped in."""
-        from . import registry
-
         seen = self._stat()
         if seen == self._seen:
             return False
@@ -109,7 +106,7 @@ class Reloader:
         old = self.slot.current
         tag = f"{self.name}:{version}"
         logger.info("hot reload: loading %s (serving %s:%s)", tag, self.name, old.version)
-        new: BaseClassifier | None = None
+        new: ServedModel | None = None
         try:
             new = await asyncio.get_running_loop().run_in_executor(None, self.build, tag)
             if new.labels != old.labels:

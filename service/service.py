@@ -1,12 +1,28 @@
 """The BentoML service: ``bentoml serve service.service:Classifier``.
 
+A request, in the order it travels (the bare path, prediction log off, is these six files):
+
+  1. ``app.py``         the ASGI shell BentoML mounts at ``/v1``: exact route table, body read
+                        within the size limit, error reason -> HTTP status in one table
+  2. ``requests.py``    the body, query and headers parsed: images, texts, top_k, slice tags
+  3. ``served.py``      the served model: preprocess -> infer -> answer (OOD score, top-k,
+                        metrics, prediction log record)
+  4. ``preprocessing/`` the shared preprocessing, built from the artifact's spec (``image.py``
+                        decode + tensor; ``text.py`` normalise + tokenize)
+  5. ``batching.py``    the adaptive batcher: this request's tensors join the next model call
+  6. ``runtime.py``     the ONNX Runtime session that runs the batch
+
+With the prediction log on, ``recording.py`` writes each answer's record before it is sent.
+Around the path: ``settings.py`` (every ``CLF_*`` setting and its default), ``metrics.py``
+(every Prometheus metric), ``reload.py`` (hot reload of promoted versions), ``patches.py``
+(two fixes to BentoML 1.4), and this file, which builds it all.
+
 Settings are read and validated when BentoML imports this module (a bad value stops start-up
 before any worker forks); the models (image, text, or both side by side, each with its own ONNX
 Runtime session and batcher) load in each worker's ``__init__``, the batchers start and warm up
 in the startup hook, and ``/readyz`` answers 200 only after all of them have. Each worker also
 opens the prediction log (``CLF_PREDICTION_LOG``), refreshes the drift gauges from the latest
-drift report, and follows the production pointer of models named without a version (hot
-reload, ``reload.py``).
+drift report, and follows the production pointer of models named without a version.
 """
 
 from __future__ import annotations
@@ -17,22 +33,24 @@ import os
 
 import bentoml
 
+from modelstore import registry
+from modelstore.artifact import Artifact, load_artifact, text_preprocessor
+
 from . import patches
-from .api import ClassifyAPI, Slot
-from .artifact import Artifact, load_artifact, text_preprocessor
-from .classifier import BaseClassifier, ImageClassifier
-from .monitor import DriftRefresher, PredictionLogger, load_ood
+from .app import App
+from .metrics import DriftRefresher
+from .recording import PredictionRecorder
 from .reload import Reloader, tracks_production
 from .runtime import TEXT_INPUTS, Model, NoopModel, OnnxModel
+from .served import ServedImageModel, ServedModel, ServedTextModel, Slot
 from .settings import Settings, SettingsError
-from .text_classifier import TextClassifier
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 SETTINGS = Settings.from_env()
 patches.apply()  # BentoML's per-request timer leak (see patches.py); before any app is built
 patches.isolate_metrics_dir()  # this server's /metrics counts this server only
-api = ClassifyAPI()
+api = App()
 logger = logging.getLogger("service")
 
 
@@ -50,9 +68,9 @@ class Classifier:
     def __init__(self) -> None:
         logging.getLogger("service").setLevel(SETTINGS.log_level)
         logger.info("settings: %s", SETTINGS.to_dict())
-        self.log = _prediction_logger()
-        builders = {"image": lambda tag: _image_classifier(tag, self.log),
-                    "text": lambda tag: _text_classifier(tag, self.log)}
+        self.recorder = _prediction_recorder()
+        builders = {"image": lambda tag: _image_model(tag, self.recorder),
+                    "text": lambda tag: _text_model(tag, self.recorder)}
         tags = {"image": SETTINGS.image_model, "text": SETTINGS.text_model}
         self.slots: dict[str, Slot] = {}
         self.reloaders: list[Reloader] = []
@@ -67,32 +85,27 @@ class Classifier:
                     SETTINGS.request_timeout_s))
         self.drift = (DriftRefresher(SETTINGS.prediction_log, SETTINGS.drift_refresh_s)
                       if SETTINGS.prediction_log and SETTINGS.drift_refresh_s > 0 else None)
-        api.bind(self.slots.get("image"), self.slots.get("text"),
-                 max_body_bytes=SETTINGS.max_body_bytes,
-                 max_images=SETTINGS.max_images_per_request,
-                 max_texts=SETTINGS.max_texts_per_request, top_k=SETTINGS.top_k,
-                 slice_rules=SETTINGS.slice_rules(),
-                 log=self.log.log if self.log is not None else None,
-                 feedback_token=SETTINGS.feedback_token)
+        api.bind(self.slots, SETTINGS,
+                 prediction_log=self.recorder.store if self.recorder is not None else None)
 
     @property
-    def image(self) -> ImageClassifier | None:
+    def image(self) -> ServedImageModel | None:
         slot = self.slots.get("image")
         return None if slot is None else slot.current
 
     @property
-    def text(self) -> TextClassifier | None:
+    def text(self) -> ServedTextModel | None:
         slot = self.slots.get("text")
         return None if slot is None else slot.current
 
     @property
-    def models(self) -> list[BaseClassifier]:
+    def models(self) -> list[ServedModel]:
         return [slot.current for slot in self.slots.values()]
 
     @bentoml.on_startup
     async def start_batcher(self) -> None:
-        if self.log is not None:
-            self.log.start()
+        if self.recorder is not None:
+            self.recorder.start()
         for model in self.models:
             await model.start(SETTINGS.warmup_batches)
         for reloader in self.reloaders:
@@ -113,8 +126,8 @@ class Classifier:
             await self.drift.stop()
         for model in self.models:
             await model.stop()
-        if self.log is not None:
-            await self.log.stop()
+        if self.recorder is not None:
+            await self.recorder.stop()
 
     def __is_ready__(self) -> bool:
         return all(model.ready for model in self.models)
@@ -124,24 +137,22 @@ def _resolve(tag: str) -> str:
     """A tag that follows production -> its production version now (latest if none yet)."""
     if not tracks_production(tag):
         return tag
-    from . import registry
-
     try:
         return registry.resolve(tag)
     except registry.RegistryError as exc:
         raise SettingsError(str(exc)) from None
 
 
-def _prediction_logger() -> PredictionLogger | None:
+def _prediction_recorder() -> PredictionRecorder | None:
     if not SETTINGS.prediction_log:
         return None
     from monitoring.store import PredictionLog
 
-    log = PredictionLog(SETTINGS.prediction_log, synchronous=SETTINGS.log_synchronous,
-                        max_slice_values=SETTINGS.slice_max_values)
-    logger.info("prediction log: %s", log.path.resolve())
-    return PredictionLogger(log, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes,
-                            SETTINGS.log_input_sample)
+    store = PredictionLog(SETTINGS.prediction_log, synchronous=SETTINGS.log_synchronous,
+                          max_slice_values=SETTINGS.slice_max_values)
+    logger.info("prediction log: %s", store.path.resolve())
+    return PredictionRecorder(store, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes,
+                              SETTINGS.log_input_sample)
 
 
 def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
@@ -156,24 +167,39 @@ def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
 
 
 def _ood(artifact: Artifact, model: Model):
-    return load_ood(artifact, getattr(model, "embedding_dim", None))
+    """The artifact's OOD scorer, calibrated on its validation profile; None (logged) when the
+    profile is missing or does not match what the model returns (e.g. the no-op runtime)."""
+    from monitoring.ood import fit_ood
+    from monitoring.reference import load_reference
+
+    try:
+        scorer = fit_ood(load_reference(artifact.path))
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        logger.warning("%s:%s: no OOD flags (%s)", artifact.name, artifact.version, exc)
+        return None
+    dim = getattr(model, "embedding_dim", None)
+    if dim is not None and dim != scorer.dim:
+        logger.warning("%s:%s: no OOD flags: the model returns %d-d embeddings, the reference "
+                       "profile has %d-d", artifact.name, artifact.version, dim, scorer.dim)
+        return None
+    return scorer
 
 
-def _image_classifier(tag: str, log: PredictionLogger | None = None) -> ImageClassifier:
+def _image_model(tag: str, recorder: PredictionRecorder | None = None) -> ServedImageModel:
     artifact = load_artifact(tag, "image")
     model = _model(artifact, ("input",))
-    return ImageClassifier(
+    return ServedImageModel(
         artifact,
         model,
         max_batch_size=SETTINGS.max_batch_size,
         max_queue_delay_s=SETTINGS.max_queue_delay_ms / 1000.0,
         max_pixels=SETTINGS.max_image_pixels,
-        log=log,
+        recorder=recorder,
         ood=_ood(artifact, model),
     )
 
 
-def _text_classifier(tag: str, log: PredictionLogger | None = None) -> TextClassifier:
+def _text_model(tag: str, recorder: PredictionRecorder | None = None) -> ServedTextModel:
     artifact = load_artifact(tag, "text")
     preprocessor = text_preprocessor(artifact)
     if SETTINGS.max_batch_tokens < preprocessor.spec.max_length:
@@ -181,7 +207,7 @@ def _text_classifier(tag: str, log: PredictionLogger | None = None) -> TextClass
             f"CLF_MAX_BATCH_TOKENS={SETTINGS.max_batch_tokens} is below {artifact.name}'s "
             f"max_length of {preprocessor.spec.max_length} tokens; raise it to at least that")
     model = _model(artifact, TEXT_INPUTS)
-    return TextClassifier(
+    return ServedTextModel(
         artifact,
         model,
         preprocessor,
@@ -189,6 +215,6 @@ def _text_classifier(tag: str, log: PredictionLogger | None = None) -> TextClass
         max_batch_tokens=SETTINGS.max_batch_tokens,
         max_padding=SETTINGS.max_padding_fraction,
         max_queue_delay_s=SETTINGS.max_queue_delay_ms / 1000.0,
-        log=log,
+        recorder=recorder,
         ood=_ood(artifact, model),
     )

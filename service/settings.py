@@ -23,7 +23,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     # Which models to serve: a BentoML model tag; "" disables. A bare name (or name:production)
-    # serves the production version (service/registry.py; the latest when none is set) and
+    # serves the production version (modelstore/registry.py; the latest when none is set) and
     # follows it when it is promoted (hot reload); "name:version" pins one version. One service
     # serves both side by side (each with its own session and batcher); at least one.
     image_model: str = "digits-cnn"
@@ -76,9 +76,7 @@ class Settings:
     # Hot reload: how often each worker checks the production pointer of a model named without
     # a version (CLF_IMAGE_MODEL=digits-cnn); 0 = never. A pinned "name:version" never reloads.
     reload_interval_s: float = 2.0
-    # Serving.
-    host: str = "127.0.0.1"
-    port: int = 3000
+    # Serving (the host and port are bentoml serve's --host and --port).
     warmup_batches: int = 3
     request_timeout_s: float = 60.0
     log_level: str = "INFO"
@@ -125,7 +123,6 @@ class Settings:
             (self.slice_max_values >= 1, "CLF_SLICE_MAX_VALUES must be >= 1"),
             (self.drift_refresh_s >= 0, "CLF_DRIFT_REFRESH_S must be >= 0 (0 = off)"),
             (self.reload_interval_s >= 0, "CLF_RELOAD_INTERVAL_S must be >= 0 (0 = off)"),
-            (0 < self.port < 65536, "CLF_PORT must be a TCP port"),
             (self.warmup_batches >= 0, "CLF_WARMUP_BATCHES must be >= 0"),
             (self.request_timeout_s > 0, "CLF_REQUEST_TIMEOUT_S must be > 0"),
             (bool(self.image_model or self.text_model),

@@ -107,16 +107,17 @@ def clone_version(tag: str, name: str, work: Path, corrupt: bool = False) -> str
 
     import bentoml
 
-    from training.export import CONTRACT_FILES, save_staged
+    from modelstore.layout import IMAGE_FILES, MODEL_FILE
+    from modelstore.store import save_version
 
     source = Path(bentoml.models.get(tag).path)
     staged = Path(tempfile.mkdtemp(prefix="stage-", dir=work))
-    for file in CONTRACT_FILES:
+    for file in IMAGE_FILES:
         shutil.copyfile(source / file, staged / file)
     if corrupt:
-        (staged / "model.onnx").write_bytes(b"this is not an onnx graph")
+        (staged / MODEL_FILE).write_bytes(b"this is not an onnx graph")
     task = bentoml.models.get(tag).info.labels.get("task", "image-classification")
-    return str(save_staged(staged, name, files=CONTRACT_FILES, task=task, metadata={}).version)
+    return str(save_version(staged, name, files=IMAGE_FILES, task=task, metadata={}).version)
 
 
 def png_bytes(array, mode: str | None = None) -> bytes:

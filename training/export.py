@@ -1,8 +1,9 @@
 """ONNX export, a PyTorch/ONNX Runtime parity check, and saving the artifact to BentoML's store.
 
 The files written into the model store entry are the contract the service reads (see
-``CONTRACT_FILES``). Nothing is saved unless the exported graph passes ``onnx.checker`` and
-agrees with PyTorch to ``PARITY_TOLERANCE`` (cf. timm's onnx_validate.py).
+``CONTRACT_FILES``: ``modelstore.layout.IMAGE_FILES``); ``modelstore.store.save_version`` writes
+the version. Nothing is saved unless the exported graph passes ``onnx.checker`` and agrees with
+PyTorch to ``PARITY_TOLERANCE`` (cf. timm's onnx_validate.py).
 """
 
 from __future__ import annotations
@@ -25,20 +26,23 @@ import torch
 from PIL import Image
 from torch import nn
 
+from modelstore.layout import (CURVES_FILE, EXPORT_FILE, IMAGE_FILES, LABELS_FILE,
+                               MANIFEST_FILE, METRICS_FILE, MODEL_FILE, REFERENCE_FILE, SPEC_FILE)
+from modelstore.store import save_version
 from preprocessing import IMAGE_FEATURES, ImageSpec, decode_image, image_features, image_to_array
 
 if TYPE_CHECKING:  # bentoml and onnxruntime are heavy; imported where used
     import bentoml
     import onnx
     import onnxruntime as ort
-    from bentoml._internal.models import ModelStore
+
+    from modelstore import ModelStore
 
 ONNX_OPSET = 18
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCHES = (1, 7, 64)
 INPUT_NAME, OUTPUT_NAMES = "input", ("logits", "embedding")
-CONTRACT_FILES = ("model.onnx", "spec.json", "labels.json", "metrics.json", "export.json",
-                  "manifest.json", "reference.npz", "curves.png")
+CONTRACT_FILES = IMAGE_FILES
 
 log = logging.getLogger("training")
 
@@ -254,7 +258,7 @@ def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: S
 
     Raises ``ExportError`` before anything is written beyond the candidate model.onnx.
     """
-    onnx_path = folder / "model.onnx"
+    onnx_path = folder / MODEL_FILE
     exporter = export_onnx(model, spec.input_shape, onnx_path)
     opset = check_onnx(onnx_path, spec.input_shape)
     session = ort_session(onnx_path)
@@ -285,16 +289,16 @@ def write_contract_files(folder: Path, *, spec: Any, labels: Sequence[str],
                          manifest: dict[str, Any], profile: dict[str, np.ndarray],
                          curves: str | Path | None) -> None:
     """Every contract file but model.onnx (already there) and a text model's tokenizer."""
-    np.savez(folder / "reference.npz", **profile)
-    (folder / "spec.json").write_text(spec.to_json() + "\n")
-    _write_json(folder / "labels.json", list(labels))
-    _write_json(folder / "metrics.json", metrics)
-    _write_json(folder / "export.json", export_info)
-    _write_json(folder / "manifest.json", manifest)
+    np.savez(folder / REFERENCE_FILE, **profile)
+    (folder / SPEC_FILE).write_text(spec.to_json() + "\n")
+    _write_json(folder / LABELS_FILE, list(labels))
+    _write_json(folder / METRICS_FILE, metrics)
+    _write_json(folder / EXPORT_FILE, export_info)
+    _write_json(folder / MANIFEST_FILE, manifest)
     if curves is not None:
-        shutil.copyfile(curves, folder / "curves.png")
+        shutil.copyfile(curves, folder / CURVES_FILE)
     else:
-        _blank_png(folder / "curves.png")
+        _blank_png(folder / CURVES_FILE)
 
 
 def store_metadata(metrics: dict[str, Any], spec: Any, export_info: dict[str, Any],
@@ -339,27 +343,6 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
             reference_labels=reference_labels, metrics=metrics, manifest=manifest,
             curves=curves, tolerance=tolerance)
         metadata = store_metadata(metrics, spec, export_info, manifest, labels)
-        return save_staged(staged, name, files=CONTRACT_FILES, task="image-classification",
-                           metadata=metadata, store=store)
+        return save_version(staged, name, files=CONTRACT_FILES, task="image-classification",
+                            metadata=metadata, store=store, logger=log)
 
-
-def save_staged(staged: Path, name: str, *, files: Sequence[str], task: str,
-                metadata: dict[str, Any], store: "ModelStore | None" = None) -> "bentoml.Tag":
-    """Copy checked ``files`` from ``staged`` into a new version of ``name`` in the model store;
-    the first version of a name is made production (``service.registry.ensure_production``)."""
-    import bentoml
-
-    metadata = {k: v for k, v in metadata.items() if v is not None}  # bentoml refuses None
-    # ``_model_store`` is create()'s injection point (bentoml's own tests use it); without
-    # it the store is the process-wide $BENTOML_HOME one, fixed at first use.
-    extra = {} if store is None else {"_model_store": store}
-    with bentoml.models.create(name, labels={"task": task}, metadata=metadata,
-                               **extra) as bento_model:
-        for filename in files:
-            shutil.copyfile(staged / filename, Path(bento_model.path) / filename)
-    from service.registry import ensure_production  # stdlib + bentoml only
-
-    # The first export of a name becomes production; later ones wait for `registry promote`.
-    if ensure_production(name, str(bento_model.tag.version), store=store) is not None:
-        log.info("%s is the first version of %s: it is production now", bento_model.tag, name)
-    return bento_model.tag

@@ -1,11 +1,12 @@
 """The benchmark's reference model: the peers' ResNet-10-style CNN, random weights, same contract.
 
-It mirrors /work/shared/peers-bench/export_model.py: a 3x3 stem and four stages of one BasicBlock
-(16/32/64/128 channels, stride 2 from the second stage), global average pool, FC to 10 classes;
-float32 [N,3,64,64], 309k parameters, about 0.1 GFLOP per image. Layers are created in the peers'
-order and seeded with the peers' seed, and BatchNorm gets the peers' fixed non-trivial running
-statistics, so the weights are theirs and so are the logits (only the export path differs).
-Our forward also returns the pooled 128-d features as ``embedding``, like every model we serve.
+It mirrors the peers benchmark's ``export_model.py`` (``shared/peers-bench`` beside the
+repository): a 3x3 stem and four stages of one BasicBlock (16/32/64/128 channels, stride 2 from
+the second stage), global average pool, FC to 10 classes; float32 [N,3,64,64], 309k parameters,
+about 0.1 GFLOP per image. Layers are created in the peers' order and seeded with the peers'
+seed, and BatchNorm gets the peers' fixed non-trivial running statistics, so the weights are
+theirs and so are the logits (only the export path differs). Our forward also returns the pooled
+128-d features as ``embedding``, like every model we serve.
 
     python -m training.reference_model --name bench-resnet
 """
@@ -31,7 +32,8 @@ from .models import conv_stem, count_parameters, residual_stages
 
 if TYPE_CHECKING:
     import bentoml
-    from bentoml._internal.models import ModelStore
+
+    from modelstore import ModelStore
 
 PEERS_SEED = 20241124  # export_model.py's SEED: same seed -> same weights as the peers' model
 WIDTHS = (16, 32, 64, 128)

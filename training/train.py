@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from modelstore.layout import CURVES_FILE, EXPORT_FILE, METRICS_FILE
 from preprocessing import ImageSpec
 
 from . import cli, distributed
@@ -29,7 +30,8 @@ from .models import CNNConfig, build_model, count_parameters
 
 if TYPE_CHECKING:
     import bentoml
-    from bentoml._internal.models import ModelStore
+
+    from modelstore import ModelStore
 
 log = logging.getLogger("training")
 
@@ -122,8 +124,8 @@ def train_and_export(cfg: TrainConfig, store: "ModelStore | None" = None
     result = train(cfg)
     if not distributed.is_main():
         return result, None
-    curves = plot_curves(result.fit.history, out / "curves.png")
-    (out / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+    curves = plot_curves(result.fit.history, out / CURVES_FILE)
+    (out / METRICS_FILE).write_text(json.dumps(result.metrics(), indent=2) + "\n")
     tag = export_result(result, curves=curves, store=store)
     return result, tag
 
@@ -132,7 +134,7 @@ def summary(result: TrainResult, tag: "bentoml.Tag", seconds: float) -> str:
     """The lines the CLI prints at the end, parity read back from the saved entry."""
     import bentoml
 
-    export_info = json.loads(Path(bentoml.models.get(tag).path_of("export.json")).read_text())
+    export_info = json.loads(Path(bentoml.models.get(tag).path_of(EXPORT_FILE)).read_text())
     f = result.fit
     return "\n".join([
         f"test accuracy  {result.test_accuracy:.4f}  (val {f.val_accuracy:.4f}, best epoch "

@@ -100,7 +100,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def test_a_promoted_version_takes_over_under_load_with_no_failed_request(served, digit_pngs):
-    from service import registry
+    from modelstore import registry
 
     server = served["server"]
     url = f"{server.url}/v1/classify/image"

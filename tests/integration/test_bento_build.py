@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_bento_holds_the_production_version_and_no_torch(digits_model, bentoml_home):
-    from service import registry
+    from modelstore import registry
     from scripts.build_bento import resolved_bentofile
 
     name = digits_model.tag.split(":")[0]
@@ -29,7 +29,7 @@ def test_the_bento_holds_the_production_version_and_no_torch(digits_model, bento
     bento = bentos[-1]
     # BentoML 1.4 references the model by tag (containerize and export carry it along)
     assert f"- tag: {production}\n" in (bento / "bento.yaml").read_text()
-    for module in ("service/service.py", "service/registry.py", "preprocessing/text.py",
+    for module in ("service/service.py", "modelstore/registry.py", "preprocessing/text.py",
                    "monitoring/store.py"):
         assert (bento / "src" / module).exists(), module
     assert not (bento / "src" / "training").exists()

@@ -183,7 +183,7 @@ def test_cli_exit_codes_and_outputs(model, unseen, digits_model, tmp_path) -> No
 def test_a_large_window_against_a_small_reference_is_not_flagged() -> None:
     """Evidently's goodness-of-fit chi-square flags this (the reference's own sampling noise at
     50k rows); the two-sample test the report uses must not."""
-    from monitoring.scale_bench import reference_frame as synthetic_frame
+    from tools.scale_bench import reference_frame as synthetic_frame
 
     rng = np.random.default_rng(3)
     reference, window = synthetic_frame(270, rng), synthetic_frame(50_000, rng)

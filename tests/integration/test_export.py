@@ -29,9 +29,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
     """A model store in a temp folder: the user's ~/bentoml is never touched."""
-    from bentoml._internal.models import ModelStore
+    from modelstore import open_store
 
-    return ModelStore(str(tmp_path_factory.mktemp("bentoml-models")))
+    return open_store(tmp_path_factory.mktemp("bentoml-models"))
 
 
 @pytest.fixture(scope="module")

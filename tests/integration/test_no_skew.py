@@ -52,7 +52,7 @@ def test_training_and_serving_tensors_are_bit_identical(served, digits_model, di
     training_path = [ImageDataset(data, spec)[i][0].numpy() for i in range(len(blobs))]
 
     instance = served.Classifier()
-    serving_path, _features = instance.image.preprocess(blobs)
+    serving_path = instance.image.preprocess(blobs).tensors
     for train_x, serve_x in zip(training_path, serving_path):
         assert train_x.dtype == serve_x.dtype == np.float32
         assert train_x.shape == serve_x.shape == spec.input_shape

@@ -40,13 +40,13 @@ class Setup:
 
     @property
     def store(self) -> Any:
-        from bentoml._internal.models.model import ModelStore
+        from modelstore import open_store
 
-        return ModelStore(str(self.models))
+        return open_store(self.models)
 
     def snapshot(self) -> tuple[Any, list[str]]:
         """The production pointer and the store's versions of the name."""
-        from service import registry
+        from modelstore import registry
 
         versions = sorted(v.version for v in registry.list_versions(self.name, self.store))
         return registry.read_pointer(self.name, self.store), versions
@@ -73,8 +73,7 @@ def log_traffic(path: Path, model: str, version: str, inputs: list[bytes],
 
 @pytest.fixture(scope="module")
 def image_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    from bentoml._internal.models.model import ModelStore
-
+    from modelstore import open_store
     from training.config import TrainConfig
     from training.data import digits_images, stratified_subset
     from training.train import train_and_export
@@ -83,7 +82,7 @@ def image_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     cfg = TrainConfig(model_name=IMAGE_NAME, limit=300, epochs=1, warmup_epochs=0.5,
                       widths=(8, 16, 32), embedding_dim=32, progress=False,
                       out_dir=str(root / "train"))
-    _, tag = train_and_export(cfg, store=ModelStore(str(root / "models")))
+    _, tag = train_and_export(cfg, store=open_store(root / "models"))
     # Traffic: 300 digits outside the champion's 300-image subset (so outside its test split).
     digits = digits_images()
     seen = set(stratified_subset(digits, cfg.limit, cfg.seed).names)
@@ -154,7 +153,8 @@ def test_a_slice_regression_blocks_promotion(image_setup: Setup, promoted: tuple
     rows the better model gets right and the worse one wrong. With the better one as champion
     and any overall result accepted (margin -1), the slice alone keeps the worse one out."""
     from training.data import digits_images
-    from training.retrain_eval import Rules, accuracy_table, compare, decide, predict
+    from training.retrain.evaluate import accuracy_table, compare, predict
+    from training.retrain.gate import Rules, decide
 
     _, record, _ = promoted
     better = image_setup.models / IMAGE_NAME / record["challenger"]["version"]
@@ -339,8 +339,7 @@ def test_a_retraining_killed_midway_leaves_production_untouched(image_setup: Set
 
 @pytest.fixture(scope="module")
 def text_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    from bentoml._internal.models.model import ModelStore
-
+    from modelstore import open_store
     from training.text.config import TextTrainConfig
     from training.text.demo import demo_texts
     from training.text.train import train_and_export
@@ -349,7 +348,7 @@ def text_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     cfg = TextTrainConfig(model="transformer", model_name=TEXT_NAME, demo_per_class=40,
                           limit=440, epochs=1, vocab_size=600, d_model=32, layers=1, heads=2,
                           ff_dim=64, max_length=64, progress=False, out_dir=str(root / "train"))
-    _, tag = train_and_export(cfg, store=ModelStore(str(root / "models")))
+    _, tag = train_and_export(cfg, store=open_store(root / "models"))
     fresh = demo_texts(50, seed=7)  # another seed: other texts than the champion's
     log_traffic(root / "predictions.db", TEXT_NAME, str(tag.version),
                 [t.encode() for t in fresh.texts[:300]],

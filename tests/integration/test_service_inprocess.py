@@ -138,7 +138,7 @@ def test_large_uploads_are_decoded_off_the_event_loop(service_module, digit_pngs
     import threading
 
     # Four digit PNGs are ~3 KB: over a 1,000-byte threshold, so they go to the decode pool.
-    monkeypatch.setattr("service.classifier.INLINE_DECODE_BYTES", 1000)
+    monkeypatch.setattr("service.served.INLINE_DECODE_BYTES", 1000)
 
     async def body(client, instance):
         threads = []

@@ -180,7 +180,7 @@ def test_a_log_that_cannot_be_written_answers_503_and_the_server_recovers(setup,
     data = digit_pngs[0][0]
 
     async def body(client, instance):
-        log = instance.log.log
+        log = instance.recorder.store
         real = log.write_batch
 
         def broken(records):
@@ -218,7 +218,7 @@ def test_drift_gauges_show_the_latest_report(setup):
 def test_hot_reload_swaps_a_promoted_version_under_load_and_refuses_a_broken_one(setup, digit_pngs):
     from prometheus_client import REGISTRY
 
-    from service import registry
+    from modelstore import registry
 
     second = clone_version(setup["tag"], NAME, setup["tmp"])
     broken = clone_version(setup["tag"], NAME, setup["tmp"], corrupt=True)
@@ -327,7 +327,7 @@ def test_a_shifted_text_mix_drifts_and_the_same_mix_does_not(setup, text_model, 
 def test_a_worker_that_missed_a_version_falls_back_to_it_when_the_newest_is_refused(setup):
     """The pointer moves twice between two checks (good, then broken): the worker refuses the
     broken version and ends on the good one, like the workers that saw it in between."""
-    from service import registry
+    from modelstore import registry
 
     async def body(client, instance):
         reloader = instance.reloaders[0]

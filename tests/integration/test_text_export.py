@@ -40,9 +40,9 @@ ODD_TEXTS = [
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
-    from bentoml._internal.models import ModelStore
+    from modelstore import open_store
 
-    return ModelStore(str(tmp_path_factory.mktemp("bentoml-text-models")))
+    return open_store(tmp_path_factory.mktemp("bentoml-text-models"))
 
 
 @pytest.fixture(scope="module")

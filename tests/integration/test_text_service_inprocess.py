@@ -162,7 +162,7 @@ def test_bad_text_input_is_a_4xx_and_the_next_request_is_served(service_module, 
 
 
 def test_a_model_of_the_wrong_kind_stops_start_up_naming_the_right_setting(text_model):
-    from service.artifact import ArtifactError, load_artifact
+    from modelstore.artifact import ArtifactError, load_artifact
 
     with pytest.raises(ArtifactError, match="a text model; serve it with CLF_TEXT_MODEL"):
         load_artifact(text_model.tag, "image")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from preprocessing import InputError
-from service.multipart import boundary_of, parse_multipart
+from service.requests import RequestError as InputError
+from service.requests import boundary_of, parse_multipart
 
 
 def _encode(files) -> tuple[bytes, str]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from training.retrain import RetrainConfig
-from training.retrain_data import Pool, RetrainData, hash_part, split_by_hash
-from training.retrain_eval import Rules, accuracy_table, compare, decide
+from training.retrain.data import Pool, RetrainData, hash_part, split_by_hash
+from training.retrain.evaluate import accuracy_table, compare
+from training.retrain.gate import Rules, decide
 
 
 def table(champion: float, challenger: float, count: int = 200,

@@ -1,4 +1,4 @@
-"""The text route over a real ``TextClassifier`` with a no-op model: every bad input of the
+"""The text route over a real ``ServedTextModel`` with a no-op model: every bad input of the
 issue's list gets its 4xx (and the next request is served), without training anything."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import httpx
 import pytest
 
 from preprocessing import TextPreprocessor, TextSpec
-from service.api import ClassifyAPI
-from service.artifact import Artifact
+from modelstore.artifact import Artifact
+from service.app import App
 from service.runtime import TEXT_INPUTS, NoopModel
-from service.text_classifier import TextClassifier
+from service.served import ServedTextModel, Slot
+from service.settings import Settings
 
 URL = "http://test/v1/classify/text"
 LABELS = ("de", "en", "fr")
@@ -34,10 +35,12 @@ def preprocessor() -> TextPreprocessor:
 def serve(preprocessor: TextPreprocessor, body, max_texts: int = 4):
     async def main():
         artifact = Artifact("lang-unit", "v1", Path("."), preprocessor.spec, LABELS, {})
-        text = TextClassifier(artifact, NoopModel(3, 1, TEXT_INPUTS), preprocessor,
+        text = ServedTextModel(artifact, NoopModel(3, 1, TEXT_INPUTS), preprocessor,
                               max_batch_size=8, max_batch_tokens=256, max_padding=0.25)
-        api = ClassifyAPI()
-        api.bind(None, text, max_body_bytes=10_000, max_images=4, max_texts=max_texts, top_k=2)
+        api = App()
+        api.bind({"text": Slot(text)}, Settings(image_model="", text_model="lang-unit",
+                 max_body_bytes=10_000, max_images_per_request=4,
+                 max_texts_per_request=max_texts, top_k=2))
         await text.start(warmup_batches=3)
         try:
             transport = httpx.ASGITransport(app=api)

@@ -10,7 +10,7 @@ import pytest
 
 from service.batching import Batcher, _Item
 from service.runtime import Outputs
-from service.text_batching import SLACK_TOKENS, LengthPlanner, PadCollate, length_groups
+from service.batching import SLACK_TOKENS, LengthPlanner, PadCollate, length_groups
 
 PAD = 0
 

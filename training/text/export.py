@@ -17,19 +17,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from modelstore.layout import MODEL_FILE, TEXT_FILES, TOKENIZER_FILE
+from modelstore.store import save_version
 from preprocessing import TEXT_FEATURES, TextPreprocessor, text_features
 
-from ..export import (CONTRACT_FILES, ONNX_OPSET, OUTPUT_NAMES, PARITY_TOLERANCE, ExportError,
-                      _quiet_exporter, check_export, checked_graph, ort_session, profile_arrays, save_staged,
+from ..export import (ONNX_OPSET, OUTPUT_NAMES, PARITY_TOLERANCE, ExportError, _quiet_exporter,
+                      check_export, checked_graph, log, ort_session, profile_arrays,
                       store_metadata, write_contract_files)
 
 if TYPE_CHECKING:
     import bentoml
     import onnxruntime as ort
-    from bentoml._internal.models import ModelStore
+
+    from modelstore import ModelStore
 
 INPUT_NAMES = ("input_ids", "attention_mask")
-TEXT_CONTRACT_FILES = (*CONTRACT_FILES, "tokenizer.json")
+TEXT_CONTRACT_FILES = TEXT_FILES
 PARITY_BATCHES = (1, 7, 32)
 # The export traces one batch of this length; parity runs at other lengths (and the longest).
 EXPORT_LENGTH = 17
@@ -165,7 +168,7 @@ def stage_text_artifact(model: nn.Module, folder: Path, *, pre: TextPreprocessor
     """Export, check and write every contract file into ``folder``; returns export.json's dict.
     Raises ``ExportError`` (parity over tolerance, wrong I/O) before the other files exist."""
     spec = pre.spec
-    onnx_path = folder / "model.onnx"
+    onnx_path = folder / MODEL_FILE
     export_text_onnx(model, onnx_path, spec.max_length)
     opset = check_text_onnx(onnx_path)
     session = ort_session(onnx_path)
@@ -189,8 +192,8 @@ def export_text_to_store(model: nn.Module, *, name: str, pre: TextPreprocessor,
                          store: "ModelStore | None" = None) -> "bentoml.Tag":
     """Export a text classifier and save it as a new version of ``name`` in the model store;
     a failed export leaves the store untouched (everything is staged and checked first)."""
-    if pre.spec.tokenizer != "tokenizer.json":
-        raise ExportError(f"the artifact contract names tokenizer.json; the spec names "
+    if pre.spec.tokenizer != TOKENIZER_FILE:
+        raise ExportError(f"the artifact contract names {TOKENIZER_FILE}; the spec names "
                           f"{pre.spec.tokenizer!r}")
     with tempfile.TemporaryDirectory(prefix="export-text-") as tmp:
         staged = Path(tmp)
@@ -201,5 +204,5 @@ def export_text_to_store(model: nn.Module, *, name: str, pre: TextPreprocessor,
         metadata = store_metadata(metrics, pre.spec, info, manifest, labels,
                                   tokenizer_sha256=pre.tokenizer_sha256,
                                   max_length=pre.spec.max_length)
-        return save_staged(staged, name, files=TEXT_CONTRACT_FILES, task="text-classification",
-                           metadata=metadata, store=store)
+        return save_version(staged, name, files=TEXT_CONTRACT_FILES, task="text-classification",
+                            metadata=metadata, store=store, logger=log)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch.utils.data import TensorDataset
 
+from modelstore.layout import CURVES_FILE, EXPORT_FILE, METRICS_FILE
 from preprocessing import TextPreprocessor, TextSpec, normalize_text
 
 from .. import cli
@@ -35,7 +36,8 @@ from .tokenizer import minilm_path, minilm_tokenizer_json, train_bpe_tokenizer
 
 if TYPE_CHECKING:
     import bentoml
-    from bentoml._internal.models import ModelStore
+
+    from modelstore import ModelStore
 
 log = logging.getLogger("training")
 
@@ -219,8 +221,8 @@ def train_and_export(cfg: TextTrainConfig, store: "ModelStore | None" = None
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     result = train(cfg)
-    curves = plot_curves(result.fit.history, out / "curves.png")
-    (out / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+    curves = plot_curves(result.fit.history, out / CURVES_FILE)
+    (out / METRICS_FILE).write_text(json.dumps(result.metrics(), indent=2) + "\n")
     return result, export_result(result, curves=curves, store=store)
 
 
@@ -228,7 +230,7 @@ def summary(result: TextTrainResult, tag: "bentoml.Tag", seconds: float) -> str:
     """The lines the CLI prints at the end, parity read back from the saved entry."""
     import bentoml
 
-    info = json.loads(Path(bentoml.models.get(tag).path_of("export.json")).read_text())
+    info = json.loads(Path(bentoml.models.get(tag).path_of(EXPORT_FILE)).read_text())
     f = result.fit
     return "\n".join([
         f"test accuracy  {result.test_accuracy:.4f}  (val {f.val_accuracy:.4f}, best epoch "

@@ -1,0 +1,72 @@
+"""The one place that touches BentoML's internals (``bentoml._internal``).
+
+BentoML 1.4 has no public API for a model store at a given folder, for the process's default
+store or its folder, for checking a tag's name, or for the two server objects
+``service/patches.py`` fixes; everything else in the project goes through this module, so a
+BentoML upgrade that moves them breaks here and only here. Every import is lazy: importing
+``modelstore`` does not import bentoml (``ModelStore`` and ``Model``, BentoML's classes, are
+imported when first looked up).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bentoml._internal.models.model import Model, ModelStore
+
+__all__ = ["Model", "ModelStore", "open_store", "default_store", "store_dir", "tag_name",
+           "prometheus_multiproc_dir_provider", "timeout_middleware_class"]
+
+
+def __getattr__(name: str) -> Any:
+    """``ModelStore`` and ``Model``: BentoML's classes, imported on first use."""
+    if name in ("ModelStore", "Model"):
+        from bentoml._internal.models import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_store(folder: str | Path) -> "ModelStore":
+    """The BentoML model store at ``folder`` (a ``models`` folder: ``<name>/<version>/``)."""
+    from bentoml._internal.models.model import ModelStore as _ModelStore
+
+    return _ModelStore(str(folder))
+
+
+def default_store() -> "ModelStore":
+    """The process's default store ($BENTOML_HOME/models), fixed at first use."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return BentoMLContainer.model_store.get()
+
+
+def store_dir() -> str:
+    """The folder of the default store ($BENTOML_HOME/models)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(BentoMLContainer.model_store_dir.get())
+
+
+def tag_name(name: str) -> str:
+    """``name`` as BentoML normalises a tag's name; ValueError if it is not a valid one."""
+    from bentoml._internal.tag import Tag
+
+    return Tag(name).name
+
+
+def prometheus_multiproc_dir_provider() -> Any:
+    """BentoML's provider of the Prometheus multiprocess directory (``.set(path)`` it before
+    the server starts); ImportError or AttributeError if BentoML changed."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return BentoMLContainer.prometheus_multiproc_dir
+
+
+def timeout_middleware_class() -> type:
+    """BentoML's request-timeout ASGI middleware class; ImportError if BentoML changed."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    return TimeoutMiddleware

@@ -1,0 +1,129 @@
+"""The prediction log on the request path: what each answer records, and the group-committing
+writer that makes it durable before the answer is sent.
+
+Durability: a request's records are committed to the prediction log before its answer is sent.
+Commits are grouped: the records of every request that finished since the last commit go into
+one transaction, written by one thread, while the model keeps running the next batch. Under load
+the requests of one model batch finish together, so this is one transaction per batch; when
+traffic is light it is one per request. If the log cannot be written (disk full, locked past the
+busy timeout) the request answers 503 instead of an answer nobody recorded.
+
+Imports the request-path parts of ``monitoring`` only (sqlite3 + numpy), never pandas or
+evidently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from monitoring.store import PredictionLog, PredictionRecord
+
+from .batching import cancel_task
+from .metrics import get_metrics
+
+if TYPE_CHECKING:
+    from .served import Prediction, RequestContext, ServedModel
+
+logger = logging.getLogger(__name__)
+
+
+class LogUnavailable(RuntimeError):
+    """The prediction log could not record an answer; the request must not be answered 200."""
+
+
+class PredictionRecorder:
+    """Group-committing writer over one ``PredictionLog`` (see the module docstring)."""
+
+    def __init__(self, store: PredictionLog, keep_inputs: bool, max_input_bytes: int,
+                 input_sample: float = 1.0) -> None:
+        self.store = store
+        self.keep_inputs = keep_inputs and input_sample > 0
+        self.max_input_bytes = max_input_bytes
+        self._sample_below = int(input_sample * 2**32)
+        self._records: list[PredictionRecord] = []
+        self._waiters: list[asyncio.Future] = []
+        self._wakeup: asyncio.Event | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predlog")
+        self._task: asyncio.Task | None = None
+        metrics = get_metrics()
+        self._commit_seconds = metrics.log_commit
+        self._errors = metrics.log_errors
+
+    def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="predlog")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            deadline = time.monotonic() + 10.0
+            while self._records and time.monotonic() < deadline and not self._task.done():
+                await asyncio.sleep(0.01)  # queued commits belong to requests awaiting answers
+            await cancel_task(self._task)
+            self._task = None
+        self._executor.shutdown(wait=True)
+        self.store.close()
+
+    def sampled(self, request_id: str) -> bool:
+        """Whether this request's inputs are kept (the same answer for every worker)."""
+        return self.keep_inputs and zlib.crc32(request_id.encode()) < self._sample_below
+
+    def keep(self, data: bytes, sampled: bool) -> bytes | None:
+        """The raw input as stored: None when not kept, not sampled or over the size cap."""
+        return data if sampled and len(data) <= self.max_input_bytes else None
+
+    async def record(self, model: ServedModel, ctx: RequestContext,
+                     predictions: Sequence[Prediction], probs: np.ndarray,
+                     features: Sequence[dict] | None, inputs: Sequence[bytes] | None) -> None:
+        """One record per answered input, committed before this returns."""
+        now, latency = time.time(), (time.perf_counter() - ctx.started) * 1000.0
+        sampled = self.sampled(ctx.request_id)
+        await self.write([
+            PredictionRecord(
+                request_id=ctx.request_id, item=i, ts=now, model=model.name,
+                version=model.version, predicted=p.label, confidence=p.confidence,
+                probabilities=probs[i], embedding=p.embedding,
+                features=features[i] if features else {}, slices=ctx.slices,
+                latency_ms=latency, ood=p.ood, ood_score=p.ood_score,
+                input=self.keep(inputs[i], sampled) if inputs else None)
+            for i, p in enumerate(predictions)])
+
+    async def write(self, records: Sequence[PredictionRecord]) -> None:
+        """Returns once ``records`` are committed; raises LogUnavailable if they cannot be."""
+        future = asyncio.get_running_loop().create_future()
+        self._records.extend(records)
+        self._waiters.append(future)
+        self._wakeup.set()
+        await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._records:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            records, waiters = self._records, self._waiters
+            self._records, self._waiters = [], []
+            started = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._executor, self.store.write_batch, records)
+            except Exception as exc:
+                logger.exception("prediction log write failed (%d records)", len(records))
+                self._errors.inc()
+                error = LogUnavailable(f"the prediction log could not be written: {exc}")
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                continue
+            self._commit_seconds.observe(time.perf_counter() - started)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)

@@ -1,0 +1,291 @@
+"""What a request asks for, parsed from its body, query and headers: step 2 of the request path.
+
+Pure functions over bytes and strings (no ASGI, no model): ``app.py`` reads the body and calls
+one of these; a request that cannot be parsed raises ``RequestError`` with a reason from
+``REASONS``, which ``app.py`` maps to an HTTP status. Bodies are already in memory and bounded by
+the size limit, so the multipart parser is a few ``bytes.find`` calls rather than a streaming
+parser (microseconds, on a path measured against a raw model's throughput).
+
+Accepted bodies:
+  images  multipart/form-data (field ``image``, repeatable), JSON ``{"images": ["<base64>", ...]}``
+          (or ``{"image": "<base64>"}``, data URLs allowed), or one raw ``image/*`` body
+  texts   JSON ``{"texts": ["...", ...]}`` or ``{"text": "..."}``, or one UTF-8 ``text/plain``
+          body; the texts themselves are validated by the shared preprocessing
+  feedback ``{"request_id": "...", "labels": ["..."]}`` (``"label"`` for one input) or
+          ``{"feedback": [those, ...]}``
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from typing import Mapping
+
+from monitoring.slices import SliceError, SliceRules
+from preprocessing import decode_text
+
+IMAGE_FIELDS = ("image", "images")
+TEXT_FIELDS = ("text", "texts")
+SLICES_HEADER = "x-slices"
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_NAME = re.compile(r'(?i)\bname="([^"]*)"')
+_FILENAME = re.compile(r'(?i)\bfilename="([^"]*)"')
+
+# reason -> what it means. The statuses are app.py's business.
+REASONS: dict[str, str] = {
+    "bad_request": "the body is not of the declared content type, or malformed",
+    "bad_field": "a field is missing, unknown or of the wrong type",
+    "empty": "the request holds no input",
+    "too_large": "the body is over the size limit",
+    "too_many_items": "more inputs in one request than the limit",
+}
+
+
+class RequestError(ValueError):
+    """A request that cannot be parsed; ``message`` tells the caller what to send instead."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown request error reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+# ---- headers and query -------------------------------------------------------------------
+
+def request_id(headers: Mapping[str, str]) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token, else a fresh one."""
+    given = headers.get("x-request-id", "")
+    return given if REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def top_k(query_string: bytes, default: int) -> int:
+    for pair in query_string.decode("latin-1").split("&"):
+        key, _, value = pair.partition("=")
+        if key == "top_k":
+            if not value.isdigit() or not 1 <= int(value) <= 1000:
+                raise RequestError("bad_field", f"top_k must be an integer in 1..1000, got {value!r}")
+            return int(value)
+    return default
+
+
+def slices(header: str, rules: SliceRules) -> dict[str, str]:
+    """``X-Slices: device=ios; region=eu`` -> validated, folded tags."""
+    if not header.strip():
+        return {}
+    tags: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in header.split(";"))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise RequestError("bad_field", f"X-Slices: {part!r} is not key=value; send "
+                               "X-Slices: key=value; key2=value2")
+        tags[key.strip()] = value.strip()
+    try:
+        return rules.apply(tags)
+    except SliceError as exc:
+        raise RequestError("bad_field", f"X-Slices: {exc}") from None
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+# ---- images ------------------------------------------------------------------------------
+
+def images(body: bytes, content_type: str, max_images: int) -> list[bytes]:
+    """The encoded images of an image request, in order (decoding is preprocessing's job)."""
+    media = media_type(content_type)
+    if media == "multipart/form-data":
+        parts = parse_multipart(body, boundary_of(content_type), max_images)
+        unknown = sorted({name for name, _, _ in parts if name not in IMAGE_FIELDS})
+        if unknown:
+            raise RequestError(
+                "bad_field",
+                f"unknown form field(s) {unknown}; send each image as a file in the field 'image' "
+                "(repeat it for several)",
+            )
+        found = [data for _, _, data in parts]
+    elif media == "application/json":
+        found = _json_images(body)
+    elif media.startswith("image/") or media == "application/octet-stream":
+        found = [body]
+    else:
+        raise RequestError(
+            "bad_request",
+            f"unsupported Content-Type {media or '(none)'!r}; use multipart/form-data (field "
+            "'image'), application/json ({\"images\": [\"<base64>\"]}) or an image/* body",
+        )
+    if not found:
+        raise RequestError("empty", "the request contains no image; send at least one in the field 'image'")
+    if len(found) > max_images:
+        raise RequestError("too_many_items", f"{len(found)} images in one request; the limit is {max_images}")
+    return found
+
+
+def _json_images(body: bytes) -> list[bytes]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise RequestError("bad_field", 'the JSON body must be an object like {"images": ["<base64>"]}')
+    unknown = sorted(set(doc) - {"images", "image"})
+    if unknown or not doc:
+        raise RequestError(
+            "bad_field",
+            f"unknown JSON field(s) {unknown}; send {{\"images\": [\"<base64>\", ...]}} or {{\"image\": \"<base64>\"}}",
+        )
+    values = doc.get("images", doc.get("image"))
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise RequestError("bad_field", "'images' must be a list of base64 strings")
+    return [_b64(v, i) for i, v in enumerate(values)]
+
+
+def _b64(value: str, index: int) -> bytes:
+    if value.startswith("data:"):
+        value = value.partition(",")[2]  # a data URL: data:image/png;base64,....
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("bad_field", f"images[{index}] is not valid base64") from None
+
+
+def boundary_of(content_type: str) -> bytes:
+    """The boundary from a ``multipart/form-data; boundary=...`` header value."""
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary" and value:
+            value = value.strip().strip('"')
+            if 0 < len(value) <= 200:
+                return value.encode("latin-1")
+    raise RequestError("bad_request", "multipart/form-data request without a boundary parameter")
+
+
+def parse_multipart(body: bytes, boundary: bytes, max_parts: int) -> list[tuple[str, str | None, bytes]]:
+    """Split a form body into ``(field name, filename, data)`` parts, in order."""
+    delimiter = b"--" + boundary
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise RequestError("bad_request", "multipart body does not contain its boundary")
+    pos += len(delimiter)
+    parts: list[tuple[str, str | None, bytes]] = []
+    while True:
+        if body.startswith(b"--", pos):
+            return parts
+        if not body.startswith(b"\r\n", pos):
+            raise RequestError("bad_request", "malformed multipart body (no CRLF after boundary)")
+        if len(parts) >= max_parts:
+            raise RequestError("too_many_items", f"too many form parts; at most {max_parts} images per request")
+        header_end = body.find(b"\r\n\r\n", pos + 2)
+        if header_end < 0:
+            raise RequestError("bad_request", "malformed multipart body (part headers never end)")
+        data_start = header_end + 4
+        data_end = body.find(b"\r\n" + delimiter, data_start)
+        if data_end < 0:
+            raise RequestError("bad_request", "malformed multipart body (missing closing boundary)")
+        name, filename = _disposition(body[pos + 2:header_end])
+        parts.append((name, filename, body[data_start:data_end]))
+        pos = data_end + 2 + len(delimiter)
+
+
+def _disposition(raw_headers: bytes) -> tuple[str, str | None]:
+    for line in raw_headers.decode("latin-1").split("\r\n"):
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-disposition":
+            name = _NAME.search(value)
+            if name is None:
+                break
+            filename = _FILENAME.search(value)
+            return name.group(1), filename.group(1) if filename else None
+    raise RequestError("bad_request", "a multipart part has no Content-Disposition name")
+
+
+# ---- texts -------------------------------------------------------------------------------
+
+def texts(body: bytes, content_type: str, max_texts: int) -> list:
+    """The request's texts, unvalidated one by one (the served model does that per item)."""
+    media = media_type(content_type)
+    if media == "text/plain":
+        return [decode_text(body)]
+    if media != "application/json":
+        raise RequestError(
+            "bad_request",
+            f"unsupported Content-Type {media or '(none)'!r}; use application/json "
+            '({"texts": ["...", ...]} or {"text": "..."}) or a UTF-8 text/plain body',
+        )
+    decoded = decode_text(body)  # bad_encoding, before JSON can call it malformed
+    try:
+        doc = json.loads(decoded)
+    except ValueError as exc:
+        raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in TEXT_FIELDS:
+        keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+        raise RequestError(
+            "bad_field",
+            f'the JSON body must be {{"texts": ["...", ...]}} or {{"text": "..."}}, got {keys}',
+        )
+    if "text" in doc:
+        if not isinstance(doc["text"], str):
+            raise RequestError("bad_field", f"'text' must be a string, got {json_type(doc['text'])}")
+        return [doc["text"]]
+    found = doc["texts"]
+    if not isinstance(found, list):
+        raise RequestError("bad_field", f"'texts' must be a list of strings, got {json_type(found)}; "
+                           'for one text send {"text": "..."}')
+    if not found:
+        raise RequestError("empty", "'texts' is an empty list; send at least one text")
+    if len(found) > max_texts:
+        raise RequestError("too_many_items", f"{len(found)} texts in one request; the limit is {max_texts}")
+    for i, value in enumerate(found):
+        if not isinstance(value, str):
+            raise RequestError("bad_field", f"texts[{i}] must be a string, got {json_type(value)}")
+    return found
+
+
+# ---- feedback ----------------------------------------------------------------------------
+
+def feedback(body: bytes) -> dict[str, list[str] | str]:
+    """``{"request_id", "labels"|"label"}`` or ``{"feedback": [those, ...]}`` -> id -> labels."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
+    usage = ('send {"request_id": "...", "labels": ["..."]} or {"feedback": [{"request_id": '
+             '"...", "labels": ["..."]}, ...]}')
+    if isinstance(doc, dict) and set(doc) == {"feedback"}:
+        entries = doc["feedback"]
+        if not isinstance(entries, list) or not entries:
+            raise RequestError("bad_field", f"'feedback' must be a non-empty list; {usage}")
+    else:
+        entries = [doc]
+    out: dict[str, list[str] | str] = {}
+    for i, entry in enumerate(entries):
+        where = f"feedback[{i}]: " if len(entries) > 1 else ""
+        if not isinstance(entry, dict) or "request_id" not in entry or \
+                len(set(entry) & {"labels", "label"}) != 1 or \
+                set(entry) - {"request_id", "labels", "label"}:
+            raise RequestError("bad_field", f"{where}{usage}")
+        rid, labels = entry["request_id"], entry.get("labels", entry.get("label"))
+        if not isinstance(rid, str) or not REQUEST_ID.match(rid):
+            raise RequestError("bad_field", f"{where}'request_id' must be a request id string")
+        ok = isinstance(labels, str) or (isinstance(labels, list) and labels
+                                         and all(isinstance(x, str) for x in labels))
+        if not ok:
+            raise RequestError("bad_field", f"{where}'labels' must be a non-empty list of strings "
+                               "(one per input of the request), 'label' a string")
+        if rid in out:
+            raise RequestError("bad_field", f"{where}request id {rid} appears twice")
+        out[rid] = labels
+    return out
+
+
+def json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,323 @@
+"""One served model: its preprocessing (from the artifact's spec), its batcher, its answers:
+step 3 of the request path (``service.py`` lists them all).
+
+Transport-free: takes image bytes or strings, returns per-input predictions; ``app.py`` never
+touches the model, and this module knows nothing of HTTP. ``classify`` is the path in order:
+
+  preprocess  decode (images) or normalise + tokenize (texts) with the shared ``preprocessing``
+              package, built from the artifact's spec; a bad input raises ``InputError``
+  infer       queue the tensors on the batcher and await this request's rows of the batch
+  answer      the per-answer steps: ``score_ood`` -> ``rank`` (top-k) -> ``count`` (metrics)
+              -> ``record`` (the prediction log, when on; committed before the answer returns)
+
+Documented behaviour for long text: a text over the spec's ``max_chars`` characters is refused
+(``text_too_long``) before it reaches the tokenizer; a text over ``max_length`` tokens is
+truncated to it, classified, and its answer says ``"truncated": true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from modelstore.artifact import Artifact, ArtifactError
+from preprocessing import (DEFAULT_MAX_PIXELS, InputError, TextPreprocessor, decode_image,
+                           image_features, image_to_array, text_features)
+
+from .batching import Batcher, LengthPlanner, PadCollate
+from .metrics import ModelMetrics
+from .runtime import TEXT_INPUTS, Model
+
+if TYPE_CHECKING:
+    from monitoring.ood import OODScorer
+
+    from .recording import PredictionRecorder
+
+# Requests with more image bytes than this are decoded in a thread pool: a large photo takes
+# tens of milliseconds to decode and resize, and on the event loop it would stall every other
+# connection of the worker. Small uploads (the common case) stay inline, where a thread hop
+# would cost more than the decode.
+INLINE_DECODE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What the HTTP layer knows about a request that the prediction log needs."""
+
+    request_id: str
+    slices: Mapping[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]]
+    embedding: np.ndarray
+    ood: bool = False
+    ood_score: float | None = None
+    truncated: bool | None = None  # texts only: the text was cut to the spec's max_length
+
+    def to_dict(self) -> dict:
+        out = {
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "top_k": [{"label": lab, "probability": round(p, 6)} for lab, p in self.top_k],
+            "ood": self.ood,
+            "ood_score": None if self.ood_score is None else round(self.ood_score, 4),
+        }
+        if self.truncated is not None:
+            out["truncated"] = self.truncated
+        return out
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """One request's inputs, ready for the batcher."""
+
+    tensors: list[np.ndarray]  # an image's float32 array; a text's unpadded token ids
+    features: list[dict] | None  # monitored input features, when something reads them
+    truncated: list[bool] | None = None  # texts only
+
+
+class ServedModel:
+    """What a served image model and a served text model share: the artifact, the batcher, the
+    per-answer steps, metrics, in-flight tracking for hot reload, and ``describe``."""
+
+    task = ""
+
+    batcher: Batcher  # made by the subclass, reporting to ``self.metrics``
+
+    def __init__(self, artifact: Artifact, model: Model, recorder: PredictionRecorder | None,
+                 ood: OODScorer | None) -> None:
+        self.artifact = artifact
+        self.labels = artifact.labels
+        self.model = model
+        self.recorder = recorder
+        self.ood = ood
+        self.metrics = ModelMetrics(artifact.name, artifact.version, artifact.spec.content_hash,
+                                    model.provider)
+        self.ready = False
+        self.inflight = 0  # requests between entry and answer; a replaced version drains to 0
+
+    @property
+    def name(self) -> str:
+        return self.artifact.name
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    # ---- the request path -------------------------------------------------------------------
+
+    async def classify(self, inputs: Sequence[Any], top_k: int,
+                       ctx: RequestContext | None = None) -> list[Prediction]:
+        self.inflight += 1
+        try:
+            prepared = await self.preprocess_async(inputs)
+            outputs = await self.batcher.submit(prepared.tensors)
+            return await self.answer(outputs, top_k, ctx, prepared, inputs)
+        finally:
+            self.inflight -= 1
+
+    async def preprocess_async(self, inputs: Sequence[Any]) -> Preprocessed:
+        return self.preprocess(inputs)
+
+    def preprocess(self, inputs: Sequence[Any]) -> Preprocessed:
+        raise NotImplementedError
+
+    async def answer(self, outputs: Sequence[tuple[np.ndarray, np.ndarray]], top_k: int,
+                     ctx: RequestContext | None, prepared: Preprocessed,
+                     inputs: Sequence[Any]) -> list[Prediction]:
+        """Model outputs -> answers, recorded (committed) before they are returned."""
+        probs = np.stack([p for p, _ in outputs])
+        embeddings = np.stack([e for _, e in outputs])
+        scores, flags = self.score_ood(probs, embeddings, prepared.features)
+        predictions = self.rank(probs, embeddings, scores, flags, top_k, prepared.truncated)
+        self.count(predictions, flags)
+        if self.recorder is not None and ctx is not None:
+            await self.recorder.record(self, ctx, predictions, probs, prepared.features,
+                                       self.raw_inputs(inputs))
+        return predictions
+
+    def score_ood(self, probs: np.ndarray, embeddings: np.ndarray,
+                  features: Sequence[dict] | None) -> tuple[Sequence[float | None], Sequence[bool]]:
+        if self.ood is None:
+            return [None] * len(probs), [False] * len(probs)
+        return self.ood.score(probs, embeddings, features)
+
+    def rank(self, probs: np.ndarray, embeddings: np.ndarray, scores: Sequence[float | None],
+             flags: Sequence[bool], top_k: int,
+             truncated: Sequence[bool] | None) -> list[Prediction]:
+        """The top-k labels of each row, with its OOD verdict."""
+        k = min(top_k, len(self.labels))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        predictions = []
+        for i, row in enumerate(order):
+            top = [(self.labels[j], float(probs[i, j])) for j in row]
+            predictions.append(Prediction(
+                top[0][0], top[0][1], top, embeddings[i], bool(flags[i]),
+                None if scores[i] is None else float(scores[i]),
+                None if truncated is None else truncated[i]))
+        return predictions
+
+    def count(self, predictions: Sequence[Prediction], flags: Sequence[bool]) -> None:
+        self.metrics.flagged(int(sum(flags)))
+        for p in predictions:
+            self.metrics.predicted(p.label, p.confidence)
+
+    def raw_inputs(self, inputs: Sequence[Any]) -> Sequence[bytes]:
+        """The inputs as the prediction log keeps them (bytes)."""
+        return inputs
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    async def start(self, warmup_batches: int) -> None:
+        """Start the batcher and run warm-up batches so the first user request is not the slow one."""
+        self.batcher.start()
+        loop = asyncio.get_running_loop()
+        for batch in self.warmup_batches()[:warmup_batches]:
+            await loop.run_in_executor(None, self.batcher.run_sync, batch)
+        self.ready = True
+
+    def warmup_batches(self) -> list:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.batcher.stop()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (bounded) for requests that started on this version to be answered."""
+        deadline = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def reject(self, reason: str) -> None:
+        self.metrics.rejected(reason)
+
+    def retire(self) -> None:
+        self.metrics.retire()
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "labels": list(self.labels),
+            "provider": self.model.provider,
+            "spec": self.artifact.spec.to_dict(),
+            "spec_hash": self.artifact.spec.content_hash,
+            "ood_flags": self.ood is not None,
+            "ready": self.ready,
+        }
+
+
+class ServedImageModel(ServedModel):
+    task = "image-classification"
+
+    def __init__(self, artifact: Artifact, model: Model, max_batch_size: int,
+                 max_queue_delay_s: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 recorder: PredictionRecorder | None = None, ood: OODScorer | None = None) -> None:
+        super().__init__(artifact, model, recorder, ood)
+        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.metrics.batch)
+        self.max_pixels = max_pixels
+        self.spec = artifact.spec
+        # Features feed the prediction log and the OOD score; without either nothing reads them.
+        self.wants_features = recorder is not None
+        self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+
+    def warmup_batches(self) -> list:
+        x = np.zeros((1, *self.spec.input_shape), dtype=np.float32)
+        return [np.repeat(x, n, axis=0) for n in (1, self.batcher.max_batch_size, 8)]
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._decode_pool.shutdown(wait=True)
+
+    async def preprocess_async(self, images: Sequence[bytes]) -> Preprocessed:
+        if sum(map(len, images)) <= INLINE_DECODE_BYTES:
+            return self.preprocess(images)
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool,
+                                                                self.preprocess, images)
+
+    def preprocess(self, images: Sequence[bytes]) -> Preprocessed:
+        """Decode and preprocess every image (and take its monitored features when something
+        reads them), or raise InputError naming the first bad one."""
+        started = time.perf_counter()
+        tensors: list[np.ndarray] = []
+        features: list[dict] | None = [] if self.wants_features else None
+        for i, data in enumerate(images):
+            try:
+                img = decode_image(data, self.spec, self.max_pixels)
+                tensors.append(image_to_array(img, self.spec))
+            except InputError as exc:
+                prefix = f"image {i}: " if len(images) > 1 else ""
+                raise InputError(exc.reason, prefix + exc.message) from None
+            if features is not None:
+                features.append(image_features(img))
+        self.metrics.preprocessed(time.perf_counter() - started)
+        return Preprocessed(tensors, features)
+
+
+class ServedTextModel(ServedModel):
+    task = "text-classification"
+
+    def __init__(self, artifact: Artifact, model: Model, preprocessor: TextPreprocessor,
+                 max_batch_size: int, max_batch_tokens: int, max_padding: float,
+                 max_queue_delay_s: float = 0.0, recorder: PredictionRecorder | None = None,
+                 ood: OODScorer | None = None) -> None:
+        if tuple(model.input_names) != TEXT_INPUTS:
+            raise ArtifactError(f"model {artifact.name} takes inputs {list(model.input_names)}; "
+                                f"a text model must take {list(TEXT_INPUTS)}")
+        super().__init__(artifact, model, recorder, ood)
+        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.metrics.batch,
+                               plan=LengthPlanner(max_batch_tokens, max_padding),
+                               collate=PadCollate(preprocessor.pad_id))
+        self.spec = preprocessor.spec
+        self.preprocessor = preprocessor
+
+    def warmup_batches(self) -> list:
+        """A short, the longest and a mid-size shape."""
+        collate = PadCollate(self.preprocessor.pad_id)
+        full = self.spec.max_length
+        shapes = [(1, min(8, full)), (min(8, self.batcher.max_batch_size), full), (8, full // 2)]
+        return [collate([np.full(length, self.preprocessor.pad_id, np.int64)] * n)
+                for n, length in shapes]
+
+    def preprocess(self, texts: Sequence[Any]) -> Preprocessed:
+        """Validate, normalise and tokenize every text -> unpadded id rows, truncated flags and
+        monitored features, or raise InputError naming the first bad text."""
+        if not texts:
+            raise InputError("empty", "the request contains no text")
+        started = time.perf_counter()
+        prepared = []
+        for i, text in enumerate(texts):
+            try:
+                prepared.append(self.preprocessor.prepare(text))
+            except InputError as exc:
+                prefix = f"text {i}: " if len(texts) > 1 else ""
+                raise InputError(exc.reason, prefix + exc.message) from None
+        encoded = self.preprocessor.tokenize(prepared)
+        lengths = encoded.attention_mask.sum(axis=1)
+        rows = [encoded.input_ids[i, :n] for i, n in enumerate(lengths)]
+        # Always: the OOD flag reads them too (a few microseconds per text).
+        features = [text_features(t, st) for t, st in zip(texts, encoded.stats)]
+        self.metrics.preprocessed(time.perf_counter() - started)
+        return Preprocessed(rows, features, [s.truncated for s in encoded.stats])
+
+    def raw_inputs(self, texts: Sequence[Any]) -> Sequence[bytes]:
+        return [t.encode("utf-8") for t in texts]
+
+
+class Slot:
+    """Holds the served model currently answering for one kind; hot reload replaces ``current``."""
+
+    def __init__(self, current: ServedModel) -> None:
+        self.current = current

@@ -1,0 +1,52 @@
+"""Error reasons: preprocessing and request parsing name what is wrong; the service alone turns
+a reason into an HTTP status, in one table (service/app.py STATUS)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from preprocessing import REASONS as INPUT_REASONS
+from service import requests
+from service.app import STATUS, App
+
+
+def test_every_input_and_request_reason_has_a_4xx_status() -> None:
+    for reason in [*INPUT_REASONS, *requests.REASONS]:
+        assert reason in STATUS, f"{reason} has no HTTP status in service/app.py STATUS"
+        assert 400 <= STATUS[reason] < 500, reason
+    assert all(100 <= status < 600 for status in STATUS.values())
+
+
+def call(app: App, method: str, path: str) -> tuple[int, dict]:
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    import json
+
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+@pytest.mark.parametrize("path", ["/v1/classify/image/extra", "/v2/classify/image",
+                                  "/anything/v1/models", "/v1/modelsx", "/v1/classify/image/"])
+def test_routes_match_exact_paths_only(path: str) -> None:
+    status, doc = call(App(), "GET" if "models" in path else "POST", path)
+    assert status == 404 and doc["error"]["reason"] == "not_found"
+
+
+def test_a_known_path_with_the_wrong_method_is_405() -> None:
+    status, doc = call(App(), "GET", "/v1/classify/image")
+    assert status == 405 and doc["error"]["reason"] == "method_not_allowed"
+
+
+def test_a_route_before_bind_is_not_ready() -> None:
+    status, doc = call(App(), "POST", "/v1/classify/text")
+    assert status == 503 and doc["error"]["reason"] == "not_ready"

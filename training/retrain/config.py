@@ -1,0 +1,64 @@
+"""One retraining run's settings (``RetrainConfig``), as the command line gives them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .gate import Rules
+
+DEFAULT_AUDIT = "artifacts/retrain/audit.jsonl"
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """One retraining run, from the command line; printed at start, saved in the audit line."""
+
+    model: str
+    log: str | None = None  # None: DEFAULT_LOG if it exists, else no traffic
+    new_data: str | None = None
+    since: float = 0.0
+    until: float = math.inf
+    margin: float = 0.0
+    max_slice_drop: float = 0.05
+    min_slice_count: int = 30
+    only_if_drifted: bool = False
+    drift_state: str | None = None
+    audit: str = DEFAULT_AUDIT
+    epochs: int | None = None
+    seed: int | None = None
+    store: str | None = None  # a BentoML models folder, as modelstore's --store
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.model) and ":" not in self.model,
+             f"--model takes a model name (its production version is the champion), got "
+             f"{self.model!r}"),
+            (-1.0 <= self.margin <= 1.0, f"--margin must be in [-1, 1], got {self.margin}"),
+            (0.0 <= self.max_slice_drop <= 1.0,
+             f"--max-slice-drop must be in [0, 1], got {self.max_slice_drop}"),
+            (self.min_slice_count >= 1, "--min-slice-count must be >= 1"),
+            (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
+            (self.seed is None or self.seed >= 0, "--seed must be >= 0"),
+            (self.since < self.until, "--since must be before --until"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def rules(self) -> Rules:
+        return Rules(self.margin, self.max_slice_drop, self.min_slice_count)
+
+    def describe(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["since"] = iso(self.since) if self.since > 0 else None
+        out["until"] = iso(self.until) if math.isfinite(self.until) else None
+        return out
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
