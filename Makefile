@@ -40,15 +40,19 @@ demo: install
 test: install test-deps
 	$(PY) -m pytest tests -q -ra
 
-# Debian's Prometheus and promtool for the real-scrape integration test. Best effort: without
-# root or apt the test skips and says why.
+# Debian's Prometheus and promtool (the real-scrape tests, `promtool check/test rules` on
+# deploy/prometheus) and Chromium (the drift report rendered headless). Best effort: without
+# root or apt the tests skip and say why.
 test-deps:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1; } \
-	  || echo "prometheus not installed: tests/integration/test_prometheus.py will skip"
+	  || echo "prometheus not installed: tests/integration/test_prometheus.py and test_alerts.py's promtool tests will skip"
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1; } \
+	  || echo "chromium not installed: tests/integration/test_drift_html.py's browser test will skip"
 
 # The model lifecycle: versions with their metrics and the production marker; a retraining that
-# promotes its challenger only if it wins (training/retrain.py; RETRAIN_ARGS=--only-if-drifted ...).
+# promotes its challenger only if it wins (training/retrain/; RETRAIN_ARGS=--only-if-drifted ...).
 MODEL ?= digits-cnn
 models: install
 	$(PY) -m modelstore list $(MODEL)

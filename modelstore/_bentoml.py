@@ -1,11 +1,11 @@
 """The one place that touches BentoML's internals (``bentoml._internal``).
 
 BentoML 1.4 has no public API for a model store at a given folder, for the process's default
-store or its folder, for checking a tag's name, or for the two server objects
-``service/patches.py`` fixes; everything else in the project goes through this module, so a
-BentoML upgrade that moves them breaks here and only here. Every import is lazy: importing
-``modelstore`` does not import bentoml (``ModelStore`` and ``Model``, BentoML's classes, are
-imported when first looked up).
+store or its folder, for checking a tag's name, for the server objects ``service/patches.py``
+fixes, or for telling a server's worker processes from the process that runs them; everything
+else in the project goes through this module, so a BentoML upgrade that moves them breaks here
+and only here. Every import is lazy: importing ``modelstore`` does not import bentoml
+(``ModelStore`` and ``Model``, BentoML's classes, are imported when first looked up).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from bentoml._internal.models.model import Model, ModelStore
 
 __all__ = ["Model", "ModelStore", "open_store", "default_store", "store_dir", "tag_name",
-           "prometheus_multiproc_dir_provider", "timeout_middleware_class"]
+           "prometheus_multiproc_dir_provider", "timeout_middleware_class", "worker_index",
+           "arbiter_class"]
 
 
 def __getattr__(name: str) -> Any:
@@ -70,3 +71,26 @@ def timeout_middleware_class() -> type:
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
     return TimeoutMiddleware
+
+
+def openapi_generator_module() -> Any:
+    """The module whose ``generate_spec(svc)`` builds a service's ``/docs.json``
+    (``_bentoml_sdk.service.openapi``; BentoML's service looks it up on every call)."""
+    from _bentoml_sdk.service import openapi
+
+    return openapi
+
+
+def worker_index() -> int | None:
+    """This process's worker number in a BentoML server (1, 2, ...), None outside a worker."""
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index
+
+
+def arbiter_class() -> type:
+    """The circus arbiter class ``bentoml serve`` runs its workers under (the serving parent);
+    ImportError if BentoML changed."""
+    from bentoml._internal.utils.circus import Arbiter
+
+    return Arbiter

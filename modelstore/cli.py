@@ -1,6 +1,7 @@
 """``python -m modelstore list|show|promote|rollback``: the model store's command line.
 
-    list NAME                  versions of a model, newest first, * = production
+    list NAME                  versions of a model, newest first, * = production; accuracy,
+                               worst robustness variation, attack success rate
     show NAME                  the production pointer as JSON
     promote NAME:VERSION       make a version production (--reason)
     rollback NAME              go back to the previous production (--to VERSION, --reason)
@@ -70,10 +71,19 @@ def _store_at(folder: str) -> "ModelStore":
 
 
 def _cmd_list(args: argparse.Namespace, store: "ModelStore") -> Iterator[str]:
-    yield f"{'VERSION':<18} {'CREATED':<25} {'TASK':<20} {'TEST_ACC':>8} {'VAL_ACC':>8}  PROD"
+    """One row per version: test and validation accuracy, the worst variation of the
+    robustness suite (name and accuracy) and the attack success rate at the reference strength
+    (metrics.json's ``robustness_worst`` and ``attack_success``; "-" where not measured)."""
+    yield (f"{'VERSION':<18} {'CREATED':<25} {'TASK':<20} {'TEST_ACC':>8} {'VAL_ACC':>8} "
+           f"{'WORST_VARIATION':<20} {'WORST_ACC':>9} {'ATTACK':>6}  PROD")
     for v in list_versions(args.target, store):
         accs = [_fmt(v.metrics.get(k)) for k in ("test_accuracy", "val_accuracy")]
-        yield (f"{v.version:<18} {v.created_at:<25} {v.task:<20} {accs[0]:>8} {accs[1]:>8}  "
+        worst = v.metrics.get("robustness_worst")
+        worst = worst if isinstance(worst, dict) else {}
+        name = str(worst.get("variation") or "-")
+        yield (f"{v.version:<18} {v.created_at:<25} {v.task:<20} {accs[0]:>8} {accs[1]:>8} "
+               f"{name:<20} {_fmt(worst.get('accuracy')):>9} "
+               f"{_fmt(v.metrics.get('attack_success'), 3):>6}  "
                f"{'*' if v.production else ''}").rstrip()
 
 
@@ -111,6 +121,6 @@ def _change(before: Pointer | None, after: Pointer) -> str:
     return f"{after.name}:{after.version} is production now (was {was}; {after.reason})"
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+def _fmt(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 

@@ -245,8 +245,9 @@ def _servable(store: "ModelStore", name: str, version: str) -> str:
 
 
 def _no_model(store: "ModelStore", name: str) -> str:
-    return (f"no model named {name!r} in the model store ({store._path}); train and export one, "
-            f"or check the name with `bentoml models list`")
+    return (f"no model named {name!r} in the model store ({store._path}; set BENTOML_HOME to "
+            f"the folder that holds the project's store, `make` uses ./.bentoml); train and "
+            f"export one, or check the name with `bentoml models list`")
 
 
 def _corrupt(path: Path, why: str) -> str:

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--log", help="prediction log whose drift_latest.json to serve")
     exporter.add_argument("--port", type=int, default=9108)
     exporter.add_argument("--host", default="127.0.0.1")
+    exporter.add_argument("--model", action="append", default=[], dest="models",
+                          help="a model to expose at 0 until its first report (repeatable)")
     prune = sub.add_parser("prune", help="retention: delete old predictions, or just their inputs")
     prune.add_argument("--log", required=True, help="the prediction log (SQLite file)")
     prune.add_argument("--older-than", required=True, type=parse_time, dest="before",
@@ -159,7 +161,8 @@ def run_drift(args: argparse.Namespace) -> int:
 
 
 def run_slices(args: argparse.Namespace) -> int:
-    from .slice_metrics import add_derived_slices, format_table, slice_metrics, to_records
+    from .slice_metrics import (add_derived_slices, class_metrics, format_class_table,
+                                format_table, slice_metrics, to_records)
 
     frame, version = _open_window(args)
     frame, derived = add_derived_slices(frame)
@@ -171,10 +174,14 @@ def run_slices(args: argparse.Namespace) -> int:
     print(format_table(table))
     flagged = table[table["flagged"]]
     print(f"{len(flagged)} of {len(table) - 1} slice values flagged")
+    classes = class_metrics(frame, args.margin, args.min_count)
+    print("per class (labelled rows; ! = recall below the window's accuracy by the margin):")
+    print(format_class_table(classes))
     if args.json:
         doc = {"model": args.model, "version": version, "since": _iso(args.since),
                "until": _iso(args.until), "margin": args.margin, "min_count": args.min_count,
-               "low_confidence": args.low_confidence, "rows": to_records(table)}
+               "low_confidence": args.low_confidence, "rows": to_records(table),
+               "per_class": to_records(classes)}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1))
     return EXIT_OK
@@ -186,7 +193,7 @@ def run_exporter(args: argparse.Namespace) -> int:
     if not (args.state or args.log):
         raise CommandError("give --state FILE or --log LOG (its drift_latest.json is served)")
     path = Path(args.state) if args.state else state_path_for(args.log)
-    server = serve(path, args.port, args.host)
+    server = serve(path, args.port, args.host, args.models)
     print(f"serving {path} on http://{args.host}:{args.port}/metrics", file=sys.stderr, flush=True)
     stop = {"now": False}
     for sig in (signal.SIGINT, signal.SIGTERM):

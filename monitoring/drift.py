@@ -4,22 +4,22 @@ What is compared, column by column (one Evidently ``ValueDrift`` each):
   * the monitored input features (``preprocessing.IMAGE_FEATURES`` for images);
   * the embedding, as its projection on the top principal axes of the reference and the window
     pooled (``embedding.pc1`` ...). Why not Evidently's ``EmbeddingsDrift``: it always fits a
-    t-SNE for its plot (13 s for 2,500 points on 2 cores); per-axis tests cost milliseconds and
-    plot as ordinary histograms. Why pooled axes: axes fitted on the reference alone are the
-    directions where the reference happens to spread most, so its projections are wider than
-    any fresh sample's (with 128 dimensions and 270 rows, K-S notices, p ~ 1e-4 between two
-    samples of one distribution); pooled axes treat both sides alike and turn towards a real
-    shift. The price: ``pc1`` of one report is not ``pc1`` of the next;
+    t-SNE for its plot, which takes seconds; per-axis tests cost milliseconds and plot as
+    ordinary histograms. Why pooled axes: axes fitted on the reference alone are the directions
+    where the reference happens to spread most, so its projections are wider than any fresh
+    sample's (with a small reference, K-S tells two samples of one distribution apart); pooled
+    axes treat both sides alike and turn towards a real shift (figures: monitoring/README.md).
+    The price: ``pc1`` of one report is not ``pc1`` of the next;
   * the predicted class (categorical) and the confidence.
 
 The tests follow Evidently's defaults for the reference size (p-values up to 1,000 reference
 rows: K-S for numbers, a chi-square for categories and few-valued numbers; normed Wasserstein /
 Jensen-Shannon distances above), chosen here explicitly so the table names what ran. One
 exception: Evidently's ``chisquare`` is a goodness-of-fit test that takes the reference's
-proportions as exact, so with a 270-row reference and a 100k-row window it calls the
-reference's own sampling noise drift (p ~ 0 between two samples of one distribution). A
-two-sample chi-square (homogeneity of the 2 x K count table, ``chi2_2sample``) is registered
-with Evidently and used instead. Why Bonferroni: the columns are many and correlated
+proportions as exact, so with a small reference and a much larger window it calls the
+reference's own sampling noise drift (see monitoring/README.md). A two-sample chi-square
+(homogeneity of the 2 x K count table, ``chi2_2sample``) is registered with Evidently and used
+instead. Why Bonferroni: the columns are many and correlated
 (``mean_r/g/b`` equal ``brightness`` on grey images), so a share-of-columns rule flags or misses
 depending on how many copies a signal has. Instead each p-value test runs at ``alpha / n_tests``,
 which bounds the chance that a window drawn from the reference distribution shows *any*
@@ -29,6 +29,11 @@ them) drifted. Distance tests keep Evidently's effect-size thresholds (0.1).
 The current window is subsampled to ``max_rows`` (seeded) before testing: past a few thousand
 rows the tests' power is bounded by the reference size anyway, and Evidently's per-column
 histograms cost time in the row count.
+
+A column that holds one value in both windows (an image model's width, height and aspect ratio
+when every input has the model's size) cannot show drift: it is not tested (so it takes no share
+of ``alpha`` either) and the report lists it as constant, with its value. ``drift.html`` opens
+with a summary a person reads first (``drift_html.py``); Evidently's per-column charts follow.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class DriftResult:
     tested_rows: int
     config: DriftConfig
     snapshot: Any = field(default=None, repr=False)  # Evidently's Snapshot (HTML, raw JSON)
+    constant: dict[str, Any] = field(default_factory=dict)  # untested column -> its one value
 
     @property
     def drifted(self) -> list[DriftRow]:
@@ -100,6 +106,7 @@ class DriftResult:
             "reference_rows": self.reference_rows,
             "current_rows": self.current_rows,
             "tested_rows": self.tested_rows,
+            "constant_columns": self.constant,
             "config": asdict(self.config),
             "rows": [asdict(r) for r in self.rows],
         }
@@ -115,12 +122,26 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, features: Seque
     ref = _sample(reference, config.max_rows, config.seed)
     cur = _sample(current, config.max_rows, config.seed)
     ref_table, cur_table, groups = drift_tables(ref, cur, features, config.embedding_components)
+    constant = constant_columns(ref_table, cur_table)
+    groups = {c: g for c, g in groups.items() if c not in constant}
     plan = test_plan(ref_table, cur_table, groups, config)
-    snapshot = _run_evidently(ref_table, cur_table, plan, groups)
-    rows = _rows(snapshot, plan, groups)
+    snapshot = _run_evidently(ref_table[list(groups)], cur_table[list(groups)], plan, groups) \
+        if plan else None
+    rows = _rows(snapshot, plan, groups) if plan else []
     needed = max(1, math.ceil(config.min_share * len(rows)))
     return DriftResult(rows, sum(r.drifted for r in rows) >= needed, len(reference), len(current),
-                       len(cur), config, snapshot)
+                       len(cur), config, snapshot, constant)
+
+
+def constant_columns(ref: pd.DataFrame, cur: pd.DataFrame) -> dict[str, Any]:
+    """Columns holding one and the same value in both windows -> that value (nothing to test)."""
+    out: dict[str, Any] = {}
+    for column in ref.columns:
+        values = pd.concat([ref[column], cur[column]], ignore_index=True)
+        if values.nunique(dropna=False) == 1:
+            value = values.iloc[0]
+            out[column] = value.item() if isinstance(value, np.generic) else value
+    return out
 
 
 def drift_tables(ref: pd.DataFrame, cur: pd.DataFrame, features: Sequence[str], components: int
@@ -227,7 +248,8 @@ def _run_evidently(ref: pd.DataFrame, cur: pd.DataFrame, plan: list[_Test], grou
 
     _register_two_sample_chi2()
     numerical = [c for c in groups if c != "predicted"]
-    definition = DataDefinition(numerical_columns=numerical, categorical_columns=["predicted"])
+    categorical = [c for c in groups if c == "predicted"]
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
     metrics = [ValueDrift(column=t.column, method=t.method, threshold=t.threshold) for t in plan]
     report = Report(metrics, include_tests=True)
     return report.run(Dataset.from_pandas(cur, data_definition=definition),
@@ -270,16 +292,26 @@ def format_table(result: DriftResult) -> str:
                  f"{'YES' if result.dataset_drift else 'no'}; tested {result.tested_rows} of "
                  f"{result.current_rows} logged rows against {result.reference_rows} "
                  "reference rows")
+    if result.constant:
+        lines.append("constant in both windows (not tested): " + ", ".join(
+            f"{name} = {value}" for name, value in result.constant.items()))
     return "\n".join(lines)
 
 
 def save_report(result: DriftResult, out_dir: str | Path, meta: dict[str, Any]) -> dict[str, Path]:
-    """Write ``drift.html`` (Evidently) and ``drift.json`` (our rows + Evidently's results)."""
+    """Write ``drift.html`` (our summary, then Evidently's per-column charts) and ``drift.json``
+    (our rows + Evidently's results). ``meta`` names the model, version and window; an
+    ``estimated_accuracy`` in it shows in the summary."""
+    from .drift_html import render_report
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / "drift.html", "json": out / "drift.json"}
-    result.snapshot.save_html(str(paths["html"]))
-    doc = {**meta, **result.to_dict(), "evidently": result.snapshot.dict()}
+    snapshot = result.snapshot
+    doc = {**meta, **result.to_dict()}
+    evidently_html = snapshot.get_html_str(as_iframe=False) if snapshot is not None else None
+    paths["html"].write_text(render_report(doc, evidently_html), encoding="utf-8")
+    doc["evidently"] = snapshot.dict() if snapshot is not None else None
     paths["json"].write_text(json.dumps(doc, indent=1, default=_json_default))
     return paths
 

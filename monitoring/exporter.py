@@ -14,6 +14,10 @@ Series: ``clf_drift_score{model,feature}`` (the test's score: a p-value or a dis
 ``clf_drift_threshold``), ``clf_drift_column_drifted{model,feature}`` (0/1),
 ``clf_drift_detected{model}`` (0/1), ``clf_drift_share{model}`` (share of columns drifted) and
 ``clf_drift_last_run_timestamp_seconds{model}`` (alert when it grows stale).
+
+The per-model series of the models a caller names (the service: the models it serves) exist
+before any report has run, at 0 (last run at timestamp 0), so "no drift report for a day" is an
+alert on a series that is there from the start, not on one that is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 STATE_FILE = "drift_latest.json"
 NAMESPACE = "clf"
@@ -80,11 +84,16 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def metric_samples(state: dict[str, Any]) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Metric name -> [(labels, value)] for a state (pure; both exposures use it)."""
+def metric_samples(state: dict[str, Any], models: Iterable[str] = ()
+                   ) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Metric name -> [(labels, value)] for a state (pure; both exposures use it). ``models``
+    without an entry in the state (no report yet) get their per-model series at 0."""
     out: dict[str, list[tuple[dict[str, str], float]]] = {
         f"{NAMESPACE}_{name}": [] for name, _, _ in _PER_FEATURE + _PER_MODEL}
-    for model, entry in sorted(state.get("models", {}).items()):
+    entries = dict(state.get("models", {}))
+    for model in models:
+        entries.setdefault(model, {key: 0.0 for _, _, key in _PER_MODEL})
+    for model, entry in sorted(entries.items()):
         for name, _, key in _PER_MODEL:
             out[f"{NAMESPACE}_{name}"].append(({"model": model}, float(entry[key])))
         for row in entry.get("rows", []):
@@ -106,20 +115,21 @@ def _label_names(name: str) -> list[str]:
 class DriftCollector:
     """prometheus_client custom collector over a ``drift_latest.json`` (read at each scrape)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, models: Iterable[str] = ()) -> None:
         self.path = Path(path)
+        self.models = tuple(models)  # exposed at 0 until their first report
 
     def describe(self) -> list:
         return list(self._families({}))  # names only: no file read at registration
 
     def collect(self) -> list:
-        return list(self._families(read_state(self.path)))
+        return list(self._families(read_state(self.path), self.models))
 
     @staticmethod
-    def _families(state: dict[str, Any]) -> Iterator[Any]:
+    def _families(state: dict[str, Any], models: Iterable[str] = ()) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        for name, samples in metric_samples(state).items():
+        for name, samples in metric_samples(state, models).items():
             family = GaugeMetricFamily(name, _help(name), labels=_label_names(name))
             for labels, value in samples:
                 family.add_metric([labels[k] for k in _label_names(name)], value)
@@ -137,19 +147,21 @@ class DriftGauges:
                         registry=registry if registry is not None else REGISTRY)
             for name in metric_samples({})}
 
-    def refresh(self, path: str | Path) -> None:
-        """Set every gauge from the state file (call it periodically, e.g. every 30 s)."""
-        for name, samples in metric_samples(read_state(path)).items():
+    def refresh(self, path: str | Path, models: Iterable[str] = ()) -> None:
+        """Set every gauge from the state file (call it periodically, e.g. every 30 s);
+        ``models`` with no report yet get their per-model gauges at 0."""
+        for name, samples in metric_samples(read_state(path), models).items():
             gauge = self._gauges[name]
             for labels, value in samples:
                 gauge.labels(**labels).set(value)
 
 
-def serve(path: str | Path, port: int, host: str = "127.0.0.1") -> Any:
+def serve(path: str | Path, port: int, host: str = "127.0.0.1", models: Iterable[str] = ()
+          ) -> Any:
     """Start the standalone exporter's HTTP server in a thread; returns the server."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(DriftCollector(path))
+    registry.register(DriftCollector(path, models))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -19,12 +19,12 @@ Text models add a third signal on the input itself: fragmentation, the tokens pe
 the raw text (from ``preprocessing.text_features``), flagged above its ``fragmentation_quantile``
 on validation. A tokenizer trained on the model's languages cuts real words into few tokens;
 random strings and unseen scripts fall apart into one token per character or two, while the
-model's embedding of such noise can still land near a class (measured on lang-transformer:
-confidence and distance alone flag 27% of random strings, with fragmentation 100%).
+model's embedding of such noise can still land near a class, so confidence and distance alone
+miss many random strings that fragmentation catches (see monitoring/README.md, OOD flags).
 
 The score of an answer is the largest of its signals divided by their thresholds, so
-``score > 1`` is exactly ``flag``. Pure numpy: the service calls ``score`` on every batch
-(a [64, 128] batch costs a few tens of microseconds).
+``score > 1`` is exactly ``flag``. Pure numpy: the service calls ``score`` on every batch,
+which costs a small fraction of a model call (see monitoring/README.md, Measured).
 """
 
 from __future__ import annotations
@@ -55,6 +55,16 @@ class OODScorer:
     @property
     def dim(self) -> int:
         return int(self.whitening.shape[0])
+
+    @property
+    def expected_flag_rate(self) -> float:
+        """The share of in-distribution inputs this scorer flags, by its calibration: each
+        signal's nominal tail summed (an upper bound: the signals overlap). Exported as
+        ``clf_ood_reference_rate`` so an alert can compare the served share with it."""
+        rate = (1.0 - self.distance_quantile) + self.confidence_quantile
+        if self.fragmentation_threshold is not None and self.fragmentation_quantile is not None:
+            rate += 1.0 - self.fragmentation_quantile
+        return rate
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each embedding [N, D] to its nearest class mean."""

@@ -12,6 +12,11 @@ A slice is flagged when it is at least ``margin`` worse than the whole on a figu
 least ``min_count`` rows for it (labelled rows for the labelled figures): lower accuracy, macro-F1
 or mean confidence; higher ECE, low-confidence share or OOD share. Everything is grouped
 arithmetic on whole columns, so a million rows take seconds, not minutes.
+
+``class_metrics`` is the per-class view of the labelled rows (feedback labels): for every class
+that occurs as a label or a prediction, its support, precision, recall and F1. A class is
+flagged when its recall is at least ``margin`` below the window's accuracy with at least
+``min_count`` labelled rows: a minority class the model misses hides in the accuracy.
 """
 
 from __future__ import annotations
@@ -175,6 +180,48 @@ def format_table(table: pd.DataFrame, top: int = 3) -> str:
             f"{row.n_labelled:>7d} {_f(row.accuracy)} {_f(row.macro_f1)} {_f(row.ece)} "
             f"{_f(row.mean_confidence)} {_f(row.low_conf_share)} {_f(row.ood_share)}  "
             f"{dist:<22} {row.reasons}")
+    return "\n".join(lines)
+
+
+def class_metrics(frame: pd.DataFrame, margin: float = 0.05, min_count: int = 30
+                  ) -> pd.DataFrame:
+    """One row per class over the labelled rows of ``frame`` (``label``, ``predicted``):
+    ``class, support, n_predicted, precision, recall, f1, flagged``; empty without labels.
+
+    The same definitions as the training artifact's ``per_class`` (``training.metrics``):
+    support = labelled rows of the class, precision = right / predicted as the class,
+    recall = right / support, F1 = 2 right / (support + predicted); a zero denominator gives 0.
+    """
+    columns = ["class", "support", "n_predicted", "precision", "recall", "f1", "flagged"]
+    if "label" not in frame.columns or not frame["label"].notna().any():
+        return pd.DataFrame(columns=columns)
+    labelled = frame[frame["label"].notna()]
+    label = labelled["label"].astype(str)
+    predicted = labelled["predicted"].astype(str)
+    classes = sorted(set(label) | set(predicted))
+    support = label.value_counts().reindex(classes, fill_value=0).to_numpy(np.float64)
+    n_pred = predicted.value_counts().reindex(classes, fill_value=0).to_numpy(np.float64)
+    tp = label[label == predicted].value_counts().reindex(classes, fill_value=0).to_numpy(
+        np.float64)
+    zeros = np.zeros(len(classes))
+    precision = np.divide(tp, n_pred, out=zeros.copy(), where=n_pred > 0)
+    recall = np.divide(tp, support, out=zeros.copy(), where=support > 0)
+    f1 = np.divide(2 * tp, support + n_pred, out=zeros.copy(), where=(support + n_pred) > 0)
+    accuracy = tp.sum() / max(1.0, support.sum())
+    flagged = (support >= min_count) & (recall < accuracy - margin)
+    return pd.DataFrame({"class": classes, "support": support.astype(np.int64),
+                         "n_predicted": n_pred.astype(np.int64), "precision": precision,
+                         "recall": recall, "f1": f1, "flagged": flagged}, columns=columns)
+
+
+def format_class_table(table: pd.DataFrame) -> str:
+    """Per-class rows (``class_metrics``), flagged ones marked with ``!``."""
+    if table.empty:
+        return "  per class: no labelled rows (no feedback in the window)"
+    lines = [f"  {'class':<18} {'support':>8} {'n_pred':>8} {'prec':>6} {'recall':>6} {'F1':>6}"]
+    for row in table.itertuples(index=False):
+        lines.append(f"{'!' if row.flagged else ' '} {str(row[0]):<18.18} {row.support:>8d} "
+                     f"{row.n_predicted:>8d} {_f(row.precision)} {_f(row.recall)} {_f(row.f1)}")
     return "\n".join(lines)
 
 

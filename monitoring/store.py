@@ -106,6 +106,7 @@ class LabelledInput:
     input: bytes
     slices: dict[str, str]
     features: dict[str, float]
+    feedback_ts: float = math.nan  # when its label was stored (or last corrected), unix seconds
 
 
 @dataclass(frozen=True)
@@ -301,13 +302,14 @@ class PredictionLog:
         first: the production traffic a retraining may learn from."""
         rows = self._read(
             "SELECT p.request_id, p.item, p.ts, p.version, f.label, p.predicted, p.input,"
-            " p.slices, p.features FROM predictions p JOIN feedback f ON"
+            " p.slices, p.features, f.ts FROM predictions p JOIN feedback f ON"
             " f.request_id = p.request_id AND f.item = p.item"
             " WHERE p.model = ? AND p.ts >= ? AND p.ts < ? AND p.input IS NOT NULL"
             " ORDER BY p.ts, p.id", (model, since, until if math.isfinite(until) else 1e300))
         return [LabelledInput(rid, int(item), float(ts), version, label, predicted, bytes(data),
-                              json.loads(slices), json.loads(features))
-                for rid, item, ts, version, label, predicted, data, slices, features in rows]
+                              json.loads(slices), json.loads(features), float(feedback_ts))
+                for rid, item, ts, version, label, predicted, data, slices, features, feedback_ts
+                in rows]
 
     def prune(self, before: float, inputs_only: bool = False, chunk: int = 5000) -> int:
         """Retention: delete predictions (and their feedback) logged before ``before`` (unix

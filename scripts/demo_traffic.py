@@ -1,5 +1,7 @@
 """Send the demo's production traffic: held-out digits, as they are or shifted, with a slice tag,
-then (optionally) their true labels as feedback. Prints one summary line.
+and (optionally) their true labels as feedback, every ``FEEDBACK_EVERY`` answers (labels that
+come soon after the traffic: a retraining trains only on labels stored by its time cutoff).
+Prints one summary line.
 
     python scripts/demo_traffic.py URL [--count 300] [--offset 0] [--shift none|bright] [--device ios]
                                    [--token TOKEN] [--since-file PATH]
@@ -21,6 +23,8 @@ from PIL import Image
 
 from training.config import TrainConfig
 from training.data import digits_images, stratified_split
+
+FEEDBACK_EVERY = 10
 
 
 def shifted(png: bytes) -> bytes:
@@ -50,8 +54,17 @@ def main() -> None:
     pool = pool[args.offset: args.offset + args.count]
     if args.since_file:
         args.since_file.write_text(dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    answers, flagged, correct, feedback = 0, 0, 0, []
+    answers, flagged, correct, feedback, sent = 0, 0, 0, [], 0
     with httpx.Client(base_url=args.url, timeout=30.0) as client:
+
+        def send_feedback() -> None:
+            nonlocal sent
+            if args.token and len(feedback) > sent:
+                r = client.post("/v1/feedback", json={"feedback": feedback[sent:]},
+                                headers={"Authorization": f"Bearer {args.token}"})
+                r.raise_for_status()
+                sent = len(feedback)
+
         for i, (png, label) in enumerate(pool):
             body = shifted(png) if args.shift == "bright" else png
             r = client.post("/v1/classify/image", content=body, headers={
@@ -63,10 +76,9 @@ def main() -> None:
             flagged += prediction["ood"]
             correct += prediction["label"] == data.classes[label]
             feedback.append({"request_id": answer["request_id"], "label": data.classes[label]})
-        if args.token:
-            r = client.post("/v1/feedback", json={"feedback": feedback},
-                            headers={"Authorization": f"Bearer {args.token}"})
-            r.raise_for_status()
+            if len(feedback) % FEEDBACK_EVERY == 0:
+                send_feedback()
+        send_feedback()
     print(f"sent {answers} {'shifted ' if args.shift != 'none' else ''}digits tagged "
           f"device={args.device}: accuracy {correct / answers:.1%}, OOD-flagged "
           f"{flagged / answers:.1%}" + (f"; {len(feedback)} labels sent as feedback"

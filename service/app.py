@@ -1,20 +1,26 @@
 """The HTTP shell: a lean ASGI app mounted inside the BentoML service at ``/v1``; step 1 of the
 request path (``service.py`` lists them all).
 
-Why raw ASGI rather than ``@bentoml.api``: on 2 cores, BentoML's own request handling of an upload
-costs about as much CPU as the benchmark model's inference. This app reads the body once, hands
-it to ``requests.py`` to parse, calls the served model (``served.py``) and answers with one
-``json.dumps``; BentoML still owns the server, the workers, ``/metrics``, ``/readyz`` and its
-traffic middlewares around it.
+Why raw ASGI rather than ``@bentoml.api``: BentoML's own request handling of an upload costs
+about as much CPU as a small model's inference (see README, Benchmark). This app reads the body
+once, hands it to ``requests.py`` to parse, calls the served model (``served.py``) and answers
+with one ``json.dumps``; BentoML still owns the server, the workers, ``/metrics``, ``/readyz``
+and its traffic middlewares around it.
 
 Routes (exact paths):
   POST /v1/classify/image   one or many images (multipart, JSON with base64, or a raw image body)
   POST /v1/classify/text    one or many texts (JSON, or a UTF-8 text/plain body)
   POST /v1/feedback         ground truth by request id (``Authorization: Bearer <token>``)
   GET  /v1/models           what is served: name, version, task, labels, spec
+  /v2/...                   the Open Inference Protocol v2 (KServe/Triton): health, metadata and
+                            infer per model, registered by ``v2.register`` (its errors carry
+                            ``error`` as a string; see ``v2.py``)
 
 A classify request may carry ``?top_k=N``, ``X-Request-ID`` (echoed, and the key of its log
-records) and slice tags in ``X-Slices: key=value; key2=value2`` (keys the settings allow). Every
+records), slice tags in ``X-Slices: key=value; key2=value2`` (keys the settings allow) and
+``X-Request-Deadline-Ms`` (shortens ``CLF_REQUEST_DEADLINE_MS`` for this request). Under
+overload a classify request is answered 503 ``overloaded`` with ``Retry-After`` before its body
+is read, or 504 ``deadline_exceeded`` when its deadline passed before its model call. Every
 error is ``{"error": {"reason", "message"}, "request_id"}`` with the status ``STATUS`` gives its
 reason: this table is the one place where a reason becomes an HTTP status.
 """
@@ -25,18 +31,23 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from monitoring.slices import SliceRules
 from monitoring.store import FeedbackError, PredictionLog, UnknownRequestError
 from preprocessing import InputError
 
-from . import requests
+from . import openapi, requests, v2
 from .batching import BatchError
+from .lifecycle import DRAIN
 from .metrics import get_metrics
 from .recording import LogUnavailable
 from .requests import RequestError
-from .served import RequestContext, ServedModel, Slot
+from .served import DeadlineExceeded, Overloaded, RequestContext, ServedModel, Slot
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -74,6 +85,9 @@ STATUS: dict[str, int] = {
     "unknown_request_id": 404,
     "bad_labels": 422,
     "not_ready": 503,
+    "overloaded": 503,
+    "shutting_down": 503,
+    "deadline_exceeded": 504,
     "log_unavailable": 503,
     "internal": 500,
 }
@@ -88,26 +102,146 @@ class Failure(Exception):
         self.reason, self.message, self.headers = reason, message, headers or []
 
 
+@dataclass
+class Answer:
+    """What a handler returns: a JSON document (``dict``) or raw bytes with their content type."""
+
+    status: int
+    body: dict | bytes
+    content_type: str = "application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+# handler(scope, receive, headers, request_id, **path_params) -> Answer | (status, dict)
+Handler = Callable[..., Awaitable["Answer | tuple[int, dict]"]]
+
+
+@dataclass
+class Route:
+    """One path of the route table: its template (``{name}`` segments match one path segment),
+    a handler per method, and its OpenAPI operation per method (``openapi.py`` reads them)."""
+
+    template: str
+    handlers: dict[str, Handler]
+    docs: dict[str, dict] = field(default_factory=dict)
+    pattern: re.Pattern | None = None
+
+    def __post_init__(self) -> None:
+        if "{" in self.template:
+            regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(self.template))
+            self.pattern = re.compile(f"^{regex}$")
+
+    def match(self, path: str) -> dict[str, str] | None:
+        if self.pattern is None:
+            return {} if path == self.template else None
+        found = self.pattern.match(path)
+        return None if found is None else found.groupdict()
+
+
+# the classify routes the overload shortcut answers for: path -> model kind
+SHED_ROUTES = {"/v1/classify/image": "image", "/v1/classify/text": "text"}
+
+
+# scope key: the model that OverloadShortcut admitted this request to, until _classify takes
+# the admission over (and with it the release)
+ADMISSION = "clf.admission"
+
+
+class OverloadShortcut:
+    """ASGI middleware that BentoML runs in front of its own (request metrics, tracing, timeout,
+    routing, the mounted apps; ``patches.run_first``): a classify request is admitted, or
+    refused 503 ``overloaded``, here, before any of them runs. Under a flood of connections the
+    refusals are most of the work, and BentoML's stack costs about as much per request as
+    serving one. Admitting here, not just checking, matters as much: between this point and the
+    route the request crosses a task hop or two, and under a flood a whole event-loop pass of
+    requests would pass a mere check before the first of them is counted. ``_classify`` takes
+    the admission over (it still applies a shorter deadline a client asks for, and counts the
+    other inputs of a request with several); one that never gets there is released here.
+    Refusals answered here are counted in ``clf_shed_requests_total``, not in BentoML's request
+    metrics."""
+
+    def __init__(self, app: Callable, api: "App") -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            model = self.api.classify_model(scope)
+            if model is not None:
+                try:
+                    model.admit(self.api.budget_s)
+                except Overloaded as exc:
+                    return await self.api.refuse(exc, scope, send)
+                scope[ADMISSION] = model
+                try:
+                    return await self.app(scope, receive, send)
+                finally:
+                    if scope.get(ADMISSION) is model:  # never reached _classify
+                        scope[ADMISSION] = None
+                        model.release()
+        await self.app(scope, receive, send)
+
+
 class App:
     """ASGI callable; ``bind()`` hands it the loaded models and settings once the service has
     built them. Until then a classify route answers 503 not_ready."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
+        """``settings``: the ones the service will bind, so the OpenAPI document states the
+        limits in force (the defaults when not given)."""
+        from .settings import Settings
+
         self.slots: dict[str, Slot] = {}
         self.settings: Settings | None = None
+        self.budget_s = math.inf  # the default deadline, s (bind)
         self.slice_rules = SliceRules()
         self.prediction_log: PredictionLog | None = None  # for feedback
-        self.routes: dict[str, dict[str, Callable]] = {
-            "/v1/classify/image": {"POST": self.classify_image},
-            "/v1/classify/text": {"POST": self.classify_text},
-            "/v1/feedback": {"POST": self.feedback},
-            "/v1/models": {"GET": self.models},
-        }
+        self._static: dict[str, Route] = {}  # exact paths, looked up first
+        self._templated: list[Route] = []
+        documented = settings or Settings()
+        self.add_route("POST", "/v1/classify/image", self.classify_image,
+                       openapi.classify_operation("image", documented))
+        self.add_route("POST", "/v1/classify/text", self.classify_text,
+                       openapi.classify_operation("text", documented))
+        self.add_route("POST", "/v1/feedback", self.feedback, openapi.feedback_operation())
+        self.add_route("GET", "/v1/models", self.models, openapi.models_operation())
+        v2.register(self, documented)  # the Open Inference Protocol v2 routes (v2.py)
+
+    def add_route(self, method: str, template: str, handler: Handler,
+                  doc: dict | None = None) -> None:
+        route = self._static.get(template) or next(
+            (r for r in self._templated if r.template == template), None)
+        if route is None:
+            route = Route(template, {})
+            if route.pattern is None:
+                self._static[template] = route
+            else:
+                self._templated.append(route)
+        route.handlers[method] = handler
+        if doc is not None:
+            route.docs[method] = doc
+
+    @property
+    def routes(self) -> list[Route]:
+        return [*self._static.values(), *self._templated]
+
+    def resolve(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        route = self._static.get(path)
+        if route is not None:
+            return route, {}
+        for route in self._templated:
+            params = route.match(path)
+            if params is not None:
+                return route, params
+        return None
 
     def bind(self, slots: dict[str, Slot], settings: Settings,
              prediction_log: PredictionLog | None = None) -> None:
         self.slots = dict(slots)
         self.settings = settings
+        # the default deadline in seconds (inf = none): a client's header may only shorten it,
+        # so what this refuses, the request's own deadline refuses too (OverloadShortcut)
+        self.budget_s = settings.request_deadline_ms / 1e3 or math.inf
         self.slice_rules = settings.slice_rules()
         self.prediction_log = prediction_log
 
@@ -115,25 +249,48 @@ class App:
         slot = self.slots.get(kind)
         return None if slot is None else slot.current
 
+    def classify_model(self, scope: Scope) -> ServedModel | None:
+        """The ready model a classify request is for (``OverloadShortcut``); None otherwise."""
+        kind = SHED_ROUTES.get(scope["path"])
+        if kind is None or scope["method"] != "POST":
+            return None
+        model = self.model(kind)
+        return model if model is not None and model.ready else None
+
+    async def refuse(self, exc: Overloaded, scope: Scope, send: Send) -> None:
+        """503 ``overloaded``, exactly as ``_classify`` answers it."""
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        request_id = requests.request_id({"x-request-id": given.decode("latin-1")})
+        await _fail(send, "overloaded", exc.message, request_id,
+                    [(b"retry-after", str(exc.retry_after_s).encode())])
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is BentoML's business
         headers = _headers(scope)
         request_id = requests.request_id(headers)
-        methods = self.routes.get(scope["path"])
-        if methods is None:
+        found = self.resolve(scope["path"])
+        if found is None:
             return await _fail(send, "not_found", f"no route {scope['method']} {scope['path']}",
                                request_id)
-        handler = methods.get(scope["method"])
+        route, params = found
+        handler = route.handlers.get(scope["method"])
         if handler is None:
-            allow = ", ".join(methods)
+            allow = ", ".join(route.handlers)
             return await _fail(send, "method_not_allowed", f"use {allow}", request_id,
                                [(b"allow", allow.encode())])
+        if DRAIN.refuses(scope):  # a connection opened after SIGTERM (lifecycle.py)
+            return await self._shutting_down(scope, receive, send, headers, request_id)
         try:
-            status, answer = await handler(scope, receive, headers, request_id)
+            answer = await handler(scope, receive, headers, request_id, **params)
         except (InputError, RequestError, Failure) as exc:
             return await _fail(send, exc.reason, exc.message, request_id,
                                getattr(exc, "headers", None))
+        except Overloaded as exc:
+            return await _fail(send, "overloaded", exc.message, request_id,
+                               [(b"retry-after", str(exc.retry_after_s).encode())])
+        except DeadlineExceeded as exc:
+            return await _fail(send, "deadline_exceeded", exc.message, request_id)
         except LogUnavailable as exc:  # never answer what was not recorded
             return await _fail(send, "log_unavailable", f"{exc}; retry later", request_id)
         except BatchError:
@@ -144,7 +301,24 @@ class App:
             logger.exception("unexpected failure [request_id=%s]", request_id)
             return await _fail(send, "internal", "internal error; the server log has request id "
                                f"{request_id}", request_id)
-        await _send_json(send, status, answer, request_id)
+        if isinstance(answer, tuple):
+            answer = Answer(*answer)
+        await _send(send, answer, request_id)
+
+    async def _shutting_down(self, scope: Scope, receive: Receive, send: Send,
+                             headers: dict[str, str], request_id: str) -> None:
+        """503 ``shutting_down`` with ``Retry-After``, once the body is read: the connection
+        closes after this answer, and closing with unread bytes would reset it, answer and all."""
+        limit = self.settings.max_body_bytes if self.settings is not None else MAX_FEEDBACK_BYTES
+        try:
+            await _read_body(receive, headers, limit)
+        except RequestError:
+            pass
+        failure = Failure("shutting_down", "this server is shutting down; send the request "
+                          "again (another replica takes it)", [(b"retry-after", b"1")])
+        if scope["path"].startswith("/v2/"):
+            return await _send(send, v2.error_answer(failure, request_id), request_id)
+        await _fail(send, failure.reason, failure.message, request_id, failure.headers)
 
     # ---- routes -------------------------------------------------------------------------------
 
@@ -161,9 +335,21 @@ class App:
         """One request to one model: read, parse, classify, answer."""
         model = self._ready_model(kind)
         settings = self.settings
+        started = time.perf_counter()
+        admitted = False
         try:
+            # the deadline (s; inf = none) from the settings, shortened by the client's header
+            budget_s = requests.deadline_ms(headers, settings.request_deadline_ms) / 1e3 or math.inf
+            if scope.get(ADMISSION) is model:  # OverloadShortcut admitted it: take that over
+                scope[ADMISSION] = None
+                admitted = True
+                if budget_s < self.budget_s:  # the client shortened its deadline
+                    model.recheck(budget_s)
+            else:
+                model.admit(budget_s)  # before the body is read: a refusal stays cheap
+                admitted = True
             ctx = RequestContext(request_id, requests.slices(
-                headers.get(requests.SLICES_HEADER, ""), self.slice_rules))
+                headers.get(requests.SLICES_HEADER, ""), self.slice_rules), started)
             top_k = requests.top_k(scope.get("query_string", b""), settings.top_k)
             body = await _read_body(receive, headers, settings.max_body_bytes)
             content_type = headers.get("content-type", "")
@@ -171,10 +357,13 @@ class App:
                 inputs = requests.images(body, content_type, settings.max_images_per_request)
             else:
                 inputs = requests.texts(body, content_type, settings.max_texts_per_request)
-            predictions = await model.classify(inputs, top_k, ctx)
+            predictions = await model.classify(inputs, top_k, ctx, started + budget_s)
         except (InputError, RequestError) as exc:
             model.reject(exc.reason)
             raise
+        finally:
+            if admitted:
+                model.release()
         return 200, {
             "request_id": request_id,
             "model": model.name,
@@ -267,15 +456,21 @@ async def _fail(send: Send, reason: str, message: str, request_id: str,
 
 async def _send_json(send: Send, status: int, payload: dict, request_id: str,
                      extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps(payload, separators=(",", ":")).encode()
+    await _send(send, Answer(status, payload, headers=list(extra_headers)), request_id)
+
+
+async def _send(send: Send, answer: Answer, request_id: str) -> None:
+    body = answer.body
+    if isinstance(body, dict):
+        body = json.dumps(body, separators=(",", ":")).encode()
     await send({
         "type": "http.response.start",
-        "status": status,
+        "status": answer.status,
         "headers": [
-            (b"content-type", b"application/json"),
+            (b"content-type", answer.content_type.encode("latin-1")),
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", request_id.encode()),
-            *extra_headers,
+            *answer.headers,
         ],
     })
     await send({"type": "http.response.body", "body": body})

@@ -1,5 +1,5 @@
-"""Adaptive batching across concurrent requests, on the event loop of one worker: step 4 of
-the request path (``service.py`` lists them all).
+"""Adaptive batching across concurrent requests, one queue and one model thread per worker: step
+5 of the request path (``service.py`` lists them all).
 
 The policy is greedy: when the model is free, everything queued (up to ``max_batch_size``) goes in
 one batch at once. While a batch runs in the model thread, new requests keep arriving and queue
@@ -7,6 +7,14 @@ up, so the batch size follows the load by itself: 1 when traffic is light (no ad
 large under pressure. ``max_queue_delay_s`` optionally holds a partial batch a little longer, but
 the wait is measured from the oldest item's arrival, so no item waits longer than that in total
 for company.
+
+The event loop only queues items (``submit``) and hands results back to their requests; the
+model thread takes the next batch itself the moment a call ends. So the model never waits for
+the event loop: under a flood of connections the loop can be hundreds of milliseconds behind,
+and a batcher on the loop would leave the model idle for that long between calls (ORT releases
+the GIL while it runs, so the loop keeps reading and decoding the next requests meanwhile). An
+idle model thread starts when the loop's current pass is over (or ``COALESCE_S`` after the first
+item), so a burst of requests read in one pass shares one call, as before.
 
 Two optional hooks make the same loop serve a text model: ``plan`` picks which queued items go
 into the next call (``LengthPlanner``: length grouping, below), ``collate`` builds the model
@@ -22,14 +30,22 @@ holding the oldest text goes into the next call (so no text starves behind a str
 ones); the others go back to the front of the queue in their arrival order and are planned again
 when the model is free, together with whatever arrived meanwhile. Each call is padded to its own
 longest text.
+
+Deadlines: an item may carry one (``submit(..., deadline)``, a ``time.perf_counter()`` instant).
+When the batcher forms a call and the earliest deadline in the queue has passed, it first takes
+every expired item out of the queue and fails its future with ``DeadlineExceeded``, so nothing
+is computed for a caller who has been answered already; an item already past its deadline when
+it is submitted is never queued. Items without a deadline cost nothing: the earliest deadline is
+kept as one float, and the queue is only scanned when that float has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -55,6 +71,20 @@ class BatchError(RuntimeError):
     """The model failed or returned a batch of the wrong length; every item in it fails."""
 
 
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed while it waited; it was dropped before inference."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+NO_DEADLINE = math.inf
+# The longest an idle model thread waits, once work has arrived, for the event loop's current
+# pass to queue the rest of a burst (see ``Batcher.submit``).
+COALESCE_S = 0.005
+
+
 @dataclass
 class BatchStats:
     """What the batcher reports per batch (the service turns it into Prometheus metrics)."""
@@ -69,6 +99,7 @@ class _Item:
     tensor: Any  # an image's float32 array; a text's 1-D int64 token ids
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
+    deadline: float = NO_DEADLINE  # a time.perf_counter() instant
 
 
 # plan(pending, max_batch_size) removes and returns the items of the next call (at least one);
@@ -78,6 +109,8 @@ Collate = Callable[[list], Batch]
 
 
 class Batcher:
+    """The queue of one model and the thread that runs it (see the module doc)."""
+
     def __init__(
         self,
         model: Model,
@@ -93,28 +126,78 @@ class Batcher:
         self._on_batch = on_batch
         self._plan = plan
         self._collate = collate
+        # Shared by the event loop (submit) and the model thread (everything else): every
+        # access holds ``_ready``'s lock.
         self._pending: deque[_Item] = deque()
-        self._wakeup = asyncio.Event()
-        # One model thread: one batch in flight per worker. ORT releases the GIL while it runs,
-        # so the event loop keeps reading and decoding the next requests meanwhile.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._task: asyncio.Task | None = None
+        self._ready = threading.Condition()
+        self._earliest = NO_DEADLINE  # <= every queued item's deadline
+        self._stopping = False
+        self._idle = False  # the model thread waits for work (set and cleared by it alone)
+        self._kicking = False  # a kick is scheduled on the event loop
+        self._kicked = False  # the event loop's pass that queued the work is over
+        self._holding = False  # the model thread holds a partial batch for company
+        self.expired = 0  # items dropped at their deadline, in all
+        # How long the oldest item of the last model call had waited for it; 0 once the queue
+        # is found empty. What a newcomer can expect to wait (served.py's admission reads it).
+        self.queue_wait_s = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+            self._thread.start()
 
     async def stop(self) -> None:
-        await cancel_task(self._task)
-        self._task = None
-        self._executor.shutdown(wait=True)
+        """Stop the model thread (after the call it is in) and fail what is still queued."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with self._ready:
+            self._stopping = True
+            left = list(self._pending)
+            self._pending.clear()
+            self._ready.notify()
+        await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        self._fail(left, BatchError("the model stopped before this input's call"))
 
-    async def submit(self, tensors: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Queue one request's items; returns (probabilities, embedding) per item, in order."""
+    @property
+    def queued(self) -> int:
+        """Items waiting for a model call now."""
+        return len(self._pending)
+
+    async def submit(self, tensors: list[Any], deadline: float = NO_DEADLINE
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Queue one request's items; returns (probabilities, embedding) per item, in order.
+        Raises ``DeadlineExceeded`` when ``deadline`` passes before their model call starts."""
         loop = asyncio.get_running_loop()
-        items = [_Item(t, loop.create_future()) for t in tensors]
-        self._pending.extend(items)
-        self._wakeup.set()
+        if deadline != NO_DEADLINE and deadline <= time.perf_counter():
+            self.expired += len(tensors)
+            raise DeadlineExceeded("the request's deadline passed before its inputs were "
+                                   "queued; nothing was computed")
+        items = [_Item(t, loop.create_future(), deadline=deadline) for t in tensors]
+        kick = False
+        with self._ready:
+            if self._stopping:
+                raise BatchError("the model is stopping")
+            self._pending.extend(items)
+            if deadline < self._earliest:
+                self._earliest = deadline
+            if self._holding:
+                self._ready.notify()
+            elif self._idle and not self._kicking:
+                self._kicking = kick = True
+                self._ready.notify()
+        if kick:
+            # An idle model thread starts when this pass of the event loop is over (the kick),
+            # or COALESCE_S after the first item, whichever is first: what arrives in the same
+            # pass (a burst of requests read together) shares the call, as it would with a
+            # batcher on the loop, and a loop far behind under a flood delays a call by
+            # COALESCE_S at most. A busy thread needs no kick: it takes the queue itself the
+            # moment its call ends.
+            loop.call_soon(self._kick)
         if len(items) == 1:
             return [await items[0].future]
         # Every future is awaited, so a failed batch leaves no "exception never retrieved".
@@ -128,54 +211,133 @@ class Batcher:
         """Run one batch directly (warm-up), bypassing the queue."""
         return self.model.run(batch)
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    # ---- the model thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = self._loop
         while True:
-            if not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            batch, expired = self._next_batch()
+            if expired:
+                loop.call_soon_threadsafe(self._expire, expired)
+            if batch is None:
+                return
+            if not batch:  # everything queued had expired
                 continue
-            if self.max_queue_delay_s > 0 and len(self._pending) < self.max_batch_size:
-                await self._hold_for_company()
-            if self._plan is None:
-                batch = [self._pending.popleft() for _ in range(min(len(self._pending), self.max_batch_size))]
-            else:
-                batch = self._plan(self._pending, self.max_batch_size)
             started = time.perf_counter()
             try:
                 if self._collate is None:
                     x = np.stack([item.tensor for item in batch])
                 else:
                     x = self._collate([item.tensor for item in batch])
-                out = await loop.run_in_executor(self._executor, self.model.run, x)
+                out = self.model.run(x)
                 if out.probabilities.shape[0] != len(batch) or out.embedding.shape[0] != len(batch):
                     raise BatchError(
                         f"model returned {out.probabilities.shape[0]} rows for a batch of {len(batch)}"
                     )
             except Exception as exc:  # every waiting request must hear about it, not hang
                 error = exc if isinstance(exc, BatchError) else BatchError(f"inference failed: {exc!r}")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                loop.call_soon_threadsafe(self._fail, batch, error)
                 continue
-            elapsed = time.perf_counter() - started
-            for i, item in enumerate(batch):
-                if not item.future.done():  # the client may have gone away
-                    item.future.set_result((out.probabilities[i], out.embedding[i]))
-            if self._on_batch is not None:
-                self._on_batch(BatchStats(len(batch), [started - it.enqueued for it in batch], elapsed))
+            stats = BatchStats(len(batch), [started - it.enqueued for it in batch],
+                               time.perf_counter() - started)
+            loop.call_soon_threadsafe(self._deliver, batch, out, stats)
 
-    async def _hold_for_company(self) -> None:
+    def _next_batch(self) -> tuple[list[_Item] | None, list[_Item]]:
+        """Wait for work, then take the next call's items (None: stopping) and the expired ones."""
+        with self._ready:
+            while True:
+                if not self._pending and not self._stopping:
+                    self.queue_wait_s = 0.0
+                    self._idle, self._kicked = True, False
+                    while not self._pending and not self._stopping:
+                        self._ready.wait()
+                    until = time.perf_counter() + COALESCE_S
+                    while not self._kicked and not self._stopping:  # the kick, or COALESCE_S
+                        remaining = until - time.perf_counter()
+                        if remaining <= 0:
+                            break
+                        self._ready.wait(remaining)
+                    self._idle = False
+                if self._stopping:
+                    return None, []
+                if not self._pending:
+                    continue
+                if self.max_queue_delay_s > 0:
+                    self._holding = True
+                    self._hold_for_company()
+                    self._holding = False
+                expired = self._take_expired() if self._earliest <= time.perf_counter() else []
+                if self._pending:
+                    break
+                if expired:
+                    return [], expired
+            # the oldest item is first: the planner puts what it leaves back in arrival order
+            self.queue_wait_s = time.perf_counter() - self._pending[0].enqueued
+            if self._plan is None:
+                n = min(len(self._pending), self.max_batch_size)
+                batch = [self._pending.popleft() for _ in range(n)]
+            else:
+                batch = self._plan(self._pending, self.max_batch_size)
+            return batch, expired
+
+    def _take_expired(self) -> list[_Item]:
+        """Take every item whose deadline has passed (or whose caller is gone) out of the queue;
+        recompute the earliest deadline of those left. Holds the lock."""
+        now = time.perf_counter()
+        kept: deque[_Item] = deque()
+        expired: list[_Item] = []
+        earliest = NO_DEADLINE
+        for item in self._pending:
+            if item.future.done():  # cancelled: nobody waits for it
+                continue
+            if item.deadline <= now:
+                expired.append(item)
+                continue
+            kept.append(item)
+            if item.deadline < earliest:
+                earliest = item.deadline
+        self._pending = kept
+        self._earliest = earliest
+        self.expired += len(expired)
+        return expired
+
+    def _hold_for_company(self) -> None:
+        """Hold a partial batch until it fills or its oldest item has waited max_queue_delay_s.
+        Holds the lock (``wait`` releases it meanwhile)."""
         deadline = self._pending[0].enqueued + self.max_queue_delay_s
-        while len(self._pending) < self.max_batch_size:
+        while self._pending and len(self._pending) < self.max_batch_size and not self._stopping:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
+            self._ready.wait(remaining)
+
+    # ---- back on the event loop -----------------------------------------------------------
+
+    def _kick(self) -> None:
+        with self._ready:
+            self._kicking, self._kicked = False, True
+            self._ready.notify()
+
+    def _deliver(self, batch: list[_Item], out: Outputs, stats: BatchStats) -> None:
+        for i, item in enumerate(batch):
+            if not item.future.done():  # the client may have gone away
+                item.future.set_result((out.probabilities[i], out.embedding[i]))
+        if self._on_batch is not None:
+            self._on_batch(stats)
+
+    def _expire(self, items: list[_Item]) -> None:
+        now = time.perf_counter()
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(DeadlineExceeded(
+                    f"the request's deadline passed after {(now - item.enqueued) * 1e3:.0f} ms "
+                    "in the batch queue; it was dropped before inference"))
+
+    @staticmethod
+    def _fail(items: list[_Item], error: Exception) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
 
 
 # ---- length grouping for text models ---------------------------------------------------

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
     from .batching import BatchStats
@@ -36,8 +36,11 @@ class Metrics:
     inference: object
     preprocess: object
     rejected: object
+    shed: object
+    queue_items: object
     model_info: object
     ood_flagged: object
+    ood_reference: object
     log_commit: object
     log_errors: object
     feedback: object
@@ -89,6 +92,21 @@ def get_metrics() -> Metrics:
             "Requests rejected before inference, by reason.",
             ["model", "reason"],
         ),
+        shed=Counter(
+            f"{NAMESPACE}_shed_requests_total",
+            "Requests shed under overload, by reason: overloaded (the queue bound or the "
+            "deadline was reached at the door: 503 before the body was read) or deadline "
+            "(dropped from the queue at its deadline, before inference: 504).",
+            ["model", "reason"],  # overloaded | deadline
+        ),
+        queue_items=Gauge(
+            f"{NAMESPACE}_queue_items",
+            "Items admitted and not yet answered (being read and decoded, queued, in a model "
+            "call), summed over workers; CLF_MAX_QUEUE_ITEMS bounds it per worker. Sampled at "
+            "each model call and when it drops to 0.",
+            ["model"],
+            multiprocess_mode="livesum",
+        ),
         model_info=Gauge(
             f"{NAMESPACE}_model_info",
             "The model version a worker serves (value 1), with its preprocessing spec hash.",
@@ -100,6 +118,13 @@ def get_metrics() -> Metrics:
             "Answers flagged as unlike the training data (low confidence or far from every class "
             "in embedding space); divide by clf_predictions_total for the share.",
             ["model", "version"],
+        ),
+        ood_reference=Gauge(
+            f"{NAMESPACE}_ood_reference_rate",
+            "Share of answers the OOD scorer is calibrated to flag on inputs like the training "
+            "data (its validation profile); alert when the served share runs well above it.",
+            ["model"],
+            multiprocess_mode="mostrecent",
         ),
         log_commit=Histogram(
             f"{NAMESPACE}_prediction_log_commit_seconds",
@@ -144,9 +169,19 @@ class ModelMetrics:
         self._infer = metrics.inference.labels(name)
         self._pre = metrics.preprocess.labels(name)
         self._rejected = metrics.rejected
+        self._shed = {reason: metrics.shed.labels(name, reason)
+                      for reason in ("overloaded", "deadline")}
+        self._queue = metrics.queue_items.labels(name)
         self._ood = metrics.ood_flagged.labels(name, version)
+        self._ood_reference = metrics.ood_reference.labels(name)
         self._info = metrics.model_info.labels(name, version, spec_hash[:12], provider)
         self._info.set(1)
+        for result in ("loaded", "failed"):  # at 0 from the start: increase() sees the first
+            metrics.reloads.labels(name, result)
+
+    def ood_reference(self, rate: float) -> None:
+        """The OOD flag rate expected on in-distribution inputs (the scorer's calibration)."""
+        self._ood_reference.set(rate)
 
     def retire(self) -> None:
         """This worker no longer serves the version (hot reload replaced it)."""
@@ -162,6 +197,13 @@ class ModelMetrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.name, reason).inc()
 
+    def shed(self, reason: str) -> None:
+        """A request refused at the door ("overloaded") or dropped at its deadline ("deadline")."""
+        self._shed[reason].inc()
+
+    def queue(self, items: int) -> None:
+        self._queue.set(items)
+
     def predicted(self, label: str, confidence: float) -> None:
         self._predictions.labels(self.name, self.version, label).inc()
         self._confidence.observe(confidence)
@@ -176,19 +218,22 @@ class ModelMetrics:
 
 class DriftRefresher:
     """Copies the latest drift scores (``drift_latest.json`` next to the log, written by
-    ``python -m monitoring drift``) into this worker's ``clf_drift_*`` gauges periodically."""
+    ``python -m monitoring drift``) into this worker's ``clf_drift_*`` gauges periodically.
+    The served ``models`` have their per-model gauges from the start: 0, and a last-run
+    timestamp of 0, until their first report."""
 
-    def __init__(self, log_path: str | Path, every_s: float) -> None:
+    def __init__(self, log_path: str | Path, every_s: float, models: Iterable[str] = ()) -> None:
         from monitoring.exporter import state_path_for
 
         self.state_path = state_path_for(log_path)
         self.every_s = every_s
+        self.models = tuple(models)
         self._gauges = drift_gauges()
         self._task: asyncio.Task | None = None
 
     def refresh(self) -> None:
         try:
-            self._gauges.refresh(self.state_path)
+            self._gauges.refresh(self.state_path, self.models)
         except Exception:  # a half-written or foreign file must not take the worker down
             logger.exception("could not read drift state %s", self.state_path)
 

@@ -30,6 +30,7 @@ from preprocessing import decode_text
 IMAGE_FIELDS = ("image", "images")
 TEXT_FIELDS = ("text", "texts")
 SLICES_HEADER = "x-slices"
+DEADLINE_HEADER = "x-request-deadline-ms"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _NAME = re.compile(r'(?i)\bname="([^"]*)"')
 _FILENAME = re.compile(r'(?i)\bfilename="([^"]*)"')
@@ -55,6 +56,48 @@ class RequestError(ValueError):
         self.message = message
 
 
+# ---- the bodies' schemas (the OpenAPI document's; tests hold the parsers to them) -----------
+
+_BASE64 = {"type": "string", "format": "byte",
+           "description": "an encoded image (PNG, JPEG, GIF, WebP, BMP, TIFF) in base64, or a "
+                          "data: URL"}
+IMAGE_BODIES: dict[str, dict] = {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "array", "minItems": 1,
+                                 "items": {"type": "string", "format": "binary"},
+                                 "description": "one file per image; repeat the field"}}}},
+    "application/json": {"schema": {
+        "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+        "properties": {"images": {"type": "array", "minItems": 1, "items": _BASE64},
+                       "image": _BASE64}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}
+TEXT_BODIES: dict[str, dict] = {
+    "application/json": {"schema": {
+        "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+        "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                       "text": {"type": "string"}}}},
+    "text/plain": {"schema": {"type": "string"}},
+}
+_LABELS = {"type": "array", "minItems": 1, "items": {"type": "string"},
+           "description": "one true label per input of the request, in order"}
+_FEEDBACK_ITEM = {
+    "type": "object", "required": ["request_id"], "additionalProperties": False,
+    "minProperties": 2, "maxProperties": 2,
+    "properties": {"request_id": {"type": "string", "pattern": REQUEST_ID.pattern},
+                   "labels": _LABELS,
+                   "label": {"type": "string", "description": "the label of a one-input request"}}}
+FEEDBACK_BODIES: dict[str, dict] = {
+    "application/json": {"schema": {"oneOf": [
+        _FEEDBACK_ITEM,
+        {"type": "object", "required": ["feedback"], "additionalProperties": False,
+         "properties": {"feedback": {"type": "array", "minItems": 1, "items": _FEEDBACK_ITEM}}},
+    ]}},
+}
+
+
 # ---- headers and query -------------------------------------------------------------------
 
 def request_id(headers: Mapping[str, str]) -> str:
@@ -71,6 +114,23 @@ def top_k(query_string: bytes, default: int) -> int:
                 raise RequestError("bad_field", f"top_k must be an integer in 1..1000, got {value!r}")
             return int(value)
     return default
+
+
+def deadline_ms(headers: Mapping[str, str], default_ms: float) -> float:
+    """The request's deadline in milliseconds (0 = none): ``X-Request-Deadline-Ms`` when the
+    client sends one, capped at the server's ``default_ms`` (a client may shorten its deadline,
+    never lengthen it); the default otherwise."""
+    given = headers.get(DEADLINE_HEADER)
+    if given is None:
+        return default_ms
+    try:
+        value = float(given)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3_600_000:  # also refuses nan and inf
+        raise RequestError("bad_field", f"X-Request-Deadline-Ms must be a number of "
+                           f"milliseconds in (0, 3600000], got {given!r}")
+    return value if default_ms <= 0 else min(value, default_ms)
 
 
 def slices(header: str, rules: SliceRules) -> dict[str, str]:

@@ -18,6 +18,8 @@ truncated to it, classified, and its answer says ``"truncated": true``.
 from __future__ import annotations
 
 import asyncio
+import math
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ from modelstore.artifact import Artifact, ArtifactError
 from preprocessing import (DEFAULT_MAX_PIXELS, InputError, TextPreprocessor, decode_image,
                            image_features, image_to_array, text_features)
 
-from .batching import Batcher, LengthPlanner, PadCollate
+from .batching import (NO_DEADLINE, Batcher, BatchStats, DeadlineExceeded, LengthPlanner,
+                       PadCollate)
 from .metrics import ModelMetrics
 from .runtime import TEXT_INPUTS, Model
 
@@ -45,6 +48,14 @@ if TYPE_CHECKING:
 INLINE_DECODE_BYTES = 256 * 1024
 
 
+class Overloaded(RuntimeError):
+    """The model's queue is full: the request is refused before its body is read."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.message, self.retry_after_s = message, retry_after_s
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """What the HTTP layer knows about a request that the prediction log needs."""
@@ -52,6 +63,31 @@ class RequestContext:
     request_id: str
     slices: Mapping[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+
+
+# The JSON schema of ``Prediction.to_dict()`` (the OpenAPI document's answer; a test validates
+# real answers against it).
+PREDICTION_SCHEMA: dict = {
+    "type": "object",
+    "required": ["label", "confidence", "top_k", "ood", "ood_score"],
+    "properties": {
+        "label": {"type": "string", "description": "the most probable class"},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1,
+                       "description": "its probability"},
+        "top_k": {"type": "array", "description": "the k most probable classes, best first",
+                  "items": {"type": "object", "required": ["label", "probability"],
+                            "properties": {"label": {"type": "string"},
+                                           "probability": {"type": "number", "minimum": 0,
+                                                           "maximum": 1}}}},
+        "ood": {"type": "boolean",
+                "description": "the input looks unlike the training data (out of distribution)"},
+        "ood_score": {"type": "number", "nullable": True,
+                      "description": "the OOD score (higher = stranger); null when the model "
+                                     "has no reference profile"},
+        "truncated": {"type": "boolean",
+                      "description": "texts only: the text was cut to the model's max_length"},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +99,7 @@ class Prediction:
     ood: bool = False
     ood_score: float | None = None
     truncated: bool | None = None  # texts only: the text was cut to the spec's max_length
+    probabilities: np.ndarray | None = None  # every label's, in label order (the v2 answer's)
 
     def to_dict(self) -> dict:
         out = {
@@ -86,16 +123,36 @@ class Preprocessed:
     truncated: list[bool] | None = None  # texts only
 
 
+class Tensors(list):
+    """Image inputs the client already preprocessed (the v2 ``FP32`` input): float32
+    ``[C, H, W]`` arrays in the spec's shape. ``classify`` takes them past decode and the shared
+    preprocessing, straight to the batcher; their log records have no input features and no raw
+    input."""
+
+
 class ServedModel:
     """What a served image model and a served text model share: the artifact, the batcher, the
-    per-answer steps, metrics, in-flight tracking for hot reload, and ``describe``."""
+    per-answer steps, metrics, in-flight tracking for hot reload, admission, and ``describe``.
+
+    Admission (overload): ``admitted`` counts the items this worker has taken on and not yet
+    answered: ``admit()`` counts a request as one item before its body is read, ``classify``
+    adds the rest of its inputs once they are known, and ``release()`` (the caller's, after the
+    answer) takes them off again. ``admit()`` refuses (``Overloaded``: 503 with Retry-After)
+    when ``max_queue_items`` are held, or when the last model call's oldest item waited over
+    half the request's deadline (a newcomer would wait as long, and risk being dropped after
+    costing its decode); a request whose other inputs do not
+    fit is refused once its body is parsed, before any of them is decoded (unless it is the only
+    one held: a big request is not refused forever on an idle worker). What is admitted then
+    carries its deadline into the batcher, which drops it unanswered if the deadline passes
+    before its model call (``DeadlineExceeded``: 504).
+    """
 
     task = ""
 
     batcher: Batcher  # made by the subclass, reporting to ``self.metrics``
 
     def __init__(self, artifact: Artifact, model: Model, recorder: PredictionRecorder | None,
-                 ood: OODScorer | None) -> None:
+                 ood: OODScorer | None, max_queue_items: int = 0) -> None:
         self.artifact = artifact
         self.labels = artifact.labels
         self.model = model
@@ -103,8 +160,12 @@ class ServedModel:
         self.ood = ood
         self.metrics = ModelMetrics(artifact.name, artifact.version, artifact.spec.content_hash,
                                     model.provider)
+        if ood is not None:
+            self.metrics.ood_reference(ood.expected_flag_rate)
         self.ready = False
         self.inflight = 0  # requests between entry and answer; a replaced version drains to 0
+        self.max_queue_items = max_queue_items or sys.maxsize  # 0 = no bound
+        self.admitted = 0  # items admitted and not yet answered (see the class doc)
 
     @property
     def name(self) -> str:
@@ -116,15 +177,79 @@ class ServedModel:
 
     # ---- the request path -------------------------------------------------------------------
 
+    def admit(self, budget_s: float = NO_DEADLINE) -> None:
+        """Take one request on, or raise ``Overloaded`` when this model cannot take it now (the
+        bound is reached, or the queue's wait is over half ``budget_s``, the request's deadline
+        in seconds: see ``refuses``). Called before the body is read, so a refusal costs next to
+        nothing; every admitted request must be paired with one ``release()``, in a
+        ``finally``."""
+        if self.refuses(budget_s):
+            self._refuse(self.admitted, 1, budget_s)
+        self.admitted += 1
+
+    def refuses(self, budget_s: float = NO_DEADLINE) -> bool:
+        """Whether ``admit(budget_s)`` would refuse now: the bound is reached, or the queue's
+        wait (the last model call's oldest item's) is over half the deadline, which leaves the
+        rest for decoding, the request's own model call and the answer. Nothing held: never."""
+        held = self.admitted
+        return held > 0 and (held >= self.max_queue_items
+                             or self.batcher.queue_wait_s * 2 > budget_s)
+
+    def recheck(self, budget_s: float) -> None:
+        """For a request admitted under the default deadline whose client asked for a shorter
+        one: ``Overloaded`` if the queue's wait is over half of that (it stays admitted; the
+        caller's ``release()`` still follows)."""
+        held = self.admitted - 1  # the others
+        if held > 0 and self.batcher.queue_wait_s * 2 > budget_s:
+            self._refuse(held, 1, budget_s)
+
+    def release(self, items: int = 1) -> None:
+        """An admitted request was answered (or failed): its item is no longer held."""
+        self.admitted -= items
+        if not self.admitted:
+            self.metrics.queue(0)
+
+    def _refuse(self, held: int, items: int, budget_s: float) -> None:
+        self.metrics.shed("overloaded")
+        wait_s = self.batcher.queue_wait_s
+        retry_s = min(60, max(1, math.ceil(wait_s)))
+        if held + items > self.max_queue_items:
+            why = (f"{held} items are admitted and not yet answered on this worker; the bound "
+                   f"is {self.max_queue_items} (CLF_MAX_QUEUE_ITEMS)")
+        else:
+            why = (f"items queue for {wait_s * 1e3:.0f} ms now, over half this request's "
+                   f"deadline of {budget_s * 1e3:.0f} ms")
+        raise Overloaded(f"{self.name} is overloaded: {why}; retry after {retry_s} s", retry_s)
+
     async def classify(self, inputs: Sequence[Any], top_k: int,
-                       ctx: RequestContext | None = None) -> list[Prediction]:
+                       ctx: RequestContext | None = None,
+                       deadline: float = NO_DEADLINE) -> list[Prediction]:
+        """Answer every input; ``deadline`` (a ``time.perf_counter()`` instant) is when the
+        caller stops waiting: inputs not in a model call by then are dropped."""
+        extra = len(inputs) - 1  # the request itself was admitted as one item
+        if extra > 0:
+            held = self.admitted
+            if held > 1 and held + extra > self.max_queue_items:
+                self._refuse(held - 1, len(inputs), NO_DEADLINE)
+            self.admitted = held + extra
         self.inflight += 1
         try:
             prepared = await self.preprocess_async(inputs)
-            outputs = await self.batcher.submit(prepared.tensors)
+            try:
+                outputs = await self.batcher.submit(prepared.tensors, deadline)
+            except DeadlineExceeded:
+                self.metrics.shed("deadline")
+                raise
             return await self.answer(outputs, top_k, ctx, prepared, inputs)
         finally:
             self.inflight -= 1
+            if extra > 0:
+                self.release(extra)
+
+    def on_batch(self, stats: BatchStats) -> None:
+        """The batcher's report of one model call: its metrics and the queue gauge."""
+        self.metrics.queue(self.admitted)
+        self.metrics.batch(stats)
 
     async def preprocess_async(self, inputs: Sequence[Any]) -> Preprocessed:
         return self.preprocess(inputs)
@@ -164,7 +289,7 @@ class ServedModel:
             predictions.append(Prediction(
                 top[0][0], top[0][1], top, embeddings[i], bool(flags[i]),
                 None if scores[i] is None else float(scores[i]),
-                None if truncated is None else truncated[i]))
+                None if truncated is None else truncated[i], probs[i]))
         return predictions
 
     def count(self, predictions: Sequence[Prediction], flags: Sequence[bool]) -> None:
@@ -224,9 +349,10 @@ class ServedImageModel(ServedModel):
 
     def __init__(self, artifact: Artifact, model: Model, max_batch_size: int,
                  max_queue_delay_s: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 recorder: PredictionRecorder | None = None, ood: OODScorer | None = None) -> None:
-        super().__init__(artifact, model, recorder, ood)
-        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.metrics.batch)
+                 recorder: PredictionRecorder | None = None, ood: OODScorer | None = None,
+                 max_queue_items: int = 0) -> None:
+        super().__init__(artifact, model, recorder, ood, max_queue_items)
+        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch)
         self.max_pixels = max_pixels
         self.spec = artifact.spec
         # Features feed the prediction log and the OOD score; without either nothing reads them.
@@ -242,6 +368,8 @@ class ServedImageModel(ServedModel):
         self._decode_pool.shutdown(wait=True)
 
     async def preprocess_async(self, images: Sequence[bytes]) -> Preprocessed:
+        if isinstance(images, Tensors):
+            return Preprocessed(list(images), None)
         if sum(map(len, images)) <= INLINE_DECODE_BYTES:
             return self.preprocess(images)
         return await asyncio.get_running_loop().run_in_executor(self._decode_pool,
@@ -265,6 +393,9 @@ class ServedImageModel(ServedModel):
         self.metrics.preprocessed(time.perf_counter() - started)
         return Preprocessed(tensors, features)
 
+    def raw_inputs(self, images: Sequence[Any]) -> Sequence[bytes] | None:
+        return None if isinstance(images, Tensors) else images
+
 
 class ServedTextModel(ServedModel):
     task = "text-classification"
@@ -272,12 +403,12 @@ class ServedTextModel(ServedModel):
     def __init__(self, artifact: Artifact, model: Model, preprocessor: TextPreprocessor,
                  max_batch_size: int, max_batch_tokens: int, max_padding: float,
                  max_queue_delay_s: float = 0.0, recorder: PredictionRecorder | None = None,
-                 ood: OODScorer | None = None) -> None:
+                 ood: OODScorer | None = None, max_queue_items: int = 0) -> None:
         if tuple(model.input_names) != TEXT_INPUTS:
             raise ArtifactError(f"model {artifact.name} takes inputs {list(model.input_names)}; "
                                 f"a text model must take {list(TEXT_INPUTS)}")
-        super().__init__(artifact, model, recorder, ood)
-        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.metrics.batch,
+        super().__init__(artifact, model, recorder, ood, max_queue_items)
+        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch,
                                plan=LengthPlanner(max_batch_tokens, max_padding),
                                collate=PadCollate(preprocessor.pad_id))
         self.spec = preprocessor.spec

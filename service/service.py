@@ -14,15 +14,21 @@ A request, in the order it travels (the bare path, prediction log off, is these 
 
 With the prediction log on, ``recording.py`` writes each answer's record before it is sent.
 Around the path: ``settings.py`` (every ``CLF_*`` setting and its default), ``metrics.py``
-(every Prometheus metric), ``reload.py`` (hot reload of promoted versions), ``patches.py``
-(two fixes to BentoML 1.4), and this file, which builds it all.
+(every Prometheus metric), ``v2.py`` (the Open Inference Protocol v2 routes on the same app,
+mounted at ``/v2``), ``reload.py`` (hot reload of promoted versions), ``lifecycle.py``
+(start-up checks and the graceful stop), ``patches.py`` (fixes to BentoML 1.4 and the servers
+under it), and this file, which builds it all.
 
-Settings are read and validated when BentoML imports this module (a bad value stops start-up
-before any worker forks); the models (image, text, or both side by side, each with its own ONNX
-Runtime session and batcher) load in each worker's ``__init__``, the batchers start and warm up
-in the startup hook, and ``/readyz`` answers 200 only after all of them have. Each worker also
-opens the prediction log (``CLF_PREDICTION_LOG``), refreshes the drift gauges from the latest
-drift report, and follows the production pointer of models named without a version.
+Settings are read and validated when BentoML imports this module, and in the ``bentoml serve``
+process every configured model is loaded once (``_preflight``) before any worker starts: a bad
+value, a missing model or one that cannot load prints ``error: <reason>`` and exits 2. The models
+(image, text, or both side by side, each with its own ONNX Runtime session and batcher) load in
+each worker's ``__init__``, the batchers start and warm up in the startup hook, and ``/readyz``
+answers 200 only after all of them have. Each worker also opens the prediction log
+(``CLF_PREDICTION_LOG``), refreshes the drift gauges from the latest drift report, and follows
+the production pointer of models named without a version. On SIGTERM each worker drains
+(``/readyz`` 503, requests on their way answered and logged, new connections 503
+``shutting_down``) within ``CLF_DRAIN_TIMEOUT_S``; see lifecycle.py.
 """
 
 from __future__ import annotations
@@ -34,23 +40,29 @@ import os
 import bentoml
 
 from modelstore import registry
-from modelstore.artifact import Artifact, load_artifact, text_preprocessor
+from modelstore.artifact import Artifact, ArtifactError, load_artifact, text_preprocessor
+from preprocessing import TextPreprocessor
 
-from . import patches
-from .app import App
+from . import lifecycle, openapi, patches, v2
+from .app import App, OverloadShortcut
 from .metrics import DriftRefresher
 from .recording import PredictionRecorder
 from .reload import Reloader, tracks_production
-from .runtime import TEXT_INPUTS, Model, NoopModel, OnnxModel
+from .runtime import TEXT_INPUTS, Model, NoopModel, OnnxModel, resolve_providers
 from .served import ServedImageModel, ServedModel, ServedTextModel, Slot
 from .settings import Settings, SettingsError
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-SETTINGS = Settings.from_env()
+ROLE = lifecycle.role()  # "parent" (`bentoml serve`), "worker" or "library" (see lifecycle.py)
+SETTINGS = lifecycle.check_before_start(ROLE, Settings.from_env)
 patches.apply()  # BentoML's per-request timer leak (see patches.py); before any app is built
 patches.isolate_metrics_dir()  # this server's /metrics counts this server only
-api = App()
+patches.fix_openapi_document()  # /docs.json valid OpenAPI 3.0
+api = App(SETTINGS)
+# What BentoML mounts: per prefix, a FastAPI app that documents the route table's routes under it
+# (so /docs.json and the Swagger UI at / list them) and hands every request to ``api``.
+MOUNTS = openapi.build_mounts(api, ("/v1", "/v2"), title="clfserve", version="1")
 logger = logging.getLogger("service")
 
 
@@ -59,13 +71,22 @@ logger = logging.getLogger("service")
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
     logging={"access": {"enabled": False}},
-    # A span per request costs ~30% of the hot path's CPU; with no exporter configured it buys
-    # nothing. CLF_TRACE_REQUESTS=true traces the classify route like the rest.
-    tracing={"excluded_urls": [] if SETTINGS.trace_requests else ["/v1/classify"]},
+    # A span per request costs a large share of the hot path's CPU (see README, Benchmark); with
+    # no exporter configured it buys nothing. CLF_TRACE_REQUESTS=true traces the classify route
+    # like the rest (and the v2 infer route, regex).
+    tracing={"excluded_urls": [] if SETTINGS.trace_requests else
+             ["/v1/classify", r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer"]},
 )
-@bentoml.asgi_app(api, path="/v1")
+# the last mount (decorators apply bottom-up): GET /v2 exactly (see v2.root_app)
+@bentoml.asgi_app(v2.root_app(api), path="/")
+@bentoml.asgi_app(MOUNTS[0], path="/v1")
+@bentoml.asgi_app(MOUNTS[1], path="/v2")
 class Classifier:
     def __init__(self) -> None:
+        # A worker that cannot load what the settings name stops the server (lifecycle.py).
+        lifecycle.check_before_start(ROLE, self._load)
+
+    def _load(self) -> None:
         logging.getLogger("service").setLevel(SETTINGS.log_level)
         logger.info("settings: %s", SETTINGS.to_dict())
         self.recorder = _prediction_recorder()
@@ -83,7 +104,8 @@ class Classifier:
                     self.slots[kind], tag.partition(":")[0], builders[kind],
                     SETTINGS.reload_interval_s, SETTINGS.warmup_batches,
                     SETTINGS.request_timeout_s))
-        self.drift = (DriftRefresher(SETTINGS.prediction_log, SETTINGS.drift_refresh_s)
+        self.drift = (DriftRefresher(SETTINGS.prediction_log, SETTINGS.drift_refresh_s,
+                                     [slot.current.name for slot in self.slots.values()])
                       if SETTINGS.prediction_log and SETTINGS.drift_refresh_s > 0 else None)
         api.bind(self.slots, SETTINGS,
                  prediction_log=self.recorder.store if self.recorder is not None else None)
@@ -104,6 +126,14 @@ class Classifier:
 
     @bentoml.on_startup
     async def start_batcher(self) -> None:
+        try:
+            await self._start()
+        except Exception as exc:
+            if ROLE != "worker":
+                raise
+            lifecycle.worker_cannot_start(exc)
+
+    async def _start(self) -> None:
         if self.recorder is not None:
             self.recorder.start()
         for model in self.models:
@@ -130,7 +160,14 @@ class Classifier:
             await self.recorder.stop()
 
     def __is_ready__(self) -> bool:
-        return all(model.ready for model in self.models)
+        # 503 from the moment SIGTERM reaches this worker (lifecycle.py)
+        return not lifecycle.DRAIN.active and all(model.ready for model in self.models)
+
+
+# Under overload, a classify request to a full model is refused in front of BentoML's own
+# middlewares (app.py OverloadShortcut): most of a refusal's cost otherwise.
+Classifier.add_asgi_middleware(OverloadShortcut, api=api)
+patches.run_first(OverloadShortcut)
 
 
 def _resolve(tag: str) -> str:
@@ -146,10 +183,16 @@ def _resolve(tag: str) -> str:
 def _prediction_recorder() -> PredictionRecorder | None:
     if not SETTINGS.prediction_log:
         return None
+    import sqlite3
+
     from monitoring.store import PredictionLog
 
-    store = PredictionLog(SETTINGS.prediction_log, synchronous=SETTINGS.log_synchronous,
-                          max_slice_values=SETTINGS.slice_max_values)
+    try:
+        store = PredictionLog(SETTINGS.prediction_log, synchronous=SETTINGS.log_synchronous,
+                              max_slice_values=SETTINGS.slice_max_values)
+    except (OSError, sqlite3.Error) as exc:
+        raise SettingsError(f"CLF_PREDICTION_LOG={SETTINGS.prediction_log!r} cannot be opened: "
+                            f"{exc}") from None
     logger.info("prediction log: %s", store.path.resolve())
     return PredictionRecorder(store, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes,
                               SETTINGS.log_input_sample)
@@ -193,19 +236,26 @@ def _image_model(tag: str, recorder: PredictionRecorder | None = None) -> Served
         model,
         max_batch_size=SETTINGS.max_batch_size,
         max_queue_delay_s=SETTINGS.max_queue_delay_ms / 1000.0,
+        max_queue_items=SETTINGS.max_queue_items,
         max_pixels=SETTINGS.max_image_pixels,
         recorder=recorder,
         ood=_ood(artifact, model),
     )
 
 
-def _text_model(tag: str, recorder: PredictionRecorder | None = None) -> ServedTextModel:
-    artifact = load_artifact(tag, "text")
+def _text_preprocessor(artifact: Artifact) -> TextPreprocessor:
+    """The artifact's tokenizer and spec, once checked to fit CLF_MAX_BATCH_TOKENS."""
     preprocessor = text_preprocessor(artifact)
     if SETTINGS.max_batch_tokens < preprocessor.spec.max_length:
         raise SettingsError(
             f"CLF_MAX_BATCH_TOKENS={SETTINGS.max_batch_tokens} is below {artifact.name}'s "
             f"max_length of {preprocessor.spec.max_length} tokens; raise it to at least that")
+    return preprocessor
+
+
+def _text_model(tag: str, recorder: PredictionRecorder | None = None) -> ServedTextModel:
+    artifact = load_artifact(tag, "text")
+    preprocessor = _text_preprocessor(artifact)
     model = _model(artifact, TEXT_INPUTS)
     return ServedTextModel(
         artifact,
@@ -215,6 +265,57 @@ def _text_model(tag: str, recorder: PredictionRecorder | None = None) -> ServedT
         max_batch_tokens=SETTINGS.max_batch_tokens,
         max_padding=SETTINGS.max_padding_fraction,
         max_queue_delay_s=SETTINGS.max_queue_delay_ms / 1000.0,
+        max_queue_items=SETTINGS.max_queue_items,
         recorder=recorder,
         ood=_ood(artifact, model),
     )
+
+
+def _preflight() -> None:
+    """What every worker will load, checked once in the serving parent before any worker starts
+    (lifecycle.py): each configured tag resolved, its artifact and spec read, a text model's
+    tokenizer built (and CLF_MAX_BATCH_TOKENS checked against it), its ONNX graph opened and run
+    once on an input of its spec's shape, then dropped. The session is a CPU one, so the parent
+    holds no GPU memory; CLF_PROVIDERS=cuda on an onnxruntime without CUDA is refused here too."""
+    for kind, tag in (("image", SETTINGS.image_model), ("text", SETTINGS.text_model)):
+        if not tag:
+            continue
+        artifact = load_artifact(_resolve(tag), kind)
+        preprocessor = _text_preprocessor(artifact) if kind == "text" else None
+        if SETTINGS.runtime == "onnx":
+            _check_graph(artifact, preprocessor)
+        logger.info("start-up check: %s %s:%s loads", kind, artifact.name, artifact.version)
+
+
+def _check_graph(artifact: Artifact, preprocessor: TextPreprocessor | None) -> None:
+    import numpy as np
+    import onnxruntime
+
+    resolve_providers(SETTINGS.providers, onnxruntime.get_available_providers())
+    runtime_log = logging.getLogger(OnnxModel.__module__)
+    level = runtime_log.level
+    runtime_log.setLevel(logging.WARNING)  # "session on CPU" would read as a serving choice
+    try:
+        model = OnnxModel(str(artifact.onnx_path), "cpu", 1)
+    finally:
+        runtime_log.setLevel(level)
+    if preprocessor is None:
+        sample = np.zeros((1, *artifact.spec.input_shape), dtype=np.float32)
+    else:
+        sample = {name: np.ones((1, 8), dtype=np.int64) for name in model.input_names}
+    try:
+        model.run(sample)
+    except Exception as exc:  # ORT's own exception types: the graph does not fit the spec
+        raise ArtifactError(
+            f"model {artifact.name}:{artifact.version} cannot be served: its graph does not run "
+            f"on its spec's input ({' '.join(str(exc).split())})") from None
+
+
+# Start-up and stop (lifecycle.py): the parent checks what the workers will load before it starts
+# any, and stops them gracefully; each worker drains on SIGTERM.
+if ROLE == "parent":
+    lifecycle.check_before_start(ROLE, _preflight)
+    lifecycle.mark_parent()
+    patches.stop_arbiter_gracefully(SETTINGS.drain_timeout_s, lifecycle.exit_if_a_worker_failed)
+elif ROLE == "worker":
+    patches.drain_on_stop(SETTINGS.drain_timeout_s)

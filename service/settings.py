@@ -35,6 +35,30 @@ class Settings:
     # company once the model is free (0 = dispatch as soon as the model is free).
     max_batch_size: int = 64
     max_queue_delay_ms: float = 0.0
+    # Overload (per model, per worker). max_queue_items bounds the items a worker has admitted
+    # and not yet answered: counted from before the body is read (one per request, then one per
+    # input once the body is parsed) until the answer is built, so decoding, the batch queue,
+    # the model call and the answer are all inside it. A request beyond it is answered 503
+    # `overloaded` with Retry-After at once, before its body is read. By Little's law an admitted
+    # request then spends about max_queue_items / (the worker's answers per second) in the
+    # server: that, not the batch queue alone, is what bounds an accepted request's latency.
+    # The default comes from the benchmark's overload cell (tools/bench/overload.py, 1,000
+    # connections on 2 cores) and its normal-load cells: one max_batch_size of items per worker
+    # is enough to keep the model busy (a call's inputs are read and decoded while the previous
+    # call runs) and never refuses the normal-load cells (up to 64 connections, which the kernel
+    # may all hand one worker); twice that only doubled the accepted requests' latency under
+    # the flood, and half of it refused requests at normal load. 0 = no bound.
+    max_queue_items: int = 64
+    # The default deadline of a classify request, from when the service takes it (0 = none). An
+    # item still queued when its deadline passes is dropped before inference (never computed
+    # for nobody) and answered 504 `deadline_exceeded`; while the queue's wait is over half the
+    # deadline, new requests are refused 503 at the door instead (they would likely be dropped
+    # after costing their decode). A client may shorten it per request (header
+    # X-Request-Deadline-Ms), never lengthen it. It caps what max_queue_items cannot: a slow
+    # model, whose max_queue_items of work would take seconds. The default leaves a healthy
+    # queue alone (the benchmark's overload cell drops nothing) and keeps answers inside a
+    # typical 2 s client timeout.
+    request_deadline_ms: float = 1000.0
     # ONNX Runtime. "auto" = CUDA when the installed onnxruntime has it, else CPU.
     providers: str = "auto"
     intra_op_threads: int = 0  # 0 = cores // workers
@@ -46,7 +70,7 @@ class Settings:
     max_image_pixels: int = 40_000_000
     max_texts_per_request: int = 64
     # Text batching: the cap on one model call's padded size (texts x longest length, in tokens),
-    # and the largest share of that call's token slots that may be padding (see text_batching.py).
+    # and the largest share of that call's token slots that may be padding (see batching.py).
     max_batch_tokens: int = 8192
     max_padding_fraction: float = 0.25
     top_k: int = 3
@@ -55,12 +79,12 @@ class Settings:
     prediction_log: str = "artifacts/predictions.db"
     log_synchronous: str = "NORMAL"  # FULL fsyncs each commit (power-loss durable, slower)
     # Store each input's raw bytes (image file, UTF-8 text) with its record, so labelled traffic
-    # can be retrained on (training/retrain.py); inputs over the byte cap are not stored.
+    # can be retrained on (training/retrain/); inputs over the byte cap are not stored.
     log_inputs: bool = True
     log_input_max_bytes: int = 1024 * 1024
     # Share of requests whose inputs are kept (chosen by a hash of the request id, so all
-    # inputs of a request go together): at 1,000 requests/s of 12 KB images, 1.0 grows the log
-    # by ~45 GB an hour. See `python -m monitoring prune` for retention.
+    # inputs of a request go together): under heavy image traffic 1.0 grows the log by tens of
+    # GB an hour (see README, Monitoring). See `python -m monitoring prune` for retention.
     log_input_sample: float = 1.0
     # Ground-truth feedback (POST /v1/feedback) needs "Authorization: Bearer <token>"; "" disables
     # the route (403 saying so).
@@ -79,6 +103,11 @@ class Settings:
     # Serving (the host and port are bentoml serve's --host and --port).
     warmup_batches: int = 3
     request_timeout_s: float = 60.0
+    # Stopping (SIGTERM): the bound on a graceful stop. Requests already on their way are
+    # answered and logged within it (new connections get 503 shutting_down meanwhile), and
+    # `bentoml serve` has exited 0 by then; a worker still busy at the bound is killed. The
+    # default fits Kubernetes' 30 s termination grace period.
+    drain_timeout_s: float = 25.0
     log_level: str = "INFO"
     trace_requests: bool = False
 
@@ -106,6 +135,9 @@ class Settings:
             (self.workers >= 1, "CLF_WORKERS must be >= 1"),
             (1 <= self.max_batch_size <= 4096, "CLF_MAX_BATCH_SIZE must be in 1..4096"),
             (0 <= self.max_queue_delay_ms <= 1000, "CLF_MAX_QUEUE_DELAY_MS must be in 0..1000"),
+            (self.max_queue_items >= 0, "CLF_MAX_QUEUE_ITEMS must be >= 0 (0 = no bound)"),
+            (0 <= self.request_deadline_ms <= 3_600_000,
+             "CLF_REQUEST_DEADLINE_MS must be in 0..3600000 (0 = no deadline)"),
             (self.providers in ("auto", "cpu", "cuda"), "CLF_PROVIDERS must be auto, cpu or cuda"),
             (self.intra_op_threads >= 0, "CLF_INTRA_OP_THREADS must be >= 0 (0 = automatic)"),
             (self.runtime in ("onnx", "noop"), "CLF_RUNTIME must be onnx or noop"),
@@ -125,6 +157,7 @@ class Settings:
             (self.reload_interval_s >= 0, "CLF_RELOAD_INTERVAL_S must be >= 0 (0 = off)"),
             (self.warmup_batches >= 0, "CLF_WARMUP_BATCHES must be >= 0"),
             (self.request_timeout_s > 0, "CLF_REQUEST_TIMEOUT_S must be > 0"),
+            (1 <= self.drain_timeout_s <= 3600, "CLF_DRAIN_TIMEOUT_S must be in 1..3600"),
             (bool(self.image_model or self.text_model),
              "CLF_IMAGE_MODEL and CLF_TEXT_MODEL are both empty: set at least one to a model store "
              "tag (e.g. CLF_IMAGE_MODEL=digits-cnn, CLF_TEXT_MODEL=lang-transformer)"),

@@ -57,8 +57,11 @@ def digits_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     # Small and quick, but a real classifier (~86% test accuracy in ~15 s), so tests that compare
     # answers with true labels or check OOD flags on real digits mean something. The limit
     # leaves ~500 digits unseen by train/val/test for the drift tests' fresh windows.
+    # The pre-robustness augmentation (affine only): 8 epochs are too few for the default
+    # recipe's robustness variations (~61% test accuracy measured), and the tests want ~86%.
     cfg = TrainConfig(limit=1300, epochs=8, warmup_epochs=1.0, widths=(12, 24, 48), embedding_dim=48,
-                      patience=8, progress=False, out_dir=str(out))
+                      patience=8, progress=False, out_dir=str(out), robust_augment=0.0,
+                      max_rotate=10.0, max_translate=0.08)
     result, tag = train_and_export(cfg)
     return TrainedModel(tag=str(tag), result=result, bentoml_home=_HOME)
 

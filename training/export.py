@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
+import math
 import platform
 import shutil
 import subprocess
@@ -144,6 +146,47 @@ def check_onnx(path: str | Path, input_shape: Sequence[int]) -> int:
     return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def onnx_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """The graph's initializers (its weights and constants) by name, as numpy arrays."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    return {init.name: numpy_helper.to_array(init) for init in proto.graph.initializer}
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 over the ONNX initializers (name, dtype, shape, bytes; sorted by name): equal for
+    two exports whose weights are byte-identical, whatever else differs in the files (graph
+    metadata, node names). export.json records it, so two runs compare by one field."""
+    digest = hashlib.sha256()
+    for name, array in sorted(onnx_weights(path).items()):
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def compare_weights(path_a: str | Path, path_b: str | Path) -> dict[str, Any]:
+    """How far two exports' weights are apart: ``identical`` (every initializer byte-equal, the
+    same names), ``max_abs_diff`` over the tensors both have with the same shape (inf where a
+    name or shape differs), ``differing`` (the names that are not byte-equal) and ``tensors``."""
+    a, b = onnx_weights(path_a), onnx_weights(path_b)
+    differing = sorted(set(a) ^ set(b))
+    worst = math.inf if differing else 0.0
+    for name in sorted(set(a) & set(b)):
+        x, y = a[name], b[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            differing.append(name)
+            worst = math.inf
+        elif x.tobytes() != y.tobytes():
+            differing.append(name)
+            if np.issubdtype(x.dtype, np.number):
+                diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+                worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return {"identical": not differing, "max_abs_diff": worst, "differing": differing,
+            "tensors": len(a)}
+
+
 def ort_session(path: str | Path) -> "ort.InferenceSession":
     """A CPU session with explicit threads: ORT's spinning pool would starve a 2-core box."""
     import onnxruntime as ort
@@ -253,8 +296,15 @@ def _write_json(path: Path, obj: Any) -> None:
 def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: Sequence[str],
                    reference_blobs: Sequence[bytes], reference_labels: Sequence[int],
                    metrics: dict[str, Any], manifest: dict[str, Any], curves: str | Path | None,
-                   tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+                   tolerance: float = PARITY_TOLERANCE,
+                   test_blobs: Sequence[bytes] | None = None,
+                   test_labels: Sequence[int] | None = None,
+                   variations: Sequence[str] | None = None) -> dict[str, Any]:
     """Export, check and write every contract file into ``folder``; returns export.json's dict.
+
+    With ``test_blobs`` and ``test_labels`` (the test split), metrics.json gains the robustness
+    suite's accuracies (``variations``, default by colour mode: see
+    ``robustness.image_variation_names``) and the FGSM/PGD figures (``robust_metrics``).
 
     Raises ``ExportError`` before anything is written beyond the candidate model.onnx.
     """
@@ -264,8 +314,14 @@ def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: S
     session = ort_session(onnx_path)
     report = parity(model, session, spec.input_shape)
     check_export(report, report["per_batch"], session, labels, tolerance)
-    export_info = {**report, "opset": opset, "exporter": exporter, "tolerance": tolerance}
+    export_info = {**report, "opset": opset, "exporter": exporter, "tolerance": tolerance,
+                   "weights_sha256": weights_digest(onnx_path)}
     profile = reference_profile(session, reference_blobs, reference_labels, spec)
+    if test_blobs is not None and test_labels is not None:
+        from .robust_metrics import image_metrics
+
+        metrics = {**metrics, **image_metrics(model, session, spec, test_blobs, test_labels,
+                                              profile, labels, variations)}
     write_contract_files(folder, spec=spec, labels=labels, metrics=metrics,
                          export_info=export_info, manifest=manifest, profile=profile,
                          curves=curves)
@@ -315,6 +371,11 @@ def store_metadata(metrics: dict[str, Any], spec: Any, export_info: dict[str, An
         "opset": export_info["opset"],
         "exporter": export_info["exporter"],
         "num_classes": len(labels),
+        # The robustness figures (metrics.json has the full tables), where measured.
+        **{k: v for k, v in (("robustness_worst_accuracy",
+                               (metrics.get("robustness_worst") or {}).get("accuracy")),
+                              ("attack_success", metrics.get("attack_success")))
+           if v is not None},
     }
 
 
@@ -329,19 +390,25 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
                     reference_blobs: Sequence[bytes], reference_labels: Sequence[int],
                     metrics: dict[str, Any], manifest: dict[str, Any],
                     curves: str | Path | None = None, tolerance: float = PARITY_TOLERANCE,
-                    store: "ModelStore | None" = None) -> "bentoml.Tag":
+                    store: "ModelStore | None" = None,
+                    test_blobs: Sequence[bytes] | None = None,
+                    test_labels: Sequence[int] | None = None,
+                    variations: Sequence[str] | None = None) -> "bentoml.Tag":
     """Export ``model`` and save it as a new version of ``name`` in BentoML's model store.
 
     Everything is staged and checked in a temporary folder first, so a failed export leaves
     the store untouched. ``store`` overrides the default store (``$BENTOML_HOME/models``); tests
-    pass one to stay off the user's store.
+    pass one to stay off the user's store. ``test_blobs``/``test_labels``: measure robustness
+    and adversarial attacks on them into metrics.json (see ``stage_artifact``).
     """
     with tempfile.TemporaryDirectory(prefix="export-") as tmp:
         staged = Path(tmp)
         export_info = stage_artifact(
             model, staged, spec=spec, labels=labels, reference_blobs=reference_blobs,
             reference_labels=reference_labels, metrics=metrics, manifest=manifest,
-            curves=curves, tolerance=tolerance)
+            curves=curves, tolerance=tolerance, test_blobs=test_blobs,
+            test_labels=test_labels, variations=variations)
+        metrics = json.loads((staged / METRICS_FILE).read_text())  # with the robustness keys
         metadata = store_metadata(metrics, spec, export_info, manifest, labels)
         return save_version(staged, name, files=CONTRACT_FILES, task="image-classification",
                             metadata=metadata, store=store, logger=log)

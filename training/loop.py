@@ -6,7 +6,9 @@ per item, and torch runs in deterministic mode.
 
 The image and the text models share it: a batch is ``(x, y)`` where ``x`` is one tensor (images)
 or a tuple of tensors passed as positional arguments (``input_ids, attention_mask``), and a
-dataset with a ``collate`` method batches its own items (texts are padded per batch).
+dataset with a ``collate`` method batches its own items (texts are padded per batch). The
+training loss (``losses``) and mixed precision (``precision``) are the config's ``loss``,
+``focal_gamma`` and ``precision``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -28,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from . import distributed
+from .losses import DEFAULT_FOCAL_GAMMA, LossFn, balanced_class_weights, make_loss
+from .precision import MixedPrecision
 
 log = logging.getLogger("training")
 
@@ -44,6 +49,8 @@ class LoopConfig(Protocol):
     label_smoothing: float
     seed: int
     progress: bool
+    # Read with getattr, so an older config without them trains as before: loss ("ce"),
+    # focal_gamma, precision ("32").
 
 
 @dataclass
@@ -169,23 +176,34 @@ def train_epoch(
     desc: str = "",
     progress: bool = True,
     class_weights: torch.Tensor | None = None,
+    loss_fn: LossFn | None = None,
+    amp: MixedPrecision | None = None,
+    perturb: Callable[[Any, torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
 ) -> float:
     """One pass over ``loader``; the scheduler steps per batch. Returns the mean training loss.
 
-    ``class_weights`` (one per class) reweights the loss for imbalanced labels."""
+    ``loss_fn(logits, y)`` is the training loss (``losses.make_loss``; default: cross-entropy
+    with ``label_smoothing`` and ``class_weights``, one per class, if given). ``amp`` runs the
+    forward pass under autocast (``precision``); the loss is computed in float32 outside it.
+    ``perturb(x, y) -> (x, y)`` rewrites each batch first (adversarial training adds FGSM
+    examples: ``adversarial.FGSMTraining``)."""
     model.train()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     # disable=None: tqdm hides itself when stderr is not a terminal, so logs and CI stay readable.
     bar = tqdm(loader, desc=desc, leave=False, disable=None if progress else True, dynamic_ncols=True)
-    weight = None if class_weights is None else class_weights.to(device)
+    if loss_fn is None:
+        loss_fn = make_loss("ce", class_weights=class_weights, label_smoothing=label_smoothing)
+    amp = amp or MixedPrecision("32", device)
     for x, y in bar:
         x, y = _to_device(x, device), y.to(device)
-        logits, _ = forward(model, x)
-        loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+        if perturb is not None:
+            x, y = perturb(x, y)
+        with amp.autocast():
+            logits, _ = forward(model, x)
+        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        amp.step(loss, optimizer)
         scheduler.step()
         total += loss.item() * len(y)
         count += len(y)
@@ -193,12 +211,51 @@ def train_epoch(
     return total / max(1, count)
 
 
+def training_loss(cfg: LoopConfig, train_set: Dataset,
+                  class_weights: torch.Tensor | None = None) -> LossFn:
+    """The loss ``cfg.loss`` names (``ce`` for a config without one). weighted-ce without
+    ``class_weights`` takes balanced weights from the training labels, over the model's classes
+    (the logits' width, known at the first batch)."""
+    kind = getattr(cfg, "loss", None) or "ce"
+    options = {"label_smoothing": cfg.label_smoothing,
+               "focal_gamma": getattr(cfg, "focal_gamma", DEFAULT_FOCAL_GAMMA)}
+    if kind != "weighted-ce" or class_weights is not None:
+        return make_loss(kind, class_weights=class_weights, **options)
+    labels = dataset_labels(train_set)
+    built: list[LossFn] = []
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not built:
+            weights = balanced_class_weights(labels, logits.shape[1])
+            built.append(make_loss(kind, class_weights=weights, **options))
+        return built[0](logits, y)
+
+    return loss
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """The labels of a training set: its ``labels`` (image and text datasets) or the last
+    tensor of a ``TensorDataset`` (cached sentence embeddings)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None and hasattr(dataset, "tensors"):
+        labels = dataset.tensors[-1]
+    if labels is None:
+        raise ValueError(f"{type(dataset).__name__} has no labels to weight the classes by")
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
 def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
-        class_weights: torch.Tensor | None = None) -> FitResult:
+        class_weights: torch.Tensor | None = None,
+        perturb: Callable[[nn.Module, Any, torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
+        ) -> FitResult:
     """Train ``model`` with early stopping on validation loss; returns the best epoch's model.
 
-    ``class_weights`` weight the training loss only; validation loss (early stopping) and
-    accuracy stay unweighted, comparable across runs with and without them.
+    The training loss is ``cfg.loss`` (``losses``: ce, weighted-ce, focal with
+    ``cfg.focal_gamma``); ``class_weights`` override weighted-ce's balanced weights (and weight
+    plain ce, for older callers). Validation loss (early stopping) and accuracy stay unweighted
+    cross-entropy, comparable across losses. ``cfg.precision`` (``precision``: 32, bf16,
+    16-mixed) sets autocast for the training forward pass; weights stay float32 and validation
+    runs in float32.
 
     Under torchrun (see ``distributed``) each rank trains on its shard with its share of the
     global batch; the figures logged and returned are averaged across ranks."""
@@ -214,6 +271,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
     schedule = warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch),
                              cfg.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn = training_loss(cfg, train_set, class_weights)
+    amp = MixedPrecision(getattr(cfg, "precision", "32"), next(model.parameters()).device)
 
     history: list[dict[str, float]] = []
     best = {"loss": math.inf, "epoch": 0, "accuracy": 0.0, "state": None}
@@ -228,7 +287,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
         train_loss = train_epoch(trained, train_loader, optimizer, scheduler, cfg.label_smoothing,
                                  desc=f"epoch {epoch}/{cfg.epochs}",
                                  progress=cfg.progress and distributed.is_main(),
-                                 class_weights=class_weights)
+                                 loss_fn=loss_fn, amp=amp,
+                                 perturb=None if perturb is None else partial(perturb, model))
         distributed.sync_buffers(model)
         val_loss, val_acc = evaluate(model, val_loader)
         # Averaged, so every rank takes the same early-stopping branch below.

@@ -20,13 +20,18 @@ from modelstore.layout import CURVES_FILE, EXPORT_FILE, METRICS_FILE
 from preprocessing import ImageSpec
 
 from . import cli, distributed
+from .adversarial import FGSMTraining
 from .augment import Augment
 from .config import TrainConfig, config_from_args
 from .data import (DataError, ImageDataset, Splits, data_hash, load_images, stratified_split,
                    stratified_subset)
 from .export import PARITY_TOLERANCE, ExportError, build_manifest, export_to_store
+from .losses import balanced_class_weights
 from .loop import FitResult, evaluate, fit, make_loader, plot_curves, seed_everything
+from .metrics import per_class_line, test_report
 from .models import CNNConfig, build_model, count_parameters
+from .robust_metrics import summary_line
+from .robustness import image_variation_names
 
 if TYPE_CHECKING:
     import bentoml
@@ -49,14 +54,23 @@ class TrainResult:
     test_accuracy: float
     data_hash: str
     splits: Splits
+    # Per-class precision/recall/F1 and macro-F1 on the test split (``metrics.test_report``);
+    # computed on first use when a caller (retraining) built the result without it.
+    report: dict[str, Any] | None = None
 
     @property
     def model(self) -> torch.nn.Module:
         return self.fit.model
 
     def metrics(self) -> dict[str, Any]:
-        """metrics.json: the fields the service and the promotion step read."""
-        return self.fit.metrics(self.test_loss, self.test_accuracy, self.splits)
+        """metrics.json: the fields the service and the promotion step read, and the test
+        split's ``per_class`` figures and ``macro_f1``."""
+        if self.report is None:
+            test_set = ImageDataset(self.splits.test, self.spec)
+            self.report = test_report(self.model, make_loader(test_set, 256, shuffle=False),
+                                      self.classes)
+        return {**self.fit.metrics(self.test_loss, self.test_accuracy, self.splits),
+                **self.report}
 
 
 def prepare_splits(cfg: TrainConfig) -> tuple[Splits, str]:
@@ -70,7 +84,9 @@ def prepare_splits(cfg: TrainConfig) -> tuple[Splits, str]:
 def build_datasets(splits: Splits, spec: ImageSpec, cfg: TrainConfig
                    ) -> tuple[ImageDataset, ImageDataset, ImageDataset]:
     """train/val/test datasets; only the training split is augmented."""
-    augment = Augment(flip=cfg.flip) if cfg.augment else None
+    augment = (Augment.robust(cfg.robust_augment, cfg.polarity_varies, flip=cfg.flip,
+                              max_rotate_deg=cfg.max_rotate, max_translate=cfg.max_translate)
+               if cfg.augment else None)
     return (ImageDataset(splits.train, spec, augment=augment, seed=cfg.seed),
             ImageDataset(splits.val, spec), ImageDataset(splits.test, spec))
 
@@ -91,12 +107,19 @@ def train(cfg: TrainConfig) -> TrainResult:
                              embedding_dim=cfg.embedding_dim)
     model = build_model(model_config).to(distributed.device(cfg.device))
     log.info("model %s: %d parameters", model_config, count_parameters(model))
-    result = fit(model, train_set, val_set, cfg)
-    test_loss, test_acc = evaluate(result.model, make_loader(test_set, 256, shuffle=False))
-    log.info("best epoch %d: val_loss %.4f val_acc %.4f; test_acc %.4f; %.1fs", result.best_epoch,
-             result.val_loss, result.val_accuracy, test_acc, result.train_seconds)
+    weights = (balanced_class_weights(splits.train.labels, len(splits.train.classes))
+               if cfg.loss == "weighted-ce" else None)
+    perturb = (FGSMTraining(cfg.adversarial_training, spec, cfg.seed)
+               if cfg.adversarial_training > 0 else None)
+    result = fit(model, train_set, val_set, cfg, class_weights=weights, perturb=perturb)
+    test_loader = make_loader(test_set, 256, shuffle=False)
+    test_loss, test_acc = evaluate(result.model, test_loader)
+    report = test_report(result.model, test_loader, splits.train.classes)
+    log.info("best epoch %d: val_loss %.4f val_acc %.4f; test_acc %.4f macro-F1 %.4f; %.1fs",
+             result.best_epoch, result.val_loss, result.val_accuracy, test_acc,
+             report["macro_f1"], result.train_seconds)
     return TrainResult(cfg, model_config, spec, splits.train.classes, result, test_loss, test_acc,
-                       digest, splits)
+                       digest, splits, report)
 
 
 def export_result(result: TrainResult, curves: str | os.PathLike | None = None,
@@ -111,7 +134,8 @@ def export_result(result: TrainResult, curves: str | os.PathLike | None = None,
         result.model.cpu(), name=cfg.model_name, spec=result.spec, labels=result.classes,
         reference_blobs=result.splits.val.blobs, reference_labels=result.splits.val.labels,
         metrics=result.metrics(), manifest=manifest, curves=curves, tolerance=tolerance,
-        store=store)
+        store=store, test_blobs=result.splits.test.blobs, test_labels=result.splits.test.labels,
+        variations=image_variation_names(cfg.color_mode, cfg.polarity_varies))
 
 
 def train_and_export(cfg: TrainConfig, store: "ModelStore | None" = None
@@ -127,7 +151,16 @@ def train_and_export(cfg: TrainConfig, store: "ModelStore | None" = None
     curves = plot_curves(result.fit.history, out / CURVES_FILE)
     (out / METRICS_FILE).write_text(json.dumps(result.metrics(), indent=2) + "\n")
     tag = export_result(result, curves=curves, store=store)
+    # The artifact's metrics.json adds the export's robustness and adversarial figures.
+    entry = store.get(tag) if store is not None else _default_store_entry(tag)
+    (out / METRICS_FILE).write_text(Path(entry.path, METRICS_FILE).read_text())
     return result, tag
+
+
+def _default_store_entry(tag: "bentoml.Tag") -> Any:
+    import bentoml
+
+    return bentoml.models.get(tag)
 
 
 def summary(result: TrainResult, tag: "bentoml.Tag", seconds: float) -> str:
@@ -139,10 +172,13 @@ def summary(result: TrainResult, tag: "bentoml.Tag", seconds: float) -> str:
     return "\n".join([
         f"test accuracy  {result.test_accuracy:.4f}  (val {f.val_accuracy:.4f}, best epoch "
         f"{f.best_epoch} of {f.epochs_run} run)",
+        per_class_line(result.metrics()),
         f"train seconds  {f.train_seconds:.1f}  (whole command {seconds:.1f})",
         f"parity         max |ORT - torch| = {export_info['max_abs_diff']:.2e} "
         f"(tolerance {export_info['tolerance']:g}; {export_info['exporter']} exporter, "
         f"opset {export_info['opset']})",
+        *filter(None, [summary_line(json.loads(
+            Path(bentoml.models.get(tag).path_of(METRICS_FILE)).read_text()))]),
         f"saved          {tag}",
     ])
 

@@ -28,6 +28,8 @@ def _argv(cfg, model_name: str, out_dir: Path) -> list[str]:
             "--widths", ",".join(map(str, cfg.widths)),
             "--embedding-dim", str(cfg.embedding_dim), "--patience", str(cfg.patience),
             "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed),
+            "--robust-augment", str(cfg.robust_augment), "--max-rotate", str(cfg.max_rotate),
+            "--max-translate", str(cfg.max_translate),
             "--model-name", model_name, "--out-dir", str(out_dir), "--no-progress"]
 
 

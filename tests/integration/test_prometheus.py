@@ -144,3 +144,25 @@ def _query_until_found(base: str, promql: str, process: subprocess.Popen,
             return body["data"]["result"]
         time.sleep(0.5)
     raise AssertionError(f"no result for {promql} in {timeout} s: {json.dumps(body)[:500]}")
+
+
+def test_served_models_have_their_drift_gauges_at_zero_before_any_report(tmp_path) -> None:
+    """The service names its models: their per-model series exist from the start (last run at
+    timestamp 0), so an alert on a stale report has a series to fire on."""
+    from prometheus_client import CollectorRegistry
+
+    state = tmp_path / "drift_latest.json"  # not written yet
+    collected, gauged = CollectorRegistry(), CollectorRegistry()
+    collected.register(DriftCollector(state, ["digits-cnn"]))
+    gauges = DriftGauges(gauged)
+    gauges.refresh(state, ["digits-cnn"])
+    for registry in (collected, gauged):
+        for name in ("clf_drift_detected", "clf_drift_share",
+                     "clf_drift_last_run_timestamp_seconds"):
+            assert registry.get_sample_value(name, {"model": "digits-cnn"}) == 0.0, name
+        assert registry.get_sample_value(
+            "clf_drift_score", {"model": "digits-cnn", "feature": "brightness"}) is None
+    write_state(state, "digits-cnn", ENTRY)
+    gauges.refresh(state, ["digits-cnn"])
+    assert gauged.get_sample_value("clf_drift_last_run_timestamp_seconds",
+                                   {"model": "digits-cnn"}) == ENTRY["created"]

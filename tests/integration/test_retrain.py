@@ -14,10 +14,12 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,9 @@ class Setup:
 
 def log_traffic(path: Path, model: str, version: str, inputs: list[bytes],
                 labels: list[str]) -> None:
-    """One single-input request per input, tagged device=ios|android, each with feedback."""
+    """One single-input request per input, tagged device=ios|android, each with feedback that
+    arrived half a second after its prediction (so a time split's cutoff keeps every older
+    row's label)."""
     from monitoring.store import PredictionLog, PredictionRecord
 
     records = [PredictionRecord(
@@ -69,6 +73,10 @@ def log_traffic(path: Path, model: str, version: str, inputs: list[bytes],
     with PredictionLog(path) as log:
         log.write_batch(records)
         log.add_feedback_many({f"req-{i}": label for i, label in enumerate(labels)})
+    # The log stamps a label with the time it is stored (now): move it to the made-up clock.
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE feedback SET ts = (SELECT p.ts + 0.5 FROM predictions p WHERE "
+                   "p.request_id = feedback.request_id AND p.item = feedback.item)")
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +209,8 @@ def test_a_dry_run_writes_nothing(image_setup: Setup, tmp_path: Path,
     audit = tmp_path / "audit.jsonl"
     # Rules any challenger passes, so the dry run would promote.
     assert main(image_setup.argv(audit, "--epochs", "1", "--margin", "-1", "--max-slice-drop",
-                                 "1", "--dry-run")) == 0
+                                 "1", "--max-robustness-drop", "1", "--max-attack-increase", "1",
+                                 "--dry-run")) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["decision"] == "would_promote" and record["dry_run"] is True
     assert record["challenger"]["in_store"] is False

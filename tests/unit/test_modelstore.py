@@ -262,7 +262,8 @@ def test_cli(store, capsys) -> None:
 
     assert cli(store, "list", NAME) == 0
     header, *rows = capsys.readouterr().out.splitlines()
-    assert header.split() == ["VERSION", "CREATED", "TASK", "TEST_ACC", "VAL_ACC", "PROD"]
+    assert header.split() == ["VERSION", "CREATED", "TASK", "TEST_ACC", "VAL_ACC",
+                              "WORST_VARIATION", "WORST_ACC", "ATTACK", "PROD"]
     assert rows[0].startswith(v2) and rows[0].endswith("*")
     assert rows[1].split()[0] == v1 and "0.9123" in rows[1] and not rows[1].endswith("*")
 

@@ -129,3 +129,15 @@ def test_text_profiles_add_a_fragmentation_signal_calibrated_on_validation():
     image_like = Reference(("brightness",), chars[:, None], emb, logits.astype(np.float32),
                            classes, classes, np.ones(n, np.float32), tuple("abc"))
     assert fit_ood(image_like).fragmentation_threshold is None
+
+
+def test_the_expected_flag_rate_is_the_calibrated_tails_summed() -> None:
+    """What clf_ood_reference_rate exports: 1% by distance + 2% by confidence (+ 0.5% by
+    fragmentation for text), an upper bound of the share flagged on in-distribution inputs."""
+    scorer = fit_ood(reference(), distance_quantile=0.99, confidence_quantile=0.02)
+    assert scorer.expected_flag_rate == pytest.approx(0.03)
+    emb, logits, _ = synthetic(5000, seed=8)
+    _, flags = scorer.score(_probs(logits), emb)
+    assert flags.mean() <= scorer.expected_flag_rate + 0.02
+    text = OODScorer(scorer.means, scorer.whitening, 1.0, 0.5, 0.99, 0.02, 0.4, 0.995)
+    assert text.expected_flag_rate == pytest.approx(0.035)

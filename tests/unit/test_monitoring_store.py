@@ -122,6 +122,22 @@ def test_feedback_is_idempotent_and_corrections_replace(log) -> None:
     assert list(log.frame("m")["label"]) == ["1", "3"]
 
 
+def test_labelled_inputs_carry_when_their_label_arrived(log, monkeypatch) -> None:
+    """A retraining keeps feedback that arrived after its cutoff out of training: each labelled
+    input says when its label was stored; a repeat keeps that time, a correction moves it."""
+    from dataclasses import replace
+
+    log.write_batch([replace(record("r1", item, ts=1000.0), input=b"x") for item in (0, 1)])
+    clock = iter([2000.0, 3000.0, 4000.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    log.add_feedback("r1", ["1", "2"])  # at 2000
+    log.add_feedback("r1", ["1", "2"])  # at 3000: a repeat, nothing written
+    log.add_feedback("r1", ["1", "3"])  # at 4000: item 1 corrected
+    rows = log.labelled_inputs("m")
+    assert [(x.item, x.label, x.ts, x.feedback_ts) for x in rows] == [
+        (0, "1", 1000.0, 2000.0), (1, "3", 1000.0, 4000.0)]
+
+
 def test_feedback_for_many_is_all_or_nothing(log) -> None:
     log.write_batch([record("a"), record("b")])
     with pytest.raises(UnknownRequestError):

@@ -129,6 +129,9 @@ def test_counts_and_data_hash_are_order_independent() -> None:
     ({"min_slice_count": 0}, "--min-slice-count"),
     ({"epochs": 0}, "--epochs"),
     ({"since": 10.0, "until": 5.0}, "--since"),
+    ({"holdout_newest": 1.5}, "--holdout-newest"),
+    ({"max_robustness_drop": -0.01}, "--max-robustness-drop"),
+    ({"max_attack_increase": 1.5}, "--max-attack-increase"),
 ])
 def test_config_refuses_bad_values(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -144,3 +147,217 @@ def test_cli_times_parse_like_the_monitoring_commands() -> None:
     assert cfg.describe()["since"] == "2024-01-01T00:00:00+00:00"
     everything = config_from_args(["--model", "digits-cnn"])
     assert everything.since == 0.0 and everything.describe()["until"] is None
+    assert everything.holdout_newest == 0.2 and everything.cutoff is None
+
+
+def test_cli_takes_a_holdout_share_or_a_cutoff_not_both(capsys) -> None:
+    from training.retrain import config_from_args
+
+    cfg = config_from_args(["--model", "m", "--cutoff", "2024-01-01"])
+    assert cfg.cutoff == 1704067200.0 and cfg.describe()["cutoff"] == "2024-01-01T00:00:00+00:00"
+    assert config_from_args(["--model", "m", "--holdout-newest", "0.3"]).holdout_newest == 0.3
+    with pytest.raises(SystemExit):
+        config_from_args(["--model", "m", "--cutoff", "2024-01-01", "--holdout-newest", "0.3"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+# ---- leakage-safe traffic: split by time ---------------------------------------------------
+
+def test_split_by_time_holds_out_the_newest_share() -> None:
+    from training.retrain.data import split_by_time
+
+    times = [float(t) for t in (5, 1, 4, 2, 3, 9, 7, 8, 6, 10)]  # logged order is not time order
+    split = split_by_time(times, [t + 0.5 for t in times], holdout_newest=0.2)
+    assert sorted(times[i] for i in split.held_out) == [9.0, 10.0]
+    assert sorted(times[i] for i in split.train) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert split.newest_train == 8.0 <= split.cutoff < split.oldest_held_out == 9.0
+    assert split.rule == "newest 20%" and split.late == ()
+    # Rows logged at the same instant as the oldest held-out one are held out with it.
+    tied = split_by_time([1.0, 2.0, 3.0, 3.0, 3.0], [0.0] * 5, holdout_newest=0.2)
+    assert sorted(tied.held_out) == [2, 3, 4] and sorted(tied.train) == [0, 1]
+    # Nothing held out: no cutoff, every row (whenever labelled) trains.
+    none = split_by_time([1.0, 2.0], [99.0, 99.0], holdout_newest=0.0)
+    assert none.cutoff is None and sorted(none.train) == [0, 1] and none.held_out == ()
+    everything = split_by_time([1.0, 2.0], [1.0, 2.0], holdout_newest=1.0)
+    assert everything.train == () and sorted(everything.held_out) == [0, 1]
+
+
+def test_split_by_time_at_a_cutoff_drops_labels_that_came_later() -> None:
+    from training.retrain.data import split_by_time
+
+    times = [10.0, 20.0, 30.0, 40.0, 50.0]
+    feedback = [11.0, 45.0, 30.0, 41.0, 51.0]  # row 1's label came after the cutoff (35)
+    split = split_by_time(times, feedback, holdout_newest=0.9, cutoff=35.0)  # cutoff wins
+    assert split.rule == "--cutoff" and split.cutoff == 35.0
+    assert split.train == (0, 2) and split.late == (1,) and split.held_out == (3, 4)
+    assert split.describe() == {
+        "cutoff": "1970-01-01T00:00:35.000+00:00", "cutoff_ts": 35.0, "rule": "--cutoff",
+        "rows": {"train": 2, "held_out": 2, "late_feedback": 1},
+        "newest_train": "1970-01-01T00:00:30.000+00:00",
+        "oldest_held_out": "1970-01-01T00:00:40.000+00:00", "champion_cutoff": None,
+        "held_out_champion_may_know": 0}
+
+
+def _digits_champion(limit: int = 100, retrain: dict | None = None):
+    """A champion as ``resolve_champion`` reads one, for the data step only (no model);
+    ``retrain``: its manifest's retraining info (a champion made by a retraining)."""
+    from pathlib import Path
+
+    from training.config import TrainConfig
+    from training.retrain.champion import Champion
+
+    cfg = TrainConfig(limit=limit)
+    return Champion("digits-cnn", "v1", Path("/nonexistent"), "image",
+                    cfg.image_spec(), tuple(str(i) for i in range(10)),
+                    {"data_source": "digits", "train_config": cfg.to_dict(),
+                     **({} if retrain is None else {"retrain": retrain})})
+
+
+def test_the_data_step_never_trains_on_traffic_newer_than_what_it_holds_out(tmp_path,
+                                                                            monkeypatch) -> None:
+    """A log whose rows were logged out of order, with labels that came late: no held-out row is
+    older than a training row, no label stored after the cutoff trains, the original data keeps
+    its seeded split, and the audit names the cutoff."""
+    import numpy as np
+
+    from monitoring.store import PredictionLog, PredictionRecord
+    from training.data import digits_images
+    from training.retrain.data import Sources, gather_data
+    from training.train import prepare_splits
+
+    digits = digits_images()
+    rng = np.random.default_rng(3)
+    n = 120
+    logged = {f"req-{i}": float(t) for i, t in enumerate(rng.permutation(n) * 60.0 + 1e9)}
+    # Labels come 10 s to 2 h after the prediction.
+    labelled = {rid: ts + float(rng.uniform(10, 7200)) for rid, ts in logged.items()}
+    records = [PredictionRecord(
+        request_id=rid, item=0, ts=logged[rid], model="digits-cnn", version="v1", predicted="0",
+        confidence=0.5, probabilities=np.zeros(10), embedding=np.zeros(4), features={},
+        input=digits.blobs[-1 - i]) for i, rid in enumerate(logged)]
+    path = tmp_path / "log.db"
+    with PredictionLog(path) as log:
+        log.write_batch(records)
+        for i, rid in enumerate(logged):
+            monkeypatch.setattr("time.time", lambda rid=rid: labelled[rid])
+            log.add_feedback(rid, str(digits.labels[-1 - i]))
+    monkeypatch.undo()
+
+    # The champion came from a retraining whose cutoff was at the 100th oldest row.
+    champion_cutoff = sorted(logged.values())[99]
+    champion = _digits_champion(retrain={"split_seed": 0,
+                                         "traffic_split": {"cutoff_ts": champion_cutoff}})
+    data = gather_data(champion, Sources(path, None), holdout_newest=0.25)
+    split = data.traffic_split
+    assert split is not None and split.rule == "newest 25%"
+
+    def times(part) -> list[float]:
+        return [logged[name.split("request ")[1].split(" item")[0]]
+                for name, source in zip(part.names, part.sources) if source == "traffic"]
+
+    trained, held = times(data.train) + times(data.val), times(data.test)
+    assert len(held) == 30 and trained and times(data.val)
+    assert max(trained) <= split.cutoff < min(held)  # no held-out row older than a training row
+    assert split.cutoff == np.nextafter(sorted(logged.values())[90], -np.inf)
+    # Every older row trains, but those whose label was stored after the cutoff.
+    late = {rid for rid, ts in logged.items()
+            if ts <= split.cutoff and labelled[rid] > split.cutoff}
+    assert late and len(split.late) == len(late)
+    trained_ids = {name.split("request ")[1].split(" item")[0]
+                   for part in (data.train, data.val) for name, source in
+                   zip(part.names, part.sources) if source == "traffic"}
+    assert trained_ids == {rid for rid, ts in logged.items()
+                           if ts <= split.cutoff and rid not in late}
+    assert not trained_ids & late and all(labelled[rid] <= split.cutoff for rid in trained_ids)
+    assert len(trained) + len(held) + len(late) == n
+    # The original data keeps the champion's seeded split.
+    splits, _ = prepare_splits(champion.recipe())
+    for part in ("train", "val", "test"):
+        pool = getattr(data, part)
+        assert [x for x, s in zip(pool.inputs, pool.sources) if s == "original"] == list(
+            getattr(splits, part).blobs)
+    described = split.describe()
+    assert described["cutoff"].startswith("2001-09-09T") and described["rows"] == {
+        "train": n - 30 - len(late), "held_out": 30, "late_feedback": len(late)}
+    # Held-out rows the champion may have trained on (not newer than its own cutoff) are named.
+    assert split.champion_cutoff == champion_cutoff
+    assert described["held_out_champion_may_know"] == 10
+
+
+# ---- robustness and attack rules -------------------------------------------------------------
+
+def robust(table_: dict, variations: dict[str, tuple[float, float]], count: int = 200,
+           attack: tuple[float | None, float | None] | None = None) -> dict:
+    """``table_`` plus a robustness table (name -> (champion, challenger)) and attack rates."""
+    table_["robustness"] = {"seed": 0, "count": count, "variations": {
+        name: {"champion": a, "challenger": b, "delta": round(b - a, 6)}
+        for name, (a, b) in variations.items()}}
+    if attack is not None:
+        a, b = attack
+        table_["attack"] = {"champion": a, "challenger": b,
+                            "delta": None if None in attack else round(b - a, 6)}
+    return table_
+
+
+def test_a_variation_lost_by_more_than_the_bound_keeps_a_better_challenger_out() -> None:
+    variations = {"clean": (0.80, 0.90), "jpeg_q30": (0.97, 0.91), "rotate": (0.7, 0.6),
+                  "noise": (0.8, 0.79)}
+    decision = decide(robust(table(0.80, 0.90), variations), Rules(max_robustness_drop=0.02))
+    assert not decision.promote
+    assert decision.reasons[2:] == (
+        "fail: robustness: rotate 0.6000 < champion 0.7000 - 0.0200 (-0.1000 on the 200 held-out "
+        "inputs varied)",
+        "fail: robustness: jpeg_q30 0.9100 < champion 0.9700 - 0.0200 (-0.0600 on the 200 "
+        "held-out inputs varied)")
+    assert decision.notes == ()
+
+
+def test_a_variation_drop_equal_to_the_bound_passes_and_clean_is_the_overall_rules() -> None:
+    variations = {"clean": (0.95, 0.90), "jpeg_q30": (0.97, 0.95)}
+    decision = decide(robust(table(0.80, 0.90), variations), Rules(max_robustness_drop=0.02))
+    assert decision.promote
+    assert len(decision.reasons) == 2  # one per rule that failed or is always judged
+    assert decision.notes == (
+        "pass: robustness: no variation of the 200 held-out inputs loses more than 0.0200 "
+        "against the champion (1 variations, seed 0; the worst: jpeg_q30 0.9500 vs 0.9700, "
+        "-0.0200)",)
+
+
+def test_the_attack_rule_bounds_the_rise_of_the_attack_success_rate() -> None:
+    ok = decide(robust(table(0.8, 0.9), {"noise": (0.5, 0.5)}, attack=(0.30, 0.35)), Rules())
+    assert ok.promote and ok.notes[1].startswith("pass: attack success rate 0.3500 vs champion")
+    worse = decide(robust(table(0.8, 0.9), {"noise": (0.5, 0.5)}, attack=(0.30, 0.36)), Rules())
+    assert not worse.promote and worse.reasons[2].startswith(
+        "fail: attack: 0.3600 > champion 0.3000 + 0.0500")
+    assert decide(robust(table(0.8, 0.9), {}, attack=(0.30, 0.36)),
+                  Rules(max_attack_increase=0.1)).promote
+
+
+@pytest.mark.parametrize("attack, missing", [((None, 0.9), "the champion has"),
+                                             ((None, None), "the champion and the challenger "
+                                                            "have")])
+def test_missing_attack_figures_skip_the_rule_with_a_note(attack, missing) -> None:
+    decision = decide(robust(table(0.8, 0.9), {"noise": (0.5, 0.5)}, attack=attack), Rules())
+    assert decision.promote
+    assert decision.notes[1] == (f"skip: attack success rate: {missing} no attack_success in "
+                                 "metrics.json (exported before attacks were measured); rule "
+                                 "not applied")
+
+
+def test_an_empty_held_out_set_skips_the_robustness_rule() -> None:
+    decision = decide(robust(table(0.8, 0.9), {}, count=0), Rules())
+    assert decision.notes == ("skip: robustness: no held-out inputs to vary; rule not applied",)
+
+
+def test_an_attack_rate_over_too_few_attacked_inputs_is_not_judged() -> None:
+    """A near-chance champion gets few inputs right, so few are attacked: its 0.0 says nothing.
+    The slice rule's support bound (``min_slice_count``) applies to the attacked inputs too."""
+    table_ = robust(table(0.1, 0.3), {"noise": (0.1, 0.3)}, attack=(0.0, 1.0))
+    table_["attack"]["attacked"] = {"champion": 5, "challenger": 40}
+    decision = decide(table_, Rules(min_slice_count=30))
+    assert decision.promote
+    assert decision.notes[1] == ("skip: attack success rate 1.0000 vs champion 0.0000: the "
+                                 "champion's is over 5 attacked (correctly classified) input(s), "
+                                 "fewer than 30; rule not applied")
+    table_["attack"]["attacked"] = {"champion": 30, "challenger": 40}
+    assert decide(table_, Rules(min_slice_count=30)).reasons[2].startswith("fail: attack: 1.0000")

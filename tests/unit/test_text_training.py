@@ -65,6 +65,26 @@ def test_demo_data_is_the_same_in_another_process(demo: LabelledTexts) -> None:
         assert out.stdout.strip() == data_hash(demo)
 
 
+def test_demo_data_does_not_depend_on_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faker's date() draws up to *now* unless told an end; the demo's dates must not move
+    with the clock (they did: the text model's run-to-run spread with one seed)."""
+    import datetime as dt
+    import re
+
+    import faker.providers.date_time as faker_dates
+
+    today = demo_texts(per_class=60, seed=0)
+    assert sum(bool(re.search(r"\d{4}-\d\d-\d\d", t)) for t in today.texts) >= 5
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2091, 6, 1, tzinfo=tz)
+
+    monkeypatch.setattr(faker_dates, "datetime", Later)
+    assert data_hash(demo_texts(per_class=60, seed=0)) == data_hash(today)
+
+
 # --- reading files -----------------------------------------------------------------------------
 
 ROWS = [("Bonjour, le monde", "fr"), ('say "hi",\nthen go', "en"), ("Hallo Welt", "de"),

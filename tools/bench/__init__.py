@@ -6,7 +6,9 @@ the README's benchmark section) so the numbers compare: the raw in-process ONNX 
 of the reference model (the peers' ResNet-style CNN), the served model under a closed-loop
 ``wrk`` pinned to CPU 1 at concurrency 1/16/64, the request path's floor (``CLF_RUNTIME=noop``), where the
 server's CPU goes per request, and the trained default model; then the same for the text model
-on a short/long length mix; and what the prediction log costs (log on vs off). Foreign CPU on the
+on a short/long length mix; what the prediction log costs (log on vs off); and the overload
+cell (1,000 connections: every request answered 200 or 503 within 2 s, the accepted ones within
+the bound the settings imply, memory flat, normal service right after). Foreign CPU on the
 shared box is recorded per cell and contaminated cells are flagged.
 
 Modules: ``config`` (options, machine facts), ``store`` (the models), ``bodies`` (request
@@ -14,6 +16,6 @@ bodies), ``textmix`` (the text length mix and wrk's rotating bodies), ``raw`` an
 (the ceilings), ``server`` (start/stop/scrape one ``bentoml serve``), ``cpu`` (CPU accounting
 from /proc), ``wrk`` (the load generator and its output), ``prometheus`` (metric deltas),
 ``predlog`` (the prediction log's file and rows), ``cells`` (served measurements), ``report``
-(tables, CPU breakdown), ``sections`` (one part of the run each), ``image`` and ``text`` (the
-two tasks), ``__main__`` (the run, the summary, the JSON).
+(tables, CPU breakdown), ``sections`` (one part of the run each), ``image``, ``text`` and
+``overload`` (the three tasks; ``overload.lua`` times its answers by status), ``__main__`` (the run, the summary, the JSON).
 """

@@ -3,7 +3,8 @@ tools/bench/results/<UTC>.json (or ``--out``).
 
     python -m tools.bench                 # full run, images and texts (~14 min on 2 cores)
     python -m tools.bench --quick         # CI smoke (~3 min)
-    python -m tools.bench --task text     # the text model only (image | text | all)
+    python -m tools.bench --task text     # the text model only (image | text | overload | all)
+    python -m tools.bench --task overload # 1,000 connections for 30 s: shed, bounded, recovered
     python -m tools.bench --workers 2 --conc 64 --skip-floor --skip-log
 """
 
@@ -20,12 +21,13 @@ from typing import Any, Sequence
 
 from .config import command_line, machine_info, parse_config
 from .image import image_summary_rows, run_image
+from .overload import overload_table, run_overload, verdict_line
 from .report import log_table, summary_table
 from .sections import Run
 from .store import store_path
 from .text import run_text, text_summary_rows
 
-TASKS = {"image": run_image, "text": run_text}
+TASKS = {"image": run_image, "text": run_text, "overload": run_overload}
 
 
 def log(msg: str) -> None:
@@ -65,6 +67,10 @@ def _summary(results: dict) -> str:
         parts.append("The prediction log's cost (log on vs off at the same c; rows = "
                      "SELECT COUNT(*) FROM predictions over the measured run):\n\n"
                      + log_table(logged))
+    overload = results.get("overload") or {}
+    if overload.get("phases"):
+        parts.append(f"Overload ({overload['model']}, {overload['body']}):\n\n"
+                     + overload_table(overload) + "\n\n" + verdict_line(overload))
     m, cfg = results["machine"], results["config"]
     provider = (results.get("raw_best") or text.get("raw_best") or {}).get("provider")
     parts.append(
@@ -121,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         path.write_text(json.dumps(results, indent=1, default=_to_json))
         log(f"\nresults: {path} (bodies and server logs: {run.work_dir}); "
             f"took {results['elapsed_s']:.0f} s")
-    sections = [results.get(k) for k in ("served", "floor", "log_on")]
+    sections = [results.get(k) for k in ("served", "v2", "floor", "log_on")]
     sections += [(results.get("text") or {}).get(k) for k in ("served", "floor", "log_on")]
+    sections.append(results.get("overload"))
     failed = results.get("errors") or [s for s in sections if (s or {}).get("error")]
     return 1 if status or failed else 0
 

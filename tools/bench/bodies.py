@@ -18,6 +18,7 @@ from PIL import Image
 BOUNDARY = "clfbench0123456789"
 IMAGE_ROUTE = "/v1/classify/image"
 TEXT_ROUTE = "/v1/classify/text"
+V2_INFER_ROUTE = "/v2/models/{name}/infer"  # Open Inference Protocol v2 (service/v2.py)
 # wrk scripts: one fixed body per request, or a file of bodies (one per line) sent in turn.
 POST_LUA = Path(__file__).with_name("post.lua")
 ROTATE_LUA = Path(__file__).with_name("rotate.lua")
@@ -81,3 +82,25 @@ def write_image_body(folder: Path, name: str, png: bytes, description: str) -> B
     return Body(path=path, headers=[f"Content-Type: {content_type}"], image=png,
                 description=f"{description}, {len(png):,} B PNG in a {len(data):,} B "
                             "multipart body")
+
+
+def write_v2_image_body(folder: Path, name: str, png: bytes, description: str,
+                        model: str) -> Body:
+    """The same PNG as one v2 inference request, as ``tritonclient`` sends it by default: the
+    binary tensor extension (a JSON header, then the image as one BYTES element: a 4-byte
+    little-endian length and the bytes), every output asked for in binary."""
+    import json
+    import struct
+
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 4 + len(png)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    data = header + struct.pack("<I", len(png)) + png
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-v2.bin"
+    path.write_bytes(data)
+    return Body(path=path, headers=["Content-Type: application/octet-stream",
+                                    f"Inference-Header-Content-Length: {len(header)}"],
+                image=png, route=V2_INFER_ROUTE.format(name=model),
+                description=f"{description}, {len(png):,} B PNG as a v2 BYTES tensor in a "
+                            f"{len(data):,} B binary-extension body")

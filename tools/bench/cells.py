@@ -120,7 +120,7 @@ class Check:
 
 def measure_once(server: Server, body: Body, conc: int, plan: CellPlan, model: str,
                  log_db: Path | None = None) -> tuple[Cell, CpuUse]:
-    warmup, _ = run_wrk(server.classify_url, body, conc, plan.warmup_s, latency=False)
+    warmup, _ = run_wrk(server.base + body.route, body, conc, plan.warmup_s, latency=False)
     time.sleep(SETTLE_S)
     rows_before = count_rows(log_db) if log_db else None
     before = server.metrics()
@@ -129,7 +129,7 @@ def measure_once(server: Server, body: Body, conc: int, plan: CellPlan, model: s
                               lambda: spread.append(server.connections_per_worker()))
     window = CpuWindow(server.tree)
     sampler.start()
-    result, output = run_wrk(server.classify_url, body, conc, plan.duration_s, latency=True)
+    result, output = run_wrk(server.base + body.route, body, conc, plan.duration_s, latency=True)
     cpu = window.close()
     sampler.join()
     time.sleep(SETTLE_S)
@@ -143,6 +143,8 @@ def measure_once(server: Server, body: Body, conc: int, plan: CellPlan, model: s
 
 def check_answer(server: Server, body: Body, check: Check) -> None:
     """One real request: 200, and the probabilities the bench computes itself for its input."""
+    if body.route.startswith("/v2/"):
+        return check_v2_answer(server, body, check)
     status, answer = server.post_classify(check.body, body.headers)
     if status != 200:
         raise ServerError(f"the check request{check.what} got HTTP {status}: {answer}")
@@ -152,6 +154,41 @@ def check_answer(server: Server, body: Body, check: Check) -> None:
         if want is None or abs(want - entry["probability"]) > PROB_TOLERANCE:
             raise ServerError(f"wrong answer{check.what}: {top_k}; expected "
                               f"{dict(check.expected)}")
+
+
+def check_v2_answer(server: Server, body: Body, check: Check) -> None:
+    """``check_answer`` for a v2 body: the binary answer's ``probabilities`` (the full vector,
+    in label order, which is ``check.expected``'s order) against the bench's own."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import numpy as np
+
+    request = urllib.request.Request(server.base + body.route, data=check.body, method="POST")
+    for header in body.headers:
+        key, _, value = header.partition(":")
+        request.add_header(key.strip(), value.strip())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            raw, length = r.read(), r.headers.get("Inference-Header-Content-Length")
+    except urllib.error.HTTPError as exc:
+        raise ServerError(f"the v2 check request{check.what} got HTTP {exc.code}: "
+                          f"{exc.read()[:500]!r}") from None
+    split = int(length) if length else len(raw)
+    header, pos = json.loads(raw[:split]), split
+    for output in header["outputs"]:
+        size = output.get("parameters", {}).get("binary_data_size")
+        if output["name"] == "probabilities":
+            got = (np.frombuffer(raw[pos:pos + size], "<f4") if size is not None
+                   else np.asarray(output["data"], np.float32))
+            want = np.array(list(check.expected.values()), np.float32)
+            if got.shape != want.shape or np.abs(got - want).max() > PROB_TOLERANCE:
+                raise ServerError(f"wrong v2 answer{check.what}: {got.tolist()}; expected "
+                                  f"{want.tolist()}")
+            return
+        pos += size or 0
+    raise ServerError(f"the v2 answer{check.what} has no probabilities: {header}")
 
 
 def bench_served(spec: ServerSpec, body: Body, checks: Sequence[Check], concs: list[int],

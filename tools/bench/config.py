@@ -19,7 +19,7 @@ from service.settings import Settings, SettingsError
 # both derived from this file, never a machine path.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TASKS = ("image", "text")
+TASKS = ("image", "text", "overload")
 LOG_CONCS = (16, 64)  # where the prediction log's cost is measured (the loaded cells)
 BUDGET_PER_TASK_S = 420.0
 
@@ -27,7 +27,7 @@ BUDGET_PER_TASK_S = 420.0
 @dataclass(frozen=True)
 class BenchConfig:
     quick: bool
-    tasks: tuple[str, ...]  # "image", "text" or both
+    tasks: tuple[str, ...]  # "image", "text", "overload" or all three
     duration_s: float  # measured wrk run per cell
     warmup_s: float  # wrk warm-up run before it
     concs: tuple[int, ...]
@@ -41,6 +41,10 @@ class BenchConfig:
     text_model: str  # model store name of the text model (trained if absent)
     text_bodies: int  # texts in the rotating mix
     text_short_share: float
+    overload_conns: int  # the overload cell (overload.py): wrk connections
+    overload_duration_s: float
+    overload_normal_conc: int  # its before and after phases
+    overload_normal_s: float
     raw_batches: tuple[int, ...]
     raw_warmup_s: float
     raw_seconds: float
@@ -82,8 +86,9 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: 2 s cells, c=1,16, short raw cells (< 2 min per task)")
     p.add_argument("--task", choices=(*TASKS, "all"), default="all",
-                   help="which models to benchmark: the image reference model, the text model, "
-                        "or both (default all)")
+                   help="what to benchmark: the image reference model, the text model, the "
+                        "overload cell (1,000 connections on the image model), or all three "
+                        "(default all)")
     p.add_argument("--duration", type=float,
                    help="seconds per measured wrk run (default 20; quick 2)")
     p.add_argument("--warmup", type=float,
@@ -110,6 +115,12 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
                    help="texts in the rotating length mix (default 512)")
     p.add_argument("--short-share", type=float, default=0.8,
                    help="share of short texts in the mix (default 0.8; the rest are long)")
+    p.add_argument("--overload-conns", type=int, default=1000,
+                   help="connections of the overload cell (default 1000)")
+    p.add_argument("--overload-duration", type=float,
+                   help="seconds of the overload cell's overload phase (default 30; quick 5)")
+    p.add_argument("--overload-normal-conc", type=int, default=64,
+                   help="connections of its normal-load phases before and after (default 64)")
     p.add_argument("--raw-batches", type=_ints, help="raw ORT batch sizes (default 1,8,32,64)")
     p.add_argument("--raw-seconds", type=float, help="seconds per raw cell (default 4; quick 1)")
     p.add_argument("--retries", type=int, help="re-measurements of a contaminated cell (default 1)")
@@ -121,6 +132,8 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error("--workers must be >= 1")
+    if a.overload_conns < 1 or a.overload_normal_conc < 1:
+        p.error("--overload-conns and --overload-normal-conc must be >= 1")
     if a.text_bodies < 2 or not 0.0 <= a.short_share <= 1.0:
         p.error("--text-bodies must be >= 2 and --short-share in [0, 1]")
     q = a.quick
@@ -135,12 +148,17 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
         workers=a.workers, port=a.port, providers=a.providers, reference_model=a.reference_model,
         default_model=a.default_model, text_model=a.text_model, text_bodies=a.text_bodies,
         text_short_share=a.short_share,
+        overload_conns=a.overload_conns,
+        overload_duration_s=a.overload_duration or (5.0 if q else 30.0),
+        overload_normal_conc=a.overload_normal_conc, overload_normal_s=2.0 if q else 5.0,
         raw_batches=a.raw_batches or ((1, 64) if q else (1, 8, 32, 64)),
         raw_warmup_s=0.5 if q else 1.0, raw_seconds=a.raw_seconds or (1.0 if q else 4.0),
         retries=a.retries if a.retries is not None else (0 if q else 1),
         quiet_wait_s=a.quiet_wait if a.quiet_wait is not None else (5.0 if q else 20.0),
         idle_s=1.0 if q else 2.0,
-        budget_s=a.budget if a.budget is not None else BUDGET_PER_TASK_S * len(tasks),
+        # the overload cell re-measures nothing: the budget is the measured tasks'
+        budget_s=a.budget if a.budget is not None else BUDGET_PER_TASK_S * max(
+            1, len([t for t in tasks if t != "overload"])),
         out_dir=a.out,
         service_settings=settings.to_dict(),
     )

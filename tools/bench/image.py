@@ -9,6 +9,7 @@ from .sections import (Run, Yardstick, breakdown_section, cell_at, floor_bound_s
                        image_body, log_cells, print_served, raw_section, served_section,
                        served_threads)
 from .store import ensure_reference, find_default, store_path
+from .v2cell import run_v2
 
 
 def run_image(run: Run, results: dict) -> None:
@@ -38,6 +39,8 @@ def run_image(run: Run, results: dict) -> None:
                 f"{cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s)")
     served = results["served"] = served_section(run, artifact, body, "onnx", cfg.concs, "served")
     print_served(run, served, best.images_per_s, b64.p50_ms)
+    results["v2"] = run_v2(run, artifact, body, served, max(cfg.concs), best.images_per_s,
+                           b64.p50_ms)
     floor = None
     if cfg.floor_concs:
         run.heading("The floor: the same cells with CLF_RUNTIME=noop (the request path, no "
@@ -92,6 +95,8 @@ def image_summary_rows(results: dict) -> list[SummaryRow]:
                        None, best["images_per_s"], 1.0)]
     rows += [summary_row(f"{ref} served", c, best["images_per_s"])
              for c in results["served"].get("cells", [])]
+    rows += [summary_row(f"{ref} served, v2 binary (tritonclient's default wire)", c,
+                         best["images_per_s"]) for c in (results.get("v2") or {}).get("cells", [])]
     floor = results.get("floor") or {}
     top = max((c.conc for c in floor.get("cells", [])), default=None)
     if top is not None:

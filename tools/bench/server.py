@@ -55,6 +55,7 @@ class ServerSpec:
     log_path: Path
     task: str = "image"  # which model setting gets model_tag; the other model is off
     prediction_log: str = ""  # CLF_PREDICTION_LOG: "" = off (serving alone)
+    cwd: Path | None = None  # the source tree to serve from (default: this repository)
 
     @property
     def route(self) -> str:
@@ -109,7 +110,8 @@ class Server:
         self.home = private_home(Path(store_path()))
         t0 = time.monotonic()
         with open(self.spec.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=self.spec.env(self.home),
+            self.proc = subprocess.Popen(cmd, cwd=self.spec.cwd or REPO_ROOT,
+                                         env=self.spec.env(self.home),
                                          stdout=logf, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         self.tree = ProcessTree(self.proc.pid)

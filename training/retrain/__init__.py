@@ -2,8 +2,10 @@
 only if it is better on data neither model trained on.
 
     python -m training.retrain --model digits-cnn [--log artifacts/predictions.db]
-        [--new-data PATH] [--since 7d] [--until now] [--margin 0.0] [--max-slice-drop 0.05]
-        [--min-slice-count 30] [--only-if-drifted [--drift-state FILE]]
+        [--new-data PATH] [--since 7d] [--until now] [--holdout-newest 0.2 | --cutoff TIME]
+        [--margin 0.0] [--max-slice-drop 0.05] [--min-slice-count 30]
+        [--max-robustness-drop 0.02] [--max-attack-increase 0.05]
+        [--only-if-drifted [--drift-state FILE]]
         [--audit artifacts/retrain/audit.jsonl] [--epochs N] [--seed S] [--store DIR] [--dry-run]
 
 Steps (``pipeline.run``), each a function that returns a frozen result the next ones take; only
@@ -17,9 +19,11 @@ line of a skipped run):
      4). A report on an older version does not count, so a promotion is not followed by another
      retraining on the same report;
   3. the data (``data.gather_data`` -> ``RetrainData``): the champion's original data split as
-     its training run split it, the labelled traffic of the log and ``--new-data``, the last two
-     assigned to train/val/test by hash with the recipe's fractions. Every refusal happens here
-     (or in steps 1-2);
+     its training run split it (seeded); the labelled traffic of the log split by time: the
+     newest ``--holdout-newest`` share (or what was logged after ``--cutoff``) is held out, and
+     only older rows whose label was stored by the cutoff train (train/val by hash); and
+     ``--new-data``, assigned to train/val/test by hash with the recipe's fractions. Every
+     refusal happens here (or in steps 1-2);
   4. the challenger (``fit.train_challenger``): the champion's recipe and preprocessing, trained
      on the train parts with early stopping on the val parts;
   5. it is exported into the store as a new, non-production version (``fit.export_challenger``
@@ -27,17 +31,21 @@ line of a skipped run):
      pointer is first pinned to the champion (``promote.export_target``), or the challenger, as
      the name's first pointer, would become production on export;
   6. champion and challenger are evaluated by ONNX Runtime on the same held-out inputs, the
-     test parts of all three sources (``evaluate.evaluate`` -> ``Evaluation``), overall and per
-     slice;
+     test parts of all three sources (``evaluate.evaluate`` -> ``Evaluation``), overall, per
+     slice and per variation of their robustness suite (``training.robustness``); their attack
+     success rates come from their metrics.json;
   7. ``gate.decide`` -> ``Decision``: promote iff the challenger's accuracy >= the champion's +
-     ``--margin`` and no slice with >= ``--min-slice-count`` held-out inputs loses more than
-     ``--max-slice-drop``. Promotion (``promote.settle`` -> ``Outcome``) is
-     ``modelstore.registry.promote`` (one atomic pointer swap), and only if production is still
-     the champion evaluated (two retrainings at once: the second loses);
+     ``--margin``, no slice with >= ``--min-slice-count`` held-out inputs loses more than
+     ``--max-slice-drop``, no robustness variation trails the champion's by more than
+     ``--max-robustness-drop`` and the attack success rate rises by at most
+     ``--max-attack-increase`` (skipped, with a note, where a version has none). Promotion
+     (``promote.settle`` -> ``Outcome``) is ``modelstore.registry.promote`` (one atomic pointer
+     swap), and only if production is still the champion evaluated (two retrainings at once:
+     the second loses);
   8. one JSON line (``audit.audit_record`` -> ``AuditRecord``) is appended to ``--audit`` and
-     printed on stdout: decision, reasons, both versions, the comparison table, data hash and
-     counts per source/part, rules, drift report, timings, library versions. A challenger kept
-     out stays in the store, not production.
+     printed on stdout: decision, reasons, notes, both versions, the comparison table, data
+     hash and counts per source/part, the traffic's cutoff, rules, drift report, timings,
+     library versions. A challenger kept out stays in the store, not production.
 
 A run killed before step 7 leaves production as it was: the pointer changes only there, by one
 atomic replace. Killed during training, it leaves nothing; killed later, it may leave the

@@ -2,8 +2,10 @@
 
 ``audit_record`` takes what the earlier steps returned (a skipped run has no data, challenger or
 evaluation) and returns an ``AuditRecord``; ``AuditRecord.to_dict`` is the JSON line's object:
-decision, reasons, both versions, the comparison table, data hash and counts per source/part,
-rules, drift report, timings, library versions.
+decision, reasons (every failed rule, with its figures), notes (the robustness and attack rules
+passed or skipped), both versions, the comparison table (incl. the robustness suite and attack
+rates), data hash and counts per source/part with the traffic's time cutoff, rules, drift
+report, timings, library versions.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class AuditRecord:
     kind: str
     decision: str
     reasons: tuple[str, ...]
+    notes: tuple[str, ...]
     dry_run: bool
     champion: Mapping[str, Any]
     challenger: Mapping[str, Any] | None
@@ -50,6 +53,7 @@ class AuditRecord:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["reasons"] = list(self.reasons)
+        out["notes"] = list(self.notes)
         return out
 
     def to_json(self) -> str:
@@ -66,7 +70,9 @@ def audit_record(cfg: RetrainConfig, started: str, champion: Champion, sources: 
         "original": champion.manifest["data_source"],
         "log": None if sources.log is None else str(sources.log), "new_data": cfg.new_data}
     if data is not None:
-        data_info.update(hash=data.data_hash(), counts=data.counts(), held_out=len(data.test))
+        data_info.update(hash=data.data_hash(), counts=data.counts(), held_out=len(data.test),
+                         traffic_split=(None if data.traffic_split is None
+                                        else data.traffic_split.describe()))
     challenger_info = recipe = None
     if challenger is not None:
         challenger_info = {"version": challenger.version, "in_store": challenger.in_store}
@@ -76,7 +82,8 @@ def audit_record(cfg: RetrainConfig, started: str, champion: Champion, sources: 
                   "split_seed": champion.split_seed()}
     return AuditRecord(
         time=started, model=champion.name, kind=champion.kind, decision=outcome.decision,
-        reasons=outcome.reasons, dry_run=cfg.dry_run, champion={"version": champion.version},
+        reasons=outcome.reasons, notes=outcome.notes, dry_run=cfg.dry_run,
+        champion={"version": champion.version},
         challenger=challenger_info, rules=asdict(cfg.rules),
         drift=None if drift is None else drift.report, recipe=recipe,
         evaluation=None if evaluation is None else evaluation.table, data=data_info,

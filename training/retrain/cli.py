@@ -41,12 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=parse_time, default=None,
                    help="traffic from (ISO 8601, or 7d, 24h before now; default: all)")
     p.add_argument("--until", type=parse_time, default=None, help="traffic until (default: now)")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--holdout-newest", type=float, default=0.2,
+                      help="the newest share of the labelled traffic (by logged time) is held out "
+                           "for evaluation; training takes only older rows whose label was "
+                           "stored by the cutoff (default 0.2)")
+    held.add_argument("--cutoff", type=parse_time, default=None,
+                      help="instead: hold out the traffic logged after this time (ISO 8601, or "
+                           "24h, 7d before now); training takes rows logged, and labels stored, "
+                           "at or before it")
     p.add_argument("--margin", type=float, default=0.0,
                    help="the challenger's accuracy must be >= the champion's + this")
     p.add_argument("--max-slice-drop", type=float, default=0.05,
                    help="the most accuracy any judged slice may lose")
     p.add_argument("--min-slice-count", type=int, default=30,
-                   help="held-out inputs a slice needs to be judged")
+                   help="held-out inputs a slice needs to be judged (and attacked inputs an "
+                        "attack success rate needs)")
+    p.add_argument("--max-robustness-drop", type=float, default=0.02,
+                   help="the most accuracy the challenger may trail the champion by on any "
+                        "variation of the held-out inputs' robustness suite (resampled, "
+                        "JPEG, rotated, ...; default 0.02)")
+    p.add_argument("--max-attack-increase", type=float, default=0.05,
+                   help="the most the adversarial attack success rate (metrics.json "
+                        "attack_success) may rise over the champion's (default 0.05; skipped "
+                        "where a version has no figure, or one over fewer attacked inputs "
+                        "than --min-slice-count)")
     p.add_argument("--only-if-drifted", action="store_true",
                    help="skip (exit 4) unless the latest drift report on the production "
                         "version found drift")

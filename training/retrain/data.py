@@ -5,11 +5,15 @@ the champion (step 1, ``champion.py``), a ``RetrainData``:
   * ``original``: the champion's own data source, subsampled and split exactly as its training
     run did (same limit, seed and fractions), so its test split is data the champion never saw;
   * ``traffic``: logged inputs with a ground-truth label (``PredictionLog.labelled_inputs``),
-    assigned to train/val/test by a hash of the request id (all inputs of a request together);
+    split by time (``split_by_time``), so nothing the challenger learns from is newer than what
+    it is judged on: the newest rows (``holdout_newest``, a share, or all rows logged after a
+    ``cutoff`` time) are held out; only rows logged at or before the cutoff whose label was
+    stored by then may train (a label that came later is used for nothing); those go to
+    train/val by a hash of the request id (all inputs of a request together);
   * ``new``: a folder of images (one sub-folder per class) or a CSV/TSV/JSONL file of texts,
-    assigned by a hash of each input's content (duplicates land together).
-Hash assignment uses the recipe's val/test fractions: it is stable as the log grows, so a row
-the champion trained on in an earlier round never moves into the held-out set.
+    assigned to train/val/test by a hash of each input's content (duplicates land together).
+Hash assignment uses the recipe's val/test fractions: it is stable as the data grows. The
+traffic's cutoff, its rule and row counts go into the audit record (``TrafficSplit``).
 
 Every check that can refuse the run happens here, before anything is trained or written:
 unknown labels, empty or unreadable files, inputs the service's preprocessing rejects.
@@ -18,6 +22,7 @@ unknown labels, empty or unreadable files, inputs the service's preprocessing re
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import math
 from dataclasses import dataclass
@@ -59,13 +64,79 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class TrafficSplit:
+    """How the labelled traffic was split by time (``split_by_time``): rows logged at or before
+    ``cutoff`` (unix seconds) whose label was stored by then may train (``train`` indices, train
+    and val together); rows logged after it are ``held_out``; older rows whose label came after
+    the cutoff (``late``) are used for nothing. ``cutoff`` None: no rows held out and no cutoff
+    (``holdout_newest`` 0 without ``--cutoff``, or no traffic)."""
+
+    cutoff: float | None
+    rule: str  # "newest 20%", "--cutoff", "none"
+    train: tuple[int, ...] = ()
+    held_out: tuple[int, ...] = ()
+    late: tuple[int, ...] = ()
+    newest_train: float | None = None  # logged time of the newest training row
+    oldest_held_out: float | None = None  # logged time of the oldest held-out row
+    # The cutoff the champion was retrained with (its manifest's), and how many held-out rows
+    # are not newer than it: the champion may have trained on those (which favours it, never
+    # the challenger).
+    champion_cutoff: float | None = None
+    held_out_champion_may_know: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        """What the audit record says about it (times in ISO 8601, UTC)."""
+        return {"cutoff": _iso(self.cutoff), "cutoff_ts": self.cutoff, "rule": self.rule,
+                "rows": {"train": len(self.train), "held_out": len(self.held_out),
+                         "late_feedback": len(self.late)},
+                "newest_train": _iso(self.newest_train),
+                "oldest_held_out": _iso(self.oldest_held_out),
+                "champion_cutoff": _iso(self.champion_cutoff),
+                "held_out_champion_may_know": self.held_out_champion_may_know}
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def split_by_time(times: Sequence[float], feedback_times: Sequence[float],
+                  holdout_newest: float = 0.2, cutoff: float | None = None) -> TrafficSplit:
+    """Split rows by their logged ``times``: the held-out part is every row logged after the
+    cutoff, and the cutoff is ``cutoff`` if given, else the instant just before the oldest of the
+    newest ``ceil(holdout_newest * n)`` rows (rows logged at that same instant are held out with
+    it). Training may use rows logged at or before the cutoff whose label was stored
+    (``feedback_times``) at or before it too. So every training row is at least as old as the
+    cutoff and every held-out row is newer: max(train times) <= cutoff < min(held-out times)."""
+    if not 0.0 <= holdout_newest <= 1.0:
+        raise ValueError(f"holdout_newest must be in [0, 1], got {holdout_newest}")
+    order = sorted(range(len(times)), key=lambda i: times[i])
+    rule = "--cutoff" if cutoff is not None else f"newest {holdout_newest * 100:g}%"
+    if cutoff is None:
+        n_held = math.ceil(holdout_newest * len(order) - 1e-9)
+        if n_held <= 0:
+            return TrafficSplit(None, "none", train=tuple(order),
+                                newest_train=times[order[-1]] if order else None)
+        cutoff = math.nextafter(times[order[len(order) - n_held]], -math.inf)
+    train = tuple(i for i in order if times[i] <= cutoff and feedback_times[i] <= cutoff)
+    late = tuple(i for i in order if times[i] <= cutoff and not feedback_times[i] <= cutoff)
+    held = tuple(i for i in order if times[i] > cutoff)
+    return TrafficSplit(cutoff, rule, train, held, late,
+                        newest_train=max((times[i] for i in train), default=None),
+                        oldest_held_out=min((times[i] for i in held), default=None))
+
+
+@dataclass(frozen=True)
 class RetrainData:
-    """The challenger's train and val parts and the held-out ``test`` part both models face."""
+    """The challenger's train and val parts and the held-out ``test`` part both models face;
+    ``traffic_split``: how the traffic was split by time (None: no prediction log)."""
 
     train: Pool
     val: Pool
     test: Pool
     labels: tuple[str, ...]
+    traffic_split: TrafficSplit | None = None
 
     def counts(self) -> dict[str, dict[str, int]]:
         """source -> part -> number of inputs."""
@@ -125,20 +196,41 @@ def locate_sources(log: str | None, new_data: str | None) -> Sources:
 
 
 def gather_data(champion: Champion, sources: Sources, since: float = 0.0,
-                until: float = math.inf) -> RetrainData:
-    """All three sources, checked and split (see the module docstring)."""
+                until: float = math.inf, holdout_newest: float = 0.2,
+                cutoff: float | None = None) -> RetrainData:
+    """All three sources, checked and split (see the module docstring): the traffic logged in
+    ``[since, until)`` split by time at ``cutoff`` or with its newest ``holdout_newest`` share
+    held out."""
     recipe = champion.recipe()
     # The user's inputs first: their mistakes are the likely ones, and cheap to find.
-    extra = [] if sources.new_data is None else [new_pool(champion, sources.new_data, recipe)]
-    if sources.log is not None:
-        extra.append(traffic_pool(champion, sources.log, since, until))
+    new = None if sources.new_data is None else new_pool(champion, sources.new_data, recipe)
+    traffic = None if sources.log is None else traffic_pool(champion, sources.log, since, until)
     original = original_parts(champion, recipe)
     keyed: dict[str, Pool] = {part: Pool() for part in PARTS}
-    for pool, keys in extra:
-        for part, chosen in split_by_hash(pool, keys, recipe.val_fraction,
+    if new is not None:
+        for part, chosen in split_by_hash(*new, recipe.val_fraction,
                                           recipe.test_fraction).items():
             keyed[part] = keyed[part] + chosen
-    return RetrainData(*(original[p] + keyed[p] for p in PARTS), labels=champion.labels)
+    split = None
+    if traffic is not None:
+        pool, keys, times, feedback_times = traffic
+        split = split_by_time(times, feedback_times, holdout_newest, cutoff)
+        known = (champion.manifest.get("retrain") or {}).get("traffic_split") or {}
+        if isinstance(known.get("cutoff_ts"), (int, float)):
+            split = dataclasses.replace(
+                split, champion_cutoff=float(known["cutoff_ts"]),
+                held_out_champion_may_know=sum(times[i] <= known["cutoff_ts"]
+                                               for i in split.held_out))
+        trains = set(split.train)
+        # Older rows: train or val by hash (val only steers early stopping); newest: held out.
+        for part, chosen in split_by_hash(pool.select([i in trains for i in range(len(pool))]),
+                                          [k for i, k in enumerate(keys) if i in trains],
+                                          recipe.val_fraction, 0.0).items():
+            keyed[part] = keyed[part] + chosen
+        held = set(split.held_out)
+        keyed["test"] = keyed["test"] + pool.select([i in held for i in range(len(pool))])
+    return RetrainData(*(original[p] + keyed[p] for p in PARTS), labels=champion.labels,
+                       traffic_split=split)
 
 
 def original_parts(champion: Champion, recipe: Any) -> dict[str, Pool]:
@@ -173,8 +265,9 @@ def original_parts(champion: Champion, recipe: Any) -> dict[str, Pool]:
 
 
 def traffic_pool(champion: Champion, log_path: Path, since: float, until: float
-                 ) -> tuple[Pool, list[str]]:
-    """The champion's name's labelled traffic, and the request ids that place each row."""
+                 ) -> tuple[Pool, list[str], list[float], list[float]]:
+    """The champion's name's labelled traffic, oldest first, with each row's request id (which
+    places it in train or val), logged time and the time its label was stored."""
     from monitoring.store import PredictionLog
 
     try:
@@ -191,7 +284,8 @@ def traffic_pool(champion: Champion, log_path: Path, since: float, until: float
         names.append(name)
     pool = Pool(tuple(inputs), tuple(index[r.label] for r in rows), tuple(names),
                 ("traffic",) * len(rows), tuple(dict(r.slices) for r in rows))
-    return pool, [r.request_id for r in rows]
+    return (pool, [r.request_id for r in rows], [r.ts for r in rows],
+            [r.feedback_ts for r in rows])
 
 
 def new_pool(champion: Champion, path: Path, recipe: Any) -> tuple[Pool, list[str]]:

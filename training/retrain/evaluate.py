@@ -9,6 +9,13 @@ slices are
   * the derived slices of ``monitoring.slices.derived_slices`` (image ``size``/``brightness``,
     text ``length``), from features computed by ``preprocessing.image_features``/``text_features``.
 
+Both are also run on the robustness suite of the same held-out inputs (``training.robustness``:
+what ``image_suite``/``text_suite`` make of them, seeded with ``SUITE_SEED`` as the export's
+suites are, so both models see the very same varied inputs; built ``SUITE_CHUNK`` inputs at a
+time, so a large held-out set never sits in memory in every variation at once): accuracy per
+variation, and the attack success rate each artifact's metrics.json reports
+(``attack_success``; None where it has none).
+
 ``evaluate`` returns an ``Evaluation``, whose comparison table the promotion rule
 (``gate.decide``) reads.
 """
@@ -22,13 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
-from modelstore.layout import LABELS_FILE, MODEL_FILE, SPEC_FILE
+from modelstore.layout import LABELS_FILE, METRICS_FILE, MODEL_FILE, SPEC_FILE
 from monitoring.slices import derived_slices
-from preprocessing import (TextPreprocessor, decode_image, image_features, image_to_array,
-                           load_spec, text_features)
+from preprocessing import (InputError, TextPreprocessor, decode_image, image_features,
+                           image_to_array, load_spec, text_features)
 
 from ..export import ort_session
+from ..robustness import (CLEAN, SUITE_SEED, TEXT_VARIATIONS, decode_raw, encode_variation,
+                          image_variation_names, item_rng)
 from .champion import Champion
 from .data import Input, Pool, RetrainData
 
@@ -36,12 +46,15 @@ if TYPE_CHECKING:
     from .fit import Challenger
 
 BATCH = 64
+SUITE_CHUNK = 256  # held-out inputs varied at a time
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """Both models on the held-out part: ``table`` is ``compare``'s comparison table,
-    ``{"overall": {count, champion, challenger, delta}, "slices": {name: {...}}}``."""
+    ``{"overall": {count, champion, challenger, delta}, "slices": {name: {...}}}``, plus
+    ``"robustness": {seed, count, variations: {name: {champion, challenger, delta}}}`` and
+    ``"attack": {champion, challenger, delta}`` (attack success rates; None where unknown)."""
 
     table: Mapping[str, Any]
 
@@ -50,14 +63,116 @@ class Evaluation:
         return self.table["overall"]
 
 
-def evaluate(champion: Champion, challenger: "Challenger", data: RetrainData) -> Evaluation:
-    """Both models on the held-out part (``data.test``), overall and per slice."""
+def evaluate(champion: Champion, challenger: "Challenger", data: RetrainData,
+             seed: int = SUITE_SEED) -> Evaluation:
+    """Both models on the held-out part (``data.test``), overall and per slice, on its
+    robustness suite (seeded with ``seed``), and their attack success rates."""
     held_out = data.test
     slices = row_slices(champion, held_out)
     truth = [champion.labels[i] for i in held_out.labels]
     tables = [accuracy_table(predict(folder, held_out.inputs), truth, slices)
               for folder in (champion.path, challenger.path)]
-    return Evaluation(compare(*tables))
+    table = compare(*tables)
+    table["robustness"] = robustness_table(champion, (champion.path, challenger.path), held_out,
+                                           seed)
+    table["attack"] = attack_table(champion.path, challenger.path)
+    return Evaluation(table)
+
+
+def variation_names(champion: Champion) -> tuple[str, ...]:
+    """The variations a model of the champion's kind is judged on: for images those valid for
+    its colour mode and recipe (``image_variation_names``: ``invert`` where its ``train_config``
+    says inverted inputs are valid, by default for grayscale), for texts all of
+    ``TEXT_VARIATIONS``."""
+    if champion.kind == "image":
+        invert = (champion.manifest.get("train_config") or {}).get("invert")
+        return image_variation_names(champion.spec.color_mode, invert)
+    return tuple(TEXT_VARIATIONS)
+
+
+def max_side(champion: Champion) -> int:
+    """The longest side a varied image starts from, as the export's suite has it (4x the
+    model's input side): larger held-out photos are first shrunk to it."""
+    return 4 * max(champion.spec.height, champion.spec.width)
+
+
+def robustness_suite(champion: Champion, inputs: Sequence[Input], seed: int = SUITE_SEED,
+                     start: int = 0) -> dict[str, list[Input]]:
+    """``{"clean": inputs, variation: [varied inputs]}``, as ``image_suite(all_inputs, seed,
+    names, spec=champion.spec, max_side=max_side(champion))`` (``text_suite`` for texts) makes
+    it for ``inputs``, the items ``start, start + 1, ...`` of all the inputs: each item's
+    variation draws from the same ``item_rng(seed, name, index)``, so the suite of a set is the
+    same in one piece or in chunks (a test holds the two to each other)."""
+    suite: dict[str, list[Input]] = {CLEAN: list(inputs)}
+    if champion.kind == "image":
+        names, side = variation_names(champion), max_side(champion)
+        for name in names:
+            suite[name] = []
+        for i, x in enumerate(inputs):
+            img = decode_raw(bytes(x), champion.spec)
+            if max(img.size) > side:
+                img = img.copy()
+                img.thumbnail((side, side), Image.Resampling.LANCZOS)
+            for name in names:
+                suite[name].append(encode_variation(name, img, item_rng(seed, name, start + i)))
+    else:
+        for name in variation_names(champion):
+            suite[name] = [TEXT_VARIATIONS[name](str(x), item_rng(seed, name, start + i))
+                           for i, x in enumerate(inputs)]
+    return suite
+
+
+def robustness_table(champion: Champion, folders: Sequence[Path], pool: Pool,
+                     seed: int = SUITE_SEED) -> dict[str, Any]:
+    """``{"seed", "count", "variations": {name: {champion, challenger, delta}}}``: the accuracy
+    of the two exported models (``folders``: champion's, challenger's) on every variation of
+    ``pool``'s suite, ``clean`` first. A varied input the shared preprocessing refuses counts as
+    a miss for both."""
+    if not len(pool):
+        return {"seed": seed, "count": 0, "variations": {}}
+    models = [ExportedModel(folder) for folder in folders]
+    hits: dict[str, list[int]] = {}
+    for start in range(0, len(pool), SUITE_CHUNK):
+        truth = pool.labels[start:start + SUITE_CHUNK]
+        suite = robustness_suite(champion, pool.inputs[start:start + SUITE_CHUNK], seed, start)
+        for name, varied in suite.items():
+            counts = hits.setdefault(name, [0] * len(models))
+            for k, model in enumerate(models):
+                predicted = model.predict_indices(varied, champion.labels)
+                counts[k] += sum(int(p == y) for p, y in zip(predicted, truth, strict=True))
+    n = len(pool)
+    return {"seed": seed, "count": n,
+            "variations": {name: {"champion": round(a / n, 6), "challenger": round(b / n, 6),
+                                  "delta": round(b / n - a / n, 6)}
+                           for name, (a, b) in hits.items()}}
+
+
+def attack_table(champion_folder: Path, challenger_folder: Path) -> dict[str, Any]:
+    """The attack success rates the two artifacts' metrics.json report (``attack_success``, at
+    the export's reference strength) and how many correctly classified inputs each is over
+    (``adversarial_info.attacked``); None where an artifact has no figure."""
+    figures = [_attack_figures(folder) for folder in (champion_folder, challenger_folder)]
+    rates = [rate for rate, _ in figures]
+    delta = None if None in rates else round(rates[1] - rates[0], 6)
+    return {"champion": rates[0], "challenger": rates[1], "delta": delta,
+            "attacked": {"champion": figures[0][1], "challenger": figures[1][1]},
+            "source": f"{METRICS_FILE} attack_success"}
+
+
+def _attack_figures(folder: Path) -> tuple[float | None, int | None]:
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        rate, info = metrics.get("attack_success"), metrics.get("adversarial_info") or {}
+        attacked = info.get("attacked")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return _number(rate), (None if _number(attacked) is None else int(attacked))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 def row_slices(champion: Champion, pool: Pool) -> list[dict[str, str]]:
@@ -81,20 +196,48 @@ def input_features(champion: Champion, inputs: Sequence[Input]) -> list[dict[str
 
 def predict(folder: Path, inputs: Sequence[Input]) -> list[str]:
     """The label an exported model (a store version folder) gives each input."""
-    spec = load_spec((folder / SPEC_FILE).read_text())
-    labels = json.loads((folder / LABELS_FILE).read_text())
-    session = ort_session(folder / MODEL_FILE)
-    pre = TextPreprocessor.from_folder(folder, spec) if spec.kind == "text" else None
-    predicted: list[np.ndarray] = []
-    for chunk in _chunks(inputs):
-        if pre is None:
-            feed = {"input": np.stack([image_to_array(decode_image(x, spec), spec)
-                                       for x in chunk])}
-        else:
-            batch = pre.encode_batch(chunk)
-            feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-        predicted.append(session.run(["logits"], feed)[0].argmax(axis=1))
-    return [labels[i] for i in np.concatenate(predicted)] if predicted else []
+    return ExportedModel(folder).predict(inputs)
+
+
+class ExportedModel:
+    """An exported model (a store version folder) loaded once: ONNX Runtime behind the shared
+    preprocessing with its own spec."""
+
+    def __init__(self, folder: Path) -> None:
+        self.spec = load_spec((folder / SPEC_FILE).read_text())
+        self.labels = json.loads((folder / LABELS_FILE).read_text())
+        self.session = ort_session(folder / MODEL_FILE)
+        self.pre = (TextPreprocessor.from_folder(folder, self.spec) if self.spec.kind == "text"
+                    else None)
+
+    def predict(self, inputs: Sequence[Input]) -> list[str]:
+        """The label it gives each input (InputError for one the preprocessing refuses)."""
+        predicted: list[np.ndarray] = []
+        for chunk in _chunks(inputs):
+            if self.pre is None:
+                feed = {"input": np.stack([image_to_array(decode_image(x, self.spec), self.spec)
+                                           for x in chunk])}
+            else:
+                batch = self.pre.encode_batch(chunk)
+                feed = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+            predicted.append(self.session.run(["logits"], feed)[0].argmax(axis=1))
+        return [self.labels[i] for i in np.concatenate(predicted)] if predicted else []
+
+    def predict_indices(self, inputs: Sequence[Input], labels: Sequence[str]) -> list[int]:
+        """``predict`` as indices into ``labels``; -1 for an input the preprocessing refuses (a
+        variation may make one, e.g. an image enlarged past the decoder's pixel limit) or a
+        label ``labels`` lacks."""
+        index = {label: i for i, label in enumerate(labels)}
+        try:
+            return [index.get(p, -1) for p in self.predict(inputs)]
+        except InputError:
+            out = []
+            for x in inputs:
+                try:
+                    out.append(index.get(self.predict([x])[0], -1))
+                except InputError:
+                    out.append(-1)
+            return out
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[list[Any]]:

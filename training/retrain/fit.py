@@ -119,10 +119,18 @@ def export_challenger(champion: Champion, result: Any, retrain_info: Mapping[str
     curves = plot_curves(result.fit.history, work_dir / CURVES_FILE)
     common = dict(name=champion.name, labels=result.classes, metrics=result.metrics(),
                   manifest=manifest, curves=curves, store=store)
+    # Its metrics.json gets the robustness and attack figures on the held-out part, as a
+    # training run's export does on its test split: the gate compares attack_success.
     if champion.kind == "image":
+        from ..robustness import image_variation_names
+
         tag = export_to_store(result.model.cpu(), spec=result.spec,
                               reference_blobs=result.splits.val.blobs,
-                              reference_labels=result.splits.val.labels, **common)
+                              reference_labels=result.splits.val.labels,
+                              test_blobs=result.splits.test.blobs,
+                              test_labels=result.splits.test.labels,
+                              variations=image_variation_names(cfg.color_mode,
+                                                               cfg.polarity_varies), **common)
     else:
         from ..text.export import export_text_to_store
 
@@ -130,7 +138,9 @@ def export_challenger(champion: Champion, result: Any, retrain_info: Mapping[str
         tag = export_text_to_store(result.model.cpu(), pre=result.pre,
                                    tokenizer_json=result.tokenizer_json,
                                    reference_texts=result.splits.val.texts,
-                                   reference_labels=result.splits.val.labels, **common)
+                                   reference_labels=result.splits.val.labels,
+                                   test_texts=result.splits.test.texts,
+                                   test_labels=result.splits.test.labels, **common)
     version = str(tag.version)
     return Challenger(champion.name, version, Path(store.get(f"{champion.name}:{version}").path),
                       cfg.epochs, cfg.seed, in_store)

@@ -5,10 +5,16 @@
   the champion's version and say the data drifted; a report on an older version does not count,
   so a promotion is not followed by another retraining on the same report. Returns a
   ``DriftCheck``.
-* ``decide`` (step 7): promote iff the challenger's accuracy >= the champion's + ``margin`` and no
-  slice with >= ``min_slice_count`` held-out inputs loses more than ``max_slice_drop``. A pure
-  function of the comparison table (``Evaluation.table``), testable with hand-made numbers;
-  returns a ``Decision``.
+* ``decide`` (step 7): promote iff the challenger's accuracy >= the champion's + ``margin``, no
+  slice with >= ``min_slice_count`` held-out inputs loses more than ``max_slice_drop``, no
+  variation of the robustness suite (the held-out inputs resampled, re-compressed, rotated...;
+  ``training.robustness``) loses more than ``max_robustness_drop`` against the champion, and the
+  adversarial attack success rate (each artifact's metrics.json ``attack_success``) rises by no
+  more than ``max_attack_increase``. A champion exported before attacks were measured has no
+  ``attack_success``: that rule is then skipped, with a note. A pure function of the comparison
+  table (``Evaluation.table``), testable with hand-made numbers; returns a ``Decision``: a failed
+  rule is a reason (which the audit record lists), a passed or skipped robustness or attack rule
+  a note.
 """
 
 from __future__ import annotations
@@ -64,20 +70,27 @@ def check_drift(champion: Champion, log_path: Path | None,
 
 @dataclass(frozen=True)
 class Rules:
-    """Promote iff overall accuracy >= champion's + ``margin`` and no slice with at least
-    ``min_slice_count`` held-out inputs loses more than ``max_slice_drop`` accuracy."""
+    """Promote iff overall accuracy >= champion's + ``margin``, no slice with at least
+    ``min_slice_count`` held-out inputs loses more than ``max_slice_drop`` accuracy, no
+    robustness variation loses more than ``max_robustness_drop`` against the champion on the
+    same variation, and the attack success rate rises by at most ``max_attack_increase``."""
 
     margin: float = 0.0
     max_slice_drop: float = 0.05
     min_slice_count: int = 30
+    max_robustness_drop: float = 0.02
+    max_attack_increase: float = 0.05
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether the challenger should be promoted, with one reason per rule (figures included)."""
+    """Whether the challenger should be promoted, with one reason per rule (figures included);
+    the robustness and attack rules give a reason only when they fail, else a note (passed, or
+    skipped for want of figures)."""
 
     promote: bool
     reasons: tuple[str, ...]
+    notes: tuple[str, ...] = ()
 
 
 def decide(table: Mapping[str, Any], rules: Rules) -> Decision:
@@ -109,4 +122,67 @@ def decide(table: Mapping[str, Any], rules: Rules) -> Decision:
             f"{rules.max_slice_drop:.4f} ({len(judged)} judged"
             + (f"; the worst: {worst[0]} {worst[1]['delta']:+.4f}" if worst else "")
             + f"; {len(table['slices']) - len(judged)} below the support bound not judged)")
-    return Decision(promote=wins and not dropped, reasons=tuple(reasons))
+    robust_fails, robust_notes = robustness_rule(table.get("robustness"), rules)
+    attack_fails, attack_notes = attack_rule(table.get("attack"), rules)
+    return Decision(promote=wins and not dropped and not robust_fails and not attack_fails,
+                    reasons=tuple(reasons + robust_fails + attack_fails),
+                    notes=tuple(robust_notes + attack_notes))
+
+
+def robustness_rule(robustness: Mapping[str, Any] | None, rules: Rules
+                    ) -> tuple[list[str], list[str]]:
+    """(failures, notes) of the robustness rule: every variation of the suite (but ``clean``,
+    the overall rule's) on which the challenger's accuracy is below the champion's minus
+    ``max_robustness_drop``, worst first. None: not measured (no rule, no note)."""
+    if robustness is None:
+        return [], []
+    bound = rules.max_robustness_drop
+    judged = {name: cell for name, cell in robustness.get("variations", {}).items()
+              if name != "clean"}
+    if not judged or not robustness.get("count"):
+        return [], ["skip: robustness: no held-out inputs to vary; rule not applied"]
+    count = robustness["count"]
+    dropped = sorted(((name, cell) for name, cell in judged.items()
+                      if cell["challenger"] < cell["champion"] - bound - _EPS),
+                     key=lambda item: item[1]["delta"])
+    fails = [f"fail: robustness: {name} {cell['challenger']:.4f} < champion "
+             f"{cell['champion']:.4f} - {bound:.4f} ({cell['delta']:+.4f} on the {count} held-out "
+             f"inputs varied)" for name, cell in dropped]
+    if fails:
+        return fails, []
+    worst = min(judged.items(), key=lambda item: item[1]["delta"])
+    return [], [f"pass: robustness: no variation of the {count} held-out inputs loses more than "
+                f"{bound:.4f} against the champion ({len(judged)} variations, seed "
+                f"{robustness.get('seed')}; the worst: {worst[0]} {worst[1]['challenger']:.4f} "
+                f"vs {worst[1]['champion']:.4f}, {worst[1]['delta']:+.4f})"]
+
+
+def attack_rule(attack: Mapping[str, Any] | None, rules: Rules) -> tuple[list[str], list[str]]:
+    """(failures, notes) of the attack rule: the challenger's attack success rate (metrics.json
+    ``attack_success``) may exceed the champion's by at most ``max_attack_increase``. Skipped,
+    with a note, where either artifact has no figure, or where one is a rate over fewer than
+    ``min_slice_count`` attacked inputs (the correctly classified ones: a near-chance model has
+    few, and a rate of 0 over 5 says nothing). None: not measured (no rule, no note)."""
+    if attack is None:
+        return [], []
+    bound = rules.max_attack_increase
+    missing = [who for who in ("champion", "challenger") if attack.get(who) is None]
+    if missing:
+        return [], [f"skip: attack success rate: the {' and the '.join(missing)} "
+                    f"{'has' if len(missing) == 1 else 'have'} no attack_success in "
+                    "metrics.json (exported before attacks were measured); rule not applied"]
+    attacked = attack.get("attacked") or {}
+    few = [f"the {who}'s is over {attacked[who]}" for who in ("champion", "challenger")
+           if attacked.get(who) is not None and attacked[who] < rules.min_slice_count]
+    if few:
+        return [], [f"skip: attack success rate {float(attack['challenger']):.4f} vs champion "
+                    f"{float(attack['champion']):.4f}: {' and '.join(few)} attacked "
+                    f"(correctly classified) input(s), fewer than {rules.min_slice_count}; "
+                    "rule not applied"]
+    champion, challenger = float(attack["champion"]), float(attack["challenger"])
+    line = (f"attack success rate {challenger:.4f} vs champion {champion:.4f} "
+            f"({challenger - champion:+.4f})")
+    if challenger > champion + bound + _EPS:
+        return [f"fail: attack: {challenger:.4f} > champion {champion:.4f} + {bound:.4f}: the "
+                f"challenger is easier to attack ({line})"], []
+    return [], [f"pass: {line}; at most +{bound:.4f} allowed"]

@@ -4,7 +4,8 @@
     champion   = resolve_champion(cfg.model, store)                       -> Champion
     sources    = locate_sources(cfg.log, cfg.new_data)                    -> Sources
     drift      = check_drift(champion, sources.log, cfg.drift_state)      -> DriftCheck
-    data       = gather_data(champion, sources, cfg.since, cfg.until)     -> RetrainData
+    data       = gather_data(champion, sources, cfg.since, cfg.until,
+                             cfg.holdout_newest, cfg.cutoff)             -> RetrainData
     trained    = train_challenger(champion, recipe, data)                 (training's result)
     challenger = export_challenger(champion, trained, ..., target)        -> Challenger
     evaluation = evaluate(champion, challenger, data)                     -> Evaluation
@@ -55,8 +56,10 @@ def run(cfg: RetrainConfig) -> AuditRecord:
                 timings={"total_s": _since(start)}, versions=library_versions(),
                 git_commit=git_commit(), drift=drift))
 
-    data = gather_data(champion, sources, cfg.since, cfg.until)
+    data = gather_data(champion, sources, cfg.since, cfg.until, cfg.holdout_newest, cfg.cutoff)
     log.info("data: %s (held out: %d)", json.dumps(data.counts()), len(data.test))
+    if data.traffic_split is not None:
+        log.info("traffic split by time: %s", json.dumps(data.traffic_split.describe()))
     data_s = _since(start)
     with tempfile.TemporaryDirectory(prefix="retrain-") as tmp:
         clock = time.perf_counter()
@@ -95,7 +98,9 @@ def manifest_info(cfg: RetrainConfig, champion: Champion, data: RetrainData,
     described = cfg.describe()
     return {"champion": champion.version, "split_seed": champion.split_seed(),
             "log": None if sources.log is None else str(sources.log), "new_data": cfg.new_data,
-            "since": described["since"], "until": described["until"], "counts": data.counts()}
+            "since": described["since"], "until": described["until"], "counts": data.counts(),
+            "traffic_split": (None if data.traffic_split is None
+                              else data.traffic_split.describe())}
 
 
 def _since(clock: float) -> float:

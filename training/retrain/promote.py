@@ -32,6 +32,7 @@ class Outcome:
     decision: str
     reasons: tuple[str, ...]
     production: bool | None = None
+    notes: tuple[str, ...] = ()  # the decision's notes (robustness/attack rules passed, skipped)
 
 
 def skipped(why: str) -> Outcome:
@@ -60,15 +61,17 @@ def settle(decision: "Decision", champion: Champion, challenger: "Challenger",
            evaluation: "Evaluation", store: "ModelStore", dry_run: bool) -> Outcome:
     """Step 7: promote the challenger if the decision says so (a dry run only says what it
     would do); a challenger kept out stays in the store, not production."""
-    reasons = decision.reasons
+    reasons, notes = decision.reasons, decision.notes
     if dry_run:
-        return Outcome(WOULD_PROMOTE if decision.promote else WOULD_KEEP_OUT, reasons)
+        return Outcome(WOULD_PROMOTE if decision.promote else WOULD_KEEP_OUT, reasons,
+                       notes=notes)
     if not decision.promote:
         return Outcome(KEPT_OUT, reasons + (
             f"kept out: {challenger.tag} stays in the store, not production; {champion.tag} "
-            "serves on",), production=False)
+            "serves on",), production=False, notes=notes)
     promoted, why = promote_challenger(champion, challenger, evaluation, store)
-    return Outcome(PROMOTED if promoted else KEPT_OUT, reasons + (why,), production=promoted)
+    return Outcome(PROMOTED if promoted else KEPT_OUT, reasons + (why,), production=promoted,
+                   notes=notes)
 
 
 def promote_challenger(champion: Champion, challenger: "Challenger", evaluation: "Evaluation",

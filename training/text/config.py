@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from preprocessing.spec import NORMALIZATION_FORMS
 
-from ..config import recipe_checks
+from ..config import DEFAULT_LOSS, add_loss_and_precision_args, recipe_checks
+from ..losses import DEFAULT_FOCAL_GAMMA
 
 DEMO = "demo"
 MODELS = ("transformer", "minilm")
@@ -61,7 +63,16 @@ class TextTrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     patience: int | None = None
+    # Training loss (training/losses.py); None: DEFAULT_LOSS, or weighted-ce with class_weights.
+    loss: str | None = None
+    focal_gamma: float = DEFAULT_FOCAL_GAMMA
+    # Deprecated alias of loss="weighted-ce" (the --class-weights flag); kept as given.
     class_weights: bool = False
+    precision: str = "32"
+    # Text augmentation (training split, the from-scratch transformer and a fine-tuned MiniLM;
+    # a frozen MiniLM trains on cached embeddings): the share of training texts a random
+    # variation of the robustness suite (training/robustness.py) replaces each epoch; 0: off.
+    augment: float = 0.0
     # Data split and reproducibility.
     val_fraction: float = 0.15
     test_fraction: float = 0.15
@@ -79,6 +90,11 @@ class TextTrainConfig:
         for name, value in (("lr", lr), ("epochs", epochs), ("patience", patience)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.class_weights and self.loss not in (None, "weighted-ce"):
+            raise ValueError(f"--class-weights is --loss weighted-ce; it contradicts "
+                             f"--loss {self.loss}")
+        if self.loss is None:
+            object.__setattr__(self, "loss", "weighted-ce" if self.class_weights else DEFAULT_LOSS)
         if not self.model_name:
             prefix = "lang" if self.data == DEMO else "text"
             object.__setattr__(self, "model_name", f"{prefix}-{self.model}")
@@ -95,6 +111,7 @@ class TextTrainConfig:
         checks = [
             *recipe_checks(self),
             (self.limit is None or self.limit >= 20, "limit must be at least 20 texts"),
+            (0 <= self.augment <= 1, f"augment must be in [0, 1], got {self.augment}"),
             (self.demo_per_class >= 10, "demo_per_class must be at least 10"),
             (3 <= self.max_length <= 512, f"max_length must be in 3..512, got {self.max_length}"),
             (self.normalization in NORMALIZATION_FORMS,
@@ -168,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--patience", type=int, default=None)
+    add_loss_and_precision_args(p, None, d.focal_gamma, d.precision)
     p.add_argument("--class-weights", action="store_true",
-                   help="weight the loss by inverse class frequency (imbalanced labels)")
+                   help="deprecated: the same as --loss weighted-ce")
+    p.add_argument("--augment", type=float, default=d.augment, metavar="P",
+                   help="share of training texts replaced each epoch by a random variation "
+                   "(casing, typos, accents, whitespace, punctuation, truncation); default 0")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--test-fraction", type=float, default=d.test_fraction)
     p.add_argument("--limit", type=int, default=None, help="use a stratified subset of N texts")
@@ -185,6 +206,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> TextTrainConfig:
     """Parse the CLI into a validated config; a bad value exits with argparse's message."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    if args["class_weights"]:
+        print("warning: --class-weights is deprecated; use --loss weighted-ce", file=sys.stderr)
     try:
         return TextTrainConfig(**args)
     except ValueError as exc:

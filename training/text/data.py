@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from preprocessing import InputError, TextPreprocessor, TextSpec, normalize_text
 
 from ..data import DataError
+from ..robustness import TEXT_VARIATIONS
 
 __all__ = ["DataError", "LabelledTexts", "TextDataset", "TextSplits", "read_texts"]
 
@@ -182,12 +183,14 @@ def data_hash(data: LabelledTexts) -> str:
 
 
 def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
-    """n / (k * count_c) per class (scikit-learn's "balanced"): each class weighs the same in
-    the loss, whatever its share of the training data."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
-    if (counts == 0).any():
-        raise DataError("a class has no training texts; cannot weight it")
-    return torch.tensor(len(labels) / (num_classes * counts), dtype=torch.float32)
+    """``losses.balanced_class_weights`` (n / (k * count_c) per class), a class without
+    training texts being a ``DataError``."""
+    from ..losses import balanced_class_weights as balanced
+
+    try:
+        return balanced(labels, num_classes)
+    except ValueError:
+        raise DataError("a class has no training texts; cannot weight it") from None
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
@@ -222,18 +225,34 @@ class LengthGroupedBatches(Sampler[list[int]]):
 class TextDataset(Dataset):
     """``(text, label)`` items; ``collate`` turns a batch into ``((input_ids, attention_mask),
     labels)`` with ``TextPreprocessor.encode``, padded to the batch's longest text, and
-    ``batch_sampler`` groups texts of similar length when training."""
+    ``batch_sampler`` groups texts of similar length when training.
 
-    def __init__(self, data: LabelledTexts, pre: TextPreprocessor) -> None:
+    ``augment`` (training split only): the share of items replaced by a random variation of
+    ``training.robustness.TEXT_VARIATIONS``, seeded by (seed, epoch, index) like the images'."""
+
+    def __init__(self, data: LabelledTexts, pre: TextPreprocessor, augment: float = 0.0,
+                 seed: int = 0) -> None:
         self.texts = data.texts
         self.labels = data.labels
         self.pre = pre
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, index: int) -> tuple[str, int]:
-        return self.texts[index], self.labels[index]
+        text = self.texts[index]
+        if self.augment > 0:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            if rng.random() < self.augment:
+                names = list(TEXT_VARIATIONS)
+                text = TEXT_VARIATIONS[names[int(rng.integers(len(names)))]](text, rng)
+        return text, self.labels[index]
 
     def batch_sampler(self, batch_size: int, generator: torch.Generator) -> LengthGroupedBatches:
         return LengthGroupedBatches([len(t) for t in self.texts], batch_size, generator)

@@ -8,6 +8,7 @@ would fail or silently misbehave at 40. Parity at other lengths is what proves t
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,13 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelstore.layout import MODEL_FILE, TEXT_FILES, TOKENIZER_FILE
+from modelstore.layout import METRICS_FILE, MODEL_FILE, TEXT_FILES, TOKENIZER_FILE
 from modelstore.store import save_version
 from preprocessing import TEXT_FEATURES, TextPreprocessor, text_features
 
 from ..export import (ONNX_OPSET, OUTPUT_NAMES, PARITY_TOLERANCE, ExportError, _quiet_exporter,
                       check_export, checked_graph, log, ort_session, profile_arrays,
-                      store_metadata, write_contract_files)
+                      store_metadata, weights_digest, write_contract_files)
 
 if TYPE_CHECKING:
     import bentoml
@@ -163,10 +164,15 @@ def stage_text_artifact(model: nn.Module, folder: Path, *, pre: TextPreprocessor
                         tokenizer_json: str, labels: Sequence[str],
                         reference_texts: Sequence[str], reference_labels: Sequence[int],
                         metrics: dict[str, Any], manifest: dict[str, Any],
-                        curves: str | Path | None, tolerance: float = PARITY_TOLERANCE
-                        ) -> dict[str, Any]:
+                        curves: str | Path | None, tolerance: float = PARITY_TOLERANCE,
+                        test_texts: Sequence[str] | None = None,
+                        test_labels: Sequence[int] | None = None) -> dict[str, Any]:
     """Export, check and write every contract file into ``folder``; returns export.json's dict.
-    Raises ``ExportError`` (parity over tolerance, wrong I/O) before the other files exist."""
+    Raises ``ExportError`` (parity over tolerance, wrong I/O) before the other files exist.
+
+    With ``test_texts`` and ``test_labels`` (the test split), metrics.json gains the text
+    robustness suite's accuracies and the character-edit attack's figures
+    (``training.robust_metrics.text_metrics``)."""
     spec = pre.spec
     onnx_path = folder / MODEL_FILE
     export_text_onnx(model, onnx_path, spec.max_length)
@@ -175,8 +181,14 @@ def stage_text_artifact(model: nn.Module, folder: Path, *, pre: TextPreprocessor
     report = text_parity(model, session, vocab_size=pre.vocab_size, pad_id=pre.pad_id,
                          max_length=spec.max_length)
     check_export(report, report["per_shape"], session, labels, tolerance)
-    export_info = {**report, "opset": opset, "exporter": "dynamo", "tolerance": tolerance}
+    export_info = {**report, "opset": opset, "exporter": "dynamo", "tolerance": tolerance,
+                   "weights_sha256": weights_digest(onnx_path)}
     profile = text_reference_profile(session, pre, reference_texts, reference_labels)
+    if test_texts is not None and test_labels is not None:
+        from ..robust_metrics import text_metrics
+
+        metrics = {**metrics, **text_metrics(session, pre, test_texts, test_labels, profile,
+                                             labels)}
     write_contract_files(folder, spec=spec, labels=labels, metrics=metrics,
                          export_info=export_info, manifest=manifest, profile=profile,
                          curves=curves)
@@ -189,7 +201,9 @@ def export_text_to_store(model: nn.Module, *, name: str, pre: TextPreprocessor,
                          reference_texts: Sequence[str], reference_labels: Sequence[int],
                          metrics: dict[str, Any], manifest: dict[str, Any],
                          curves: str | Path | None = None, tolerance: float = PARITY_TOLERANCE,
-                         store: "ModelStore | None" = None) -> "bentoml.Tag":
+                         store: "ModelStore | None" = None,
+                         test_texts: Sequence[str] | None = None,
+                         test_labels: Sequence[int] | None = None) -> "bentoml.Tag":
     """Export a text classifier and save it as a new version of ``name`` in the model store;
     a failed export leaves the store untouched (everything is staged and checked first)."""
     if pre.spec.tokenizer != TOKENIZER_FILE:
@@ -200,7 +214,9 @@ def export_text_to_store(model: nn.Module, *, name: str, pre: TextPreprocessor,
         info = stage_text_artifact(
             model, staged, pre=pre, tokenizer_json=tokenizer_json, labels=labels,
             reference_texts=reference_texts, reference_labels=reference_labels, metrics=metrics,
-            manifest=manifest, curves=curves, tolerance=tolerance)
+            manifest=manifest, curves=curves, tolerance=tolerance, test_texts=test_texts,
+            test_labels=test_labels)
+        metrics = json.loads((staged / METRICS_FILE).read_text())  # with the robustness keys
         metadata = store_metadata(metrics, pre.spec, info, manifest, labels,
                                   tokenizer_sha256=pre.tokenizer_sha256,
                                   max_length=pre.spec.max_length)

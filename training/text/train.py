@@ -26,7 +26,9 @@ from preprocessing import TextPreprocessor, TextSpec, normalize_text
 from .. import cli
 from ..export import PARITY_TOLERANCE, ExportError, build_manifest
 from ..loop import FitResult, evaluate, fit, make_loader, plot_curves, seed_everything
+from ..metrics import per_class_line, test_report
 from ..models import count_parameters
+from ..robust_metrics import summary_line
 from .config import DEMO, TextTrainConfig, config_from_args
 from .data import (DataError, LabelledTexts, TextDataset, TextSplits, balanced_class_weights,
                    check_texts, data_hash, read_texts, stratified_split, stratified_subset)
@@ -57,6 +59,9 @@ class TextTrainResult:
     train_seconds: float  # the whole fit, embedding caching of a frozen encoder included
     data_hash: str
     splits: TextSplits
+    # Per-class precision/recall/F1 and macro-F1 on the test split (``metrics.test_report``);
+    # computed on first use when a caller (retraining) built the result without it.
+    report: dict[str, Any] | None = None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -67,8 +72,13 @@ class TextTrainResult:
         return self.pre.spec
 
     def metrics(self) -> dict[str, Any]:
-        """metrics.json: the fields the service and the promotion step read."""
-        return self.fit.metrics(self.test_loss, self.test_accuracy, self.splits, self.train_seconds)
+        """metrics.json: the fields the service and the promotion step read, and the test
+        split's ``per_class`` figures and ``macro_f1``."""
+        if self.report is None:
+            loader = make_loader(TextDataset(self.splits.test, self.pre), 256, shuffle=False)
+            self.report = test_report(self.model, loader, self.classes)
+        return {**self.fit.metrics(self.test_loss, self.test_accuracy, self.splits,
+                                   self.train_seconds), **self.report}
 
 
 def load_data(cfg: TextTrainConfig) -> LabelledTexts:
@@ -141,7 +151,17 @@ def embed(encoder: torch.nn.Module, data: LabelledTexts, pre: TextPreprocessor,
 def fit_and_test(model: TextClassifier, splits: TextSplits, pre: TextPreprocessor,
                  cfg: TextTrainConfig, weights: torch.Tensor | None
                  ) -> tuple[FitResult, float, float]:
-    """Train with the shared loop; returns the fit and test loss/accuracy.
+    """Train with the shared loop; returns the fit and test loss/accuracy
+    (``fit_and_report`` without the per-class report)."""
+    result, test_loss, test_acc, _ = fit_and_report(model, splits, pre, cfg, weights)
+    return result, test_loss, test_acc
+
+
+def fit_and_report(model: TextClassifier, splits: TextSplits, pre: TextPreprocessor,
+                   cfg: TextTrainConfig, weights: torch.Tensor | None
+                   ) -> tuple[FitResult, float, float, dict[str, Any]]:
+    """Train with the shared loop; returns the fit, test loss/accuracy and the test split's
+    per-class report (``metrics.test_report``).
 
     A frozen encoder gives the same embedding for a text every epoch, so it runs once per text
     and the loop trains the head alone on the cached embeddings (minutes -> seconds on CPU).
@@ -154,13 +174,15 @@ def fit_and_test(model: TextClassifier, splits: TextSplits, pre: TextPreprocesso
                  sum(map(len, (train_set, val_set, test_set))), time.perf_counter() - start)
         result = fit(model.head, train_set, val_set, cfg, class_weights=weights)
         result = dataclasses.replace(result, model=model.eval())  # the head was trained in place
-        test_loss, test_acc = evaluate(model.head, make_loader(test_set, 256, shuffle=False))
-        return result, test_loss, test_acc
-    result = fit(model, TextDataset(splits.train, pre), TextDataset(splits.val, pre), cfg,
-                 class_weights=weights)
-    test_loss, test_acc = evaluate(result.model, make_loader(TextDataset(splits.test, pre), 256,
-                                                             shuffle=False))
-    return result, test_loss, test_acc
+        tested = model.head
+    else:
+        result = fit(model, TextDataset(splits.train, pre, getattr(cfg, "augment", 0.0),
+                                        cfg.seed), TextDataset(splits.val, pre), cfg,
+                     class_weights=weights)
+        tested, test_set = result.model, TextDataset(splits.test, pre)
+    loader = make_loader(test_set, 256, shuffle=False)
+    test_loss, test_acc = evaluate(tested, loader)
+    return result, test_loss, test_acc, test_report(tested, loader, splits.train.classes)
 
 
 def train(cfg: TextTrainConfig) -> TextTrainResult:
@@ -180,14 +202,15 @@ def train(cfg: TextTrainConfig) -> TextTrainResult:
     log.info("model %s: %d parameters (%d trainable)", model_config, count_parameters(model),
              sum(p.numel() for p in model.parameters() if p.requires_grad))
     weights = (balanced_class_weights(splits.train.labels, len(data.classes))
-               if cfg.class_weights else None)
+               if cfg.loss == "weighted-ce" else None)
     start = time.perf_counter()
-    result, test_loss, test_acc = fit_and_test(model, splits, pre, cfg, weights)
+    result, test_loss, test_acc, report = fit_and_report(model, splits, pre, cfg, weights)
     seconds = time.perf_counter() - start
-    log.info("best epoch %d: val_loss %.4f val_acc %.4f; test_acc %.4f; %.1fs", result.best_epoch,
-             result.val_loss, result.val_accuracy, test_acc, seconds)
+    log.info("best epoch %d: val_loss %.4f val_acc %.4f; test_acc %.4f macro-F1 %.4f; %.1fs",
+             result.best_epoch, result.val_loss, result.val_accuracy, test_acc,
+             report["macro_f1"], seconds)
     return TextTrainResult(cfg, model_config, pre, tokenizer_json, data.classes, result,
-                           test_loss, test_acc, seconds, digest, splits)
+                           test_loss, test_acc, seconds, digest, splits, report)
 
 
 def export_result(result: TextTrainResult, curves: str | os.PathLike | None = None,
@@ -212,7 +235,7 @@ def export_result(result: TextTrainResult, curves: str | os.PathLike | None = No
         tokenizer_json=result.tokenizer_json, labels=result.classes,
         reference_texts=result.splits.val.texts, reference_labels=result.splits.val.labels,
         metrics=result.metrics(), manifest=manifest, curves=curves, tolerance=tolerance,
-        store=store)
+        store=store, test_texts=result.splits.test.texts, test_labels=result.splits.test.labels)
 
 
 def train_and_export(cfg: TextTrainConfig, store: "ModelStore | None" = None
@@ -223,7 +246,17 @@ def train_and_export(cfg: TextTrainConfig, store: "ModelStore | None" = None
     result = train(cfg)
     curves = plot_curves(result.fit.history, out / CURVES_FILE)
     (out / METRICS_FILE).write_text(json.dumps(result.metrics(), indent=2) + "\n")
-    return result, export_result(result, curves=curves, store=store)
+    tag = export_result(result, curves=curves, store=store)
+    # The artifact's metrics.json adds the export's robustness and attack figures.
+    entry = store.get(tag) if store is not None else _default_store_entry(tag)
+    (out / METRICS_FILE).write_text(Path(entry.path, METRICS_FILE).read_text())
+    return result, tag
+
+
+def _default_store_entry(tag: "bentoml.Tag") -> Any:
+    import bentoml
+
+    return bentoml.models.get(tag)
 
 
 def summary(result: TextTrainResult, tag: "bentoml.Tag", seconds: float) -> str:
@@ -235,10 +268,13 @@ def summary(result: TextTrainResult, tag: "bentoml.Tag", seconds: float) -> str:
     return "\n".join([
         f"test accuracy  {result.test_accuracy:.4f}  (val {f.val_accuracy:.4f}, best epoch "
         f"{f.best_epoch} of {f.epochs_run} run)",
+        per_class_line(result.metrics()),
         f"train seconds  {result.train_seconds:.1f}  (whole command {seconds:.1f})",
         f"parity         max |ORT - torch| = {info['max_abs_diff']:.2e} (tolerance "
         f"{info['tolerance']:g}; batches {info['batch_sizes']} x lengths {info['lengths']}, "
         f"exported at length {info['export_length']}; opset {info['opset']})",
+        *filter(None, [summary_line(json.loads(
+            Path(bentoml.models.get(tag).path_of(METRICS_FILE)).read_text()))]),
         f"saved          {tag}",
     ])
 

@@ -47,9 +47,10 @@ def test_bad_concurrency_lists_are_refused(bad: str) -> None:
         parse_config(["--conc", bad])
 
 
-def test_both_tasks_by_default_and_one_on_request() -> None:
-    assert parse_config([]).tasks == ("image", "text")
+def test_every_task_by_default_and_one_on_request() -> None:
+    assert parse_config([]).tasks == ("image", "text", "overload")
     assert parse_config(["--task", "text"]).tasks == ("text",)
+    assert parse_config(["--task", "overload"]).tasks == ("overload",)
     with pytest.raises(SystemExit):
         parse_config(["--task", "audio"])
 
@@ -59,6 +60,14 @@ def test_prediction_log_cells_at_the_loaded_concurrencies() -> None:
     assert parse_config(["--quick"]).log_concs == (16,)
     assert parse_config(["--conc", "1,8"]).log_concs == (8,)
     assert parse_config(["--skip-log"]).log_concs == ()
+
+
+def test_the_overload_cell_is_1000_connections_for_30_s_between_normal_load() -> None:
+    cfg = parse_config(["--task", "overload"])
+    assert (cfg.overload_conns, cfg.overload_duration_s, cfg.overload_normal_conc) == (1000, 30, 64)
+    assert parse_config(["--quick"]).overload_duration_s == 5
+    with pytest.raises(SystemExit):
+        parse_config(["--overload-conns", "0"])
 
 
 def test_retry_budget_scales_with_the_tasks() -> None:

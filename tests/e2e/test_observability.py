@@ -1,0 +1,155 @@
+"""The shipped dashboard and alert rules (deploy/) against a real ``bentoml serve``.
+
+  * the drift gauges exist from the service's start: 0, with a last-run timestamp of 0, before
+    any drift report has run (so "no drift report for a day" can fire);
+  * a real Prometheus (Debian's ``prometheus``) scrapes the service with deploy/prometheus's
+    alert rules loaded: every rule evaluates without error, the stale-drift-report alert is
+    already pending (no report yet) and the no-replica alert is not;
+  * every metric the dashboard and the rules read is in a real scrape of the service, after
+    ordinary traffic (answers, a bad input, a feedback label, a drift report's scores).
+
+The tests run in file order: the first two need the state before any drift report.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from monitoring.exporter import state_path_for, write_state
+from tests.integration.test_alerts import RULES, query_metric_names
+from tests.integration.test_prometheus import (PROMETHEUS, _start, _stop, _wait_for, free_port,
+                                               needs_prometheus)
+
+from .conftest import start_server, stop_server
+
+TOKEN = "observability-token"
+# Series Prometheus makes itself, not the service.
+FROM_PROMETHEUS = {"up"}
+# Read by the rules or the dashboard, exported by changes still being made. Remove a name once
+# its change lands (the test then checks it like the rest).
+PENDING = {
+    # issue item "estimated accuracy": the confidence-based estimate, a gauge refreshed like the
+    # drift gauges (monitoring/exporter.py DriftGauges)
+    "clf_estimated_accuracy",
+}
+
+
+@pytest.fixture(scope="module")
+def served(digits_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("observability")
+    log = work / "predictions.db"
+    server = start_server(
+        {"CLF_IMAGE_MODEL": digits_model.tag, "CLF_WORKERS": "1",
+         "CLF_PREDICTION_LOG": str(log), "CLF_FEEDBACK_TOKEN": TOKEN,
+         "CLF_DRIFT_REFRESH_S": "0.5"},
+        work / "server.log")
+    yield {"server": server, "log": log, "work": work,
+           "model": digits_model.tag.split(":")[0]}
+    stop_server(server)
+
+
+def _samples(text: str) -> dict[str, list[str]]:
+    """Metric name -> its sample lines, from an exposition."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            out.setdefault(line.split("{", 1)[0].split(" ", 1)[0], []).append(line)
+    return out
+
+
+def _value(lines: list[str], **labels: str) -> float | None:
+    for line in lines:
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_the_drift_gauges_exist_at_zero_before_any_report(served):
+    assert not state_path_for(served["log"]).exists()
+    samples = _samples(httpx.get(f"{served['server'].url}/metrics").text)
+    model = served["model"]
+    for name in ("clf_drift_detected", "clf_drift_share", "clf_drift_last_run_timestamp_seconds"):
+        assert _value(samples.get(name, []), model=model) == 0.0, (name, samples.get(name))
+    assert _value(samples.get("clf_ood_reference_rate", []), model=model) == pytest.approx(0.03)
+
+
+@needs_prometheus
+def test_prometheus_evaluates_every_shipped_rule_against_the_service(served, tmp_path):
+    port = int(served["server"].url.rsplit(":", 1)[1])
+    prom_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {RULES}\n"
+        "scrape_configs:\n  - job_name: clfserve\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{port}']\n")
+    prometheus = _start([PROMETHEUS, f"--config.file={config}",
+                         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                         f"--web.listen-address=127.0.0.1:{prom_port}"],
+                        tmp_path / "prometheus.log")
+    try:
+        base = f"http://127.0.0.1:{prom_port}"
+        _wait_for(f"{base}/-/ready", prometheus, tmp_path / "prometheus.log")
+        deadline, rules = time.monotonic() + 30, []
+        while time.monotonic() < deadline:
+            groups = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            stale = next((r for r in rules if r["name"] == "ClfDriftReportStale"), {})
+            evaluated = all(r.get("lastEvaluation", "0001") > "2000" for r in rules)
+            if rules and evaluated and stale.get("state") == "pending":
+                break
+            time.sleep(0.5)
+        broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+        assert rules and not broken, broken
+        states = {r["name"]: r["state"] for r in rules}
+        assert states["ClfDriftReportStale"] == "pending", states  # no report since the start
+        assert states["ClfNoReadyReplica"] == "inactive", states
+    finally:
+        _stop(prometheus)
+
+
+def test_every_metric_the_dashboard_and_the_alerts_read_is_in_a_real_scrape(served, digit_pngs):
+    url, model = served["server"].url, served["model"]
+    with httpx.Client(timeout=30) as client:
+        answers = [client.post(f"{url}/v1/classify/image", content=data,
+                               headers={"Content-Type": "image/png"}) for data, _ in
+                   digit_pngs[:8]]
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert client.post(f"{url}/v1/classify/image", content=b"not an image",
+                           headers={"Content-Type": "image/png"}).status_code == 415
+        feedback = client.post(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {TOKEN}"},
+                               json={"request_id": answers[0].json()["request_id"],
+                                     "labels": [str(digit_pngs[0][1])]})
+        assert feedback.status_code == 200, feedback.text
+    # the scores a drift report leaves for the workers (python -m monitoring drift writes this
+    # file; tests/e2e/test_serve_monitoring.py runs a real report into it)
+    write_state(state_path_for(served["log"]), model, {
+        "model": model, "version": "v", "created": time.time(), "dataset_drift": True,
+        "share_drifted": 0.5, "rows": [
+            {"feature": "brightness", "group": "input", "method": "ks", "score": 1e-9,
+             "threshold": 0.0025, "drifted": True},
+            {"feature": "contrast", "group": "input", "method": "ks", "score": 0.3,
+             "threshold": 0.0025, "drifted": False}]})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        samples = _samples(httpx.get(f"{url}/metrics").text)
+        if _value(samples.get("clf_drift_score", []), feature="brightness") is not None:
+            break
+        time.sleep(0.2)
+    read = query_metric_names()
+    missing = {name: sorted(where) for name, where in read.items()
+               if name not in samples and name not in FROM_PROMETHEUS | PENDING}
+    assert not missing, ("read by the dashboard or the alert rules but not in the service's "
+                         f"/metrics: {missing}")
+    assert _value(samples["clf_drift_detected"], model=model) == 1.0
+
+
+def test_the_rules_and_the_dashboard_read_only_the_projects_and_bentomls_metrics():
+    for name in query_metric_names():
+        assert name.startswith(("clf_", "bentoml_service_")) or name in FROM_PROMETHEUS, name

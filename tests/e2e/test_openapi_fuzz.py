@@ -1,0 +1,88 @@
+"""The OpenAPI document of a real ``bentoml serve``: it lists every route the service answers,
+validates as OpenAPI 3, and schemathesis fuzzing every operation in it (bounded in examples and
+time) finds no 5xx and no answer that breaks the document; the server serves normally after."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import start_server, stop_server
+
+pytestmark = pytest.mark.slow
+FUZZ = Path(__file__).parent / "fuzz"
+TOKEN = "fuzz-token"
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server(digits_model, text_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fuzz")
+    srv = start_server(
+        {"CLF_IMAGE_MODEL": digits_model.tag, "CLF_TEXT_MODEL": text_model.tag,
+         "CLF_WORKERS": "1", "CLF_FEEDBACK_TOKEN": TOKEN,
+         "CLF_SLICE_KEYS": "device=ios|android|web;region",
+         "CLF_PREDICTION_LOG": str(work / "predictions.db"),
+         "CLF_MAX_BODY_BYTES": "300000", "CLF_MAX_IMAGES_PER_REQUEST": "8",
+         "CLF_MAX_TEXTS_PER_REQUEST": "8"},
+        work / "server.log")
+    yield srv
+    stop_server(srv)
+
+
+def document(server) -> dict:
+    response = httpx.get(f"{server.url}/docs.json", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_the_document_lists_every_route_and_validates_as_openapi_3(fuzzed_server) -> None:
+    from openapi_spec_validator import validate
+
+    from service.service import api
+
+    doc = document(fuzzed_server)
+    validate(doc)  # raises with the first problem
+    assert doc["openapi"].startswith("3.")
+    for route in api.routes:
+        for method in route.handlers:
+            assert route.template in doc["paths"], f"{route.template} is not in /docs.json"
+            assert method.lower() in doc["paths"][route.template], f"{method} {route.template}"
+    image = doc["paths"]["/v1/classify/image"]["post"]
+    assert set(image["requestBody"]["content"]) >= {"multipart/form-data", "application/json",
+                                                     "image/*"}
+    names = {p["name"] for p in image["parameters"]}
+    assert {"top_k", "X-Request-ID", "X-Slices"} <= names
+    reasons = image["responses"]["422"]["content"]["application/json"]["schema"]
+    assert "corrupt" in reasons["properties"]["error"]["properties"]["reason"]["enum"]
+    feedback = doc["paths"]["/v1/feedback"]["post"]
+    assert feedback["security"] and "securitySchemes" in doc["components"]
+    swagger = httpx.get(f"{fuzzed_server.url}/", timeout=10)
+    assert swagger.status_code == 200 and "html" in swagger.headers["content-type"]
+
+
+def test_schemathesis_finds_nothing(fuzzed_server, tmp_path) -> None:
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "hooks",
+           "PYTHONPATH": os.pathsep.join([str(FUZZ), os.environ.get("PYTHONPATH", "")])}
+    cmd = [str(Path(sys.executable).parent / "schemathesis"),
+           "--config-file", str(FUZZ / "schemathesis.toml"), "run",
+           f"{fuzzed_server.url}/docs.json", "--checks", "all",
+           "--max-examples", os.environ.get("CLF_FUZZ_EXAMPLES", "40"), "--seed", "20261202",
+           "--request-timeout", "20", "--header", f"Authorization: Bearer {TOKEN}"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "Fuzzing" in output and "generated" in output, output[-3000:]  # it really ran
+    # The server is alive and answers as before.
+    assert httpx.get(f"{fuzzed_server.url}/readyz", timeout=10).status_code == 200
+    answer = httpx.post(f"{fuzzed_server.url}/v1/classify/text", json={"text": "hello"},
+                        timeout=10)
+    assert answer.status_code == 200, answer.text
+    log = fuzzed_server.log_text()
+    assert "unexpected failure" not in log and "inference failed" not in log, log[-4000:]

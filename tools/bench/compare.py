@@ -1,0 +1,109 @@
+"""Two source trees served side by side in one run: ``python -m tools.bench.compare --rev REV``.
+
+Where a change must show "no regression" (a refactor, a new default), the figures before and after
+have to come from the same run on the same machine: absolute speeds drift between runs and
+machines. This serves the reference model from a git worktree of REV and from this working tree
+in turn, interleaved round by round (A B A B ...), with the same wrk load, the same cells and the
+same model store, and prints req/s and p99 per tree with the ratio after/before.
+
+    python -m tools.bench.compare --rev HEAD~1 --conc 16,64 --rounds 2 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .bodies import noise_png, write_image_body
+from .config import REPO_ROOT
+from .server import Server, ServerSpec
+from .store import ensure_reference
+from .wrk import run_wrk
+
+
+def worktree(rev: str, parent: Path) -> Path:
+    """A detached worktree of ``rev`` under ``parent`` (removed by ``drop_worktree``)."""
+    path = parent / f"rev-{rev.replace('/', '_').replace('~', '_')}"
+    subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), rev],
+                   cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    return path
+
+
+def drop_worktree(path: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO_ROOT,
+                   capture_output=True, text=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rev", required=True, help="the 'before' git revision (e.g. HEAD~1)")
+    p.add_argument("--conc", default="16,64", help="wrk connections per cell (comma-separated)")
+    p.add_argument("--rounds", type=int, default=2, help="A/B rounds (interleaved)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured cell")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each cell")
+    p.add_argument("--log", choices=["off", "on", "both"], default="both",
+                   help="the prediction log in the served trees (default: both settings)")
+    p.add_argument("--model", default="bench-resnet", help="the reference model's name")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--port", type=int, default=3999)
+    args = p.parse_args(argv)
+    concs = [int(c) for c in args.conc.split(",")]
+    logs = {"off": [False], "on": [True], "both": [False, True]}[args.log]
+
+    work = Path(tempfile.mkdtemp(prefix="clfbench-compare-"))
+    artifact, _ = ensure_reference(args.model, print)
+    body = write_image_body(work, artifact.name, noise_png(artifact.spec.width, 3, seed=0),
+                            "seeded noise RGB PNG")
+    before = worktree(args.rev, work)
+    trees = {f"before ({args.rev})": before, "after (working tree)": REPO_ROOT}
+    results: dict[tuple[str, bool, int], list[tuple[float, float]]] = {}
+    try:
+        for rnd in range(args.rounds):
+            for label, tree in trees.items():
+                for log_on in logs:
+                    db = work / f"log-{rnd}-{len(results)}.db"
+                    spec = ServerSpec(model_tag=f"{artifact.name}:{artifact.version}",
+                                      runtime="onnx", workers=args.workers, providers="cpu",
+                                      port=args.port, log_path=work / "server.log",
+                                      prediction_log=str(db) if log_on else "", cwd=tree)
+                    server = Server(spec, lambda line: None)
+                    try:
+                        server.start(timeout_s=180)
+                        for conc in concs:
+                            run_wrk(server.classify_url, body, conc, args.warmup, latency=False)
+                            time.sleep(0.5)
+                            res, _ = run_wrk(server.classify_url, body, conc, args.duration,
+                                             latency=True)
+                            rps, p99 = res.ok_per_s, res.p("99") or float("nan")
+                            results.setdefault((label, log_on, conc), []).append((rps, p99))
+                            print(f"round {rnd + 1} {label:<24} log {'on ' if log_on else 'off'} "
+                                  f"c={conc:<3} {rps:8.1f} req/s  p99 {p99:7.1f} ms", flush=True)
+                    finally:
+                        server.stop()
+    finally:
+        drop_worktree(before)
+    print(f"\n{args.model}, PNG uploads to /v1/classify/image, {args.workers} workers, "
+          f"{args.rounds} rounds x {args.duration:g} s per cell (median of rounds)")
+    print(f"{'log':<4} {'c':>4} | {'before req/s':>12} {'after req/s':>12} {'after/before':>12} | "
+          f"{'before p99':>10} {'after p99':>10}")
+    labels = list(trees)
+    for log_on in logs:
+        for conc in concs:
+            b = results[(labels[0], log_on, conc)]
+            a = results[(labels[1], log_on, conc)]
+            b_rps, a_rps = statistics.median(x for x, _ in b), statistics.median(x for x, _ in a)
+            b_p99, a_p99 = statistics.median(y for _, y in b), statistics.median(y for _, y in a)
+            print(f"{'on' if log_on else 'off':<4} {conc:>4} | {b_rps:12.1f} {a_rps:12.1f} "
+                  f"{a_rps / b_rps:12.2f} | {b_p99:8.1f}ms {a_p99:8.1f}ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
