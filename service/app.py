@@ -271,14 +271,14 @@ class App:
         request_id = requests.request_id(headers)
         found = self.resolve(scope["path"])
         if found is None:
-            return await _fail(send, "not_found", f"no route {scope['method']} {scope['path']}",
-                               request_id)
+            return await _fail_for(scope, send, Failure(
+                "not_found", f"no route {scope['method']} {scope['path']}"), request_id)
         route, params = found
         handler = route.handlers.get(scope["method"])
         if handler is None:
             allow = ", ".join(route.handlers)
-            return await _fail(send, "method_not_allowed", f"use {allow}", request_id,
-                               [(b"allow", allow.encode())])
+            return await _fail_for(scope, send, Failure(
+                "method_not_allowed", f"use {allow}", [(b"allow", allow.encode())]), request_id)
         if DRAIN.refuses(scope):  # a connection opened after SIGTERM (lifecycle.py)
             return await self._shutting_down(scope, receive, send, headers, request_id)
         try:
@@ -446,6 +446,13 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
 
 def error_body(reason: str, message: str, request_id: str) -> dict:
     return {"error": {"reason": reason, "message": message}, "request_id": request_id}
+
+
+async def _fail_for(scope: Scope, send: Send, failure: Failure, request_id: str) -> None:
+    """A failure decided before any handler ran, in the error shape of the path's protocol."""
+    if scope["path"].startswith("/v2/"):
+        return await _send(send, v2.error_answer(failure, request_id), request_id)
+    await _fail(send, failure.reason, failure.message, request_id, failure.headers)
 
 
 async def _fail(send: Send, reason: str, message: str, request_id: str,

@@ -256,5 +256,11 @@ def build_mounts(app: App, prefixes: tuple[str, ...], title: str, version: str) 
                     summary=doc.get("summary"), description=doc.get("description"),
                     operation_id=doc.get("operationId"),
                     dependencies=[Depends(bearer)] if secured else None)
+        # BentoML mounts a Starlette app "passively": a request reaches it only if one of its
+        # routes matches, else BentoML answers a plain-text 404. This undocumented catch-all
+        # sends every path under the prefix to ``App``, whose errors are the documented JSON.
+        mount.add_api_route("/{rest:path}", answered_by_the_route_table, include_in_schema=False,
+                            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                     "OPTIONS", "TRACE"])
         mounts.append(mount)
     return mounts

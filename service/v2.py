@@ -4,7 +4,7 @@ Routes (registered on the same ``App`` by ``register``; the service mounts it at
 
   GET  /v2                                   server metadata: name, version, extensions (in
                                              the route table as ``/v2/``: see ``root_app``)
-  GET  /v2/health/live                       200, empty body: the process answers
+  GET  /v2/health/live                       200 {"live": true}: the process answers
   GET  /v2/health/ready                      200 when every model is loaded and warm, else 503
   GET  /v2/models/{name}[/versions/{v}]      model metadata: inputs, outputs, datatypes, shapes
   GET  /v2/models/{name}[/versions/{v}]/ready  200 when that model is ready, else 503
@@ -616,7 +616,7 @@ class Routes:
     async def live(self, scope, receive, headers, request_id) -> Answer:
         from .app import Answer
 
-        return Answer(200, b"", "text/plain")
+        return Answer(200, {"live": True})
 
     async def ready(self, scope, receive, headers, request_id) -> Answer:
         from .app import Answer, Failure
@@ -628,7 +628,7 @@ class Routes:
         models = self.models() if self.app.settings is not None else []
         if not models or not all(m.ready for m in models):
             raise Failure("not_ready", "the models are still loading or warming up")
-        return Answer(200, b"", "text/plain")
+        return Answer(200, {"ready": True})
 
     async def metadata(self, scope, receive, headers, request_id, name: str,
                        version: str | None = None) -> Answer:
@@ -643,7 +643,7 @@ class Routes:
         model = self.model(name, version)
         if not model.ready:
             raise Failure("not_ready", f"{name} is still loading or warming up")
-        return Answer(200, b"", "text/plain")
+        return Answer(200, {"name": model.name, "ready": True})
 
     async def infer(self, scope, receive, headers, request_id, name: str,
                     version: str | None = None) -> Answer:

@@ -58,7 +58,13 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _empty(description: str) -> dict:
-    return {"description": description}
+    """A health answer: ``{"live": true}``, ``{"ready": true}`` (KServe's v2 JSON bodies)."""
+    key = "live" if description == "live" else "ready"
+    props = {key: {"type": "boolean", "enum": [True]}}
+    if description == "model ready":
+        props["name"] = {"type": "string"}
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "required": [key], "properties": props}}}}
 
 
 def _params(versioned: bool) -> list[dict]:
@@ -89,9 +95,9 @@ def health(which: str) -> dict:
     return {
         "operationId": f"v2_server_{which}",
         "summary": f"Server {'liveness' if live else 'readiness'} (v2)",
-        "description": ("200 with an empty body while the process answers." if live else
-                        "200 with an empty body once every model is loaded and warmed up; 503 "
-                        "before."),
+        "description": ("200 `{\"live\": true}` while the process answers." if live else
+                        "200 `{\"ready\": true}` once every model is loaded and warmed up; 503 "
+                        "before and while shutting down."),
         "tags": TAGS,
         "responses": {"200": _empty("live" if live else "ready"),
                       **error_responses(*((500,) if live else (503,)))},
@@ -129,11 +135,11 @@ def model_ready(versioned: bool) -> dict:
     return {
         "operationId": "v2_model_version_ready" if versioned else "v2_model_ready",
         "summary": "Model readiness (v2)" + _at(versioned),
-        "description": "200 with an empty body once the model is loaded and warmed up; 503 "
-                       "before; 404 for a model (or version) this server does not serve.",
+        "description": '200 `{"name": ..., "ready": true}` once the model is loaded and warmed up; '
+                       "503 before; 404 for a model (or version) this server does not serve.",
         "tags": TAGS,
         "parameters": _params(versioned),
-        "responses": {"200": _empty("ready"), **error_responses(404, 503)},
+        "responses": {"200": _empty("model ready"), **error_responses(404, 503)},
     }
 
 
@@ -223,9 +229,14 @@ def infer(versioned: bool, defaults: Any = None) -> dict:
                        "is `application/octet-stream` (JSON header + raw outputs, "
                        "`Inference-Header-Content-Length`) when any output is binary, JSON "
                        "otherwise. Errors: `{\"error\": \"<message>\", \"reason\", "
-                       "\"request_id\"}`.",
+                       "\"request_id\"}`. Binary requests carry the header "
+                       "`Inference-Header-Content-Length`: "
+                       + _HEADER_LENGTH["description"] + ".",
         "tags": TAGS,
-        "parameters": [*_params(versioned), _SLICES, _HEADER_LENGTH],
+        # The binary extension's Inference-Header-Content-Length header belongs to the
+        # application/octet-stream body only (its value must be that body's JSON header length),
+        # so it is described there rather than listed as a parameter of every body.
+        "parameters": [*_params(versioned), _SLICES],
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": _request_schema()},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary",

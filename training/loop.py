@@ -1,8 +1,9 @@
 """The training loop: AdamW, warm-up + cosine per step, validation each epoch, early stopping.
 
 Short enough to hold in your head (cf. nanoGPT's train.py). Same seed + same data gives the
-same metrics: seeds are fixed, the loader's shuffle has its own generator, augmentation is seeded
-per item, and torch runs in deterministic mode.
+same metrics and byte-identical weights (with the same thread count, CPU and library versions):
+seeds are fixed, the loader's shuffle has its own generator, augmentation is seeded per item,
+and torch runs in deterministic mode.
 
 The image and the text models share it: a batch is ``(x, y)`` where ``x`` is one tensor (images)
 or a tuple of tensors passed as positional arguments (``input_ids, attention_mask``), and a

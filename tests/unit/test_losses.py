@@ -197,3 +197,37 @@ def test_16_mixed_is_refused_on_cpu_and_bf16_autocasts() -> None:
     with MixedPrecision("32", torch.device("cpu")).autocast():
         assert layer(torch.randn(2, 4)).dtype == torch.float32
     assert torch.isfinite(out.detach().float()).all()
+
+
+def test_the_slices_command_shows_and_writes_per_class_figures(tmp_path, capsys) -> None:
+    """``python -m monitoring slices``: the per-class table from feedback labels, in the text
+    and in --json."""
+    import json
+
+    from monitoring.__main__ import main
+    from monitoring.store import PredictionLog, PredictionRecord
+
+    def record(i: int, predicted: str) -> PredictionRecord:
+        probs = np.array([0.9, 0.1], dtype=np.float32)
+        return PredictionRecord(
+            request_id=f"r{i}", item=0, ts=1000.0 + i, model="m", version="v1",
+            predicted=predicted, confidence=0.9, probabilities=probs,
+            embedding=np.zeros(4, dtype=np.float32),
+            features={"width": 32.0, "height": 32.0, "brightness": 0.5})
+
+    # 40 ham answered ham; 10 spam, 4 caught: recall 0.4 under a 0.88 accuracy
+    truth = ["ham"] * 40 + ["spam"] * 10
+    answers = ["ham"] * 40 + ["spam"] * 4 + ["ham"] * 6
+    with PredictionLog(tmp_path / "log.db") as log:
+        log.write_batch([record(i, p) for i, p in enumerate(answers)])
+        log.add_feedback_many({f"r{i}": label for i, label in enumerate(truth)})
+    out = tmp_path / "slices.json"
+    code = main(["slices", "--model", "m", "--log", str(tmp_path / "log.db"), "--since",
+                 "1970-01-01T00:00:00Z", "--min-count", "5", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "per class" in printed and "! spam" in printed
+    per_class = {row["class"]: row for row in json.loads(out.read_text())["per_class"]}
+    assert per_class["spam"]["recall"] == pytest.approx(0.4)
+    assert per_class["spam"]["support"] == 10 and per_class["spam"]["flagged"]
+    assert per_class["ham"]["precision"] == pytest.approx(40 / 46)

@@ -7,7 +7,9 @@ easy to tell apart (Cyrillic vs Latin script) and some are not: Romance (es/fr/i
 Germanic and Nordic (en/de/nl/da), West Slavic (pl/cs) and East Slavic (ru/uk, the same script).
 Lengths are mixed on purpose: 1-3 word snippets (often ambiguous: "partner" is Czech and Dutch),
 sentences, and paragraphs, some with a local name, a date or a number, some all in capitals.
-Every text is unique across the whole set, so no text can sit in both train and test.
+Every text is unique across the whole set, so no text can sit in both train and test. The data
+is a function of the seed (and Faker's version) only: not of the process's hash seed, nor of the
+clock (see ``DATES_END``).
 
     python -m training.text.demo --out demo.csv     # the same data as a CSV, for a look
 """
