@@ -359,9 +359,12 @@ def text_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
                           ff_dim=64, max_length=64, progress=False, out_dir=str(root / "train"))
     _, tag = train_and_export(cfg, store=open_store(root / "models"))
     fresh = demo_texts(50, seed=7)  # another seed: other texts than the champion's
+    # Production traffic arrives in no particular class order (demo_texts lists its texts class
+    # by class): a seeded shuffle, so the time split's newest 20% holds every class too.
+    order = np.random.default_rng(7).permutation(300)
     log_traffic(root / "predictions.db", TEXT_NAME, str(tag.version),
-                [t.encode() for t in fresh.texts[:300]],
-                [fresh.classes[y] for y in fresh.labels[:300]])
+                [fresh.texts[i].encode() for i in order],
+                [fresh.classes[fresh.labels[i]] for i in order])
     with open(root / "new.csv", "w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
         writer.writerow(["text", "label"])
