@@ -51,8 +51,9 @@ def classification_report(truth: Sequence[int] | np.ndarray, predicted: Sequence
                    where=(support + predicted_n) > 0)
     present = (support + predicted_n) > 0
     per_class = {
-        str(name): {"precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6),
-                    "f1": round(float(f1[i]), 6), "support": int(support[i])}
+        str(name): {"precision": round(float(precision[i]), 6),
+                    "recall": round(float(recall[i]), 6), "f1": round(float(f1[i]), 6),
+                    "support": int(support[i])}
         for i, name in enumerate(classes)}
     macro = float(f1[present].mean()) if present.any() else 0.0
     return {"per_class": per_class, "macro_f1": round(macro, 6)}
