@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from modelstore.layout import CURVES_FILE, EXPORT_FILE, METRICS_FILE
+from modelstore.registry import version_path
 from preprocessing import TextPreprocessor, TextSpec, normalize_text
 
 from .. import cli
@@ -260,15 +261,9 @@ def train_and_export(cfg: TextTrainConfig, store: "ModelStore | None" = None
     (out / METRICS_FILE).write_text(json.dumps(result.metrics(), indent=2) + "\n")
     tag = export_result(result, curves=curves, store=store)
     # The artifact's metrics.json adds the export's robustness and attack figures.
-    entry = store.get(tag) if store is not None else _default_store_entry(tag)
-    (out / METRICS_FILE).write_text(Path(entry.path, METRICS_FILE).read_text())
+    exported = version_path(str(tag), store) / METRICS_FILE
+    (out / METRICS_FILE).write_text(exported.read_text())
     return result, tag
-
-
-def _default_store_entry(tag: "bentoml.Tag") -> Any:
-    import bentoml
-
-    return bentoml.models.get(tag)
 
 
 def summary(result: TextTrainResult, tag: "bentoml.Tag", seconds: float) -> str:
