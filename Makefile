@@ -19,7 +19,7 @@ PORT ?= 3000
 $(VENV)/.installed-$(ORT_EXTRA): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e ".[$(ORT_EXTRA),train,monitor,dev]"
+	$(PIP) install -q -c constraints.txt -e ".[$(ORT_EXTRA),train,monitor,postgres,dev]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -41,12 +41,16 @@ test: install test-deps
 	$(PY) -m pytest tests -q -ra
 
 # Debian's Prometheus and promtool (the real-scrape tests, `promtool check/test rules` on
-# deploy/prometheus) and Chromium (the drift report rendered headless). Best effort: without
-# root or apt the tests skip and say why.
+# deploy/prometheus), PostgreSQL (the shared prediction log: tests/postgres.py starts throwaway
+# clusters) and Chromium (the drift report rendered headless). Best effort: without root or apt
+# the tests skip and say why.
 test-deps:
 	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null 2>&1; } \
 	  || echo "prometheus not installed: tests/integration/test_prometheus.py and test_alerts.py's promtool tests will skip"
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql) >/dev/null 2>&1; } \
+	  || echo "postgresql not installed: the PostgreSQL prediction-log tests will skip"
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1; } \
 	  || echo "chromium not installed: tests/integration/test_drift_html.py's browser test will skip"

@@ -1,8 +1,14 @@
-"""``python -m monitoring {drift,slices,exporter,prune}``: the monitoring jobs.
+"""``python -m monitoring {drift,slices,exporter,prune,migrate}``: the monitoring jobs.
+
+``--log`` is the prediction log: a SQLite file or a ``postgresql://`` URL.
+
+``drift`` and ``slices`` also estimate the window's accuracy without labels (confidence
+calibrated on the reference profile, ``performance.py``), next to the realised accuracy of the
+rows that have feedback.
 
 Exit codes of ``drift``: 0 = the window did not drift, 1 = it drifted, 2 = the report could not
 be made (bad arguments, no logged rows in the window, no such model or reference profile).
-``slices``, ``exporter`` and ``prune`` exit 0 on success and 2 on error.
+``slices``, ``exporter``, ``prune`` and ``migrate`` exit 0 on success and 2 on error.
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     slices.add_argument("--low-confidence", type=float, default=0.5,
                         help="answers below this confidence count as low-confidence")
     slices.add_argument("--json", help="also write the table as JSON here")
+    slices.add_argument("--max-rows", type=int, default=200_000,
+                        help="read at most about this many rows of the window (a uniform sample "
+                             "chosen in SQL), so memory stays bounded on any log")
+    slices.add_argument("--store", help="BENTOML_HOME of the model store, for the reference "
+                                        "profile the estimated accuracy is calibrated on")
+    slices.add_argument("--reference", help="a model version folder, instead of the model store")
     exporter = sub.add_parser("exporter", help="serve the latest drift scores to Prometheus")
     exporter.add_argument("--state", help="latest-scores file (or give --log)")
     exporter.add_argument("--log", help="prediction log whose drift_latest.json to serve")
@@ -62,20 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--model", action="append", default=[], dest="models",
                           help="a model to expose at 0 until its first report (repeatable)")
     prune = sub.add_parser("prune", help="retention: delete old predictions, or just their inputs")
-    prune.add_argument("--log", required=True, help="the prediction log (SQLite file)")
+    prune.add_argument("--log", required=True,
+                       help="the prediction log (SQLite file or postgresql:// URL)")
     prune.add_argument("--older-than", required=True, type=parse_time, dest="before",
                        help="a duration (30d, 12h) or an ISO 8601 time: rows logged before it")
     prune.add_argument("--inputs-only", action="store_true",
                        help="keep the rows (reports, feedback) and drop only their raw inputs")
     prune.add_argument("--vacuum", action="store_true",
-                       help="then shrink the file (rewrites it; run off-peak)")
+                       help="then give the space back (SQLite rewrites the file: run off-peak)")
+    migrate = sub.add_parser("migrate", help="copy a SQLite prediction log into PostgreSQL "
+                                             "(resumable: run it again after an interruption)")
+    migrate.add_argument("--from", required=True, dest="source", help="the SQLite log file")
+    migrate.add_argument("--to", required=True, help="a postgresql:// URL")
+    migrate.add_argument("--batch", type=int, default=5000, help="rows per transaction")
     return parser
 
 
 def _window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name as logged (e.g. digits-cnn)")
     p.add_argument("--version", help="model version (default: the one with most rows logged)")
-    p.add_argument("--log", required=True, help="the prediction log (SQLite file)")
+    p.add_argument("--log", required=True,
+                   help="the prediction log (SQLite file or postgresql:// URL)")
     p.add_argument("--since", type=parse_time, default="24h",
                    help="ISO 8601, or a duration before now: 90m, 24h (default), 7d")
     p.add_argument("--until", type=parse_time, default="now", help="ISO 8601 or now (default)")
@@ -84,7 +103,7 @@ def _window_args(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"drift": run_drift, "slices": run_slices, "exporter": run_exporter,
-                "prune": run_prune}
+                "prune": run_prune, "migrate": run_migrate}
     try:
         return commands[args.command](args)
     except (CommandError, FileNotFoundError, ValueError) as exc:
@@ -92,35 +111,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def run_prune(args: argparse.Namespace) -> int:
-    from .store import PredictionLog
+def _open(target: str) -> Any:
+    """The prediction log at a path or URL; a missing SQLite file is an error, not a new log."""
+    from .store import LogOpenError, is_postgres, open_log
 
-    if not Path(args.log).exists():
-        raise CommandError(f"no prediction log at {args.log}")
-    with PredictionLog(args.log) as log:
+    if not is_postgres(target) and not Path(target).exists():
+        raise CommandError(f"no prediction log at {target}")
+    try:
+        return open_log(target)
+    except LogOpenError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    with _open(args.log) as log:
         n = log.prune(args.before, inputs_only=args.inputs_only)
         what = "raw inputs dropped from" if args.inputs_only else "predictions deleted:"
         print(f"{what} {n} rows logged before {_iso(args.before)}")
         if args.vacuum:
             log.vacuum()
-            print(f"vacuumed: {Path(args.log).stat().st_size / 1e6:.1f} MB")
+            if log.backend == "sqlite":
+                print(f"vacuumed: {Path(args.log).stat().st_size / 1e6:.1f} MB")
+            else:
+                print("vacuumed")
+    return EXIT_OK
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from .migrate import MigrationError, migrate
+
+    try:
+        report = migrate(args.source, args.to, batch=args.batch,
+                         progress=lambda line: print(line, file=sys.stderr))
+    except MigrationError as exc:
+        raise CommandError(str(exc)) from None
+    print(report)
     return EXIT_OK
 
 
 def _open_window(args: argparse.Namespace) -> tuple[Any, str]:
-    from .store import PredictionLog
-
-    if not Path(args.log).exists():
-        raise CommandError(f"no prediction log at {args.log}")
-    log = PredictionLog(args.log)
-    versions = log.versions(args.model, args.since, args.until)
-    if not versions:
-        raise CommandError(f"no predictions of model {args.model!r} logged between "
-                           f"{_iso(args.since)} and {_iso(args.until)} in {args.log}")
-    version = args.version or versions[0][0]
-    if version not in dict(versions):
-        raise CommandError(f"version {version!r} has no rows in the window; logged: {versions}")
-    return log.frame(args.model, args.since, args.until, version=version), version
+    """The window's rows as a frame, read in bounded memory: past ``--max-rows`` a uniform
+    sample chosen in SQL (``frame.attrs``: ``rows_in_window``, ``sampled``)."""
+    log = _open(args.log)
+    try:
+        versions = log.versions(args.model, args.since, args.until)
+        if not versions:
+            raise CommandError(f"no predictions of model {args.model!r} logged between "
+                               f"{_iso(args.since)} and {_iso(args.until)} in {log.target}")
+        version = args.version or versions[0][0]
+        if version not in dict(versions):
+            raise CommandError(f"version {version!r} has no rows in the window; logged: "
+                               f"{versions}")
+        frame = log.frame(args.model, args.since, args.until, version=version,
+                          max_rows=args.max_rows)
+    finally:
+        log.close()
+    if frame.attrs.get("sampled"):
+        print(f"window: {frame.attrs['rows_in_window']} rows; read a uniform sample of "
+              f"{len(frame)} (--max-rows {args.max_rows})", file=sys.stderr)
+    return frame, version
 
 
 def _reference_folder(args: argparse.Namespace, version: str) -> Path:
@@ -142,6 +191,7 @@ def run_drift(args: argparse.Namespace) -> int:
     from .drift import DriftConfig, drift_report, format_table, save_report
     from .exporter import state_path_for, write_state
     from .frames import reference_frame
+    from .performance import format_estimate, window_performance
     from .reference import load_reference
 
     config = DriftConfig(alpha=args.alpha, min_share=args.min_share, max_rows=args.max_rows)
@@ -150,21 +200,34 @@ def run_drift(args: argparse.Namespace) -> int:
     print(f"drift: model {args.model}:{version}, window {_iso(args.since)} .. {_iso(args.until)}, "
           f"{len(current)} rows; {config}", file=sys.stderr)
     result = drift_report(reference_frame(reference), current, reference.feature_names, config)
+    estimated = window_performance(reference, current)  # None: the reference has no labels
     meta = {"model": args.model, "version": version, "since": _iso(args.since),
-            "until": _iso(args.until), "created": time.time()}
+            "until": _iso(args.until), "created": time.time(), "estimated_accuracy": estimated}
     paths = save_report(result, args.out, meta)
     entry = {**meta, **{k: v for k, v in result.to_dict().items() if k != "config"}}
     write_state(args.state or state_path_for(args.log), args.model, entry)
     print(format_table(result))
+    print(format_estimate(estimated) if estimated else
+          "estimated accuracy: not available (the reference profile has no labels)")
     print(f"wrote {paths['html']} and {paths['json']}")
     return EXIT_DRIFT if result.dataset_drift else EXIT_OK
 
 
 def run_slices(args: argparse.Namespace) -> int:
+    from .performance import calibrate_reference
+    from .reference import load_reference
     from .slice_metrics import (add_derived_slices, class_metrics, format_class_table,
                                 format_table, slice_metrics, to_records)
 
     frame, version = _open_window(args)
+    try:  # the estimated accuracy needs the reference profile; the rest of the report does not
+        calibrator = calibrate_reference(load_reference(_reference_folder(args, version)))
+    except (CommandError, FileNotFoundError) as exc:
+        calibrator = None
+        print(f"no estimated accuracy: {exc}", file=sys.stderr)
+    if calibrator is not None:
+        frame = frame.assign(calibrated=calibrator(frame["confidence"].to_numpy()))
+        print(f"estimated accuracy (est): {calibrator.describe()}", file=sys.stderr)
     frame, derived = add_derived_slices(frame)
     columns = sorted(c for c in frame.columns if c.startswith("tag.")) + derived
     print(f"slices: model {args.model}:{version}, window {_iso(args.since)} .. "
@@ -181,7 +244,8 @@ def run_slices(args: argparse.Namespace) -> int:
         doc = {"model": args.model, "version": version, "since": _iso(args.since),
                "until": _iso(args.until), "margin": args.margin, "min_count": args.min_count,
                "low_confidence": args.low_confidence, "rows": to_records(table),
-               "per_class": to_records(classes)}
+               "per_class": to_records(classes),
+               "calibration": calibrator.to_dict() if calibrator is not None else None}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1))
     return EXIT_OK
@@ -194,7 +258,10 @@ def run_exporter(args: argparse.Namespace) -> int:
         raise CommandError("give --state FILE or --log LOG (its drift_latest.json is served)")
     path = Path(args.state) if args.state else state_path_for(args.log)
     server = serve(path, args.port, args.host, args.models)
-    print(f"serving {path} on http://{args.host}:{args.port}/metrics", file=sys.stderr, flush=True)
+    from .store import display_target
+
+    print(f"serving {display_target(str(path))} on http://{args.host}:{args.port}/metrics",
+          file=sys.stderr, flush=True)
     stop = {"now": False}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(now=True))

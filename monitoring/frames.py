@@ -49,7 +49,10 @@ def reference_frame(ref: Reference) -> pd.DataFrame:
 
 
 def rows_to_frame(rows: Iterable[tuple], probabilities: bool = False) -> pd.DataFrame:
-    """Query rows (in ``PredictionLog.frame``'s column order) to the documented frame."""
+    """Query rows (in ``PredictionLog.frame``'s column order) to the documented frame.
+
+    The replica that answered (when the servers writing the log set ``CLF_REPLICA``) becomes the
+    slice tag ``replica``, so the slice report compares replicas like any other slice."""
     rows = list(rows)
     base = ["request_id", "item", "ts", "model", "version", "predicted", "confidence", "ood",
             "ood_score", "latency_ms", "label"]
@@ -57,6 +60,9 @@ def rows_to_frame(rows: Iterable[tuple], probabilities: bool = False) -> pd.Data
     frame["ood"] = frame["ood"].astype(bool)
     features = pd.DataFrame([json.loads(r[11]) for r in rows], index=frame.index)
     tags = pd.DataFrame([json.loads(r[12]) for r in rows], index=frame.index)
+    replicas = [r[15] if len(r) > 15 else "" for r in rows]
+    if any(replicas) and "replica" not in tags.columns:  # a log shared by several replicas
+        tags["replica"] = replicas
     parts = [frame, features, tags.add_prefix("tag.")]
     parts.append(_matrix_frame([r[13] for r in rows], EMBEDDING_PREFIX, frame.index))
     if probabilities:

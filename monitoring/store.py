@@ -1,27 +1,35 @@
-"""The prediction log: every served answer and every ground-truth label, in one SQLite file.
+"""The prediction log: every served answer and every ground-truth label.
 
-SQLite needs no server, and in WAL mode readers (the reports) never block the writers (the
-service's workers). Durability contract: ``write_batch`` returns only after its transaction
+Two backends implement one interface (``PredictionLog``: write, feedback upsert, windows,
+retention, migrations):
+  * SQLite (``sqlite_log.SQLiteLog``), the embedded default: one file on one host, no server.
+  * PostgreSQL (``postgres_log.PostgresLog``): several replicas on several hosts share one log,
+    so feedback, drift, slices and retraining see all of their traffic.
+
+``open_log(target)`` picks the backend from the target: a ``postgresql://`` URL or a file path.
+Callers (the service, the reports, retraining) hold a ``PredictionLog`` and never know which.
+
+Durability contract, both backends: ``write_batch`` returns only after its transaction
 committed, so a service that writes before it answers never answers a request it did not log.
-With ``synchronous=NORMAL`` a commit is appended to the WAL file with ``write()`` but not
-fsynced: it survives the process being killed (SIGKILL, OOM) because the data is in the
-kernel's page cache, and can only be lost if the whole machine goes down before the next
-checkpoint. ``synchronous="FULL"`` fsyncs every commit for power-loss durability, at a cost.
 
-Imports sqlite3, json and numpy only: the service imports this on its request path. Reading
-into pandas (``frame``) imports pandas lazily.
+Windows are read in bounded memory: ``frame(..., max_rows=N)`` samples the window in SQL (a
+fixed hash of the row id, so the same rows every time) when it holds more than N rows, and
+``window_stats`` counts the whole window in SQL; nothing reads a whole window into Python.
+
+Imports json and numpy only (the SQL drivers are imported by their backends): the service
+imports this on its request path. Reading into pandas (``frame``) imports pandas lazily.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
-import threading
 import time
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -30,46 +38,19 @@ from .slices import OTHER, cap_values
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 2
+# 1: the first schema; 2: the raw input column; 3: the replica column.
+SCHEMA_VERSION = 3
 # Labels feedback may use: one collection for all requests, or per model name.
 ValidLabels = Union[Collection[str], Mapping[str, Collection[str]], None]
-BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    id INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL,
-    item INTEGER NOT NULL,           -- index of the input within its request
-    ts REAL NOT NULL,                -- unix seconds
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    predicted TEXT NOT NULL,
-    confidence REAL NOT NULL,
-    ood INTEGER NOT NULL DEFAULT 0,
-    ood_score REAL,
-    latency_ms REAL,
-    slices TEXT NOT NULL DEFAULT '{}',  -- JSON object: slice key -> value
-    features TEXT NOT NULL DEFAULT '{}',  -- JSON object: monitored input features
-    embedding BLOB,                  -- float32 little-endian
-    probabilities BLOB,              -- float32 little-endian, in the model's label order
-    input BLOB                       -- the raw input (image file bytes, UTF-8 text), if kept
-);
-CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
-CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id, item);
-CREATE TABLE IF NOT EXISTS feedback (
-    request_id TEXT NOT NULL,
-    item INTEGER NOT NULL,
-    label TEXT NOT NULL,
-    ts REAL NOT NULL,
-    PRIMARY KEY (request_id, item)
-);
--- The values each slice key has admitted, shared by every worker (see slices.py).
-CREATE TABLE IF NOT EXISTS slice_values (
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (key, value)
-);
-"""
+# The columns of a prediction row, in the order ``_row`` encodes them.
+COLUMNS = ("request_id", "item", "ts", "model", "version", "predicted", "confidence", "ood",
+           "ood_score", "latency_ms", "slices", "features", "embedding", "probabilities", "input",
+           "replica")
+_SLICES = COLUMNS.index("slices")
+# Window sampling: a row is in the sample when a multiplicative hash of its id falls below a
+# threshold (Knuth's 2654435761; ids stay far below 2**33, so the product fits in 64 bits).
+_HASH = "((p.id * 2654435761) % 4294967296)"
+_HASH_RANGE = 4294967296
 
 
 @dataclass(frozen=True)
@@ -91,6 +72,7 @@ class PredictionRecord:
     ood: bool = False
     ood_score: float | None = None
     input: bytes | None = None  # raw image bytes or UTF-8 text, for retraining on traffic
+    replica: str = ""  # the server that answered (CLF_REPLICA), when several share the log
 
 
 @dataclass(frozen=True)
@@ -118,6 +100,17 @@ class FeedbackResult:
     unchanged: int  # repeats of a stored label: nothing written
 
 
+@dataclass(frozen=True)
+class WindowStats:
+    """Counts over a whole window, computed in SQL (``PredictionLog.window_stats``)."""
+
+    rows: int
+    labelled: int
+    correct: int  # labelled rows whose prediction matched the label
+    ood: int
+    replicas: dict[str, int]  # rows per replica ("" when not tagged)
+
+
 class UnknownRequestError(KeyError):
     """Feedback for request ids the log has never seen (HTTP 404)."""
 
@@ -130,80 +123,103 @@ class FeedbackError(ValueError):
     """Feedback that does not fit its request (HTTP 400/422); the message says why."""
 
 
-class PredictionLog:
-    """One connection per process; safe to call from several threads of that process."""
+class LogOpenError(RuntimeError):
+    """The prediction log cannot be opened (a bad path or URL, a server that does not answer,
+    a schema newer than this code); the message names the target and the cause."""
 
-    def __init__(self, path: str | Path, synchronous: str = "NORMAL",
-                 max_slice_values: int = 20) -> None:
-        if synchronous.upper() not in ("NORMAL", "FULL"):
-            raise ValueError("synchronous must be NORMAL or FULL")
-        self.path = Path(path)
+
+def is_postgres(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def open_log(target: str | Path, **options: Any) -> "PredictionLog":
+    """The prediction log at ``target``: a ``postgresql://`` URL or a SQLite file path.
+
+    Options: ``max_slice_values`` (both), ``synchronous`` (SQLite), ``pool_size`` (PostgreSQL).
+    """
+    if is_postgres(target):
+        from .postgres_log import PostgresLog
+
+        return PostgresLog(str(target), **options)
+    if isinstance(target, str) and "://" in target:
+        raise LogOpenError(f"{target!r}: the prediction log is a file path or a postgresql:// URL")
+    from .sqlite_log import SQLiteLog
+
+    return SQLiteLog(target, **options)
+
+
+def display_target(target: str | Path) -> str:
+    """A target as it may be logged: a URL without its password."""
+    text = str(target)
+    if is_postgres(text) and "@" in text.split("//", 1)[1].split("/", 1)[0]:
+        scheme, rest = text.split("//", 1)
+        creds, host = rest.split("@", 1)
+        return f"{scheme}//{creds.split(':', 1)[0]}:***@{host}"
+    return text
+
+
+class Transaction(AbstractContextManager):
+    """What a backend's ``_transaction()`` yields: statements written with ``?`` placeholders."""
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> Any: ...  # a DB-API cursor
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[object]]) -> Any: ...
+
+    def insert_predictions(self, rows: list[list]) -> None: ...
+
+
+class PredictionLog(ABC):
+    """The interface both backends implement, with the SQL they share.
+
+    One object per process, safe to call from several threads of that process. Statements are
+    written once, in the SQL both engines accept, with ``?`` placeholders (the PostgreSQL
+    backend translates them).
+    """
+
+    backend: str  # "sqlite" or "postgresql"
+    target: str  # the path or URL (display_target: no password)
+    max_slice_values: int
+
+    def __init__(self, max_slice_values: int = 20) -> None:
         self.max_slice_values = max_slice_values
         self._admitted: dict[str, set[str]] = {}  # cache of slice_values, refreshed on a miss
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one call = one transaction.
-        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
-                                   timeout=BUSY_TIMEOUT_MS / 1000)
-        self._lock = threading.Lock()
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._enable_wal()
-        self._db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        self._migrate()
 
-    def _enable_wal(self) -> None:
-        # Switching a new file to WAL needs an exclusive lock and, unlike a write, does not wait
-        # on busy_timeout: workers starting together on a fresh file get "database is locked".
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        if mode.lower() != "wal":
-            raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
-                               "is it on a network file system?")
+    # -- what a backend provides --------------------------------------------------------
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Transaction]:
+        """One write transaction (committed on exit, rolled back on an exception)."""
+
+    @abstractmethod
+    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+        """Rows of one read-only statement."""
+
+    @property
+    @abstractmethod
+    def schema_version(self) -> int: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def vacuum(self) -> None:
+        """Give the space of deleted rows back (SQLite: rewrites the file; run it off-peak)."""
+
+    def _lock_slice_admission(self, tx: Transaction) -> None:
+        """Serialise admitting new slice values among writers (SQLite's write lock already
+        does; PostgreSQL takes an advisory lock)."""
+
+    def _prepare_write(self, records: Sequence[PredictionRecord]) -> None:
+        """Anything the rows need before they can be inserted (PostgreSQL: their day's
+        partition)."""
+
+    # -- the shared interface ------------------------------------------------------------
 
     def __enter__(self) -> "PredictionLog":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _migrate(self) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # two workers starting at once: one creates
-            try:
-                version = self._db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise RuntimeError(f"{self.path} has schema {version}; this code knows "
-                                       f"{SCHEMA_VERSION}: upgrade the project")
-                if version == 0:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
-                elif version == 1:  # 1 -> 2: the raw input column
-                    self._db.execute("ALTER TABLE predictions ADD COLUMN input BLOB")
-                if version < SCHEMA_VERSION:
-                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-
-    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
-        with self._lock:  # one connection, shared by this process's threads
-            return self._db.execute(sql, args).fetchall()
-
-    @property
-    def schema_version(self) -> int:
-        return int(self._read("PRAGMA user_version")[0][0])
 
     def write_batch(self, records: Sequence[PredictionRecord]) -> None:
         """Append records in ONE transaction; returns once it is committed.
@@ -212,33 +228,35 @@ class PredictionLog:
         """
         if not records:
             return
-        rows = [_row(r) for r in records]  # encode outside the lock: other threads keep writing
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+        rows = [_row(r) for r in records]  # encode outside the transaction
+        self._prepare_write(records)
+        try:
+            with self._transaction() as tx:
                 for i, record in enumerate(records):
                     if record.slices:
-                        rows[i][10] = self._capped_slices(record.slices)
-                self._db.executemany(_INSERT, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._admitted = {}  # it may hold values of the rolled-back transaction
-                self._db.execute("ROLLBACK")
-                raise
+                        rows[i][_SLICES] = self._capped_slices(tx, record.slices)
+                tx.insert_predictions(rows)
+        except BaseException:
+            self._admitted = {}  # it may hold values of the rolled-back transaction
+            raise
 
-    def _capped_slices(self, slices: Mapping[str, str]) -> str:
+    def _capped_slices(self, tx: Transaction, slices: Mapping[str, str]) -> str:
         """Slices as stored (JSON), folding values over the cap; runs inside the transaction."""
+        locked = False
         for key, value in slices.items():
             seen = self._admitted.get(key)
             if value != OTHER and (seen is None or (value not in seen
                                                     and len(seen) < self.max_slice_values)):
-                # A miss: another worker may have admitted values since; read them again.
-                self._admitted[key] = {v for (v,) in self._db.execute(
-                    "SELECT value FROM slice_values WHERE key = ?", (key,))}
+                # A miss: another writer may have admitted values since; read them again.
+                if not locked:
+                    self._lock_slice_admission(tx)
+                    locked = True
+                self._admitted[key] = {v for (v,) in tx.execute(
+                    "SELECT value FROM slice_values WHERE key = ?", (key,)).fetchall()}
         capped, new = cap_values(slices, self._admitted, self.max_slice_values)
         if new:
-            self._db.executemany("INSERT OR IGNORE INTO slice_values (key, value) VALUES (?, ?)",
-                                 new)
+            tx.executemany("INSERT INTO slice_values (key, value) VALUES (?, ?)"
+                           " ON CONFLICT DO NOTHING", new)
         return json.dumps(capped, separators=(",", ":"))
 
     def slice_values(self) -> dict[str, list[str]]:
@@ -261,21 +279,14 @@ class PredictionLog:
         or a mapping model name -> its labels (each request checked against its own model's)."""
         if not feedback:
             return []
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                results = self._apply_feedback(feedback, valid_labels)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return results
+        with self._transaction() as tx:
+            return self._apply_feedback(tx, feedback, valid_labels)
 
-    def _apply_feedback(self, feedback: Mapping[str, Sequence[str] | str],
+    def _apply_feedback(self, tx: Transaction, feedback: Mapping[str, Sequence[str] | str],
                         valid_labels: ValidLabels) -> list[FeedbackResult]:
-        found = {rid: (n, model) for rid, n, model in self._db.execute(
+        found = {rid: (int(n), model) for rid, n, model in tx.execute(
             f"SELECT request_id, MAX(item) + 1, MAX(model) FROM predictions WHERE request_id IN "
-            f"({','.join('?' * len(feedback))}) GROUP BY request_id", list(feedback))}
+            f"({','.join('?' * len(feedback))}) GROUP BY request_id", list(feedback)).fetchall()}
         unknown = [rid for rid in feedback if rid not in found]
         if unknown:
             raise UnknownRequestError(unknown)
@@ -284,13 +295,14 @@ class PredictionLog:
             items, model = found[rid]
             valid = valid_labels.get(model) if isinstance(valid_labels, Mapping) else valid_labels
             labels = check_labels(rid, given, items, valid)
-            stored = dict(self._db.execute(
-                "SELECT item, label FROM feedback WHERE request_id = ?", (rid,)))
+            stored = dict(tx.execute(
+                "SELECT item, label FROM feedback WHERE request_id = ?", (rid,)).fetchall())
             changes = [(rid, i, lab, now) for i, lab in enumerate(labels) if stored.get(i) != lab]
-            self._db.executemany(
-                "INSERT INTO feedback (request_id, item, label, ts) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (request_id, item) DO UPDATE SET label = excluded.label, "
-                "ts = excluded.ts", changes)
+            if changes:
+                tx.executemany(
+                    "INSERT INTO feedback (request_id, item, label, ts) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (request_id, item) DO UPDATE SET label = excluded.label, "
+                    "ts = excluded.ts", changes)
             updated = sum(1 for _, i, _, _ in changes if i in stored)
             results.append(FeedbackResult(rid, len(labels), len(changes) - updated, updated,
                                           len(labels) - len(changes)))
@@ -305,7 +317,7 @@ class PredictionLog:
             " p.slices, p.features, f.ts FROM predictions p JOIN feedback f ON"
             " f.request_id = p.request_id AND f.item = p.item"
             " WHERE p.model = ? AND p.ts >= ? AND p.ts < ? AND p.input IS NOT NULL"
-            " ORDER BY p.ts, p.id", (model, since, until if math.isfinite(until) else 1e300))
+            " ORDER BY p.ts, p.id", (model, since, _finite(until)))
         return [LabelledInput(rid, int(item), float(ts), version, label, predicted, bytes(data),
                               json.loads(slices), json.loads(features), float(feedback_ts))
                 for rid, item, ts, version, label, predicted, data, slices, features, feedback_ts
@@ -313,42 +325,32 @@ class PredictionLog:
 
     def prune(self, before: float, inputs_only: bool = False, chunk: int = 5000) -> int:
         """Retention: delete predictions (and their feedback) logged before ``before`` (unix
-        seconds), or with ``inputs_only`` just drop their raw inputs, the bulk of the file.
-        Works in transactions of ``chunk`` rows so the serving workers never wait long for the
-        write lock; returns the rows affected. The file shrinks only after ``vacuum()``."""
+        seconds), or with ``inputs_only`` just drop their raw inputs, the bulk of the log.
+        Works in transactions of ``chunk`` rows so the serving workers never wait long for a
+        lock; returns the rows affected. SQLite's file shrinks only after ``vacuum()``."""
         done = 0
         while True:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    if inputs_only:
-                        n = self._db.execute(
-                            "UPDATE predictions SET input = NULL WHERE id IN (SELECT id FROM"
-                            " predictions WHERE ts < ? AND input IS NOT NULL LIMIT ?)",
-                            (before, chunk)).rowcount
-                    else:
-                        ids = [i for (i,) in self._db.execute(
-                            "SELECT id FROM predictions WHERE ts < ? LIMIT ?", (before, chunk))]
+            with self._transaction() as tx:
+                if inputs_only:
+                    n = tx.execute(
+                        "UPDATE predictions SET input = NULL WHERE id IN (SELECT id FROM"
+                        " predictions WHERE ts < ? AND input IS NOT NULL LIMIT ?)",
+                        (before, chunk)).rowcount
+                else:
+                    ids = [i for (i,) in tx.execute(
+                        "SELECT id FROM predictions WHERE ts < ? LIMIT ?",
+                        (before, chunk)).fetchall()]
+                    n = 0
+                    if ids:
                         marks = ",".join("?" * len(ids))
-                        if ids:
-                            self._db.execute(
-                                "DELETE FROM feedback WHERE request_id IN (SELECT request_id FROM"
-                                f" predictions WHERE id IN ({marks}))", ids)
-                        n = self._db.execute(f"DELETE FROM predictions WHERE id IN ({marks})",
-                                             ids).rowcount if ids else 0
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+                        tx.execute(
+                            "DELETE FROM feedback WHERE request_id IN (SELECT request_id FROM"
+                            f" predictions WHERE id IN ({marks}))", ids)
+                        n = tx.execute(f"DELETE FROM predictions WHERE id IN ({marks})",
+                                       ids).rowcount
             done += n
             if n < chunk:
                 return done
-
-    def vacuum(self) -> None:
-        """Give freed pages back to the file system (rewrites the file: run it off-peak)."""
-        with self._lock:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.execute("VACUUM")
 
     def count(self, model: str | None = None) -> int:
         sql, args = "SELECT COUNT(*) FROM predictions", ()
@@ -360,34 +362,82 @@ class PredictionLog:
         """Model versions logged in a window with their row counts, most rows first."""
         return [(v, int(n)) for v, n in self._read(
             "SELECT version, COUNT(*) AS n FROM predictions WHERE model = ? AND ts >= ? AND "
-            "ts < ? GROUP BY version ORDER BY n DESC", (model, since, until))]
+            "ts < ? GROUP BY version ORDER BY n DESC, version", (model, since, _finite(until)))]
+
+    def window_stats(self, model: str, since: float = 0.0, until: float = math.inf,
+                     version: str | None = None) -> WindowStats:
+        """Row, label, accuracy, OOD and per-replica counts of a whole window, in SQL."""
+        where, args = _window(model, since, until, version)
+        rows, labelled, correct, ood = self._read(
+            "SELECT COUNT(*), COUNT(f.label), SUM(CASE WHEN f.label = p.predicted THEN 1 ELSE 0"
+            " END), SUM(p.ood) FROM predictions p LEFT JOIN feedback f ON"
+            f" f.request_id = p.request_id AND f.item = p.item WHERE {where}", args)[0]
+        replicas = {r: int(n) for r, n in self._read(
+            f"SELECT p.replica, COUNT(*) FROM predictions p WHERE {where} GROUP BY p.replica"
+            " ORDER BY 1", args)}
+        return WindowStats(int(rows), int(labelled), int(correct or 0), int(ood or 0), replicas)
 
     def frame(self, model: str, since: float = 0.0, until: float = math.inf,
-              version: str | None = None, probabilities: bool = False) -> "pd.DataFrame":
+              version: str | None = None, probabilities: bool = False,
+              max_rows: int | None = None) -> "pd.DataFrame":
         """Logged predictions of a model in ``[since, until)`` (unix seconds) as a frame.
 
         Columns: request_id, item, ts, model, version, predicted, confidence, ood, ood_score,
-        latency_ms, label (from feedback; missing when none), one column per feature, one
-        ``tag.<key>`` column per slice key, ``emb_<i>`` for the embedding and, if asked,
+        latency_ms, label (from feedback; missing when none), replica, one column per feature,
+        one ``tag.<key>`` column per slice key, ``emb_<i>`` for the embedding and, if asked,
         ``prob_<i>`` for the probabilities.
+
+        ``max_rows``: when the window holds more rows, about that many are read, chosen in SQL
+        by a fixed hash of the row id (a uniform sample, the same rows on every call), so memory
+        stays bounded whatever the window. ``frame.attrs`` says ``rows_in_window`` and
+        ``sampled``.
         """
-        sql = ("SELECT p.request_id, p.item, p.ts, p.model, p.version, p.predicted, p.confidence,"
-               " p.ood, p.ood_score, p.latency_ms, f.label, p.features, p.slices, p.embedding,"
-               " p.probabilities FROM predictions p LEFT JOIN feedback f ON"
-               " f.request_id = p.request_id AND f.item = p.item"
-               " WHERE p.model = ? AND p.ts >= ? AND p.ts < ?")
-        args: list[object] = [model, since, until if math.isfinite(until) else 1e300]
-        if version is not None:
-            sql, args = sql + " AND p.version = ?", args + [version]
-        rows = self._read(sql + " ORDER BY p.ts, p.id", args)
+        where, args = _window(model, since, until, version)
+        total = None
+        if max_rows is not None:
+            total = int(self._read(f"SELECT COUNT(*) FROM predictions p WHERE {where}",
+                                   args)[0][0])
+            if total > max_rows:
+                where += f" AND {_HASH} < ?"
+                args = args + [int(_HASH_RANGE * max_rows / total)]
+        rows = self._read(
+            "SELECT p.request_id, p.item, p.ts, p.model, p.version, p.predicted, p.confidence,"
+            " p.ood, p.ood_score, p.latency_ms, f.label, p.features, p.slices, p.embedding,"
+            " p.probabilities, p.replica FROM predictions p LEFT JOIN feedback f ON"
+            f" f.request_id = p.request_id AND f.item = p.item WHERE {where}"
+            " ORDER BY p.ts, p.id", args)
         from .frames import rows_to_frame  # pandas: only for reading
 
-        return rows_to_frame(rows, probabilities)
+        frame = rows_to_frame(rows, probabilities)
+        frame.attrs["rows_in_window"] = len(frame) if total is None else total
+        frame.attrs["sampled"] = total is not None and total > max_rows
+        return frame
+
+    def scan(self, after_id: int, limit: int) -> list[tuple]:
+        """Up to ``limit`` whole prediction rows with ids above ``after_id``, in id order:
+        ``(id, *COLUMNS)``. What a migration copies."""
+        return self._read(f"SELECT id, {', '.join(COLUMNS)} FROM predictions WHERE id > ?"
+                          " ORDER BY id LIMIT ?", (after_id, limit))
+
+    def feedback_rows(self, after: tuple[str, int], limit: int) -> list[tuple]:
+        """Up to ``limit`` feedback rows ``(request_id, item, label, ts)`` after the key
+        ``after``, in key order."""
+        return self._read(
+            "SELECT request_id, item, label, ts FROM feedback WHERE request_id > ? OR"
+            " (request_id = ? AND item > ?) ORDER BY request_id, item LIMIT ?",
+            (after[0], after[0], after[1], limit))
 
 
-_INSERT = ("INSERT INTO predictions (request_id, item, ts, model, version, predicted, confidence,"
-           " ood, ood_score, latency_ms, slices, features, embedding, probabilities, input)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+def _finite(until: float) -> float:
+    return until if math.isfinite(until) else 1e300
+
+
+def _window(model: str, since: float, until: float, version: str | None
+            ) -> tuple[str, list[object]]:
+    where, args = "p.model = ? AND p.ts >= ? AND p.ts < ?", [model, since, _finite(until)]
+    if version is not None:
+        where, args = where + " AND p.version = ?", args + [version]
+    return where, args
 
 
 def _row(r: PredictionRecord) -> list:
@@ -397,7 +447,7 @@ def _row(r: PredictionRecord) -> list:
             None if r.latency_ms is None else float(r.latency_ms),
             json.dumps(dict(r.slices), separators=(",", ":")),
             json.dumps({k: float(v) for k, v in r.features.items()}, separators=(",", ":")),
-            _blob(r.embedding), _blob(r.probabilities), r.input]
+            _blob(r.embedding), _blob(r.probabilities), r.input, r.replica]
 
 
 def _blob(array: np.ndarray | None) -> bytes | None:

@@ -6,10 +6,11 @@ Commits are grouped: the records of every request that finished since the last c
 one transaction, written by one thread, while the model keeps running the next batch. Under load
 the requests of one model batch finish together, so this is one transaction per batch; when
 traffic is light it is one per request. If the log cannot be written (disk full, locked past the
-busy timeout) the request answers 503 instead of an answer nobody recorded.
+busy timeout, a PostgreSQL server that does not answer) the request answers 503 instead of an
+answer nobody recorded.
 
-Imports the request-path parts of ``monitoring`` only (sqlite3 + numpy), never pandas or
-evidently.
+Imports the request-path parts of ``monitoring`` only (sqlite3 or psycopg, numpy), never pandas
+or evidently.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ class PredictionRecorder:
     """Group-committing writer over one ``PredictionLog`` (see the module docstring)."""
 
     def __init__(self, store: PredictionLog, keep_inputs: bool, max_input_bytes: int,
-                 input_sample: float = 1.0) -> None:
+                 input_sample: float = 1.0, replica: str = "") -> None:
         self.store = store
+        self.replica = replica
         self.keep_inputs = keep_inputs and input_sample > 0
         self.max_input_bytes = max_input_bytes
         self._sample_below = int(input_sample * 2**32)
@@ -92,7 +94,8 @@ class PredictionRecorder:
                 probabilities=probs[i], embedding=p.embedding,
                 features=features[i] if features else {}, slices=ctx.slices,
                 latency_ms=latency, ood=p.ood, ood_score=p.ood_score,
-                input=self.keep(inputs[i], sampled) if inputs else None)
+                input=self.keep(inputs[i], sampled) if inputs else None,
+                replica=self.replica)
             for i, p in enumerate(predictions)])
 
     async def write(self, records: Sequence[PredictionRecord]) -> None:

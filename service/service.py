@@ -36,6 +36,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import socket
 
 import bentoml
 
@@ -43,7 +44,7 @@ from modelstore import registry
 from modelstore.artifact import Artifact, ArtifactError, load_artifact, text_preprocessor
 from preprocessing import TextPreprocessor
 
-from . import lifecycle, openapi, patches, v2
+from . import lifecycle, openapi, patches, shedding, v2
 from .app import App, OverloadShortcut
 from .metrics import DriftRefresher
 from .recording import PredictionRecorder
@@ -167,7 +168,7 @@ class Classifier:
 # Under overload, a classify request to a full model is refused in front of BentoML's own
 # middlewares (app.py OverloadShortcut): most of a refusal's cost otherwise.
 Classifier.add_asgi_middleware(OverloadShortcut, api=api)
-patches.run_first(OverloadShortcut)
+SHORTCUT_FIRST = patches.run_first(OverloadShortcut)
 
 
 def _resolve(tag: str) -> str:
@@ -183,19 +184,23 @@ def _resolve(tag: str) -> str:
 def _prediction_recorder() -> PredictionRecorder | None:
     if not SETTINGS.prediction_log:
         return None
-    import sqlite3
+    from monitoring.store import LogOpenError, display_target, open_log
 
-    from monitoring.store import PredictionLog
-
+    options = {"max_slice_values": SETTINGS.slice_max_values}
+    if SETTINGS.prediction_log.startswith(("postgresql://", "postgres://")):
+        options["pool_size"] = SETTINGS.log_pool_size
+    else:
+        options["synchronous"] = SETTINGS.log_synchronous
     try:
-        store = PredictionLog(SETTINGS.prediction_log, synchronous=SETTINGS.log_synchronous,
-                              max_slice_values=SETTINGS.slice_max_values)
-    except (OSError, sqlite3.Error) as exc:
-        raise SettingsError(f"CLF_PREDICTION_LOG={SETTINGS.prediction_log!r} cannot be opened: "
-                            f"{exc}") from None
-    logger.info("prediction log: %s", store.path.resolve())
+        store = open_log(SETTINGS.prediction_log, **options)
+    except LogOpenError as exc:
+        raise SettingsError(f"CLF_PREDICTION_LOG={display_target(SETTINGS.prediction_log)!r} "
+                            f"cannot be opened: {exc}") from None
+    replica = SETTINGS.replica or socket.gethostname()
+    logger.info("prediction log: %s (%s), rows tagged replica=%s", store.target, store.backend,
+                replica)
     return PredictionRecorder(store, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes,
-                              SETTINGS.log_input_sample)
+                              SETTINGS.log_input_sample, replica=replica)
 
 
 def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
@@ -319,3 +324,4 @@ if ROLE == "parent":
     patches.stop_arbiter_gracefully(SETTINGS.drain_timeout_s, lifecycle.exit_if_a_worker_failed)
 elif ROLE == "worker":
     patches.drain_on_stop(SETTINGS.drain_timeout_s)
+    shedding.install(api, SHORTCUT_FIRST)  # most refusals in uvicorn's protocol, before ASGI

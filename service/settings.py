@@ -74,10 +74,15 @@ class Settings:
     max_batch_tokens: int = 8192
     max_padding_fraction: float = 0.25
     top_k: int = 3
-    # Monitoring. The prediction log (SQLite, WAL): every answer is committed here before it is
-    # sent; "" turns logging off. Several workers (and replicas on one host) share the file.
+    # Monitoring. The prediction log: every answer is committed here before it is sent; "" turns
+    # logging off. A file path is SQLite (WAL; the workers and replicas of one host share the
+    # file); a postgresql://user:pass@host/db URL is PostgreSQL, shared by replicas on any host.
     prediction_log: str = "artifacts/predictions.db"
-    log_synchronous: str = "NORMAL"  # FULL fsyncs each commit (power-loss durable, slower)
+    log_synchronous: str = "NORMAL"  # SQLite: FULL fsyncs each commit (power-loss durable, slower)
+    log_pool_size: int = 4  # PostgreSQL: connections per worker (the writer, feedback, reports)
+    # The name each logged row carries for the server that answered (the slice tag "replica" in
+    # reports over a shared log); "" = the host name.
+    replica: str = ""
     # Store each input's raw bytes (image file, UTF-8 text) with its record, so labelled traffic
     # can be retrained on (training/retrain/); inputs over the byte cap are not stored.
     log_inputs: bool = True
@@ -150,6 +155,11 @@ class Settings:
             (self.top_k >= 1, "CLF_TOP_K must be >= 1"),
             (self.log_synchronous.upper() in ("NORMAL", "FULL"),
              "CLF_LOG_SYNCHRONOUS must be NORMAL or FULL"),
+            (self.log_pool_size >= 1, "CLF_LOG_POOL_SIZE must be >= 1"),
+            ("://" not in self.prediction_log
+             or self.prediction_log.startswith(("postgresql://", "postgres://")),
+             "CLF_PREDICTION_LOG must be a file path (SQLite) or a postgresql:// URL"),
+            (len(self.replica) <= 64, "CLF_REPLICA must be at most 64 characters"),
             (self.log_input_max_bytes >= 0, "CLF_LOG_INPUT_MAX_BYTES must be >= 0"),
             (0.0 <= self.log_input_sample <= 1.0, "CLF_LOG_INPUT_SAMPLE must be in [0, 1]"),
             (self.slice_max_values >= 1, "CLF_SLICE_MAX_VALUES must be >= 1"),

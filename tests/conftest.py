@@ -48,6 +48,26 @@ def bentoml_home() -> str:
 
 
 @pytest.fixture(scope="session")
+def postgres_cluster():
+    """A real PostgreSQL cluster for the session (tests/postgres.py); skips, saying why, where
+    Debian's postgresql package is missing."""
+    from tests.postgres import PostgresCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture()
+def postgres_url(postgres_cluster) -> str:
+    """A fresh, empty database in the session's cluster."""
+    return postgres_cluster.database()
+
+
+@pytest.fixture(scope="session")
 def digits_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
     """A small digits CNN, trained briefly and exported into the session's model store."""
     from training.config import TrainConfig

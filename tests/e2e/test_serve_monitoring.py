@@ -54,8 +54,9 @@ class Load:
     """Client threads posting digits until stopped (bounded by ``max_seconds``); records the
     request id, status and model version of every answer (status 0 = no HTTP answer)."""
 
-    def __init__(self, url: str, images: list[bytes], threads: int = 6, max_seconds: float = 60):
-        self.url, self.images = url, images
+    def __init__(self, url: str, images: list[bytes], threads: int = 6, max_seconds: float = 60,
+                 prefix: str = "load"):
+        self.url, self.images, self.prefix = url, images, prefix
         self.results: list[tuple[str, int, str]] = []
         self._stop = threading.Event()
         self._ids = itertools.count()
@@ -75,7 +76,7 @@ class Load:
     def _run(self, index: int) -> None:
         with httpx.Client(timeout=30.0) as client:
             while not self._stop.is_set() and time.monotonic() < self._deadline:
-                rid = f"load-{index}-{next(self._ids)}"
+                rid = f"{self.prefix}-{index}-{next(self._ids)}"
                 data = self.images[len(self.results) % len(self.images)]
                 try:
                     r = client.post(self.url, content=data, headers={

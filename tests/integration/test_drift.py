@@ -24,7 +24,7 @@ from monitoring.drift import DriftConfig, drift_report
 from monitoring.ood import fit_ood
 from monitoring.frames import embedding_columns, reference_frame
 from monitoring.reference import load_reference, softmax
-from monitoring.store import PredictionLog, PredictionRecord
+from monitoring.store import PredictionRecord, open_log
 from preprocessing import IMAGE_FEATURES, decode_image, image_features, image_to_array, load_spec
 
 pytestmark = pytest.mark.slow
@@ -143,7 +143,7 @@ def test_ood_flags_noise_images_but_few_unseen_digits(model, unseen) -> None:
 def _log(path: Path, model: Model, blobs: list[bytes], version: str) -> None:
     out = model.outputs(blobs)
     now = time.time() - 60
-    with PredictionLog(path) as log:
+    with open_log(path) as log:
         log.write_batch([
             PredictionRecord(f"req-{i}", 0, now, "digits-cnn", version,
                              model.reference.classes[int(p.argmax())], float(p.max()), p, e,
@@ -156,28 +156,43 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
-def test_cli_exit_codes_and_outputs(model, unseen, digits_model, tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_cli_exit_codes_and_outputs(backend, model, unseen, digits_model, tmp_path, request
+                                    ) -> None:
+    """The same report on either backend; PostgreSQL keeps the latest verdict in the database
+    (every replica's gauges read it), SQLite in drift_latest.json beside the file."""
+    from monitoring.exporter import read_state
+
+    def target(name: str) -> str:
+        if backend == "sqlite":
+            return str(tmp_path / f"{name}.db")
+        return request.getfixturevalue("postgres_cluster").database()
+
     version = digits_model.tag.split(":")[1]
     rng = np.random.default_rng(1)
     picks = rng.choice(len(unseen), WINDOW, replace=False)
     common = ["--model", "digits-cnn", "--since", "1h", "--reference", str(model.folder)]
 
-    _log(tmp_path / "same.db", model, [unseen[i] for i in picks], version)
-    same = _cli("drift", "--log", str(tmp_path / "same.db"), "--out", str(tmp_path / "s"), *common)
+    same_log = target("same")
+    _log(same_log, model, [unseen[i] for i in picks], version)
+    same = _cli("drift", "--log", same_log, "--out", str(tmp_path / "s"), *common)
     assert same.returncode == 0, same.stdout + same.stderr
     assert "dataset drift: no" in same.stdout
     assert (tmp_path / "s" / "drift.html").stat().st_size > 10_000
-    assert (tmp_path / "drift_latest.json").exists()
+    state = read_state(tmp_path / "drift_latest.json" if backend == "sqlite" else same_log)
+    assert state["models"]["digits-cnn"]["dataset_drift"] is False
 
     brighter = [planted(unseen[i], "brighter", rng) for i in picks]
-    _log(tmp_path / "bright.db", model, brighter, version)
-    bright = _cli("drift", "--log", str(tmp_path / "bright.db"), "--out", str(tmp_path / "b"),
-                  *common)
+    bright_log = target("bright")
+    _log(bright_log, model, brighter, version)
+    bright = _cli("drift", "--log", bright_log, "--out", str(tmp_path / "b"), *common)
     assert bright.returncode == 1, bright.stdout + bright.stderr
     assert "brightness" in bright.stdout and "YES" in bright.stdout
 
-    missing = _cli("drift", "--log", str(tmp_path / "same.db"), "--model", "no-such-model")
+    missing = _cli("drift", "--log", same_log, "--model", "no-such-model")
     assert missing.returncode == 2 and "no predictions" in missing.stderr
+    slices = _cli("slices", "--log", bright_log, *common)
+    assert slices.returncode == 0, slices.stdout + slices.stderr
 
 
 def test_a_large_window_against_a_small_reference_is_not_flagged() -> None:

@@ -63,14 +63,14 @@ def log_traffic(path: Path, model: str, version: str, inputs: list[bytes],
     """One single-input request per input, tagged device=ios|android, each with feedback that
     arrived half a second after its prediction (so a time split's cutoff keeps every older
     row's label)."""
-    from monitoring.store import PredictionLog, PredictionRecord
+    from monitoring.store import PredictionRecord, open_log
 
     records = [PredictionRecord(
         request_id=f"req-{i}", item=0, ts=1_000.0 + i, model=model, version=version,
         predicted=labels[0], confidence=0.5, probabilities=np.zeros(len(set(labels))),
         embedding=np.zeros(4), features={}, slices={"device": ("ios", "android")[i % 2]},
         input=blob) for i, blob in enumerate(inputs)]
-    with PredictionLog(path) as log:
+    with open_log(path) as log:
         log.write_batch(records)
         log.add_feedback_many({f"req-{i}": label for i, label in enumerate(labels)})
     # The log stamps a label with the time it is stored (now): move it to the made-up clock.

@@ -169,9 +169,9 @@ def test_feedback_needs_the_token_knows_ids_and_is_idempotent(setup, digit_pngs)
     assert out["repeat"].status_code == 200 and out["repeat"].json()["results"][0]["unchanged"] == 1
     assert out["many"].status_code == 200
     assert [r["labels"] for r in out["many"].json()["results"]] == [1, 3]
-    from monitoring.store import PredictionLog
+    from monitoring.store import open_log
 
-    with PredictionLog(setup["log"]) as log:
+    with open_log(setup["log"]) as log:
         stored = {x.request_id for x in log.labelled_inputs(NAME)}
     assert {"fb-1", "log-1"} <= stored
 

@@ -205,7 +205,7 @@ def test_the_slices_command_shows_and_writes_per_class_figures(tmp_path, capsys)
     import json
 
     from monitoring.__main__ import main
-    from monitoring.store import PredictionLog, PredictionRecord
+    from monitoring.store import PredictionRecord, open_log
 
     def record(i: int, predicted: str) -> PredictionRecord:
         probs = np.array([0.9, 0.1], dtype=np.float32)
@@ -218,7 +218,7 @@ def test_the_slices_command_shows_and_writes_per_class_figures(tmp_path, capsys)
     # 40 ham answered ham; 10 spam, 4 caught: recall 0.4 under a 0.88 accuracy
     truth = ["ham"] * 40 + ["spam"] * 10
     answers = ["ham"] * 40 + ["spam"] * 4 + ["ham"] * 6
-    with PredictionLog(tmp_path / "log.db") as log:
+    with open_log(tmp_path / "log.db") as log:
         log.write_batch([record(i, p) for i, p in enumerate(answers)])
         log.add_feedback_many({f"r{i}": label for i, label in enumerate(truth)})
     out = tmp_path / "slices.json"

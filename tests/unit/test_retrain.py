@@ -220,7 +220,7 @@ def test_the_data_step_never_trains_on_traffic_newer_than_what_it_holds_out(tmp_
     its seeded split, and the audit names the cutoff."""
     import numpy as np
 
-    from monitoring.store import PredictionLog, PredictionRecord
+    from monitoring.store import PredictionRecord, open_log
     from training.data import digits_images
     from training.retrain.data import Sources, gather_data
     from training.train import prepare_splits
@@ -236,7 +236,7 @@ def test_the_data_step_never_trains_on_traffic_newer_than_what_it_holds_out(tmp_
         confidence=0.5, probabilities=np.zeros(10), embedding=np.zeros(4), features={},
         input=digits.blobs[-1 - i]) for i, rid in enumerate(logged)]
     path = tmp_path / "log.db"
-    with PredictionLog(path) as log:
+    with open_log(path) as log:
         log.write_batch(records)
         for i, rid in enumerate(logged):
             monkeypatch.setattr("time.time", lambda rid=rid: labelled[rid])

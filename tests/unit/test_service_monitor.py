@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from monitoring.slices import SliceRules
-from monitoring.store import PredictionLog
+from monitoring.store import open_log
 from service.recording import PredictionRecorder
 from service.requests import RequestError
 from service.requests import slices as parse_slices
 
 
 def test_input_sampling_is_by_request_id_and_respects_the_cap(tmp_path) -> None:
-    with PredictionLog(tmp_path / "log.db") as log:
+    with open_log(tmp_path / "log.db") as log:
         half = PredictionRecorder(log, keep_inputs=True, max_input_bytes=10, input_sample=0.5)
         ids = [f"req-{i}" for i in range(2000)]
         kept = [half.sampled(r) for r in ids]

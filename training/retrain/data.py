@@ -176,15 +176,19 @@ class Sources:
     """Where the new examples come from: the prediction log (None: no traffic) and
     ``--new-data`` (None: none)."""
 
-    log: Path | None
+    log: Path | str | None  # a SQLite file or a postgresql:// URL
     new_data: Path | None
 
 
 def locate_sources(log: str | None, new_data: str | None) -> Sources:
     """The log to read traffic from (the one given, which must exist, or ``DEFAULT_LOG`` if it
     exists) and the new data (which must exist if given)."""
+    from monitoring.store import is_postgres
+
     if log is None:
         log_path = Path(DEFAULT_LOG) if Path(DEFAULT_LOG).is_file() else None
+    elif is_postgres(log):
+        log_path = log  # a shared PostgreSQL log: checked when it is read
     elif not Path(log).is_file():
         raise RetrainError(f"--log {log}: no such prediction log")
     else:
@@ -264,14 +268,14 @@ def original_parts(champion: Champion, recipe: Any) -> dict[str, Pool]:
                     ("original",) * len(inputs[p]), ({},) * len(inputs[p])) for p in PARTS}
 
 
-def traffic_pool(champion: Champion, log_path: Path, since: float, until: float
+def traffic_pool(champion: Champion, log_path: Path | str, since: float, until: float
                  ) -> tuple[Pool, list[str], list[float], list[float]]:
     """The champion's name's labelled traffic, oldest first, with each row's request id (which
     places it in train or val), logged time and the time its label was stored."""
-    from monitoring.store import PredictionLog
+    from monitoring.store import open_log
 
     try:
-        with PredictionLog(log_path) as log:
+        with open_log(log_path) as log:
             rows = log.labelled_inputs(champion.name, since, until)
     except Exception as exc:  # noqa: BLE001 - sqlite3/RuntimeError: not a log we can read
         raise RetrainError(f"cannot read the prediction log {log_path}: {exc}") from None

@@ -1,0 +1,299 @@
+"""Accuracy without labels: confidence-based performance estimation (CBPE).
+
+Labels arrive late or never, so a window's accuracy is estimated from the model's own
+confidence, calibrated on the reference profile (the validation rows, which have labels):
+
+  1. **calibrate**: on the reference, fit an isotonic regression (pool adjacent violators) of
+     "the answer was right" on the top-1 confidence. It is kept only where it lowers the
+     expected calibration error *out of fold* (fit on k-1 of 5 folds, measured on the k-th)
+     against the raw confidence; otherwise the raw confidence is used as it is (identity).
+     In-sample the isotonic fit always looks better, and on a few hundred rows it can chase
+     noise, hence the out-of-fold comparison;
+  2. **estimate**: the expected share of right answers in a window is the mean calibrated
+     confidence of its rows, overall and per slice. Its interval covers two sources of error:
+     the window's outcomes (each row is right with probability ``p_i``: standard error
+     ``sqrt(sum p_i (1 - p_i)) / n``) and the calibration fit (the spread of the estimate over
+     isotonic fits to bootstrap resamples of the reference). It does not cover a change in
+     calibration itself, which is what the method assumes away.
+
+Where it holds: covariate shift that keeps the model's calibration, i.e. P(right | confidence)
+unchanged: a different mix of inputs the model has seen the like of, harder or easier ones
+(more of one class, more blurred scans), where the model's confidence falls with its accuracy.
+Where it fails: concept shift (the same inputs now carry other labels: the confidence cannot
+know, so the estimate stays at the reference's while the realised accuracy collapses), and
+shifts that leave the model confidently wrong (inputs far from the training data; the OOD flags
+and the drift report are the alarms there). Measured figures: monitoring/README.md, "Accuracy
+without labels"; ``tests/integration/test_performance_estimation.py`` checks both cases.
+
+numpy only: the report commands call it; nothing here runs on the request path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .slices import MISSING
+
+IDENTITY, ISOTONIC = "identity", "isotonic"
+Z_95 = 1.959964
+
+
+def isotonic_fit(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators).
+
+    Returns the knots: the distinct ``x`` sorted and the fitted value at each; predict with
+    ``np.interp`` (linear between knots, clipped outside them, as scikit-learn's
+    ``IsotonicRegression(out_of_bounds="clip")`` does).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("isotonic_fit needs at least one point")
+    knots, inverse = np.unique(x, return_inverse=True)  # ties: one point with the mean y
+    sum_w = np.bincount(inverse, weights=w, minlength=knots.size)
+    sum_wy = np.bincount(inverse, weights=w * y, minlength=knots.size)
+    # Blocks on a stack: (sum of w*y, sum of w, how many knots); merge while they decrease.
+    block_wy: list[float] = []
+    block_w: list[float] = []
+    block_n: list[int] = []
+    for wy, ww in zip(sum_wy.tolist(), sum_w.tolist()):
+        block_wy.append(wy)
+        block_w.append(ww)
+        block_n.append(1)
+        while len(block_w) > 1 and block_wy[-2] * block_w[-1] >= block_wy[-1] * block_w[-2]:
+            wy_last, w_last, n_last = block_wy.pop(), block_w.pop(), block_n.pop()
+            block_wy[-1] += wy_last
+            block_w[-1] += w_last
+            block_n[-1] += n_last
+    means = np.asarray(block_wy) / np.asarray(block_w)
+    return knots, np.repeat(means, block_n)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+                               ) -> float:
+    """ECE: ``bins`` equal-width confidence bins, the row-weighted mean of |accuracy - mean
+    confidence| per bin (the slice report's definition)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.size == 0:
+        return math.nan
+    b = np.minimum((conf * bins).astype(np.int64), bins - 1).clip(0)
+    n = np.bincount(b, minlength=bins)
+    gap = np.abs(np.bincount(b, weights=ok, minlength=bins)
+                 - np.bincount(b, weights=conf, minlength=bins))
+    return float(gap.sum() / n.sum())
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """Top-1 confidence -> probability that the answer is right, fitted on the reference."""
+
+    method: str  # IDENTITY or ISOTONIC
+    knots: np.ndarray = field(repr=False)  # isotonic: distinct confidences; identity: empty
+    values: np.ndarray = field(repr=False)  # isotonic: fitted P(right) at each knot
+    ece_raw: float  # out-of-fold ECE of the raw confidence on the reference
+    ece_isotonic: float  # out-of-fold ECE of the isotonic fit (nan: not tried)
+    reference_rows: int  # labelled reference rows it was fitted on
+    reference_accuracy: float
+    bootstrap: tuple[tuple[np.ndarray, np.ndarray], ...] = field(default=(), repr=False)
+
+    def __call__(self, confidence: np.ndarray) -> np.ndarray:
+        conf = np.asarray(confidence, dtype=np.float64)
+        if self.method == IDENTITY:
+            return np.clip(conf, 0.0, 1.0)
+        return np.interp(conf, self.knots, self.values)
+
+    def calibration_se(self, confidence: np.ndarray) -> float:
+        """Spread of the mean calibrated confidence of ``confidence`` over the bootstrap fits
+        (0 for the identity, which fits nothing)."""
+        conf = np.asarray(confidence, dtype=np.float64)
+        if not self.bootstrap or conf.size == 0:
+            return 0.0
+        means = [np.interp(conf, x, y).mean() for x, y in self.bootstrap]
+        return float(np.std(means, ddof=1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "ece_raw": _num(self.ece_raw),
+                "ece_isotonic": _num(self.ece_isotonic), "reference_rows": self.reference_rows,
+                "reference_accuracy": _num(self.reference_accuracy)}
+
+    def describe(self) -> str:
+        iso = ("not tried" if math.isnan(self.ece_isotonic) else f"{self.ece_isotonic:.3f}")
+        return (f"calibration {self.method} on {self.reference_rows} reference rows "
+                f"(reference accuracy {self.reference_accuracy:.3f}; out-of-fold ECE raw "
+                f"{self.ece_raw:.3f}, isotonic {iso})")
+
+
+def fit_calibrator(confidence: np.ndarray, correct: np.ndarray, folds: int = 5, bins: int = 10,
+                   bootstrap: int = 100, min_rows: int = 50, seed: int = 0) -> Calibrator:
+    """Choose identity or isotonic by out-of-fold ECE on labelled reference rows (see the
+    module docstring). Fewer than ``min_rows`` rows: identity, isotonic not tried."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.shape != ok.shape or conf.ndim != 1:
+        raise ValueError(f"confidence {conf.shape} and correct {ok.shape} must be 1-d, aligned")
+    if conf.size == 0:
+        raise ValueError("no labelled reference rows to calibrate on")
+    n = conf.size
+    accuracy = float(ok.mean())
+    ece_raw = expected_calibration_error(conf, ok, bins)
+    if n < max(min_rows, 2 * folds):
+        return Calibrator(IDENTITY, np.empty(0), np.empty(0), ece_raw, math.nan, n, accuracy)
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(n) % folds
+    out_of_fold = np.empty(n)
+    for k in range(folds):
+        held = fold == k
+        x, y = isotonic_fit(conf[~held], ok[~held])
+        out_of_fold[held] = np.interp(conf[held], x, y)
+    ece_iso = expected_calibration_error(out_of_fold, ok, bins)
+    if ece_iso >= ece_raw:  # the identity fits nothing: its out-of-fold ECE is its ECE
+        return Calibrator(IDENTITY, np.empty(0), np.empty(0), ece_raw, ece_iso, n, accuracy)
+    knots, values = isotonic_fit(conf, ok)
+    boots = []
+    for _ in range(bootstrap):
+        pick = rng.integers(0, n, n)
+        boots.append(isotonic_fit(conf[pick], ok[pick]))
+    return Calibrator(ISOTONIC, knots, values, ece_raw, ece_iso, n, accuracy, tuple(boots))
+
+
+def calibrate_reference(reference: Any, **kwargs: Any) -> Calibrator | None:
+    """A calibrator from a ``reference.Reference`` (its labelled rows); None without labels."""
+    labels = np.asarray(reference.labels)
+    known = labels >= 0
+    if not known.any():
+        return None
+    correct = (np.asarray(reference.predicted)[known] == labels[known]).astype(np.float64)
+    return fit_calibrator(np.asarray(reference.confidence)[known], correct, **kwargs)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Estimated accuracy of some rows, with the realised accuracy of those that have labels."""
+
+    n: int
+    estimated: float
+    se: float  # outcomes and calibration fit together
+    low: float  # 95% interval, clipped to [0, 1]
+    high: float
+    n_labelled: int
+    realised: float  # nan without labelled rows
+    estimated_labelled: float  # the estimate on the labelled rows only: compare with realised
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "estimated": _num(self.estimated), "se": _num(self.se),
+                "low": _num(self.low), "high": _num(self.high), "n_labelled": self.n_labelled,
+                "realised": _num(self.realised),
+                "estimated_labelled": _num(self.estimated_labelled)}
+
+
+def estimate(calibrator: Calibrator, confidence: np.ndarray,
+             correct: np.ndarray | None = None) -> Estimate:
+    """Estimated accuracy of rows with these top-1 confidences; ``correct`` (1/0, nan where
+    unlabelled) adds the realised accuracy of the labelled ones."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    n = int(conf.size)
+    if n == 0:
+        return Estimate(0, math.nan, math.nan, math.nan, math.nan, 0, math.nan, math.nan)
+    p = calibrator(conf)
+    value = float(p.mean())
+    se = math.hypot(math.sqrt(float((p * (1 - p)).sum())) / n, calibrator.calibration_se(conf))
+    ok = np.full(n, np.nan) if correct is None else np.asarray(correct, dtype=np.float64)
+    labelled = ~np.isnan(ok)
+    n_lab = int(labelled.sum())
+    realised = float(ok[labelled].mean()) if n_lab else math.nan
+    on_labelled = float(p[labelled].mean()) if n_lab else math.nan
+    return Estimate(n, value, se, max(0.0, value - Z_95 * se), min(1.0, value + Z_95 * se),
+                    n_lab, realised, on_labelled)
+
+
+def performance_report(calibrator: Calibrator, confidence: np.ndarray,
+                       correct: np.ndarray | None = None,
+                       slices: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+    """The ``estimated_accuracy`` entry of a drift report: the whole window (``value``, its
+    interval, the realised accuracy where labelled), the calibration, and one row per slice
+    value (``slices``: column name -> one value per row; missing values count as ``MISSING``)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.full(conf.size, np.nan) if correct is None else np.asarray(correct, np.float64)
+    whole = estimate(calibrator, conf, ok)
+    rows = []
+    for name, column in (slices or {}).items():
+        keys = np.array([MISSING if _missing(v) else str(v) for v in column], dtype=object)
+        for value in sorted(set(keys.tolist())):
+            part = keys == value
+            rows.append({"slice": name, "value": value,
+                         **estimate(calibrator, conf[part], ok[part]).to_dict()})
+    return {"value": _num(whole.estimated), **whole.to_dict(),
+            "method": "confidence-based (CBPE)", "calibration": calibrator.to_dict(),
+            "by_slice": rows}
+
+
+def window_performance(reference: Any, frame: Any) -> dict[str, Any] | None:
+    """``performance_report`` of a log window (a ``PredictionLog.frame``: ``confidence``,
+    ``predicted``, ``label`` from feedback, ``tag.<key>`` columns, the features) against a
+    ``reference.Reference``, per slice over the slice report's columns (the tags and the derived
+    buckets); None when the reference has no labels to calibrate on. Report code: the derived
+    slices come from ``slice_metrics`` (pandas)."""
+    from .slice_metrics import add_derived_slices
+
+    calibrator = calibrate_reference(reference)
+    if calibrator is None:
+        return None
+    frame, derived = add_derived_slices(frame)
+    columns = sorted(c for c in frame.columns if str(c).startswith("tag.")) + derived
+    label = frame["label"].to_numpy(object) if "label" in frame.columns else [None] * len(frame)
+    correct = correct_column(frame["predicted"].to_numpy(object), label)
+    return performance_report(calibrator, frame["confidence"].to_numpy(np.float64), correct,
+                              {c: frame[c].to_numpy(object) for c in columns})
+
+
+def correct_column(predicted: Sequence[Any], label: Sequence[Any]) -> np.ndarray:
+    """1.0 where the label is the prediction, 0.0 where it is another, nan where missing."""
+    return np.array([math.nan if _missing(lab) else float(str(pred) == str(lab))
+                     for pred, lab in zip(predicted, label)], dtype=np.float64)
+
+
+def format_estimate(report: Mapping[str, Any], top: int | None = None) -> str:
+    """The report as text: one line for the window, then one per slice value."""
+    cal = report.get("calibration") or {}
+    lines = [f"estimated accuracy (no labels needed): {_pct(report.get('estimated'))} "
+             f"[95% {_pct(report.get('low'))} .. {_pct(report.get('high'))}] over "
+             f"{report.get('n')} rows; {_realised(report)}; calibration {cal.get('method')} "
+             f"(reference accuracy {_pct(cal.get('reference_accuracy'))} on "
+             f"{cal.get('reference_rows')} rows)"]
+    rows = list(report.get("by_slice") or [])[:top]
+    if rows:
+        lines.append(f"  {'slice':<18} {'value':<14} {'n':>7} {'est':>7} {'95% interval':>16} "
+                     f"{'n_lab':>6} {'real':>7}")
+        for r in rows:
+            lines.append(f"  {str(r['slice']):<18.18} {str(r['value']):<14.14} {r['n']:>7d} "
+                         f"{_pct(r['estimated']):>7} {_pct(r['low']) + '..' + _pct(r['high']):>16} "
+                         f"{r['n_labelled']:>6d} {_pct(r['realised']):>7}")
+    return "\n".join(lines)
+
+
+def _realised(row: Mapping[str, Any]) -> str:
+    if not row.get("n_labelled"):
+        return "no labelled rows"
+    return (f"realised {_pct(row.get('realised'))} on {row['n_labelled']} labelled rows "
+            f"(estimated {_pct(row.get('estimated_labelled'))} on those)")
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{100 * float(value):.1f}%"
+
+
+def _num(value: float) -> float | None:
+    """JSON-ready: nan -> None."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))

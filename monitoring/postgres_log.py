@@ -1,0 +1,293 @@
+"""The prediction log in PostgreSQL: one log shared by every replica on every host.
+
+``CLF_PREDICTION_LOG=postgresql://user:password@host:5432/dbname`` (psycopg 3 with a connection
+pool; ``pip install -e .[postgres]``). The same interface and SQL as the SQLite backend
+(``store.PredictionLog``), with three differences:
+
+  * Predictions are partitioned by day (range partitions on ``ts``, UTC days, created before the
+    first row of a day is written, under an advisory lock so replicas do not race). Retention
+    drops whole days with ``DROP TABLE`` instead of deleting rows one by one: the cost of
+    dropping a day does not grow with its rows, and there is no table bloat left for VACUUM
+    (measured: ``python -m tools.scale_bench --backend postgresql``, see monitoring/README.md).
+  * Rows are written with ``COPY`` inside the transaction (one round trip for a batch).
+  * New slice values are admitted under a transaction-scoped advisory lock, so every replica
+    agrees on the first ``max_slice_values`` values of a key (SQLite's write lock does this).
+
+Durability: a commit returns after PostgreSQL has flushed its WAL (``synchronous_commit=on``, the
+server's default), so an answered request's record survives the loss of the replica, and of
+the database server's process.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from .store import COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog, display_target
+
+DAY_S = 86_400
+_PARTITION = re.compile(r"^predictions_d(\d{8})$")
+# Advisory lock keys (any two constants this project owns).
+_LOCK_SCHEMA, _LOCK_PARTITIONS, _LOCK_SLICES = 741_001, 741_002, 741_003
+
+_SCHEMA = [
+    "CREATE SEQUENCE IF NOT EXISTS predictions_id_seq AS bigint",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        id bigint NOT NULL DEFAULT nextval('predictions_id_seq'),
+        request_id text NOT NULL,
+        item integer NOT NULL,
+        ts double precision NOT NULL,
+        model text NOT NULL,
+        version text NOT NULL,
+        predicted text NOT NULL,
+        confidence double precision NOT NULL,
+        ood integer NOT NULL DEFAULT 0,
+        ood_score double precision,
+        latency_ms double precision,
+        slices text NOT NULL DEFAULT '{}',
+        features text NOT NULL DEFAULT '{}',
+        embedding bytea,
+        probabilities bytea,
+        input bytea,
+        replica text NOT NULL DEFAULT ''
+    ) PARTITION BY RANGE (ts)""",
+    "CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts)",
+    "CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id, item)",
+    "CREATE INDEX IF NOT EXISTS predictions_id ON predictions (id)",
+    """CREATE TABLE IF NOT EXISTS feedback (
+        request_id text NOT NULL,
+        item integer NOT NULL,
+        label text NOT NULL,
+        ts double precision NOT NULL,
+        PRIMARY KEY (request_id, item))""",
+    """CREATE TABLE IF NOT EXISTS slice_values (
+        key text NOT NULL, value text NOT NULL, PRIMARY KEY (key, value))""",
+    # This project's own bookkeeping: the schema version, and how far each migration got.
+    "CREATE TABLE IF NOT EXISTS clf_meta (key text PRIMARY KEY, value text NOT NULL)",
+    # The latest drift report per model (monitoring/exporter.py): what every replica's gauges show.
+    """CREATE TABLE IF NOT EXISTS clf_reports (
+        model text PRIMARY KEY, entry text NOT NULL, updated double precision NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS clf_migrations (
+        source text PRIMARY KEY, last_id bigint NOT NULL, feedback_done boolean NOT NULL,
+        updated double precision NOT NULL)""",
+]
+
+
+def _qmarks(sql: str) -> str:
+    """``?`` placeholders (the shared SQL) to psycopg's ``%s``; a literal ``%`` doubled."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresLog(PredictionLog):
+    """A connection pool per process; safe to call from several threads of that process."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, max_slice_values: int = 20, pool_size: int = 4,
+                 connect_timeout_s: float = 10.0, synchronous: str | None = None) -> None:
+        super().__init__(max_slice_values)
+        del synchronous  # SQLite's setting; PostgreSQL's is the server's synchronous_commit
+        self._url = url
+        self.target = display_target(url)
+        try:
+            import psycopg
+            from psycopg_pool import ConnectionPool
+        except ImportError:
+            raise LogOpenError("a postgresql:// prediction log needs psycopg 3: "
+                               "pip install -e '.[postgres]'") from None
+        self._psycopg = psycopg
+        self._pool = ConnectionPool(url, min_size=1, max_size=max(1, pool_size), open=False,
+                                    kwargs={"autocommit": False}, name="predlog")
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - PoolTimeout, OperationalError: say which
+            self._pool.close()
+            raise LogOpenError(f"{self.target}: cannot connect: {exc}") from None
+        self._days: set[int] = set()  # day partitions known to exist
+        self._days_lock = threading.Lock()
+        try:
+            self._migrate()
+        except LogOpenError:
+            self._pool.close()
+            raise
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise LogOpenError(f"{self.target}: {exc}") from None
+
+    # -- backend hooks ---------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator["_Tx"]:
+        with self._pool.connection() as conn:  # commits on a clean exit, rolls back otherwise
+            with conn.cursor() as cur:
+                yield _Tx(cur)
+
+    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+        with self._pool.connection() as conn:
+            return conn.execute(_qmarks(sql), list(args)).fetchall()
+
+    def _lock_slice_admission(self, tx: "_Tx") -> None:
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_SLICES,))
+
+    def _prepare_write(self, records: Sequence[Any]) -> None:
+        days = {int(r.ts // DAY_S) for r in records}
+        if not days <= self._days:
+            self.ensure_partitions(days)
+
+    @property
+    def schema_version(self) -> int:
+        rows = self._read("SELECT value FROM clf_meta WHERE key = 'schema_version'")
+        return int(rows[0][0]) if rows else 0
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def vacuum(self) -> None:
+        with self._pool.connection() as conn:
+            conn.autocommit = True  # VACUUM cannot run inside a transaction
+            try:
+                conn.execute("VACUUM ANALYZE")
+            finally:
+                conn.autocommit = False
+
+    # -- schema and partitions -----------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._transaction() as tx:  # replicas starting at once: one creates, others wait
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_SCHEMA,))
+            exists = tx.execute("SELECT to_regclass('clf_meta') IS NOT NULL").fetchone()[0]
+            version = 0
+            if exists:
+                row = tx.execute("SELECT value FROM clf_meta WHERE key = 'schema_version'"
+                                 ).fetchone()
+                version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise LogOpenError(f"{self.target} has schema {version}; this code knows "
+                                   f"{SCHEMA_VERSION}: upgrade the project")
+            if version == 0:
+                for statement in _SCHEMA:
+                    tx.execute(statement)
+                tx.execute("INSERT INTO clf_meta (key, value) VALUES ('schema_version', ?) ON "
+                           "CONFLICT (key) DO UPDATE SET value = excluded.value",
+                           (str(SCHEMA_VERSION),))
+            # Later versions add their upgrade steps here (version N -> N + 1).
+        now = int(time.time() // DAY_S)
+        self.ensure_partitions({now, now + 1})  # today's and tomorrow's: no stall at midnight
+
+    def days(self) -> list[int]:
+        """The days (unix day numbers) that have a partition, oldest first."""
+        rows = self._read(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'predictions'::regclass")
+        out = []
+        for (name,) in rows:
+            m = _PARTITION.match(name)
+            if m:
+                out.append(calendar.timegm(time.strptime(m.group(1), "%Y%m%d")) // DAY_S)
+        return sorted(out)
+
+    def ensure_partitions(self, days: set[int]) -> None:
+        """Create the day partitions that do not exist yet (idempotent, safe across replicas)."""
+        with self._days_lock:
+            missing = sorted(days - self._days)
+            if not missing:
+                return
+            with self._transaction() as tx:
+                tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_PARTITIONS,))
+                for day in missing:
+                    tx.execute(f"CREATE TABLE IF NOT EXISTS {_partition_name(day)} PARTITION OF"
+                               f" predictions FOR VALUES FROM ({day * DAY_S}) TO"
+                               f" ({(day + 1) * DAY_S})")
+            self._days.update(missing)
+
+    # -- retention -------------------------------------------------------------------------
+
+    def prune(self, before: float, inputs_only: bool = False, chunk: int = 5000,
+              by_partition: bool = True) -> int:
+        """As ``PredictionLog.prune``; whole days before ``before`` are dropped as partitions
+        (their feedback deleted in the same transaction), the rest deleted in chunks.
+        ``by_partition=False`` deletes row by row (what the scale benchmark compares)."""
+        if inputs_only or not by_partition:
+            return super().prune(before, inputs_only, chunk)
+        done = 0
+        for day in self.days():
+            if (day + 1) * DAY_S > before:
+                break
+            name = _partition_name(day)
+            with self._transaction() as tx:
+                tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_PARTITIONS,))
+                n = tx.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0]
+                tx.execute(f"DELETE FROM feedback f USING {name} p WHERE"
+                           " f.request_id = p.request_id AND f.item = p.item")
+                tx.execute(f"DROP TABLE {name}")
+            with self._days_lock:
+                self._days.discard(day)
+            done += int(n)
+        return done + super().prune(before, inputs_only, chunk)
+
+    # -- migration bookkeeping -------------------------------------------------------------
+
+    def migration_progress(self, source: str) -> tuple[int, bool]:
+        """(last source id copied, whether feedback was copied) of a migration from ``source``."""
+        rows = self._read("SELECT last_id, feedback_done FROM clf_migrations WHERE source = ?",
+                          (source,))
+        return (int(rows[0][0]), bool(rows[0][1])) if rows else (0, False)
+
+    def copy_rows(self, source: str, rows: Sequence[tuple], feedback_done: bool = False) -> None:
+        """Insert migrated prediction rows ``(source_id, *COLUMNS)`` and record how far the
+        migration got, in one transaction: a migration killed at any point resumes exactly."""
+        self._prepare_write([_Ts(r[3]) for r in rows])
+        with self._transaction() as tx:
+            if rows:
+                tx.insert_predictions([[bytes(v) if isinstance(v, memoryview) else v
+                                        for v in r[1:]] for r in rows])
+            last = rows[-1][0] if rows else self.migration_progress(source)[0]
+            tx.execute("INSERT INTO clf_migrations (source, last_id, feedback_done, updated)"
+                       " VALUES (?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
+                       " last_id = excluded.last_id, feedback_done = excluded.feedback_done,"
+                       " updated = excluded.updated", (source, last, feedback_done, time.time()))
+
+    def copy_feedback(self, rows: Sequence[tuple]) -> None:
+        """Upsert migrated feedback rows ``(request_id, item, label, ts)`` (idempotent)."""
+        with self._transaction() as tx:
+            tx.executemany("INSERT INTO feedback (request_id, item, label, ts) VALUES"
+                           " (?, ?, ?, ?) ON CONFLICT (request_id, item) DO UPDATE SET"
+                           " label = excluded.label, ts = excluded.ts", rows)
+
+    def copy_slice_values(self, values: dict[str, list[str]]) -> None:
+        with self._transaction() as tx:
+            tx.executemany("INSERT INTO slice_values (key, value) VALUES (?, ?)"
+                           " ON CONFLICT DO NOTHING",
+                           [(k, v) for k, vs in values.items() for v in vs])
+
+
+class _Ts:
+    def __init__(self, ts: float) -> None:
+        self.ts = ts
+
+
+def _partition_name(day: int) -> str:
+    return "predictions_d" + time.strftime("%Y%m%d", time.gmtime(day * DAY_S))
+
+
+class _Tx:
+    """A cursor inside a transaction, taking the shared SQL's ``?`` placeholders."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, args: Sequence[object] = ()) -> Any:
+        return self._cur.execute(_qmarks(sql), list(args))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> Any:
+        self._cur.executemany(_qmarks(sql), rows)
+        return self._cur
+
+    def insert_predictions(self, rows: list[list]) -> None:
+        with self._cur.copy(f"COPY predictions ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)

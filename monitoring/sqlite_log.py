@@ -1,0 +1,168 @@
+"""The prediction log in one SQLite file: the embedded default, for one host.
+
+SQLite needs no server, and in WAL mode readers (the reports) never block the writers (the
+service's workers). With ``synchronous=NORMAL`` a commit is appended to the WAL file with
+``write()`` but not fsynced: it survives the process being killed (SIGKILL, OOM) because the data
+is in the kernel's page cache, and can only be lost if the whole machine goes down before the
+next checkpoint. ``synchronous="FULL"`` fsyncs every commit for power-loss durability, at a cost.
+
+Imports sqlite3 only: the service imports this on its request path.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .store import COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog
+
+BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    item INTEGER NOT NULL,           -- index of the input within its request
+    ts REAL NOT NULL,                -- unix seconds
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    predicted TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    ood INTEGER NOT NULL DEFAULT 0,
+    ood_score REAL,
+    latency_ms REAL,
+    slices TEXT NOT NULL DEFAULT '{}',  -- JSON object: slice key -> value
+    features TEXT NOT NULL DEFAULT '{}',  -- JSON object: monitored input features
+    embedding BLOB,                  -- float32 little-endian
+    probabilities BLOB,              -- float32 little-endian, in the model's label order
+    input BLOB,                      -- the raw input (image file bytes, UTF-8 text), if kept
+    replica TEXT NOT NULL DEFAULT '' -- the server that answered (CLF_REPLICA)
+);
+CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
+CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id, item);
+CREATE TABLE IF NOT EXISTS feedback (
+    request_id TEXT NOT NULL,
+    item INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (request_id, item)
+);
+-- The values each slice key has admitted, shared by every worker (see slices.py).
+CREATE TABLE IF NOT EXISTS slice_values (
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (key, value)
+);
+"""
+# Schema upgrades: from version N to N + 1.
+_UPGRADES = {
+    1: "ALTER TABLE predictions ADD COLUMN input BLOB",
+    2: "ALTER TABLE predictions ADD COLUMN replica TEXT NOT NULL DEFAULT ''",
+}
+_INSERT = (f"INSERT INTO predictions ({', '.join(COLUMNS)})"
+           f" VALUES ({', '.join('?' * len(COLUMNS))})")
+
+
+class SQLiteLog(PredictionLog):
+    """One connection per process; safe to call from several threads of that process."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL",
+                 max_slice_values: int = 20) -> None:
+        super().__init__(max_slice_values)
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be NORMAL or FULL")
+        self.path = Path(path)
+        self.target = str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves: one call = one transaction.
+            self._db = sqlite3.connect(str(self.path), isolation_level=None,
+                                       check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        except (OSError, sqlite3.Error) as exc:
+            raise LogOpenError(f"{self.path}: {exc}") from None
+        self._lock = threading.Lock()
+        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._enable_wal()
+        self._db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self._migrate()
+
+    def _enable_wal(self) -> None:
+        # Switching a new file to WAL needs an exclusive lock and, unlike a write, does not wait
+        # on busy_timeout: workers starting together on a fresh file get "database is locked".
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise LogOpenError(f"{self.path}: {exc}") from None
+                time.sleep(0.02)
+            except sqlite3.DatabaseError as exc:
+                raise LogOpenError(f"{self.path}: {exc}") from None
+        if mode.lower() != "wal":
+            raise LogOpenError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
+                               "is it on a network file system?")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:  # two workers starting at once: one creates
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LogOpenError(f"{self.path} has schema {version}; this code knows "
+                                   f"{SCHEMA_VERSION}: upgrade the project")
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    db.execute(_UPGRADES[step])
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator["_Tx"]:
+        with self._lock:  # one connection, shared by this process's threads
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Tx(self._db)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._read("PRAGMA user_version")[0][0])
+
+    def vacuum(self) -> None:
+        """Give freed pages back to the file system (rewrites the file: run it off-peak)."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+
+
+class _Tx:
+    """The connection inside a transaction (sqlite3 takes ``?`` placeholders as they are)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.execute = db.execute
+        self.executemany = db.executemany
+        self._db = db
+
+    def insert_predictions(self, rows: list[list]) -> None:
+        self._db.executemany(_INSERT, rows)
