@@ -149,7 +149,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_window(args: argparse.Namespace) -> tuple[Any, str]:
+def _open_window(args: argparse.Namespace, embeddings: bool = True) -> tuple[Any, str]:
     """The window's rows as a frame, read in bounded memory: past ``--max-rows`` a uniform
     sample chosen in SQL (``frame.attrs``: ``rows_in_window``, ``sampled``)."""
     log = _open(args.log)
@@ -163,7 +163,7 @@ def _open_window(args: argparse.Namespace) -> tuple[Any, str]:
             raise CommandError(f"version {version!r} has no rows in the window; logged: "
                                f"{versions}")
         frame = log.frame(args.model, args.since, args.until, version=version,
-                          max_rows=args.max_rows)
+                          max_rows=args.max_rows, embeddings=embeddings)
     finally:
         log.close()
     if frame.attrs.get("sampled"):
@@ -219,7 +219,7 @@ def run_slices(args: argparse.Namespace) -> int:
     from .slice_metrics import (add_derived_slices, class_metrics, format_class_table,
                                 format_table, slice_metrics, to_records)
 
-    frame, version = _open_window(args)
+    frame, version = _open_window(args, embeddings=False)
     try:  # the estimated accuracy needs the reference profile; the rest of the report does not
         calibrator = calibrate_reference(load_reference(_reference_folder(args, version)))
     except (CommandError, FileNotFoundError) as exc:

@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .store import COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog, display_target
 
@@ -133,8 +133,8 @@ class PostgresLog(PredictionLog):
     def _lock_slice_admission(self, tx: "_Tx") -> None:
         tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_SLICES,))
 
-    def _prepare_write(self, records: Sequence[Any]) -> None:
-        days = {int(r.ts // DAY_S) for r in records}
+    def _prepare_write(self, timestamps: Iterable[float]) -> None:
+        days = {int(ts // DAY_S) for ts in timestamps}
         if not days <= self._days:
             self.ensure_partitions(days)
 
@@ -240,7 +240,7 @@ class PostgresLog(PredictionLog):
     def copy_rows(self, source: str, rows: Sequence[tuple], feedback_done: bool = False) -> None:
         """Insert migrated prediction rows ``(source_id, *COLUMNS)`` and record how far the
         migration got, in one transaction: a migration killed at any point resumes exactly."""
-        self._prepare_write([_Ts(r[3]) for r in rows])
+        self._prepare_write(r[3] for r in rows)
         with self._transaction() as tx:
             if rows:
                 tx.insert_predictions([[bytes(v) if isinstance(v, memoryview) else v
@@ -263,11 +263,6 @@ class PostgresLog(PredictionLog):
             tx.executemany("INSERT INTO slice_values (key, value) VALUES (?, ?)"
                            " ON CONFLICT DO NOTHING",
                            [(k, v) for k, vs in values.items() for v in vs])
-
-
-class _Ts:
-    def __init__(self, ts: float) -> None:
-        self.ts = ts
 
 
 def _partition_name(day: int) -> str:

@@ -209,9 +209,9 @@ class PredictionLog(ABC):
         """Serialise admitting new slice values among writers (SQLite's write lock already
         does; PostgreSQL takes an advisory lock)."""
 
-    def _prepare_write(self, records: Sequence[PredictionRecord]) -> None:
-        """Anything the rows need before they can be inserted (PostgreSQL: their day's
-        partition)."""
+    def _prepare_write(self, timestamps: Iterable[float]) -> None:
+        """Anything rows with these times need before they can be inserted (PostgreSQL: their
+        days' partitions)."""
 
     # -- the shared interface ------------------------------------------------------------
 
@@ -229,7 +229,7 @@ class PredictionLog(ABC):
         if not records:
             return
         rows = [_row(r) for r in records]  # encode outside the transaction
-        self._prepare_write(records)
+        self._prepare_write(r.ts for r in records)
         try:
             with self._transaction() as tx:
                 for i, record in enumerate(records):
@@ -239,6 +239,14 @@ class PredictionLog(ABC):
         except BaseException:
             self._admitted = {}  # it may hold values of the rolled-back transaction
             raise
+
+    def insert_rows(self, rows: Sequence[Sequence[object]]) -> None:
+        """Append encoded rows (``COLUMNS`` order, slices already capped) in one transaction:
+        the bulk path of migrations and the scale benchmark; the service uses ``write_batch``."""
+        if rows:
+            self._prepare_write(r[2] for r in rows)
+            with self._transaction() as tx:
+                tx.insert_predictions([list(r) for r in rows])
 
     def _capped_slices(self, tx: Transaction, slices: Mapping[str, str]) -> str:
         """Slices as stored (JSON), folding values over the cap; runs inside the transaction."""
@@ -379,13 +387,16 @@ class PredictionLog(ABC):
 
     def frame(self, model: str, since: float = 0.0, until: float = math.inf,
               version: str | None = None, probabilities: bool = False,
-              max_rows: int | None = None) -> "pd.DataFrame":
+              max_rows: int | None = None, embeddings: bool = True) -> "pd.DataFrame":
         """Logged predictions of a model in ``[since, until)`` (unix seconds) as a frame.
 
         Columns: request_id, item, ts, model, version, predicted, confidence, ood, ood_score,
         latency_ms, label (from feedback; missing when none), replica, one column per feature,
         one ``tag.<key>`` column per slice key, ``emb_<i>`` for the embedding and, if asked,
         ``prob_<i>`` for the probabilities.
+
+        ``embeddings=False`` leaves the ``emb_<i>`` columns out (the slice report needs none:
+        a quarter of the memory per row).
 
         ``max_rows``: when the window holds more rows, about that many are read, chosen in SQL
         by a fixed hash of the row id (a uniform sample, the same rows on every call), so memory
@@ -402,7 +413,8 @@ class PredictionLog(ABC):
                 args = args + [int(_HASH_RANGE * max_rows / total)]
         rows = self._read(
             "SELECT p.request_id, p.item, p.ts, p.model, p.version, p.predicted, p.confidence,"
-            " p.ood, p.ood_score, p.latency_ms, f.label, p.features, p.slices, p.embedding,"
+            " p.ood, p.ood_score, p.latency_ms, f.label, p.features, p.slices,"
+            f" {'p.embedding' if embeddings else 'NULL'},"
             " p.probabilities, p.replica FROM predictions p LEFT JOIN feedback f ON"
             f" f.request_id = p.request_id AND f.item = p.item WHERE {where}"
             " ORDER BY p.ts, p.id", args)

@@ -206,3 +206,22 @@ class Drain:
 
 
 DRAIN = Drain()
+
+
+def exit_with_the_arbiter() -> None:
+    """A worker whose ``bentoml serve`` parent dies (SIGKILL, OOM) gets SIGTERM and drains,
+    instead of serving on as an orphan that holds the port and writes the log unsupervised
+    (found when a replica SIGKILLed in a test kept answering). Linux only; a no-op elsewhere."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    except (OSError, AttributeError) as exc:
+        logger.warning("a worker will not follow its arbiter's death: %s", exc)
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -135,6 +135,8 @@ class Classifier:
             lifecycle.worker_cannot_start(exc)
 
     async def _start(self) -> None:
+        if ROLE == "worker":
+            lifecycle.exit_with_the_arbiter()
         if self.recorder is not None:
             self.recorder.start()
         for model in self.models:

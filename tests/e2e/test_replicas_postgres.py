@@ -18,6 +18,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from modelstore import registry
@@ -136,7 +137,9 @@ def test_a_replica_killed_under_load_loses_no_answered_record(replicas, digit_pn
     with Load(f"{a.url}/v1/classify/image", images, threads=6, max_seconds=30,
               prefix="kill") as load:
         load.wait_for(150)
-        os.killpg(a.process.pid, signal.SIGKILL)  # the whole replica: arbiter and worker
+        tree = [a.process, *psutil.Process(a.process.pid).children(recursive=True)]
+        for proc in tree:  # the whole replica, arbiter and worker (its own process group)
+            os.kill(proc.pid, signal.SIGKILL)
         killed_at = len(load.results)
         load.wait_for(killed_at + 20, timeout=5)
     answered = {rid for rid, status, _ in load.results if status == 200}

@@ -286,3 +286,25 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
     lost = answered - logged
     assert not lost, f"{len(lost)} of {len(answered)} answered requests are not in the log"
     assert "Traceback" not in log_text and "cut off" not in log_text, log_text[-3000:]
+
+
+def test_workers_do_not_outlive_a_killed_arbiter(digits_model, tmp_path):
+    """``bentoml serve`` SIGKILLed (OOM killer, kill -9): its workers, which BentoML starts in
+    process groups of their own, get SIGTERM from the kernel (PR_SET_PDEATHSIG), drain and exit
+    instead of serving on as orphans holding the port."""
+    import psutil
+
+    server = start_server({"CLF_IMAGE_MODEL": digits_model.tag, "CLF_WORKERS": "2"},
+                          tmp_path / "serve.log")
+    workers = psutil.Process(server.process.pid).children(recursive=True)
+    try:
+        assert workers
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        stop_server(server)
+        for proc in workers:  # orphans, should the test fail: never left behind
+            if proc.is_running():
+                proc.kill()
