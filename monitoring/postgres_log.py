@@ -53,7 +53,8 @@ _SCHEMA = [
         embedding bytea,
         probabilities bytea,
         input bytea,
-        replica text NOT NULL DEFAULT ''
+        replica text NOT NULL DEFAULT '',
+        input_ref text  -- unused here: PostgreSQL keeps inputs in the row (every host reads them)
     ) PARTITION BY RANGE (ts)""",
     "CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts)",
     "CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id, item)",

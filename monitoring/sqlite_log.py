@@ -6,6 +6,16 @@ service's workers). With ``synchronous=NORMAL`` a commit is appended to the WAL 
 is in the kernel's page cache, and can only be lost if the whole machine goes down before the
 next checkpoint. ``synchronous="FULL"`` fsyncs every commit for power-loss durability, at a cost.
 
+Raw inputs (a 12 KB PNG per image answer, ten times the rest of a row) do not go through SQLite:
+each writing process appends them to a segment file of its own in ``<log>.inputs/`` (one
+``writev`` per batch, before the transaction commits; fsynced first under ``FULL``) and the row
+keeps ``input_ref`` = ``segment@offset+length``. SQLite then writes a 1 KB row twice (WAL, then
+checkpoint) instead of 13 KB, checkpoints a tenth as often, and holds the write lock that the
+workers share for a tenth of the bytes. Retention frees a segment once no row refers to it (and
+no writer holds it: writers keep a shared flock on their open segment). A committed row's input
+was written before the commit, so a killed process loses no answered input. What each step
+bought: monitoring/README.md, Cheap logging.
+
 Imports sqlite3 only: the service imports this on its request path.
 """
 
@@ -20,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .store import COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog
+from .store import _INPUT, _INPUT_REF, COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog
 
 BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
 
@@ -41,8 +51,9 @@ CREATE TABLE IF NOT EXISTS predictions (
     features TEXT NOT NULL DEFAULT '{}',  -- JSON object: monitored input features
     embedding BLOB,                  -- float32 little-endian
     probabilities BLOB,              -- float32 little-endian, in the model's label order
-    input BLOB,                      -- the raw input (image file bytes, UTF-8 text), if kept
-    replica TEXT NOT NULL DEFAULT '' -- the server that answered (CLF_REPLICA)
+    input BLOB,                      -- the raw input, if kept in the row (older logs)
+    replica TEXT NOT NULL DEFAULT '', -- the server that answered (CLF_REPLICA)
+    input_ref TEXT                   -- where the raw input is kept: "segment@offset+length"
 );
 CREATE INDEX IF NOT EXISTS predictions_model_ts ON predictions (model, ts);
 CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id, item);
@@ -64,7 +75,11 @@ CREATE TABLE IF NOT EXISTS slice_values (
 _UPGRADES = {
     1: "ALTER TABLE predictions ADD COLUMN input BLOB",
     2: "ALTER TABLE predictions ADD COLUMN replica TEXT NOT NULL DEFAULT ''",
+    3: "ALTER TABLE predictions ADD COLUMN input_ref TEXT",
 }
+SEGMENT_BYTES = 64 * 1024 * 1024  # a writer starts a new segment file past this size
+SEGMENT_GRACE_S = 600.0
+_IOV_MAX = 1024  # buffers per writev call (Linux's limit)  # an unreferenced segment younger than this is never deleted
 _INSERT = (f"INSERT INTO predictions ({', '.join(COLUMNS)})"
            f" VALUES ({', '.join('?' * len(COLUMNS))})")
 
@@ -75,11 +90,16 @@ class SQLiteLog(PredictionLog):
     backend = "sqlite"
 
     def __init__(self, path: str | Path, synchronous: str = "NORMAL",
-                 max_slice_values: int = 20) -> None:
+                 max_slice_values: int = 20, input_segments: bool = True) -> None:
         super().__init__(max_slice_values)
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
+        self.fsync_inputs = synchronous.upper() == "FULL"
+        # input_segments=False keeps inputs in the row (what every log did before schema 4).
+        self.inputs_dir = Path(str(self.path) + ".inputs") if input_segments else None
+        self._segment: tuple[str, int, int] | None = None  # (name, fd, size) being appended
+        self._segment_lock = threading.Lock()
         self.target = str(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +143,95 @@ class SQLiteLog(PredictionLog):
     def close(self) -> None:
         with self._lock:
             self._db.close()
-            os.close(self._queue_fd)
+            if self._queue_fd >= 0:
+                os.close(self._queue_fd)
+                self._queue_fd = -1
+        with self._segment_lock:
+            if self._segment is not None:
+                os.close(self._segment[1])  # closing releases its flock
+                self._segment = None
+
+    # -- input segments ----------------------------------------------------------------------
+
+    def _stash_inputs(self, rows: list[list]) -> None:
+        if self.inputs_dir is None:
+            return
+        blobs = [(i, r[_INPUT]) for i, r in enumerate(rows) if r[_INPUT]]
+        if not blobs:
+            return
+        with self._segment_lock:
+            name, fd, size = self._open_segment()
+            offset = size
+            for i, data in blobs:
+                rows[i][_INPUT_REF] = f"{name}@{offset}+{len(data)}"
+                rows[i][_INPUT] = None
+                offset += len(data)
+            written = 0
+            views = [memoryview(data) for _, data in blobs]
+            total = offset - size
+            while written < total:  # writev may write less than asked (a signal, a full disk)
+                n = os.writev(fd, views[:_IOV_MAX])
+                written += n
+                views = _advance(views, n)
+            if self.fsync_inputs:
+                os.fsync(fd)
+            self._segment = (name, fd, offset)
+
+    def _open_segment(self) -> tuple[str, int, int]:
+        if self._segment is not None and self._segment[2] < SEGMENT_BYTES:
+            return self._segment
+        if self._segment is not None:
+            os.close(self._segment[1])
+        self.inputs_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-" \
+               f"{os.urandom(4).hex()}.seg"
+        fd = os.open(self.inputs_dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # "in use": retention never deletes it
+        self._segment = (name, fd, 0)
+        return self._segment
+
+    def _load_input(self, data: bytes | None, ref: str | None) -> bytes | None:
+        if data is not None:
+            return bytes(data)
+        if ref is None or self.inputs_dir is None and not self._ref_dir().exists():
+            return None
+        name, _, span = ref.partition("@")
+        offset, _, length = span.partition("+")
+        try:
+            with open(self._ref_dir() / name, "rb") as f:
+                f.seek(int(offset))
+                blob = f.read(int(length))
+        except FileNotFoundError:
+            return None
+        return blob if len(blob) == int(length) else None
+
+    def _ref_dir(self) -> Path:
+        return self.inputs_dir or Path(str(self.path) + ".inputs")
+
+    def _inputs_dropped(self) -> None:
+        """Delete the segments no row refers to, that no writer holds, and that are older than
+        SEGMENT_GRACE_S (a writer may be between appending and committing)."""
+        folder = self._ref_dir()
+        if not folder.is_dir():
+            return
+        used = {ref.partition("@")[0] for (ref,) in self._read(
+            "SELECT DISTINCT substr(input_ref, 1, instr(input_ref, '@') - 1) FROM predictions"
+            " WHERE input_ref IS NOT NULL")}
+        now = time.time()
+        for seg in folder.glob("*.seg"):
+            if seg.name in used or now - seg.stat().st_mtime < SEGMENT_GRACE_S:
+                continue
+            try:
+                fd = os.open(seg, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a writer holds it
+                seg.unlink()
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
 
     def _migrate(self) -> None:
         with self._transaction() as db:  # two workers starting at once: one creates
@@ -181,3 +289,13 @@ class _Tx:
 
     def insert_predictions(self, rows: list[list]) -> None:
         self._db.executemany(_INSERT, rows)
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The buffers left to write after ``n`` bytes of ``views`` were written."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views = views[1:]
+    if views and n:
+        views = [views[0][n:], *views[1:]]
+    return views

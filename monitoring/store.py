@@ -38,14 +38,16 @@ from .slices import OTHER, cap_values
 if TYPE_CHECKING:
     import pandas as pd
 
-# 1: the first schema; 2: the raw input column; 3: the replica column.
-SCHEMA_VERSION = 3
+# 1: the first schema; 2: the raw input column; 3: the replica column; 4: the input reference
+# (SQLite keeps inputs in append-only segment files, sqlite_log.py).
+SCHEMA_VERSION = 4
 # Labels feedback may use: one collection for all requests, or per model name.
 ValidLabels = Union[Collection[str], Mapping[str, Collection[str]], None]
 # The columns of a prediction row, in the order ``_row`` encodes them.
 COLUMNS = ("request_id", "item", "ts", "model", "version", "predicted", "confidence", "ood",
            "ood_score", "latency_ms", "slices", "features", "embedding", "probabilities", "input",
-           "replica")
+           "replica", "input_ref")
+_INPUT, _INPUT_REF = COLUMNS.index("input"), COLUMNS.index("input_ref")
 _SLICES = COLUMNS.index("slices")
 # Window sampling: a row is in the sample when a multiplicative hash of its id falls below a
 # threshold (Knuth's 2654435761; ids stay far below 2**33, so the product fits in 64 bits).
@@ -209,6 +211,17 @@ class PredictionLog(ABC):
         """Serialise admitting new slice values among writers (SQLite's write lock already
         does; PostgreSQL takes an advisory lock)."""
 
+    def _stash_inputs(self, rows: list[list]) -> None:
+        """Move the rows' raw inputs out of the rows before they are inserted, if the backend
+        keeps them elsewhere (SQLite: segment files; the rows then carry ``input_ref``)."""
+
+    def _load_input(self, data: bytes | None, ref: str | None) -> bytes | None:
+        """A stored input from its row: the bytes, or read back through ``input_ref``."""
+        return None if data is None else bytes(data)
+
+    def _inputs_dropped(self) -> None:
+        """Called after inputs were pruned: a backend with segment files frees unused ones."""
+
     def _prepare_write(self, timestamps: Iterable[float]) -> None:
         """Anything rows with these times need before they can be inserted (PostgreSQL: their
         days' partitions)."""
@@ -230,6 +243,7 @@ class PredictionLog(ABC):
             return
         rows = [_row(r) for r in records]  # encode outside the transaction
         self._prepare_write(r.ts for r in records)
+        self._stash_inputs(rows)  # before the commit: a committed row's input is written
         try:
             with self._transaction() as tx:
                 for i, record in enumerate(records):
@@ -244,9 +258,11 @@ class PredictionLog(ABC):
         """Append encoded rows (``COLUMNS`` order, slices already capped) in one transaction:
         the bulk path of migrations and the scale benchmark; the service uses ``write_batch``."""
         if rows:
+            rows = [list(r) + [None] * (len(COLUMNS) - len(r)) for r in rows]
             self._prepare_write(r[2] for r in rows)
+            self._stash_inputs(rows)
             with self._transaction() as tx:
-                tx.insert_predictions([list(r) for r in rows])
+                tx.insert_predictions(rows)
 
     def _capped_slices(self, tx: Transaction, slices: Mapping[str, str]) -> str:
         """Slices as stored (JSON), folding values over the cap; runs inside the transaction."""
@@ -322,14 +338,19 @@ class PredictionLog(ABC):
         first: the production traffic a retraining may learn from."""
         rows = self._read(
             "SELECT p.request_id, p.item, p.ts, p.version, f.label, p.predicted, p.input,"
-            " p.slices, p.features, f.ts FROM predictions p JOIN feedback f ON"
-            " f.request_id = p.request_id AND f.item = p.item"
-            " WHERE p.model = ? AND p.ts >= ? AND p.ts < ? AND p.input IS NOT NULL"
+            " p.input_ref, p.slices, p.features, f.ts FROM predictions p JOIN feedback f ON"
+            " f.request_id = p.request_id AND f.item = p.item WHERE p.model = ? AND p.ts >= ?"
+            " AND p.ts < ? AND (p.input IS NOT NULL OR p.input_ref IS NOT NULL)"
             " ORDER BY p.ts, p.id", (model, since, _finite(until)))
-        return [LabelledInput(rid, int(item), float(ts), version, label, predicted, bytes(data),
-                              json.loads(slices), json.loads(features), float(feedback_ts))
-                for rid, item, ts, version, label, predicted, data, slices, features, feedback_ts
-                in rows]
+        out = []
+        for (rid, item, ts, version, label, predicted, data, ref, slices, features,
+             feedback_ts) in rows:
+            data = self._load_input(data, ref)
+            if data is not None:  # None: its segment is gone (pruned meanwhile)
+                out.append(LabelledInput(rid, int(item), float(ts), version, label, predicted,
+                                         data, json.loads(slices), json.loads(features),
+                                         float(feedback_ts)))
+        return out
 
     def prune(self, before: float, inputs_only: bool = False, chunk: int = 5000) -> int:
         """Retention: delete predictions (and their feedback) logged before ``before`` (unix
@@ -341,9 +362,9 @@ class PredictionLog(ABC):
             with self._transaction() as tx:
                 if inputs_only:
                     n = tx.execute(
-                        "UPDATE predictions SET input = NULL WHERE id IN (SELECT id FROM"
-                        " predictions WHERE ts < ? AND input IS NOT NULL LIMIT ?)",
-                        (before, chunk)).rowcount
+                        "UPDATE predictions SET input = NULL, input_ref = NULL WHERE id IN"
+                        " (SELECT id FROM predictions WHERE ts < ? AND (input IS NOT NULL OR"
+                        " input_ref IS NOT NULL) LIMIT ?)", (before, chunk)).rowcount
                 else:
                     ids = [i for (i,) in tx.execute(
                         "SELECT id FROM predictions WHERE ts < ? LIMIT ?",
@@ -358,6 +379,7 @@ class PredictionLog(ABC):
                                        ids).rowcount
             done += n
             if n < chunk:
+                self._inputs_dropped()
                 return done
 
     def count(self, model: str | None = None) -> int:
@@ -427,9 +449,16 @@ class PredictionLog(ABC):
 
     def scan(self, after_id: int, limit: int) -> list[tuple]:
         """Up to ``limit`` whole prediction rows with ids above ``after_id``, in id order:
-        ``(id, *COLUMNS)``. What a migration copies."""
-        return self._read(f"SELECT id, {', '.join(COLUMNS)} FROM predictions WHERE id > ?"
-                          " ORDER BY id LIMIT ?", (after_id, limit))
+        ``(id, *COLUMNS)``, each input as its bytes (``input_ref`` resolved). What a migration
+        copies."""
+        rows = []
+        for row in self._read(f"SELECT id, {', '.join(COLUMNS)} FROM predictions WHERE id > ?"
+                              " ORDER BY id LIMIT ?", (after_id, limit)):
+            row = list(row)
+            row[1 + _INPUT] = self._load_input(row[1 + _INPUT], row[1 + _INPUT_REF])
+            row[1 + _INPUT_REF] = None
+            rows.append(tuple(row))
+        return rows
 
     def feedback_rows(self, after: tuple[str, int], limit: int) -> list[tuple]:
         """Up to ``limit`` feedback rows ``(request_id, item, label, ts)`` after the key
@@ -459,7 +488,7 @@ def _row(r: PredictionRecord) -> list:
             None if r.latency_ms is None else float(r.latency_ms),
             json.dumps(dict(r.slices), separators=(",", ":")),
             json.dumps({k: float(v) for k, v in r.features.items()}, separators=(",", ":")),
-            _blob(r.embedding), _blob(r.probabilities), r.input, r.replica]
+            _blob(r.embedding), _blob(r.probabilities), r.input, r.replica, None]
 
 
 def _blob(array: np.ndarray | None) -> bytes | None:

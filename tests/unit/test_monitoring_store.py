@@ -185,12 +185,14 @@ def test_slice_values_are_capped_the_same_way_for_every_writer(log) -> None:
 
 WRITER = textwrap.dedent("""
     import sys, time
+    from dataclasses import replace
     from tests.unit.test_monitoring_store import record
     from monitoring.store import open_log
     log = open_log(sys.argv[1])
     worker, batches = sys.argv[2], int(sys.argv[3])
     for b in range(batches):
-        log.write_batch([record(f"{worker}-{b}", i, seed=i) for i in range(8)])
+        log.write_batch([replace(record(f"{worker}-{b}", i, seed=i), input=f"{worker}-{b}".encode())
+                         for i in range(8)])
         print(f"{worker}-{b}", flush=True)  # "answered": only after the commit returned
 """)
 
@@ -223,7 +225,10 @@ def test_sigkill_loses_no_committed_batch(tmp_path) -> None:
     assert len(acknowledged) >= 200, writer.stderr.read()
     with open_log(tmp_path / "log.db") as log:
         stored = set(log.frame("m")["request_id"])
+        log.add_feedback_many({rid: ["0"] * 8 for rid in acknowledged})
+        inputs = {x.request_id: x.input for x in log.labelled_inputs("m")}
     assert set(acknowledged) <= stored
+    assert all(inputs[rid] == rid.encode() for rid in acknowledged)  # from the segment file
 
 
 def test_the_write_path_imports_neither_pandas_nor_evidently() -> None:
@@ -263,7 +268,7 @@ def test_prune_deletes_old_rows_with_their_feedback_or_only_their_inputs(sqlite_
     assert main(["prune", "--log", str(tmp_path / "nope.db"), "--older-than", "1d"]) == 2
 
 
-def test_schema_1_logs_gain_the_input_and_replica_columns(tmp_path) -> None:
+def test_schema_1_logs_gain_the_input_replica_and_input_ref_columns(tmp_path) -> None:
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.executescript("CREATE TABLE predictions (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL,"
@@ -277,7 +282,7 @@ def test_schema_1_logs_gain_the_input_and_replica_columns(tmp_path) -> None:
                      " KEY (key, value)); PRAGMA user_version = 1;")
     db.close()
     with open_log(path) as upgraded:
-        assert upgraded.schema_version == SCHEMA_VERSION == 3
+        assert upgraded.schema_version == SCHEMA_VERSION == 4
         assert upgraded.frame("m").empty
         upgraded.write_batch([record("new")])
         assert upgraded.count() == 1
@@ -319,3 +324,44 @@ def test_prune_on_either_backend(log) -> None:
     assert log.count() == 5
     log.vacuum()
     assert log.window_stats("m").labelled == 1
+
+
+def test_inputs_live_in_segment_files_and_retention_frees_them(sqlite_log, tmp_path,
+                                                               monkeypatch) -> None:
+    import monitoring.sqlite_log as sqlite_module
+    from dataclasses import replace
+
+    log = sqlite_log
+    log.write_batch([replace(record(f"r{i}", ts=1000.0 + i), input=bytes([i]) * (100 + i))
+                     for i in range(10)])
+    raw = sqlite3.connect(log.path)
+    refs = [ref for (ref,) in raw.execute("SELECT input_ref FROM predictions ORDER BY id")]
+    assert raw.execute("SELECT COUNT(*) FROM predictions WHERE input IS NOT NULL").fetchone()[0] == 0
+    segments = list(log.inputs_dir.glob("*.seg"))
+    assert len(segments) == 1 and all(r.startswith(segments[0].name + "@") for r in refs)
+    assert segments[0].stat().st_size == sum(100 + i for i in range(10))
+    log.add_feedback_many({f"r{i}": "0" for i in range(10)})
+    assert [x.input for x in log.labelled_inputs("m")] == [bytes([i]) * (100 + i)
+                                                          for i in range(10)]
+    # A row written before segments (schema <= 3) keeps its input in the row: still read.
+    raw.execute("UPDATE predictions SET input = x'0102', input_ref = NULL WHERE request_id = 'r0'")
+    raw.commit()
+    assert log.labelled_inputs("m")[0].input == b"\x01\x02"
+    monkeypatch.setattr(sqlite_module, "SEGMENT_GRACE_S", 0.0)
+    log.prune(2000.0, inputs_only=True)
+    assert segments[0].exists()  # unreferenced now, but this writer still holds it
+    log.close()
+    with open_log(tmp_path / "log.db") as reopened:
+        reopened.prune(2000.0, inputs_only=True)
+        assert not segments[0].exists()
+        assert reopened.labelled_inputs("m") == [] and reopened.count() == 10
+
+
+def test_inputs_can_stay_in_the_row(tmp_path) -> None:
+    from dataclasses import replace
+
+    with SQLiteLog(tmp_path / "log.db", input_segments=False) as log:
+        log.write_batch([replace(record("r1"), input=b"abc")])
+        log.add_feedback("r1", "0")
+        assert log.labelled_inputs("m")[0].input == b"abc"
+    assert not (tmp_path / "log.db.inputs").exists()
