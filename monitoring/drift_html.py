@@ -4,13 +4,15 @@ Evidently's own page opens on the first tested column's chart (whatever its verd
 verdict on a second tab, names no model, version, window or row counts, and prints small
 thresholds as "0.00". The summary says, in this order: which model and version, the verdict,
 the window and the rows compared, the estimated accuracy (when the report has one), the drifted
-columns ranked by how far past their threshold they are, the columns that did not drift, and the
-columns left out because they hold one value in both windows. Numbers show three significant
-digits, tiny p-values in scientific notation.
+columns ranked by how far past their threshold they are, the estimated accuracy per slice, the
+columns left out because they hold one value in both windows, and the columns that did not
+drift. Numbers show three significant digits, tiny p-values in scientific notation.
 
 ``render_report(doc, evidently_html)`` is pure: ``doc`` is what ``drift.json`` holds (the
 command's meta, ``DriftResult.to_dict()``); an ``estimated_accuracy`` in it (a number in [0, 1],
-or a mapping with a ``value``) shows in the summary, otherwise "not available".
+a mapping with a ``value``, or ``performance.performance_report``'s entry, whose interval,
+realised accuracy, calibration and slices show too) shows in the summary, otherwise "not
+available".
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def score_text(row: Mapping[str, Any]) -> str:
 
 
 def accuracy_text(value: Any) -> str:
+    if isinstance(value, Mapping) and "estimated" in value:
+        return _estimate_text(value)
     if isinstance(value, Mapping):
         extra = ", ".join(f"{k}: {_plain(v)}" for k, v in value.items() if k != "value")
         head = accuracy_text(value.get("value"))
@@ -123,6 +127,9 @@ def render_summary(doc: Mapping[str, Any]) -> str:
              "<dl>", *_facts(doc), "</dl>",
              "<h2>Drifted columns, strongest first</h2>",
              _table(drifted) if drifted else "<p>None.</p>"]
+    estimate = doc.get("estimated_accuracy")
+    if isinstance(estimate, Mapping) and estimate.get("by_slice"):
+        parts += ["<h2>Estimated accuracy by slice</h2>", _slice_table(estimate["by_slice"])]
     constant = doc.get("constant_columns") or {}
     parts.append("<h2>Constant in both windows (left out: nothing to test)</h2>")
     parts.append("<p>" + (", ".join(f"{escape(str(k))} = {escape(_plain(v))}"
@@ -181,6 +188,47 @@ def _table(rows: list[Mapping[str, Any]]) -> str:
     return "<table>" + head + "".join(body) + "</table>"
 
 
+def _estimate_text(report: Mapping[str, Any]) -> str:
+    """``performance.performance_report``'s entry in one line."""
+    head = accuracy_text(report.get("estimated"))
+    if head == "not available":
+        return head
+    text = (f"{head} (95% interval {accuracy_text(report.get('low'))} to "
+            f"{accuracy_text(report.get('high'))}, over {report.get('n')} rows, from confidence "
+            "calibrated on the reference profile")
+    cal = report.get("calibration") or {}
+    if cal:
+        method = {"isotonic": "isotonic regression", "identity": "raw confidence, already "
+                  "calibrated"}.get(cal.get("method"), str(cal.get("method")))
+        text += (f": {method}; reference accuracy {accuracy_text(cal.get('reference_accuracy'))}"
+                 f" on {cal.get('reference_rows')} rows")
+    if report.get("n_labelled"):
+        text += (f"). Realised {accuracy_text(report.get('realised'))} on the "
+                 f"{report['n_labelled']} rows with feedback (estimated "
+                 f"{accuracy_text(report.get('estimated_labelled'))} on those)")
+    else:
+        text += "). No feedback labels in the window: no realised accuracy"
+    if report.get("warning"):
+        text += f". Warning: {report['warning']}"
+    return text
+
+
+def _slice_table(rows: list[Mapping[str, Any]]) -> str:
+    head = ("<tr><th>slice</th><th>value</th><th>rows</th><th>estimated</th>"
+            "<th>95% interval</th><th>OOD-flagged</th><th>with feedback</th><th>realised</th>"
+            "</tr>")
+    body = [f'<tr><td>{escape(str(r["slice"]))}</td><td>{escape(str(r["value"]))}</td>'
+            f'<td class="num">{r["n"]}</td>'
+            f'<td class="num">{escape(accuracy_text(r.get("estimated")))}</td>'
+            f'<td class="num">{escape(accuracy_text(r.get("low")))} to '
+            f'{escape(accuracy_text(r.get("high")))}</td>'
+            f'<td class="num">{escape(accuracy_text(r.get("ood_share")))}</td>'
+            f'<td class="num">{r.get("n_labelled", 0)}</td>'
+            f'<td class="num">{escape(accuracy_text(r.get("realised")))}</td></tr>'
+            for r in rows]
+    return "<table>" + head + "".join(body) + "</table>"
+
+
 def _rule(doc: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     min_share = float(config.get("min_share") or 0.0)
     needed = ("at least one column" if min_share <= 0 else
@@ -203,7 +251,11 @@ def _how_to_read(doc: Mapping[str, Any]) -> str:
             "its p-value is below the threshold; a distance (Wasserstein, Jensen-Shannon) when "
             "it reaches the threshold. Columns are ranked by how far past the threshold they are "
             "(p-values on a log scale). embedding.pcN are the model's embedding projected on "
-            "the N-th principal axis of both windows pooled; 'predicted' is the predicted class.")
+            "the N-th principal axis of both windows pooled; 'predicted' is the predicted class. "
+            "The estimated accuracy needs no labels: it is the mean confidence, calibrated on "
+            "the reference profile, so it follows shifts the model is unsure about but not "
+            "new labels for the same inputs (concept shift) or inputs the model is confidently "
+            "wrong on; compare it with the realised accuracy where feedback exists.")
 
 
 def _window(since: Any, until: Any) -> str:

@@ -5,9 +5,11 @@ Resumable: predictions are copied in id order, ``batch`` rows per transaction, a
 transaction records the last source id it copied (``clf_migrations`` in the target), so a
 migration stopped at any point (Ctrl-C, SIGKILL, a lost connection) continues where it stopped
 when run again, without duplicates. Feedback (an upsert) and the admitted slice values (insert
-if missing) are copied after the predictions and are idempotent. The source is only read: the
-service may keep writing to it meanwhile; run the command again after switching the service
-over, to copy what it wrote in between.
+if missing) are copied after the predictions and are idempotent. Inputs kept in the source's
+segment files (``<log>.inputs/``) are copied into the rows. The source is only read (its schema
+is upgraded first if it is older than this code's); the service may keep writing to it
+meanwhile: run the command again after switching the service over, to copy what it wrote in
+between.
 """
 
 from __future__ import annotations

@@ -78,6 +78,9 @@ _SCHEMA = [
 ]
 
 
+_UPGRADES = {3: "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS input_ref text"}
+
+
 def _qmarks(sql: str) -> str:
     """``?`` placeholders (the shared SQL) to psycopg's ``%s``; a literal ``%`` doubled."""
     return sql.replace("%", "%%").replace("?", "%s")
@@ -172,10 +175,12 @@ class PostgresLog(PredictionLog):
             if version == 0:
                 for statement in _SCHEMA:
                     tx.execute(statement)
+            for step in range(max(version, 3), SCHEMA_VERSION) if version else ():
+                tx.execute(_UPGRADES[step])  # version N -> N + 1 (PostgreSQL logs began at 3)
+            if version < SCHEMA_VERSION:
                 tx.execute("INSERT INTO clf_meta (key, value) VALUES ('schema_version', ?) ON "
                            "CONFLICT (key) DO UPDATE SET value = excluded.value",
                            (str(SCHEMA_VERSION),))
-            # Later versions add their upgrade steps here (version N -> N + 1).
         now = int(time.time() // DAY_S)
         self.ensure_partitions({now, now + 1})  # today's and tomorrow's: no stall at midnight
 

@@ -2,16 +2,19 @@
 
 For every value of every slice column (and for the whole window, the row ``all``):
   * on all rows: count, predicted-class distribution, mean confidence, share of low-confidence
-    answers, share of OOD-flagged answers;
+    answers, share of OOD-flagged answers; and, when the frame has a ``calibrated`` column (the
+    confidence calibrated on the reference profile, ``performance.py``), the estimated accuracy
+    ``est_accuracy``: the mean calibrated confidence, the expected share of right answers
+    without any label;
   * on the rows with a ground-truth label: their count, accuracy, macro-F1 (over the classes
     that occur in the slice's labels or predictions, as scikit-learn's ``f1_score`` does) and
     expected calibration error (ECE: ``bins`` equal-width confidence bins, the
     count-weighted mean of |accuracy - mean confidence| per bin).
 
 A slice is flagged when it is at least ``margin`` worse than the whole on a figure and has at
-least ``min_count`` rows for it (labelled rows for the labelled figures): lower accuracy, macro-F1
-or mean confidence; higher ECE, low-confidence share or OOD share. Everything is grouped
-arithmetic on whole columns, so a million rows take seconds, not minutes.
+least ``min_count`` rows for it (labelled rows for the labelled figures): lower accuracy,
+macro-F1, estimated accuracy or mean confidence; higher ECE, low-confidence share or OOD share.
+Everything is grouped arithmetic on whole columns, so a million rows take seconds, not minutes.
 
 ``class_metrics`` is the per-class view of the labelled rows (feedback labels): for every class
 that occurs as a label or a prediction, its support, precision, recall and F1. A class is
@@ -36,6 +39,7 @@ FIGURES = {
     "accuracy": ("lower", True),
     "macro_f1": ("lower", True),
     "ece": ("higher", True),
+    "est_accuracy": ("lower", False),  # only when the frame has a ``calibrated`` column
     "mean_confidence": ("lower", False),
     "low_conf_share": ("higher", False),
     "ood_share": ("higher", False),
@@ -69,8 +73,8 @@ def slice_metrics(frame: pd.DataFrame, slices: Sequence[str], margin: float = 0.
                   ) -> pd.DataFrame:
     """One row per (slice, value) plus the ``all`` row; see the module docstring.
 
-    ``frame`` needs ``predicted``, ``confidence``; ``label`` (missing = unlabelled) and ``ood``
-    are optional.
+    ``frame`` needs ``predicted``, ``confidence``; ``label`` (missing = unlabelled), ``ood`` and
+    ``calibrated`` are optional.
     """
     base = _prepared(frame, low_confidence, bins)
     parts = [_figures(base, pd.Series(ALL, index=base.index), ALL)]
@@ -84,6 +88,8 @@ def slice_metrics(frame: pd.DataFrame, slices: Sequence[str], margin: float = 0.
 def _prepared(frame: pd.DataFrame, low_confidence: float, bins: int) -> pd.DataFrame:
     labels = frame["label"] if "label" in frame.columns else pd.Series(None, index=frame.index)
     conf = frame["confidence"].to_numpy(np.float64)
+    calibrated = (frame["calibrated"].to_numpy(np.float64) if "calibrated" in frame.columns
+                  else np.full(len(frame), np.nan))
     return pd.DataFrame({
         "predicted": frame["predicted"].astype(str),
         "label": labels.astype(object).where(labels.notna(), None),
@@ -92,6 +98,7 @@ def _prepared(frame: pd.DataFrame, low_confidence: float, bins: int) -> pd.DataF
         "low": conf < low_confidence,
         "ood": frame["ood"].astype(bool) if "ood" in frame.columns else False,
         "bin": np.minimum((conf * bins).astype(np.int64), bins - 1),
+        "calibrated": calibrated,
     }, index=frame.index)
 
 
@@ -99,6 +106,7 @@ def _figures(base: pd.DataFrame, keys: pd.Series, slice_name: str) -> pd.DataFra
     grouped = base.groupby(keys, sort=True)
     table = pd.DataFrame({
         "n": grouped.size(),
+        "est_accuracy": grouped["calibrated"].mean(),  # all nan without a calibration
         "mean_confidence": grouped["confidence"].mean(),
         "low_conf_share": grouped["low"].mean(),
         "ood_share": grouped["ood"].mean(),
@@ -170,14 +178,16 @@ def _flag(table: pd.DataFrame, margin: float, min_count: int) -> pd.DataFrame:
 
 def format_table(table: pd.DataFrame, top: int = 3) -> str:
     """A fixed-width rendering: one line per slice value, flagged ones marked with ``!``."""
-    head = (f"  {'slice':<18} {'value':<14} {'n':>8} {'n_lab':>7} {'acc':>6} {'mF1':>6} "
-            f"{'ECE':>6} {'conf':>6} {'low':>6} {'ood':>6}  predicted (top {top})  flags")
+    head = (f"  {'slice':<18} {'value':<14} {'n':>8} {'n_lab':>7} {'acc':>6} {'est':>6} "
+            f"{'mF1':>6} {'ECE':>6} {'conf':>6} {'low':>6} {'ood':>6}  predicted (top {top})  "
+            "flags")
     lines = [head]
     for row in table.itertuples(index=False):
         dist = " ".join(f"{k}:{v:.2f}" for k, v in list((row.predicted_dist or {}).items())[:top])
         lines.append(
             f"{'!' if row.flagged else ' '} {row.slice:<18.18} {row.value:<14.14} {row.n:>8d} "
-            f"{row.n_labelled:>7d} {_f(row.accuracy)} {_f(row.macro_f1)} {_f(row.ece)} "
+            f"{row.n_labelled:>7d} {_f(row.accuracy)} {_f(row.est_accuracy)} "
+            f"{_f(row.macro_f1)} {_f(row.ece)} "
             f"{_f(row.mean_confidence)} {_f(row.low_conf_share)} {_f(row.ood_share)}  "
             f"{dist:<22} {row.reasons}")
     return "\n".join(lines)

@@ -150,7 +150,8 @@ def get_metrics() -> Metrics:
 
 @lru_cache(maxsize=1)
 def drift_gauges():
-    """The clf_drift_* gauges of this worker (monitoring/exporter.py), created once."""
+    """The clf_drift_* and clf_estimated_accuracy gauges of this worker
+    (monitoring/exporter.py), created once."""
     from monitoring.exporter import DriftGauges
 
     return DriftGauges()
@@ -218,9 +219,11 @@ class ModelMetrics:
 
 class DriftRefresher:
     """Copies the latest drift scores (``drift_latest.json`` next to the log, written by
-    ``python -m monitoring drift``) into this worker's ``clf_drift_*`` gauges periodically.
-    The served ``models`` have their per-model gauges from the start: 0, and a last-run
-    timestamp of 0, until their first report."""
+    ``python -m monitoring drift``) into this worker's ``clf_drift_*`` gauges and
+    ``clf_estimated_accuracy{model}`` (the report's accuracy estimated without labels)
+    periodically. The served ``models`` have their per-model gauges from the start: 0, and a
+    last-run timestamp of 0, until their first report; the estimated accuracy NaN (so a rule
+    comparing it is false) until a report has one."""
 
     def __init__(self, log_path: str | Path, every_s: float, models: Iterable[str] = ()) -> None:
         from monitoring.exporter import state_path_for

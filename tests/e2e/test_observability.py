@@ -1,7 +1,8 @@
 """The shipped dashboard and alert rules (deploy/) against a real ``bentoml serve``.
 
   * the drift gauges exist from the service's start: 0, with a last-run timestamp of 0, before
-    any drift report has run (so "no drift report for a day" can fire);
+    any drift report has run (so "no drift report for a day" can fire); the estimated accuracy
+    at NaN (so "estimated accuracy dropped" cannot);
   * a real Prometheus (Debian's ``prometheus``) scrapes the service with deploy/prometheus's
     alert rules loaded: every rule evaluates without error, the stale-drift-report alert is
     already pending (no report yet) and the no-replica alert is not;
@@ -13,6 +14,7 @@ The tests run in file order: the first two need the state before any drift repor
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import time
@@ -33,11 +35,7 @@ TOKEN = "observability-token"
 FROM_PROMETHEUS = {"up"}
 # Read by the rules or the dashboard, exported by changes still being made. Remove a name once
 # its change lands (the test then checks it like the rest).
-PENDING = {
-    # issue item "estimated accuracy": the confidence-based estimate, a gauge refreshed like the
-    # drift gauges (monitoring/exporter.py DriftGauges)
-    "clf_estimated_accuracy",
-}
+PENDING: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +74,10 @@ def test_the_drift_gauges_exist_at_zero_before_any_report(served):
     model = served["model"]
     for name in ("clf_drift_detected", "clf_drift_share", "clf_drift_last_run_timestamp_seconds"):
         assert _value(samples.get(name, []), model=model) == 0.0, (name, samples.get(name))
-    assert _value(samples.get("clf_ood_reference_rate", []), model=model) == pytest.approx(0.03)
+    # no estimate yet: NaN, so ClfEstimatedAccuracyDrop's comparisons are false
+    estimated = _value(samples.get("clf_estimated_accuracy", []), model=model)
+    assert estimated is not None and math.isnan(estimated), samples.get("clf_estimated_accuracy")
+    assert _value(samples.get("clf_ood_reference_rate", []), model=model) == pytest.approx(0.045)
 
 
 @needs_prometheus
@@ -135,7 +136,8 @@ def test_every_metric_the_dashboard_and_the_alerts_read_is_in_a_real_scrape(serv
             {"feature": "brightness", "group": "input", "method": "ks", "score": 1e-9,
              "threshold": 0.0025, "drifted": True},
             {"feature": "contrast", "group": "input", "method": "ks", "score": 0.3,
-             "threshold": 0.0025, "drifted": False}]})
+             "threshold": 0.0025, "drifted": False}],
+        "estimated_accuracy": {"value": 0.84, "estimated": 0.84, "by_slice": []}})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         samples = _samples(httpx.get(f"{url}/metrics").text)
@@ -148,6 +150,7 @@ def test_every_metric_the_dashboard_and_the_alerts_read_is_in_a_real_scrape(serv
     assert not missing, ("read by the dashboard or the alert rules but not in the service's "
                          f"/metrics: {missing}")
     assert _value(samples["clf_drift_detected"], model=model) == 1.0
+    assert _value(samples["clf_estimated_accuracy"], model=model) == 0.84
 
 
 def test_the_rules_and_the_dashboard_read_only_the_projects_and_bentomls_metrics():

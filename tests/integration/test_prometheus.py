@@ -166,3 +166,29 @@ def test_served_models_have_their_drift_gauges_at_zero_before_any_report(tmp_pat
     gauges.refresh(state, ["digits-cnn"])
     assert gauged.get_sample_value("clf_drift_last_run_timestamp_seconds",
                                    {"model": "digits-cnn"}) == ENTRY["created"]
+
+
+def test_the_estimated_accuracy_gauge_is_nan_until_a_report_has_one(tmp_path) -> None:
+    """``clf_estimated_accuracy{model}`` exists from the start at NaN (a rule comparing it is
+    false; 0 would read as every answer wrong), then follows the report's estimate."""
+    import math
+
+    from prometheus_client import CollectorRegistry
+
+    state = tmp_path / "drift_latest.json"
+    collected, gauged = CollectorRegistry(), CollectorRegistry()
+    collected.register(DriftCollector(state, ["digits-cnn"]))
+    gauges = DriftGauges(gauged)
+    gauges.refresh(state, ["digits-cnn"])
+    for registry in (collected, gauged):
+        assert math.isnan(registry.get_sample_value("clf_estimated_accuracy",
+                                                    {"model": "digits-cnn"}))
+    write_state(state, "digits-cnn", ENTRY)  # a report without an estimate: still NaN
+    gauges.refresh(state, ["digits-cnn"])
+    assert math.isnan(gauged.get_sample_value("clf_estimated_accuracy", {"model": "digits-cnn"}))
+    write_state(state, "digits-cnn", {**ENTRY, "estimated_accuracy": {
+        "value": 0.87, "estimated": 0.87, "low": 0.84, "high": 0.9, "by_slice": []}})
+    gauges.refresh(state, ["digits-cnn"])
+    for registry in (collected, gauged):
+        assert registry.get_sample_value("clf_estimated_accuracy",
+                                         {"model": "digits-cnn"}) == 0.87
