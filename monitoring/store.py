@@ -352,6 +352,12 @@ class PredictionLog(ABC):
                                          float(feedback_ts)))
         return out
 
+    def inputs(self, request_id: str) -> list[bytes | None]:
+        """The raw inputs logged for one request, in item order (None where not kept)."""
+        return [self._load_input(data, ref) for data, ref in self._read(
+            "SELECT input, input_ref FROM predictions WHERE request_id = ? ORDER BY item",
+            (request_id,))]
+
     def prune(self, before: float, inputs_only: bool = False, chunk: int = 5000) -> int:
         """Retention: delete predictions (and their feedback) logged before ``before`` (unix
         seconds), or with ``inputs_only`` just drop their raw inputs, the bulk of the log.

@@ -95,9 +95,12 @@ def test_every_answer_is_logged_with_features_slices_ood_and_its_input(setup, di
         assert len(np.frombuffer(row["embedding"], "<f4")) > 1
         probs = np.frombuffer(row["probabilities"], "<f4")
         assert probs.sum() == pytest.approx(1.0, abs=1e-4)
-    assert bytes(rows[0]["input"]) == digit_pngs[0][0]  # the uploaded file, for retraining
+    from monitoring.store import open_log
+
+    with open_log(setup["log"]) as log:  # the inputs live in segment files beside the log
+        assert log.inputs("log-1")[0] == digit_pngs[0][0]  # the uploaded file, for retraining
+        assert [x.decode() for x in log.inputs("log-2")] == ["hello there my friend", "bonjour"]
     text_rows = _rows(setup["log"], "WHERE request_id = ? ORDER BY item", ("log-2",))
-    assert [bytes(r["input"]).decode() for r in text_rows] == ["hello there my friend", "bonjour"]
     assert __import__("json").loads(text_rows[0]["slices"]) == {"device": "other"}  # not listed
     assert __import__("json").loads(text_rows[0]["features"])["words"] == 4
 
