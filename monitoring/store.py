@@ -281,7 +281,7 @@ class PredictionLog(ABC):
         if new:
             tx.executemany("INSERT INTO slice_values (key, value) VALUES (?, ?)"
                            " ON CONFLICT DO NOTHING", new)
-        return json.dumps(capped, separators=(",", ":"))
+        return _compact(capped)
 
     def slice_values(self) -> dict[str, list[str]]:
         """The values each slice key has admitted so far."""
@@ -475,6 +475,11 @@ class PredictionLog(ABC):
             (after[0], after[0], after[1], limit))
 
 
+# One encoder: json.dumps with non-default arguments builds a new JSONEncoder on every call (a
+# third of what encoding a row cost).
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _finite(until: float) -> float:
     return until if math.isfinite(until) else 1e300
 
@@ -492,8 +497,7 @@ def _row(r: PredictionRecord) -> list:
             float(r.confidence), int(bool(r.ood)),
             None if r.ood_score is None else float(r.ood_score),
             None if r.latency_ms is None else float(r.latency_ms),
-            json.dumps(dict(r.slices), separators=(",", ":")),
-            json.dumps({k: float(v) for k, v in r.features.items()}, separators=(",", ":")),
+            _compact(dict(r.slices)), _compact({k: float(v) for k, v in r.features.items()}),
             _blob(r.embedding), _blob(r.probabilities), r.input, r.replica, None]
 
 

@@ -39,28 +39,39 @@ def image_features(img: Image.Image) -> dict[str, float]:
     width, height = img.size
     small = img if max(img.size) <= _STATS_SIDE else img.reduce(max(1, max(img.size) // _STATS_SIDE))
     rgb = np.asarray(small.convert("RGB"))  # uint8 [H, W, 3]
-    # One contiguous float plane per channel: reductions over a trailing axis of 3 are slow.
-    planes = rgb.reshape(-1, 3).T.astype(np.float32) * np.float32(1.0 / 255.0)
+    # One contiguous float plane per channel: reductions over a trailing axis of 3 are slow, and
+    # so are reductions over a transposed view (astype keeps the layout unless told: measured
+    # 104 us against 17 us for the channel means of a 64x64 image).
+    planes = rgb.reshape(-1, 3).T.astype(np.float32, order="C") * np.float32(1.0 / 255.0)
     r, g, b = planes
-    gray = (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).reshape(rgb.shape[:2])
-    means = planes.mean(axis=1)
-    saturation = (np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).mean()
-    if gray.shape[0] > 1 and gray.shape[1] > 1:
-        gx = np.abs(np.diff(gray, axis=1)).mean()
-        gy = np.abs(np.diff(gray, axis=0)).mean()
-        edges = float((gx + gy) / 2.0)
+    gray = _GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b  # [H * W]
+    h, w = rgb.shape[:2]
+    n = float(h * w)
+    # Sums with np.add.reduce (what ndarray.mean does, without its Python wrapper: on images
+    # this small the wrappers cost more than the arithmetic).
+    means = np.add.reduce(planes, axis=1) / n
+    brightness = float(np.add.reduce(gray)) / n
+    centred = gray - np.float32(brightness)
+    contrast = (float(np.add.reduce(centred * centred)) / n) ** 0.5
+    saturation = float(np.add.reduce(np.maximum(np.maximum(r, g), b)
+                                     - np.minimum(np.minimum(r, g), b))) / n
+    if h > 1 and w > 1:
+        plane = gray.reshape(h, w)
+        gx = float(np.add.reduce(np.abs(plane[:, 1:] - plane[:, :-1]), axis=None)) / (h * (w - 1))
+        gy = float(np.add.reduce(np.abs(plane[1:] - plane[:-1]), axis=None)) / ((h - 1) * w)
+        edges = (gx + gy) / 2.0
     else:
         edges = 0.0
     return {
         "width": float(width),
         "height": float(height),
         "aspect_ratio": float(width) / float(height),
-        "brightness": float(gray.mean()),
-        "contrast": float(gray.std()),
+        "brightness": brightness,
+        "contrast": contrast,
         "mean_r": float(means[0]),
         "mean_g": float(means[1]),
         "mean_b": float(means[2]),
-        "saturation": float(saturation),
+        "saturation": saturation,
         "edge_density": edges,
     }
 
