@@ -22,6 +22,7 @@ Imports sqlite3 only: the service imports this on its request path.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -32,6 +33,7 @@ from typing import Iterator, Sequence
 
 from .store import _INPUT, _INPUT_REF, COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog
 
+logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
 
 _SCHEMA = """
@@ -90,7 +92,11 @@ class SQLiteLog(PredictionLog):
     backend = "sqlite"
 
     def __init__(self, path: str | Path, synchronous: str = "NORMAL",
-                 max_slice_values: int = 20, input_segments: bool = True) -> None:
+                 max_slice_values: int = 20, input_segments: bool = True,
+                 background_checkpoints: bool = False) -> None:
+        """``background_checkpoints``: checkpoint the WAL from a thread of its own instead of
+        inside the commit that crosses the threshold (the service's writers: a checkpoint's
+        fsyncs took a commit's p99 from under 1 ms to 25 ms, see Checkpoints below)."""
         super().__init__(max_slice_values)
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
@@ -120,7 +126,11 @@ class SQLiteLog(PredictionLog):
         self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._enable_wal()
         self._db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self._checkpointer: _Checkpointer | None = None
         self._migrate()
+        if background_checkpoints:
+            self._db.execute("PRAGMA wal_autocheckpoint = 0")
+            self._checkpointer = _Checkpointer(self.path, synchronous.upper())
 
     def _enable_wal(self) -> None:
         # Switching a new file to WAL needs an exclusive lock and, unlike a write, does not wait
@@ -141,6 +151,9 @@ class SQLiteLog(PredictionLog):
                                "is it on a network file system?")
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         with self._lock:
             self._db.close()
             if self._queue_fd >= 0:
@@ -263,6 +276,8 @@ class SQLiteLog(PredictionLog):
                     raise
             finally:
                 fcntl.flock(self._queue_fd, fcntl.LOCK_UN)
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
         with self._lock:
@@ -299,3 +314,56 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     if views and n:
         views = [views[0][n:], *views[1:]]
     return views
+
+
+class _Checkpointer:
+    """Checkpoints the WAL from a thread and connection of its own.
+
+    SQLite's automatic checkpoint runs inside the commit that takes the WAL past 1,000 pages:
+    that commit, and the answers waiting on it, wait for the copy into the database file and its
+    fsyncs. Here a writer only pokes (a ``stat`` of the WAL after its commit); past
+    ``PASSIVE_BYTES`` this thread runs a PASSIVE checkpoint, which copies what it can without
+    blocking any writer, as the automatic one does. Writers that never pause can keep a passive
+    checkpoint from ever reaching the WAL's end, and the WAL from restarting: past
+    ``RESTART_BYTES`` the thread runs a RESTART checkpoint, which holds new writers back until it
+    is done (rare: once per ``RESTART_BYTES`` of traffic), so the file stays bounded.
+    """
+
+    PASSIVE_BYTES = 4 * 1024 * 1024
+    RESTART_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self.wal = Path(str(path) + "-wal")
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_TIMEOUT_MS / 1000)
+        self._db.execute(f"PRAGMA synchronous = {synchronous}")
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="predlog-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        try:
+            if self.wal.stat().st_size >= self.PASSIVE_BYTES:
+                self._wake.set()
+        except FileNotFoundError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                size = self.wal.stat().st_size
+                mode = "RESTART" if size >= self.RESTART_BYTES else "PASSIVE"
+                self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            except (OSError, sqlite3.Error) as exc:  # the next commit pokes again
+                logger.warning("WAL checkpoint failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self._db.close()

@@ -191,8 +191,8 @@ def _prediction_recorder() -> PredictionRecorder | None:
     options = {"max_slice_values": SETTINGS.slice_max_values}
     if SETTINGS.prediction_log.startswith(("postgresql://", "postgres://")):
         options["pool_size"] = SETTINGS.log_pool_size
-    else:
-        options["synchronous"] = SETTINGS.log_synchronous
+    else:  # SQLite: checkpoints off the commits the answers wait on (sqlite_log._Checkpointer)
+        options.update(synchronous=SETTINGS.log_synchronous, background_checkpoints=True)
     try:
         store = open_log(SETTINGS.prediction_log, **options)
     except LogOpenError as exc:

@@ -365,3 +365,24 @@ def test_inputs_can_stay_in_the_row(tmp_path) -> None:
         log.add_feedback("r1", "0")
         assert log.labelled_inputs("m")[0].input == b"abc"
     assert not (tmp_path / "log.db.inputs").exists()
+
+
+def test_background_checkpoints_keep_the_wal_bounded_off_the_commit_path(tmp_path) -> None:
+    from dataclasses import replace
+
+    from monitoring.sqlite_log import _Checkpointer
+
+    log = SQLiteLog(tmp_path / "log.db", input_segments=False, background_checkpoints=True)
+    assert log._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # not in commits
+    blob = os.urandom(100_000)
+    for b in range(60):  # 6 MB through the WAL: past PASSIVE_BYTES
+        log.write_batch([replace(record(f"b{b}"), input=blob)])
+    deadline = time.monotonic() + 20
+    main = tmp_path / "log.db"
+    while main.stat().st_size < 5_000_000 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the checkpointer thread copies the WAL into the database file
+    assert main.stat().st_size >= 5_000_000
+    assert _Checkpointer.PASSIVE_BYTES < 6_000_000
+    log.close()
+    with open_log(main) as reopened:
+        assert reopened.count() == 60
