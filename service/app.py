@@ -158,7 +158,9 @@ class OverloadShortcut:
     the admission over (it still applies a shorter deadline a client asks for, and counts the
     other inputs of a request with several); one that never gets there is released here.
     Refusals answered here are counted in ``clf_shed_requests_total``, not in BentoML's request
-    metrics."""
+    metrics. In a worker most of them never get here: the HTTP protocol refuses at the door, and
+    what it admits arrives with its admission in the scope, which this takes over and releases
+    the same way (``shedding.py``)."""
 
     def __init__(self, app: Callable, api: "App") -> None:
         self.app = app
@@ -166,13 +168,16 @@ class OverloadShortcut:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            model = self.api.classify_model(scope)
+            model = scope.get(ADMISSION)  # admitted at the door
+            if model is None:
+                model = self.api.classify_model(scope)
+                if model is not None:
+                    try:
+                        model.admit(self.api.budget_s)
+                    except Overloaded as exc:
+                        return await self.api.refuse(exc, scope, send)
+                    scope[ADMISSION] = model
             if model is not None:
-                try:
-                    model.admit(self.api.budget_s)
-                except Overloaded as exc:
-                    return await self.api.refuse(exc, scope, send)
-                scope[ADMISSION] = model
                 try:
                     return await self.app(scope, receive, send)
                 finally:

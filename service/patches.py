@@ -34,6 +34,8 @@ its request metrics, tracing and timeout middlewares (the last one runs every re
 of its own). The overload shortcut (``app.OverloadShortcut``) exists to answer a refusal before
 that work, so it is moved to the front, right after Starlette's error handler. If BentoML
 changes the factory, it stays where BentoML put it (still correct, only dearer) and that is logged.
+In a worker, most refusals happen earlier still, in uvicorn's HTTP protocol (``shedding.py``),
+which relies on this: what it admits, the shortcut releases.
 """
 
 from __future__ import annotations
@@ -105,20 +107,21 @@ async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None
     await fut
 
 
-def run_first(middleware_cls: type) -> None:
-    """Make the service middlewares of this class the first BentoML's app runs (fix 6)."""
+def run_first(middleware_cls: type) -> bool:
+    """Make the service middlewares of this class the first BentoML's app runs (fix 6); False
+    (logged) where BentoML changed and they stay where it puts them."""
     try:
         from _bentoml_impl.server.app import ServiceAppFactory
 
         original = ServiceAppFactory.middlewares
         if getattr(original.fget, "_clf_first", None) is middleware_cls:
-            return
+            return True
         if not isinstance(original, property):
             raise AttributeError("ServiceAppFactory.middlewares is not a property")
     except (ImportError, AttributeError) as exc:
         logger.warning("BentoML changed (%s): %s runs where BentoML puts it", exc,
                        middleware_cls.__name__)
-        return
+        return False
 
     def middlewares(self: Any) -> list:
         found = original.fget(self)
@@ -127,6 +130,7 @@ def run_first(middleware_cls: type) -> None:
 
     middlewares._clf_first = middleware_cls  # type: ignore[attr-defined]
     ServiceAppFactory.middlewares = property(middlewares)
+    return True
 
 
 def apply() -> None:
@@ -234,8 +238,8 @@ def _in_request(conn: Any) -> bool:
     cycle = getattr(conn, "cycle", None)
     if cycle is not None and not cycle.response_complete:
         return True
-    if getattr(conn, "pipeline", None):
-        return True
+    if getattr(conn, "pipeline", None) or getattr(conn, "owed", None) is not None:
+        return True  # (owed: a refusal at the door waiting for its pace, shedding.py)
     if cycle is not None and getattr(conn, "timeout_keep_alive_task", None) is None:
         return True
     return _unread_bytes(conn.transport) > 0

@@ -1,0 +1,281 @@
+"""Refusal at the door: under overload, a classify request to a full model is answered 503
+``overloaded`` by the HTTP protocol itself, from its request line and headers, and never becomes
+an ASGI request; a client that keeps sending to a full model on the same connection is paced.
+
+Why. Under a flood of connections (the benchmark's overload cell: 1,000 keep-alive connections
+posting images on 2 cores) nearly every request is refused, and each connection sends its next
+request the moment it has its answer. Every event-loop pass then reads a request from nearly
+every connection (~500 per worker), so a pass takes 100-150 ms, and an accepted request, which
+needs several passes (read, hand-off to the batcher, the batch's results, answer), waits through
+all of them: its latency is made of other requests' refusals, not of the queue the settings
+bound, and the refusals take the CPU the model needs. Two things shorten the passes:
+
+* a cheaper refusal: through ASGI a refusal is the scope and the request's task, Starlette's
+  error middleware, ``app.OverloadShortcut``, two ``send()`` calls through uvicorn's response
+  cycle (75-125 us of Python before BentoML's own middlewares); here it is ``admit()`` raising,
+  one ``transport.write`` of the formatted answer, and the body skipped by the parser as it
+  arrives (about 30 us);
+* fewer of them: a connection refused again sooner than the ``Retry-After`` it was given gets
+  its answer ``PACE_S`` later, and nothing more is read from it meanwhile. A client that waits
+  as told, a first refusal and one that closes its connection are answered at once.
+
+How. ``SheddingProtocol`` is uvicorn's httptools protocol with ``on_headers_complete`` in front:
+a ``POST`` to a classify route (``app.SHED_ROUTES``) whose model is ready is admitted right there
+(``ServedModel.admit``, the very call ``OverloadShortcut`` makes) or refused:
+
+* refused: the answer ``App.refuse`` would send (503, ``Retry-After``, ``X-Request-ID``, the
+  error body with reason ``overloaded``, byte for byte; uvicorn's default headers first) is
+  written to the transport, at once or after the pace; the body is discarded; once both are done
+  the connection is ready for the next request (keep-alive), or closed where uvicorn would close
+  it (HTTP/1.0, ``Connection: close``, a stop under way) and where the client sent ``Expect:
+  100-continue`` (it may never send the body: closing at once is what RFC 9110 allows). A request
+  pipelined behind a paced refusal makes it go out at once, so answers keep their order. No ASGI
+  task, no BentoML request metric; ``clf_shed_requests_total{reason="overloaded"}`` counts it,
+  as it counts every refusal.
+* admitted: the admission rides in the scope (``app.ADMISSION``) and uvicorn carries on as
+  usual; ``OverloadShortcut``, the first middleware BentoML runs (``patches.run_first``), takes
+  it over and releases it if the request never reaches the route, exactly as for one it admitted
+  itself.
+
+Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
+routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
+still under way (its task starts only when the one before it is answered; a closed connection
+would leave its admission held), a server draining after SIGTERM (``lifecycle.DRAIN``: its own
+answers and ``Connection: close`` rules apply), uvicorn's own ``limit_concurrency``. One case
+loses an admission: a task that uvicorn cancels before it ever ran, which happens only at the end
+of a stop, when the counts die with the process.
+
+``install`` puts the class where uvicorn's ``Config.load`` finds it (``http="auto"``, BentoML's
+choice, and ``http="httptools"``), once the service is loaded and before its worker builds the
+server. Where uvicorn is not the version this was written against, its protocol lacks what the
+subclass relies on, httptools is missing, or ``OverloadShortcut`` is not BentoML's first
+middleware, nothing is installed and that is logged: refusals stay in ``OverloadShortcut``,
+correct and dearer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from http import HTTPStatus
+from json.encoder import encode_basestring_ascii
+from typing import TYPE_CHECKING, Any
+
+from . import requests
+from .app import ADMISSION, SHED_ROUTES, STATUS
+from .lifecycle import DRAIN
+from .served import Overloaded
+
+if TYPE_CHECKING:
+    from .app import App
+    from .served import ServedModel
+
+logger = logging.getLogger(__name__)
+
+# the uvicorn releases whose httptools protocol this subclass was written against and tested on
+# (``tests/integration/test_shedding.py``): on_headers_complete builds the cycle and starts its
+# task, on_body/on_message_complete feed that cycle, on_response_complete re-arms keep-alive
+TESTED_UVICORN = ("0.54.",)
+_PROTOCOL_NEEDS = ("on_message_begin", "on_headers_complete", "on_body", "on_message_complete",
+                   "on_response_complete", "_unset_keepalive_if_required", "connection_lost",
+                   "shutdown")
+
+# A connection whose client sends again sooner than the Retry-After it was given, and is refused
+# again, hears back only after this pause (seconds), and nothing more is read from it meanwhile:
+# a client that hammers a full model is paced instead of answered as fast as it can send (see
+# the module docstring). Measured with the overload cell's wrk command (1,000 connections, 20 s
+# runs, 2 cores, every refusal held): accepted answers 268/s -> 528/s and their p99 981 -> 414 ms
+# with a 0.3 s pause, the same (528/s, 387 ms) with 0.6 s; refusals' p99 280 -> 454 ms. So a
+# short one, 0.25 s (the overload cell in the README runs with it): refusals stay quick, well
+# inside the Retry-After of 1 s or more they carry. 0 turns pacing off. With far more
+# connections per worker than the cell's ~500, a fixed pause paces them less (refusals are then
+# about connections / PACE_S a second).
+PACE_S = 0.25
+
+_PATHS = {path.encode(): kind for path, kind in SHED_ROUTES.items()}
+_STATUS = STATUS["overloaded"]
+# error_body("overloaded", message, request_id) as app.py's json.dumps writes it, in pieces
+_BODY_HEAD = b'{"error":{"reason":"overloaded","message":'
+_BODY_ID = b'},"request_id":"'
+_STATUS_LINE = f"HTTP/1.1 {_STATUS} {HTTPStatus(_STATUS).phrase}\r\n".encode()
+
+
+def refusal(exc: Overloaded, request_id: str, default_headers: list[tuple[bytes, bytes]],
+            close: bool) -> bytes:
+    """The whole HTTP/1.1 answer ``App.refuse`` sends for ``exc``, as bytes on the wire: the same
+    status, headers and body, byte for byte (``requests.request_id`` only yields ids that need no
+    JSON escaping)."""
+    body = b"".join([_BODY_HEAD, encode_basestring_ascii(exc.message).encode(), _BODY_ID,
+                     request_id.encode(), b'"}'])
+    lines = [_STATUS_LINE]
+    for name, value in default_headers:
+        lines += [name, b": ", value, b"\r\n"]
+    lines += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+              b"\r\nx-request-id: ", request_id.encode(), b"\r\nretry-after: ",
+              str(exc.retry_after_s).encode(), b"\r\n"]
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines += [b"\r\n", body]
+    return b"".join(lines)
+
+
+def protocol_class(base: type, api: "App") -> type:
+    """``base`` (uvicorn's ``HttpToolsProtocol``) with refusal at the door for ``api``'s models."""
+
+    class SheddingProtocol(base):  # type: ignore[misc, valid-type]
+        shed_api = api
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.refused = False  # the message being parsed was refused: skip its body
+            self.close_after_refusal = False
+            self.last_refused = -math.inf  # loop.time() of this connection's last refusal
+            self.owed: tuple[Overloaded, str] | None = None  # a paced refusal not yet sent
+            self.paced: asyncio.TimerHandle | None = None  # when it will be
+
+        def on_message_begin(self) -> None:
+            if self.owed is not None:  # a request pipelined behind a paced refusal: its
+                self._answer()  # answer first, at once, so answers keep their order
+            # a refusal's end armed the keep-alive timer: a request pipelined behind it, parsed
+            # in the same data_received, must not be cut off by it
+            self._unset_keepalive_if_required()
+            self.refused = False
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            model = self._door_model()
+            if model is None:
+                return super().on_headers_complete()
+            try:
+                model.admit(self.shed_api.budget_s)
+            except Overloaded as exc:
+                return self._refuse(exc)
+            self.scope[ADMISSION] = model  # OverloadShortcut takes it over (and the release)
+            try:
+                super().on_headers_complete()
+            except BaseException:
+                if self.scope.get(ADMISSION) is model:
+                    self.scope[ADMISSION] = None
+                    model.release()
+                raise
+
+        def _door_model(self) -> "ServedModel | None":
+            """The ready model this request's classify route is for, when the door may decide
+            for it (see the module docstring); None: the usual way."""
+            if self.parser.get_method() != b"POST":
+                return None
+            kind = _PATHS.get(self.url.partition(b"?")[0])
+            if kind is None or self.root_path or DRAIN.active:
+                return None
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                return None  # pipelined behind a request under way
+            if self.limit_concurrency is not None or self.parser.should_upgrade():
+                return None
+            model = self.shed_api.model(kind)
+            return model if model is not None and model.ready else None
+
+        def _refuse(self, exc: Overloaded) -> None:
+            self.refused = True
+            given = next((v for k, v in self.headers if k == b"x-request-id"), b"")
+            request_id = requests.request_id({"x-request-id": given.decode("latin-1")})
+            keep_alive = (self.parser.get_http_version() != "1.0"
+                          and self.parser.should_keep_alive())
+            # a client that waits for 100 Continue may never send the body: close at once
+            self.close_after_refusal = not keep_alive or self.expect_100_continue
+            self.owed = (exc, request_id)
+            now = self.loop.time()
+            again = now - self.last_refused < exc.retry_after_s  # sooner than it was told
+            self.last_refused = now
+            if again and not self.close_after_refusal and PACE_S > 0:
+                self.flow.pause_reading()  # nothing more from it until this answer is out
+                self.paced = self.loop.call_later(PACE_S, self._answer)
+            else:
+                self._answer()
+
+        def _answer(self) -> None:
+            """Send the refusal owed; finish it when its message has been read whole."""
+            if self.paced is not None:
+                self.paced.cancel()
+                self.paced = None
+            exc, request_id = self.owed
+            self.owed = None
+            transport = self.transport
+            if transport.is_closing():
+                return
+            # after SIGTERM every answer closes its connection (patches.drain_on_stop)
+            self.close_after_refusal = self.close_after_refusal or DRAIN.active
+            transport.write(refusal(exc, request_id, self.server_state.default_headers,
+                                    self.close_after_refusal))
+            if self.expect_100_continue:
+                transport.close()
+            elif not self.refused:  # its message is complete
+                self._finish_refusal()
+            else:
+                self.flow.resume_reading()  # the rest of its body, to be skipped
+
+        def _finish_refusal(self) -> None:
+            if self.close_after_refusal:
+                self.transport.close()
+            self.on_response_complete()  # counts it; keep-alive: re-arms its timer, reads on
+
+        def on_body(self, body: bytes) -> None:
+            if not self.refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self.refused:
+                return super().on_message_complete()
+            self.refused = False
+            if self.owed is None:  # answered already
+                self._finish_refusal()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.paced is not None:
+                self.paced.cancel()
+                self.paced = None
+            self.owed = None
+            super().connection_lost(exc)
+
+        def shutdown(self) -> None:  # uvicorn's own stop (where drain_on_stop is not in place)
+            if self.owed is not None:
+                self._answer()
+            super().shutdown()
+
+    SheddingProtocol.__qualname__ = SheddingProtocol.__name__ = f"Shedding{base.__name__}"
+    return SheddingProtocol
+
+
+def install(api: "App", middleware_first: bool) -> bool:
+    """Make uvicorn's httptools protocol refuse at the door for ``api`` (the module docstring).
+    ``middleware_first``: ``OverloadShortcut`` is the first middleware BentoML runs, so what the
+    door admits is released however the request ends. Idempotent; False (logged) where it is
+    not installed."""
+    try:
+        import uvicorn
+        from uvicorn.protocols.http import auto, httptools_impl
+    except ImportError as exc:
+        logger.warning("refusal at the door not installed (%s): OverloadShortcut refuses", exc)
+        return False
+    base = httptools_impl.HttpToolsProtocol
+    if getattr(base, "shed_api", None) is not None:  # installed before
+        base.shed_api = api
+        return True
+    why = None
+    if not middleware_first:
+        why = "OverloadShortcut is not BentoML's first middleware"
+    elif not uvicorn.__version__.startswith(TESTED_UVICORN):
+        why = f"uvicorn {uvicorn.__version__} is not one it was tested on ({TESTED_UVICORN})"
+    elif not all(hasattr(base, name) for name in _PROTOCOL_NEEDS):
+        why = "uvicorn's HttpToolsProtocol changed shape"
+    elif auto.AutoHTTPProtocol is not base:
+        why = "uvicorn's automatic HTTP protocol is not httptools"
+    if why is not None:
+        logger.warning("refusal at the door not installed: %s; OverloadShortcut refuses "
+                       "(correct, dearer under a flood)", why)
+        return False
+    shedding = protocol_class(base, api)
+    auto.AutoHTTPProtocol = shedding
+    httptools_impl.HttpToolsProtocol = shedding
+    return True
