@@ -107,32 +107,35 @@ def test_a_promoted_version_takes_over_under_load_with_no_failed_request(served,
     url = f"{server.url}/v1/classify/image"
     second = clone_version(served["tag"], NAME, served["work"])
     broken = clone_version(served["tag"], NAME, served["work"], corrupt=True)
-    images = [d for d, _ in digit_pngs[:10]]
-    with Load(url, images) as load:
-        load.wait_for(100)
-        registry.promote(NAME, second, reason="e2e: hot reload")
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any(v == second for _, _, v in load.results[-20:]):
-            time.sleep(0.1)
-        switched_at = len(load.results)
-        load.wait_for(switched_at + 100)
-        registry.promote(NAME, broken, reason="e2e: a version that cannot load")
-        time.sleep(3)  # both workers try it, refuse it and keep serving
-        load.wait_for(len(load.results) + 50)
-    statuses = [s for _, s, _ in load.results]
-    assert statuses and all(s == 200 for s in statuses), (
-        f"{sum(s != 200 for s in statuses)} of {len(statuses)} requests failed during the switch")
-    versions = [v for _, _, v in load.results]
-    assert served["first"] in versions and second in versions and broken not in versions
-    assert set(versions[-40:]) == {second}  # every worker serves the new version, none the broken
-    metrics = httpx.get(f"{server.url}/metrics").text
-    assert _metric(metrics, "clf_model_info", model=NAME, version=second) == 1.0
-    assert _metric(metrics, "clf_model_info", model=NAME, version=served["first"]) == 0.0
-    assert _metric(metrics, "clf_model_reloads_total", model=NAME, result="loaded") == 2.0
-    assert _metric(metrics, "clf_model_reloads_total", model=NAME, result="failed") == 2.0
-    assert _metric(metrics, "clf_predictions_total", model=NAME, version=second) > 0
-    assert "failed to load" in server.log_text()
-    registry.promote(NAME, second, reason="e2e: restore a loadable production version")
+    try:
+        images = [d for d, _ in digit_pngs[:10]]
+        with Load(url, images) as load:
+            load.wait_for(100)
+            registry.promote(NAME, second, reason="e2e: hot reload")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(v == second for _, _, v in load.results[-20:]):
+                time.sleep(0.1)
+            switched_at = len(load.results)
+            load.wait_for(switched_at + 100)
+            registry.promote(NAME, broken, reason="e2e: a version that cannot load")
+            time.sleep(3)  # both workers try it, refuse it and keep serving
+            load.wait_for(len(load.results) + 50)
+        statuses = [s for _, s, _ in load.results]
+        assert statuses and all(s == 200 for s in statuses), (
+            f"{sum(s != 200 for s in statuses)} of {len(statuses)} requests failed during the "
+            f"switch: statuses {sorted(set(statuses))} (0 = no HTTP answer)")
+        versions = [v for _, _, v in load.results]
+        assert served["first"] in versions and second in versions and broken not in versions
+        assert set(versions[-40:]) == {second}  # every worker serves the new version, none the broken
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert _metric(metrics, "clf_model_info", model=NAME, version=second) == 1.0
+        assert _metric(metrics, "clf_model_info", model=NAME, version=served["first"]) == 0.0
+        assert _metric(metrics, "clf_model_reloads_total", model=NAME, result="loaded") == 2.0
+        assert _metric(metrics, "clf_model_reloads_total", model=NAME, result="failed") == 2.0
+        assert _metric(metrics, "clf_predictions_total", model=NAME, version=second) > 0
+        assert "failed to load" in server.log_text()
+    finally:  # a failure here must not leave the module's server on a version it cannot load
+        registry.promote(NAME, second, reason="e2e: restore a loadable production version")
 
 
 def _predictions(metrics: str) -> float:

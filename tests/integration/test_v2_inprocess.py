@@ -31,14 +31,22 @@ def setup(digits_model, text_model, tmp_path_factory, monkeypatch_module):
     return {"module": importlib.reload(module), "log": log_path}
 
 
-def rows(log_path, request_id: str) -> list[sqlite3.Row]:
+def rows(log_path, request_id: str) -> list[dict]:
+    """A request's logged rows; ``input`` read back through the log (SQLite keeps raw inputs
+    in segment files beside the database)."""
+    from monitoring.store import open_log
+
     db = sqlite3.connect(log_path)
     db.row_factory = sqlite3.Row
     try:
-        return db.execute("SELECT * FROM predictions WHERE request_id = ? ORDER BY item",
-                          (request_id,)).fetchall()
+        found = [dict(r) for r in db.execute(
+            "SELECT * FROM predictions WHERE request_id = ? ORDER BY item", (request_id,))]
     finally:
         db.close()
+    with open_log(log_path) as log:
+        for row, data in zip(found, log.inputs(request_id)):
+            row["input"] = data
+    return found
 
 
 def infer_binary(name: str, inp: str, datatype: str, shape: list[int], raw: bytes,
