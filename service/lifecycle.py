@@ -39,6 +39,7 @@ import time
 from typing import Any, Callable, Iterable, NoReturn
 
 logger = logging.getLogger(__name__)
+_PARENT_AT_IMPORT = os.getppid()  # a worker imports this first thing, while its arbiter lives
 
 SERVER_PID_ENV = "_CLF_SERVER_PID"  # not CLF_-prefixed: the settings refuse unknown CLF_ names
 SERVER_DIR_ENV = "_CLF_SERVER_DIR"
@@ -215,7 +216,7 @@ def exit_with_the_arbiter() -> None:
     import ctypes
     import signal
 
-    parent = os.getppid()
+    parent = _PARENT_AT_IMPORT  # the arbiter may have died while this worker was loading
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
