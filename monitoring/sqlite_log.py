@@ -130,6 +130,10 @@ class SQLiteLog(PredictionLog):
         self._migrate()
         if background_checkpoints:
             self._db.execute("PRAGMA wal_autocheckpoint = 0")
+            # The WAL file keeps its size when a checkpoint lets writers start over at its
+            # beginning; the checkpointer is poked by that size, so the first commit after the
+            # restart cuts the file back to below the poke threshold (see _Checkpointer).
+            self._db.execute(f"PRAGMA journal_size_limit = {_Checkpointer.KEEP_BYTES}")
             self._checkpointer = _Checkpointer(self.path, synchronous.upper())
 
     def _enable_wal(self) -> None:
@@ -327,10 +331,19 @@ class _Checkpointer:
     checkpoint from ever reaching the WAL's end, and the WAL from restarting: past
     ``RESTART_BYTES`` the thread runs a RESTART checkpoint, which holds new writers back until it
     is done (rare: once per ``RESTART_BYTES`` of traffic), so the file stays bounded.
+
+    A checkpoint that reached the WAL's end lets the next writer start over at the file's
+    beginning, but the file keeps its size: without a limit, once it had grown past
+    ``PASSIVE_BYTES`` every commit would poke and this thread would checkpoint after every
+    commit (found as the log-on cells losing a third of their throughput, most of it to this
+    thread's checkpoints and their fsyncs). The writers' ``journal_size_limit`` of
+    ``KEEP_BYTES`` makes the first commit after such a restart cut the file back, so the size
+    measures what was written since.
     """
 
     PASSIVE_BYTES = 4 * 1024 * 1024
     RESTART_BYTES = 64 * 1024 * 1024
+    KEEP_BYTES = 1024 * 1024  # journal_size_limit: below PASSIVE_BYTES
 
     def __init__(self, path: Path, synchronous: str) -> None:
         self.wal = Path(str(path) + "-wal")

@@ -386,3 +386,50 @@ def test_background_checkpoints_keep_the_wal_bounded_off_the_commit_path(tmp_pat
     log.close()
     with open_log(main) as reopened:
         assert reopened.count() == 60
+
+
+def test_after_a_checkpoint_the_wal_is_cut_back_so_commits_stop_poking(tmp_path) -> None:
+    """The WAL file keeps its size when writers start over at its beginning; without the
+    writers' journal_size_limit every later commit would wake the checkpointer."""
+    from dataclasses import replace
+
+    from monitoring.sqlite_log import _Checkpointer
+
+    log = SQLiteLog(tmp_path / "log.db", input_segments=False, background_checkpoints=True)
+    assert log._db.execute("PRAGMA journal_size_limit").fetchone()[0] == _Checkpointer.KEEP_BYTES
+    assert _Checkpointer.KEEP_BYTES < _Checkpointer.PASSIVE_BYTES
+    checkpoints = []
+    run = log._checkpointer._db.execute
+
+    class Counting:  # sqlite3.Connection's execute is read-only: wrap the connection
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if "wal_checkpoint" in sql:
+                checkpoints.append(sql)
+            return run(sql, *args)
+
+        def close(self):
+            self.db.close()
+
+    log._checkpointer._db = Counting(log._checkpointer._db)
+    blob = os.urandom(100_000)
+    wal = tmp_path / "log.db-wal"
+    for b in range(60):  # 6 MB: one checkpoint at least
+        log.write_batch([replace(record(f"b{b}"), input=blob)])
+    deadline = time.monotonic() + 20
+    while not checkpoints and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoints
+    time.sleep(0.5)  # let it finish
+    for b in range(5):  # small commits after the restart: the first cuts the file back
+        log.write_batch([record(f"s{b}")])
+        time.sleep(0.05)
+    assert wal.stat().st_size <= _Checkpointer.KEEP_BYTES
+    before = len(checkpoints)
+    for b in range(20):
+        log.write_batch([record(f"t{b}")])
+    time.sleep(0.3)
+    assert len(checkpoints) == before  # small commits no longer wake the checkpointer
+    log.close()

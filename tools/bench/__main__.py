@@ -6,6 +6,8 @@ tools/bench/results/<UTC>.json (or ``--out``).
     python -m tools.bench --task text     # the text model only (image | text | overload | all)
     python -m tools.bench --task overload # 1,000 connections for 30 s: shed, bounded, recovered
     python -m tools.bench --workers 2 --conc 64 --skip-floor --skip-log
+    python -m tools.bench --task peers    # Triton and this service, same ONNX file (--peers adds
+                                          # it to a full run; needs ../shared/peers-bench/setup.sh)
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from typing import Any, Sequence
 from .config import command_line, machine_info, parse_config
 from .image import image_summary_rows, run_image
 from .overload import overload_table, run_overload, verdict_line
+from .peers import run_peers
+from .scaling import run_scaling
 from .report import log_table, summary_table
 from .sections import Run
 from .store import store_path
 from .text import run_text, text_summary_rows
 
-TASKS = {"image": run_image, "text": run_text, "overload": run_overload}
+TASKS = {"image": run_image, "text": run_text, "overload": run_overload, "peers": run_peers,
+         "scaling": run_scaling}
 
 
 def log(msg: str) -> None:
@@ -58,7 +63,8 @@ def _summary(results: dict) -> str:
     if "raw_best" in text and "served" in text:
         parts.append(f"Text mix: {text['mix']['description']}.\n\n"
                      + summary_table(text_summary_rows(text), unit="texts/s"))
-    bounds = [b["line"] for b in (results.get("floor_bound"), text.get("floor_bound")) if b]
+    bounds = [b["line"] for b in (results.get("floor_bound"), text.get("floor_bound"),
+                                  (text.get("v2") or {}).get("bound")) if b]
     if bounds:
         parts.append("\n".join(f"- {line}." for line in bounds))
     logged = [r for section in (results.get("log_on"), text.get("log_on")) if section
@@ -71,8 +77,17 @@ def _summary(results: dict) -> str:
     if overload.get("phases"):
         parts.append(f"Overload ({overload['model']}, {overload['body']}):\n\n"
                      + overload_table(overload) + "\n\n" + verdict_line(overload))
+    peers = results.get("peers") or {}
+    if peers.get("table"):
+        parts.append(f"Peers ({peers['model']['tag']}, the peers' file {peers['model']['source']}):"
+                     "\n\n" + peers["table"] + "\n\n"
+                     + "\n".join(f"- {v}" for v in peers.get("verdict", [])))
+    scaling = results.get("scaling") or {}
+    if scaling.get("table"):
+        parts.append(f"Scaling ({scaling['model']}, {scaling['body']}):\n\n" + scaling["table"])
     m, cfg = results["machine"], results["config"]
-    provider = (results.get("raw_best") or text.get("raw_best") or {}).get("provider")
+    provider = (results.get("raw_best") or text.get("raw_best") or peers.get("raw_best")
+                or {}).get("provider")
     parts.append(
         f"{m['nproc']} cores ({m['cpu_model']}), onnxruntime {m['onnxruntime']} ({provider}), "
         f"CLF_WORKERS={cfg['workers']}; wrk -t1 closed loop pinned to CPU 1, "
@@ -129,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"took {results['elapsed_s']:.0f} s")
     sections = [results.get(k) for k in ("served", "v2", "floor", "log_on")]
     sections += [(results.get("text") or {}).get(k) for k in ("served", "floor", "log_on")]
+    sections += [((results.get("text") or {}).get("v2") or {}).get(k) for k in ("served", "floor")]
     sections.append(results.get("overload"))
+    sections += (results.get("scaling") or {}).get("rows", [])
+    sections += [row for r in (results.get("peers") or {}).get("runs", [])
+                 for row in r["rows"].values()]
     failed = results.get("errors") or [s for s in sections if (s or {}).get("error")]
     return 1 if status or failed else 0
 

@@ -21,7 +21,8 @@ from typing import Callable, Mapping, Sequence
 from .bodies import Body
 from .cpu import CpuUse, CpuWindow, least_contaminated
 from .predlog import count_rows
-from .prometheus import BATCH_ITEMS, INFERENCE, PREPROCESS, QUEUE_WAIT, HistogramDelta, deltas
+from .prometheus import (BATCH_ITEMS, INFERENCE, PREPROCESS, QUEUE_WAIT, HistogramDelta,
+                         bucket_deltas, deltas, distribution)
 from .server import Server, ServerError, ServerSpec, running
 from .wrk import WrkResult, run_wrk
 
@@ -43,6 +44,8 @@ class Cell:
     # wrk's connections held by each worker mid-run, most first. Which worker accepts a
     # connection is the kernel's choice, and a keep-alive connection stays where it landed.
     conns_per_worker: list[int] | None = None
+    # model calls per batch size range over the measured run: [("2-4", share), ...]
+    batch_dist: list[tuple[str, float]] | None = None
 
     @property
     def one_worker(self) -> bool:
@@ -95,7 +98,8 @@ class Cell:
             "cpu": self.cpu.to_dict(), "noise_per_attempt": self.noise_per_attempt,
             "contaminated": self.contaminated, "warmup_ok": self.warmup_ok,
             "log_rows": self.log_rows, "connections_per_worker": self.conns_per_worker,
-            "one_worker": self.one_worker, "wrk_output": self.wrk_output,
+            "one_worker": self.one_worker, "batch_distribution": self.batch_dist,
+            "wrk_output": self.wrk_output,
         }
 
 
@@ -133,9 +137,11 @@ def measure_once(server: Server, body: Body, conc: int, plan: CellPlan, model: s
     cpu = window.close()
     sampler.join()
     time.sleep(SETTLE_S)
-    cell = Cell(conc, result, cpu, deltas(before, server.metrics(), model), output,
+    after = server.metrics()
+    cell = Cell(conc, result, cpu, deltas(before, after, model), output,
                 warmup_ok=warmup.requests - warmup.non2xx,
-                conns_per_worker=spread[0] if spread else None)
+                conns_per_worker=spread[0] if spread else None,
+                batch_dist=distribution(bucket_deltas(before, after, BATCH_ITEMS, model=model)))
     if log_db:
         cell.log_rows = count_rows(log_db) - rows_before
     return cell, cpu
@@ -229,6 +235,7 @@ def bench_served(spec: ServerSpec, body: Body, checks: Sequence[Check], concs: l
                 cell.contaminated = attempts.contaminated
                 log(_cell_line(tag, cell))
                 result["cells"].append(cell)
+            result["rss_mb"] = tree_rss_mb(server.tree.refresh())
             if log_db:
                 result["answered_2xx"] = answered
                 result["log_rows_total"] = count_rows(log_db)
@@ -236,6 +243,22 @@ def bench_served(spec: ServerSpec, body: Body, checks: Sequence[Check], concs: l
         result["error"] = f"{type(exc).__name__}: {exc}"
         log(f"  [{tag}] FAILED: {result['error']}")
     return result
+
+
+def tree_rss_mb(pids: set[int]) -> dict[str, list[float]]:
+    """Resident memory (MB) of a server's processes after its cells: ``workers`` (BentoML's
+    HTTP workers, by their ``--worker-id`` argument) and ``others`` (the arbiter, helpers)."""
+    out: dict[str, list[float]] = {"workers": [], "others": []}
+    for pid in sorted(pids):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                rss_kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                worker = b"--worker-id" in f.read()
+        except (OSError, ValueError):
+            continue
+        out["workers" if worker else "others"].append(round(rss_kb / 1024, 1))
+    return out
 
 
 def _one_worker(cell: Cell) -> str | None:

@@ -54,6 +54,10 @@ class BenchConfig:
     budget_s: float  # no more retries once the run is this old
     out_dir: Path
     service_settings: dict
+    scaling_workers: tuple[int, ...] = (1, 2, 4)  # --task scaling: CLF_WORKERS per row
+    peers_runs: int = 3  # the peers section (--peers): whole runs, servers interleaved
+    peers_dir: Path | None = None  # the peers' harness (default ../shared/peers-bench)
+    peers_root: Path | None = None  # its $PEERS_ROOT (venvs, model, bodies; default /tmp/peers)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -85,10 +89,23 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
                     "default model.")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: 2 s cells, c=1,16, short raw cells (< 2 min per task)")
-    p.add_argument("--task", choices=(*TASKS, "all"), default="all",
+    p.add_argument("--task", choices=(*TASKS, "peers", "scaling", "all"), default="all",
                    help="what to benchmark: the image reference model, the text model, the "
-                        "overload cell (1,000 connections on the image model), or all three "
-                        "(default all)")
+                        "overload cell (1,000 connections on the image model), all three "
+                        "(default all), only the peers section (see --peers), or the scaling "
+                        "table (1, 2 and 4 workers; --scaling-workers)")
+    p.add_argument("--scaling-workers", type=_ints, default=(1, 2, 4),
+                   help="CLF_WORKERS of each scaling row (default 1,2,4)")
+    p.add_argument("--peers", action="store_true",
+                   help="add the peers section: the peers benchmark's ONNX file served by Triton "
+                        "(PyTriton) and by this service, same wrk and cells, one table; needs "
+                        "`bash ../shared/peers-bench/setup.sh` first")
+    p.add_argument("--peers-runs", type=int,
+                   help="whole runs of the peers section, reported min-max (default 3; quick 1)")
+    p.add_argument("--peers-dir", type=Path,
+                   help="the peers' harness folder (default ../shared/peers-bench)")
+    p.add_argument("--peers-root", type=Path,
+                   help="its PEERS_ROOT: venvs, model, bodies (default $PEERS_ROOT or /tmp/peers)")
     p.add_argument("--duration", type=float,
                    help="seconds per measured wrk run (default 20; quick 2)")
     p.add_argument("--warmup", type=float,
@@ -139,6 +156,10 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
     q = a.quick
     concs = a.conc or ((1, 16) if q else (1, 16, 64))
     tasks = TASKS if a.task == "all" else (a.task,)
+    if a.peers and "peers" not in tasks:
+        tasks = (*tasks, "peers")
+    if a.peers_runs is not None and a.peers_runs < 1:
+        p.error("--peers-runs must be >= 1")
     log_concs = tuple(c for c in concs if c in LOG_CONCS) or (max(concs),)
     return BenchConfig(
         quick=q, tasks=tasks, duration_s=a.duration or (2.0 if q else 20.0),
@@ -158,9 +179,13 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
         idle_s=1.0 if q else 2.0,
         # the overload cell re-measures nothing: the budget is the measured tasks'
         budget_s=a.budget if a.budget is not None else BUDGET_PER_TASK_S * max(
-            1, len([t for t in tasks if t != "overload"])),
+            1, len([t for t in tasks if t != "overload"])) + (
+            BUDGET_PER_TASK_S * (a.peers_runs or 3) if "peers" in tasks else 0),
         out_dir=a.out,
         service_settings=settings.to_dict(),
+        scaling_workers=a.scaling_workers,
+        peers_runs=a.peers_runs or (1 if q else 3), peers_dir=a.peers_dir,
+        peers_root=a.peers_root,
     )
 
 

@@ -75,3 +75,34 @@ def deltas(before: Samples, after: Samples, model: str) -> dict[str, HistogramDe
     out = {name: histogram_delta(before, after, name, model=model) for name in HISTOGRAMS}
     out[LOG_COMMIT] = histogram_delta(before, after, LOG_COMMIT)
     return out
+
+
+def bucket_deltas(before: Samples, after: Samples, name: str, **match: str
+                  ) -> list[tuple[float, float]]:
+    """A histogram's cumulative ``(le, count)`` increases over the window, ``le`` ascending
+    (``+Inf`` last)."""
+    want = set(match.items())
+    edges: dict[float, float] = {}
+    for (n, labels), value in after.items():
+        if n != f"{name}_bucket" or not want <= set(labels):
+            continue
+        le = float(dict(labels)["le"])
+        edges[le] = edges.get(le, 0.0) + value - before.get((n, labels), 0.0)
+    return sorted(edges.items())
+
+
+def distribution(cumulative: list[tuple[float, float]]) -> list[tuple[str, float]]:
+    """Cumulative bucket counts as shares per range (``"2-4"``: 2 <= x <= 4 for integer
+    observations), ranges with no observations left out."""
+    total_count = cumulative[-1][1] if cumulative else 0.0
+    out, low, seen = [], 1, 0.0
+    for le, count in cumulative:
+        share = (count - seen) / total_count if total_count else 0.0
+        high = "" if le == float("inf") else int(le)
+        if share > 0:
+            label = f"{low}+" if high == "" else (str(high) if low == high else f"{low}-{high}")
+            out.append((label, share))
+        seen = count
+        if high != "":
+            low = high + 1
+    return out

@@ -179,9 +179,7 @@ def text_checks(run: Run, artifact: Artifact, pre: TextPreprocessor, body: Body,
                 runtime: str) -> list[Check]:
     """The mix's shortest and longest text, each alone, with the probabilities the bench
     computes for it (the artifact's tokenizer and ONNX model, in this process)."""
-    from .textmix import rotation_lines
-
-    lines = rotation_lines(body.texts).splitlines()
+    lines = [line for line in body.path.read_bytes().splitlines() if line]  # as rotate.lua
     picks = sorted({min(range(len(body.texts)), key=lambda i: len(body.texts[i])),
                     max(range(len(body.texts)), key=lambda i: len(body.texts[i]))})
     labels = artifact.labels

@@ -132,37 +132,8 @@ class Server:
 
     def stop(self, grace_s: float = 20.0) -> list[int]:
         """Stop the whole tree by PID; returns PIDs still alive afterwards (none, normally)."""
-        if self.proc is None or self.tree is None:
-            if self.home is not None:
-                shutil.rmtree(self.home, ignore_errors=True)
-            return []
-        self.tree.refresh()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.log(f"  [server] leader {self.proc.pid} alive after {grace_s:.0f} s: SIGKILL")
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        for sig, wait_s in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
-            left = sorted(self.tree.refresh() - {self.proc.pid})
-            if not left:
-                break
-            self.log(f"  [server] {len(left)} leftover process(es) of {self.proc.pid}: "
-                     f"{sig.name} {left}")
-            for pid in left:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline and self.tree.refresh() - {self.proc.pid}:
-                time.sleep(0.2)
-        left = sorted(self.tree.refresh() - {self.proc.pid})
-        if left:
-            self.log(f"  [server] WARNING: still alive after SIGKILL: {left}")
-        elif self.home is not None:
+        left = stop_tree(self.proc, self.tree, self.log, grace_s)
+        if not left and self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)  # the link only, never the store
         return left
 
@@ -223,6 +194,40 @@ def running(spec: ServerSpec, log: Callable[[str], None],
         left = server.stop()
         if left:
             log(f"  [server] could not stop PIDs {left}; stop them by hand")
+
+
+def stop_tree(proc: subprocess.Popen | None, tree: ProcessTree | None,
+              log: Callable[[str], None], grace_s: float = 20.0) -> list[int]:
+    """SIGTERM to the leader, then SIGTERM and later SIGKILL to every remaining PID of its tree;
+    returns PIDs still alive afterwards (none, normally)."""
+    if proc is None or tree is None:
+        return []
+    tree.refresh()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log(f"  [server] leader {proc.pid} alive after {grace_s:.0f} s: SIGKILL")
+            proc.kill()
+            proc.wait(timeout=10)
+    for sig, wait_s in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+        left = sorted(tree.refresh() - {proc.pid})
+        if not left:
+            break
+        log(f"  [server] {len(left)} leftover process(es) of {proc.pid}: {sig.name} {left}")
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and tree.refresh() - {proc.pid}:
+            time.sleep(0.2)
+    left = sorted(tree.refresh() - {proc.pid})
+    if left:
+        log(f"  [server] WARNING: still alive after SIGKILL: {left}")
+    return left
 
 
 def socket_owners(ss_output: str) -> dict[int, int]:

@@ -19,7 +19,8 @@ from .report import SummaryRow, summary_row, text_raw_table
 from .sections import (Run, Yardstick, breakdown_section, cell_at, floor_bound_section,
                        log_cells, print_served, served_section, served_threads)
 from .store import ensure_text_model, store_path
-from .textmix import MixSpec, build_mix, demo_data, describe_mix, mix_stats, write_text_body
+from .textmix import (MixSpec, build_mix, demo_data, describe_mix, mix_stats, write_text_body,
+                      write_v2_text_body)
 from .textraw import (SORTED, TextRawCell, bench_text_config, bench_text_parallel, text_plans,
                       token_rows, tokenize_cost_ms)
 
@@ -52,6 +53,22 @@ def run_text(run: Run, results: dict) -> None:
                                                  top, raw_best)
 
     out["log_on"] = log_cells(run, "text", artifact, body, served, raw_best, yard_ms)
+    out["v2"] = _v2(run, artifact, body, raw_best, yard_ms, top)
+
+
+def _v2(run: Run, artifact: Artifact, body: Body, raw_best: float, yard_ms: float | None,
+        conc: int) -> dict:
+    """The same mix through the v2 BYTES path at ``conc``, its own floor, and the bound."""
+    run.heading(f"Text through Open Inference Protocol v2 (BYTES) at c={conc}: served, floor, "
+                "bound")
+    v2_body = write_v2_text_body(run.work_dir, artifact.name, body)
+    out: dict = {"served": served_section(run, artifact, v2_body, "onnx", [conc], "text-v2")}
+    print_served(run, out["served"], raw_best, yard_ms)
+    out["floor"] = served_section(run, artifact, v2_body, "noop", [conc], "text-v2-floor")
+    print_served(run, out["floor"], raw_best, yard_ms)
+    out["bound"] = floor_bound_section(run, f"{artifact.name} (texts, v2 BYTES)", out["served"],
+                                       out["floor"], conc, raw_best)
+    return out
 
 
 def _model(run: Run, out: dict) -> tuple[Artifact, TextPreprocessor]:

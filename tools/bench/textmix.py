@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .bodies import ROTATE_LUA, TEXT_ROUTE, Body
+from .bodies import ROTATE_LUA, TEXT_ROUTE, V2_INFER_ROUTE, Body
 
 SHORT, LONG = "short", "long"
 
@@ -144,6 +144,20 @@ def write_text_body(folder: Path, name: str, items: Sequence[MixItem], descripti
     path.write_bytes(rotation_lines([i.text for i in items]))
     return Body(path=path, headers=["Content-Type: application/json"], description=description,
                 texts=tuple(i.text for i in items), route=TEXT_ROUTE, script=ROTATE_LUA)
+
+
+def write_v2_text_body(folder: Path, name: str, body: Body) -> Body:
+    """The same mix as Open Inference Protocol v2 requests (``POST /v2/models/{name}/infer``):
+    one JSON body per text, the text as a one-element BYTES tensor (the JSON form: the binary
+    extension's header length differs per body, and wrk sends fixed headers)."""
+    lines = [json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                     "data": [t]}]}, ensure_ascii=False, separators=(",", ":"))
+             for t in body.texts]
+    path = folder / f"{name}-v2.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    return Body(path=path, headers=["Content-Type: application/json"],
+                description=body.description + "; as v2 JSON BYTES requests", texts=body.texts,
+                route=V2_INFER_ROUTE.format(name=name), script=ROTATE_LUA)
 
 
 def read_labelled_csv(path: Path) -> tuple[list[str], list[str]]:

@@ -1,0 +1,98 @@
+"""Importing an ONNX file made elsewhere: the embedding exposed, nothing else changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from modelstore.artifact import load_artifact  # noqa: E402
+from training.export import ExportError, compare_weights, ort_session  # noqa: E402
+from training.import_onnx import default_spec, import_onnx, main, with_embedding  # noqa: E402
+
+
+def classifier(path: Path, channels: int = 3, size: int = 8, classes: int = 4,
+               last_op: str = "Gemm") -> Path:
+    """input [N,C,H,W] -> Conv -> GlobalAveragePool -> Flatten -> Gemm -> logits, seeded."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((6, channels, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.standard_normal((classes, 6)).astype(np.float32), "fc")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["features"])]
+    if last_op == "Gemm":
+        nodes.append(helper.make_node("Gemm", ["features", "fc"], ["logits"], transB=1))
+    else:  # a classifier whose logits come out of something else
+        nodes += [helper.make_node("Gemm", ["features", "fc"], ["pre"], transB=1),
+                  helper.make_node("Relu", ["pre"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                      ["N", channels, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], [w, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_the_embedding_is_the_final_layers_input_and_nothing_else_changes(tmp_path: Path) -> None:
+    source = classifier(tmp_path / "m.onnx")
+    model, tensor = with_embedding(onnx.load(str(source)))
+    assert tensor == "features"
+    assert [o.name for o in model.graph.output] == ["logits", "embedding"]
+    onnx.save(model, str(tmp_path / "out.onnx"))
+    assert compare_weights(source, tmp_path / "out.onnx")["identical"]
+    x = np.random.default_rng(1).standard_normal((5, 3, 8, 8)).astype(np.float32)
+    (want,) = ort_session(source).run(["logits"], {"input": x})
+    logits, emb = ort_session(tmp_path / "out.onnx").run(["logits", "embedding"], {"input": x})
+    assert np.array_equal(logits, want) and emb.shape == (5, 6)
+
+
+def test_a_model_without_a_final_fully_connected_layer_needs_the_tensor_named(
+        tmp_path: Path) -> None:
+    source = classifier(tmp_path / "m.onnx", last_op="Relu")
+    with pytest.raises(ExportError, match="--embedding"):
+        with_embedding(onnx.load(str(source)))
+    model, tensor = with_embedding(onnx.load(str(source)), "features")
+    assert tensor == "features" and model.graph.output[1].name == "embedding"
+    with pytest.raises(ExportError, match="no node"):
+        with_embedding(onnx.load(str(source)), "nope")
+
+
+def test_the_default_spec_follows_the_input() -> None:
+    spec = default_spec([0, 1, 28, 28])
+    assert (spec.height, spec.width, spec.color_mode, spec.mean) == (28, 28, "L", (0.5,))
+    with pytest.raises(ExportError, match="channels"):
+        default_spec(["N", 4, 8, 8])
+    with pytest.raises(ExportError, match="fixed"):
+        default_spec(["N", 3, "H", "W"])
+
+
+def test_import_saves_a_servable_version(tmp_path: Path) -> None:
+    source = classifier(tmp_path / "m.onnx")
+    tag = import_onnx(source, name="imported-tiny", labels=["a", "b", "c", "d"])
+    artifact = load_artifact(str(tag))
+    assert list(artifact.labels) == ["a", "b", "c", "d"]
+    export = artifact.read_json("export.json")
+    assert export["max_abs_diff"] == 0.0 and export["weights_identical_to_source"]
+    assert export["embedding_from"] == "features" and export["embedding_dim"] == 6
+    from service.runtime import OnnxModel
+
+    out = OnnxModel(str(artifact.onnx_path)).run(np.zeros((2, 3, 8, 8), np.float32))
+    assert out.probabilities.shape == (2, 4) and out.embedding.shape == (2, 6)
+
+
+def test_the_command_refuses_a_wrong_label_count_and_saves_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    source = classifier(tmp_path / "m.onnx")
+    assert main([str(source), "--name", "refused-tiny", "--labels", "a,b"]) == 2
+    assert "4 logits but 2 labels" in capsys.readouterr().err
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    with pytest.raises(NotFound):
+        bentoml.models.get("refused-tiny:latest")

@@ -1,0 +1,146 @@
+"""The peers section's pieces (no server): bodies, batch statistics, the table and verdicts;
+the scaling table and the batch-size distribution."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.unit.tools.test_bench_report import make_cell
+from tools.bench.cpu import CpuUse
+from tools.bench.peers import (Harness, PeerCell, PeersMissing, batch_histogram, find_logits,
+                               mean_batch, peers_table, tensor_body, verdicts)
+from tools.bench.prometheus import bucket_deltas, distribution, parse_samples
+from tools.bench.scaling import scaling_table
+from tools.bench.wrk import WrkResult
+
+pytestmark = pytest.mark.tools
+
+
+def peer_cell(conc: int, rps: float, p50: float = 5.0, p99: float = 10.0) -> PeerCell:
+    wrk = WrkResult(requests=int(rps * 20), duration_s=20.0,
+                    percentiles_ms={"50": p50, "99": p99})
+    cpu = CpuUse(seconds=20.0, server_cpu_s=30.0, wrk_cores=0.03, foreign_cores=0.0,
+                 steal_cores=0.0, system_busy_cores=1.6)
+    return PeerCell(conc, wrk, cpu, 12.0, "")
+
+
+def ours(conc: int, rps: float, p50: float = 60.0, p99: float = 120.0):
+    cell = make_cell(conc=conc, requests=int(rps * 20) + 2)  # make_cell counts 2 non-2xx
+    cell.wrk.percentiles_ms.update({"50": p50, "99": p99})
+    return cell
+
+
+def test_a_missing_harness_says_how_to_set_it_up(tmp_path: Path) -> None:
+    harness = Harness(tmp_path / "peers-bench", tmp_path / "root")
+    with pytest.raises(PeersMissing, match=r"setup\.sh") as err:
+        harness.check(["triton"])
+    assert "venv-triton" in str(err.value)
+
+
+def test_the_tensor_body_is_tritons_tensor_asking_for_probabilities(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    np.savez(root / "model.ref.npz", x=x, y=np.zeros((4, 10), np.float32))
+    body, first = tensor_body(Harness(tmp_path, root), tmp_path / "work", "peers-resnet")
+    data = body.path.read_bytes()
+    length = int(body.headers[1].split(":")[1])
+    header = json.loads(data[:length])
+    assert header["inputs"][0] == {"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 49152}}
+    assert header["outputs"] == [{"name": "probabilities", "parameters": {"binary_data": False}}]
+    assert np.array_equal(np.frombuffer(data[length:], "<f4").reshape(3, 64, 64), x[0])
+    assert np.array_equal(first, x[0]) and body.route == "/v2/models/peers-resnet/infer"
+
+
+def test_batch_statistics_over_a_window(tmp_path: Path) -> None:
+    (tmp_path / "pytriton-1.json").write_text(json.dumps({"1": 3, "16": 10}))
+    (tmp_path / "pytriton-2.json").write_text(json.dumps({"16": 2}))
+    (tmp_path / "pytriton-3.json.tmp").write_text("{not json")  # being replaced: ignored
+    after = batch_histogram(tmp_path)
+    assert after == Counter({1: 3, 16: 12})
+    assert mean_batch(Counter({1: 3, 16: 2}), after) == 16.0  # only the window's 10 calls
+    assert mean_batch(after, after) is None
+
+
+def test_find_logits_in_each_peers_answer() -> None:
+    triton = {"outputs": [{"name": "logits", "datatype": "FP32", "data": list(range(10))}]}
+    assert find_logits(triton, 10) == list(range(10))
+    assert find_logits([0.5] * 10, 10) == [0.5] * 10
+    assert find_logits({"x": [1, 2]}, 10) is None
+
+
+def runs() -> list[dict]:
+    def one(triton_rps: float, ours_rps: float) -> dict:
+        return {"rows": {
+            "triton": {"cells": [peer_cell(1, 150.0, 6.0), peer_cell(64, triton_rps, 90, 150)]},
+            "tensor": {"cells": [ours(1, 550.0, 1.2), ours(64, ours_rps, 70.0, 140.0)]},
+            "png": {"cells": [ours(64, 0.9 * triton_rps)]},
+            "fastapi": {"cells": [peer_cell(1, 600.0, 1.1)]}}}
+    return [one(500.0, 650.0), one(520.0, 600.0)]
+
+
+def test_the_peers_table_gives_min_max_and_ratios_within_each_run() -> None:
+    text = peers_table(runs(), batch1_ms=0.4)
+    lines = text.splitlines()
+    assert lines[0].startswith("| server | wire | log | c | req/s | x Triton |")
+    tensor64 = next(line for line in lines if line.startswith("| this service | v2 binary FP32 "
+                                                              "tensor | off | 64 |"))
+    assert "| 600-650 | 1.15-1.30 |" in tensor64
+    assert "2 run(s)" in text and "0.40 ms" in text
+
+
+def test_verdicts_say_met_or_short_with_the_figures() -> None:
+    lines = verdicts(runs(), [1, 64], batch1_ms=0.4)
+    assert lines[0].startswith("tensor path, c=64: 1.15-1.30x Triton's req/s (target >= 1.2: "
+                               "short), p99 0.93x Triton's (target <= 1: met)")
+    assert any(v.startswith("PNG path, c=64: 0.90x") and "short" in v for v in lines)
+    c1 = next(v for v in lines if "c=1" in v)
+    assert "+ 0.80 ms (target <= +1 ms: met)" in c1 and "0.92x FastAPI" in c1
+
+
+EXPOSITION = """
+clf_batch_size_items_bucket{le="1.0",model="m"} %d
+clf_batch_size_items_bucket{le="2.0",model="m"} %d
+clf_batch_size_items_bucket{le="4.0",model="m"} %d
+clf_batch_size_items_bucket{le="+Inf",model="m"} %d
+clf_batch_size_items_bucket{le="1.0",model="other"} 99
+"""
+
+
+def test_the_batch_size_distribution_of_a_window() -> None:
+    before = parse_samples(EXPOSITION % (5, 5, 5, 5))
+    after = parse_samples(EXPOSITION % (15, 15, 35, 45))
+    cumulative = bucket_deltas(before, after, "clf_batch_size_items", model="m")
+    assert cumulative == [(1.0, 10.0), (2.0, 10.0), (4.0, 30.0), (float("inf"), 40.0)]
+    assert distribution(cumulative) == [("1", 0.25), ("3-4", 0.5), ("5+", 0.25)]
+    assert distribution([]) == []
+
+
+def test_the_scaling_table_has_a_line_per_worker_count_and_c() -> None:
+    cell = make_cell(conc=64)
+    cell.batch_dist = [("5-8", 0.4), ("9-16", 0.6)]
+    cell.conns_per_worker = [32, 32]
+    rows = [{"workers": 2, "intra_op_threads": 1, "cells": [cell],
+             "rss_mb": {"workers": [180.0, 182.4], "others": [90.0]}}]
+    line = scaling_table(rows).splitlines()[2]
+    assert line.startswith("| 2 | 1 | 64 | 500 |")
+    assert "5-8:40% 9-16:60%" in line and "32+32" in line and "180 / 182" in line
+
+
+def test_the_v2_text_mix_carries_the_same_texts_as_bytes_tensors(tmp_path: Path) -> None:
+    from tools.bench.bodies import Body
+    from tools.bench.textmix import write_v2_text_body
+
+    texts = ("hello", 'a "quoted"\ttext é')
+    v1 = Body(path=tmp_path / "m.jsonl", headers=[], description="two texts", texts=texts)
+    body = write_v2_text_body(tmp_path, "lang", v1)
+    lines = body.path.read_bytes().splitlines()
+    assert [json.loads(line)["inputs"][0]["data"][0] for line in lines] == list(texts)
+    assert json.loads(lines[0])["inputs"][0]["datatype"] == "BYTES"
+    assert body.route == "/v2/models/lang/infer" and body.texts == texts
