@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Model", "ModelStore", "open_store", "default_store", "store_dir", "tag_name",
            "prometheus_multiproc_dir_provider", "timeout_middleware_class", "worker_index",
-           "arbiter_class"]
+           "arbiter_class", "api_server_socket_name"]
 
 
 def __getattr__(name: str) -> Any:
@@ -94,3 +94,11 @@ def arbiter_class() -> type:
     from bentoml._internal.utils.circus import Arbiter
 
     return Arbiter
+
+
+def api_server_socket_name() -> str:
+    """The name of the circus socket ``bentoml serve`` creates for the HTTP workers (the arbiter's
+    ``sockets[name]``, passed to each worker as ``--fd``); ImportError if BentoML changed."""
+    from _bentoml_impl.server.serving import API_SERVER_NAME
+
+    return API_SERVER_NAME

@@ -44,7 +44,7 @@ from modelstore import registry
 from modelstore.artifact import Artifact, ArtifactError, load_artifact, text_preprocessor
 from preprocessing import TextPreprocessor
 
-from . import lifecycle, openapi, patches, shedding, v2
+from . import lifecycle, listeners, openapi, patches, shedding, v2
 from .app import App, OverloadShortcut
 from .metrics import DriftRefresher
 from .recording import PredictionRecorder
@@ -319,11 +319,14 @@ def _check_graph(artifact: Artifact, preprocessor: TextPreprocessor | None) -> N
 
 
 # Start-up and stop (lifecycle.py): the parent checks what the workers will load before it starts
-# any, and stops them gracefully; each worker drains on SIGTERM.
+# any, and stops them gracefully; each worker drains on SIGTERM. Each worker listens on a socket
+# of its own (listeners.py), which the parent holds the address for.
 if ROLE == "parent":
     lifecycle.check_before_start(ROLE, _preflight)
     lifecycle.mark_parent()
     patches.stop_arbiter_gracefully(SETTINGS.drain_timeout_s, lifecycle.exit_if_a_worker_failed)
+    listeners.install_in_arbiter(SETTINGS.reuseport, lifecycle.refuse)
 elif ROLE == "worker":
     patches.drain_on_stop(SETTINGS.drain_timeout_s)
+    listeners.install_in_worker(SETTINGS.reuseport)
     shedding.install(api, SHORTCUT_FIRST)  # most refusals in uvicorn's protocol, before ASGI

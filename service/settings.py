@@ -113,6 +113,13 @@ class Settings:
     # `bentoml serve` has exited 0 by then; a worker still busy at the bound is killed. The
     # default fits Kubernetes' 30 s termination grace period.
     drain_timeout_s: float = 25.0
+    # Listening: each worker listens on a socket of its own bound to the same host and port
+    # (SO_REUSEPORT), and the kernel hands each new connection to one of them by a hash of its
+    # addresses. With one shared socket (false) a connection goes to whichever worker accepts
+    # first, so a few long-lived keep-alive connections (a proxy's, a load balancer's) can all
+    # land on one worker, which then serves them all while the others idle (see listeners.py).
+    # Linux only: where SO_REUSEPORT is missing the workers share one socket, and the log says so.
+    reuseport: bool = True
     log_level: str = "INFO"
     trace_requests: bool = False
 

@@ -1,6 +1,7 @@
 """The scaling table (``--task scaling``): the image reference model served with 1, 2 and 4
 workers (``--scaling-workers``) at the loaded concurrencies, each with its req/s, p99, how its
-model calls were batched, and the memory of each worker. Run it where the service runs (2 CPU
+model calls were batched, and the memory of each worker; then a cell of 4 long-lived connections
+beside a 64-connection one (``spread.py``: does every worker serve them?). Run it where the service runs (2 CPU
 cores here; on a GPU machine with ``--providers cuda``) to choose CLF_WORKERS."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from .cells import bench_served
 from .report import fmt, markdown_table
 from .sections import Run, checks_for, image_body, served_threads
 from .server import ServerSpec
+from .spread import spread_line, spread_section
 from .store import ensure_reference
 
 
@@ -34,6 +36,12 @@ def run_scaling(run: Run, results: dict) -> None:
         section["rows"].append({"workers": workers, "intra_op_threads": threads, **served})
     section["table"] = scaling_table(section["rows"])
     run.log("\n" + section["table"])
+    run.heading(f"A few long-lived connections (CLF_WORKERS={cfg.workers}): does every worker "
+                "serve them?")
+    spread = spread_section(run, artifact, body)
+    section["spread"], section["spread_line"] = spread.get("spread"), spread_line(
+        "spread", spread["spread"]) if spread.get("spread") else spread.get("error")
+    section["table"] += "\n\n" + (section["spread_line"] or "").strip()
 
 
 def scaling_table(rows: list[dict]) -> str:
