@@ -236,7 +236,9 @@ class ServedModel:
         try:
             prepared = await self.preprocess_async(inputs)
             try:
-                outputs = await self.batcher.submit(prepared.tensors, deadline)
+                # alone: no other request is admitted here (see Batcher: it may run inline)
+                outputs = await self.batcher.submit(prepared.tensors, deadline,
+                                                    alone=self.admitted <= 1)
             except DeadlineExceeded:
                 self.metrics.shed("deadline")
                 raise

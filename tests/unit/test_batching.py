@@ -121,3 +121,60 @@ def test_provider_resolution():
     assert resolve_providers("cpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     with pytest.raises(RuntimeError, match="no CUDAExecutionProvider"):
         resolve_providers("cuda", ["CPUExecutionProvider"])
+
+
+class ThreadModel(EchoModel):
+    """EchoModel that remembers which thread ran each call."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__(delay)
+        self.threads: list[str] = []
+
+    def run(self, batch: np.ndarray) -> Outputs:
+        self.threads.append(threading.current_thread().name)
+        return super().run(batch)
+
+
+def test_a_lone_request_on_an_idle_fast_model_runs_on_the_event_loop():
+    model = ThreadModel()
+    stats = []
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=64, on_batch=stats.append)
+        batcher.start()
+        first = await batcher.submit([np.array([1.0], np.float32)])  # measured by the thread
+        assert batcher.solo_s is not None
+        await asyncio.sleep(0.05)  # the model thread is waiting for work again
+        second = await batcher.submit([np.array([2.0], np.float32)], alone=True)
+        await batcher.stop()
+        return first, second, batcher.inline_calls
+
+    first, second, inline = _run(main())
+    assert model.threads == ["model", threading.current_thread().name]
+    assert float(first[0][0][0]) == 1.0 and float(second[0][0][0]) == 2.0 and inline == 1
+    assert [s.size for s in stats] == [1, 1]  # the inline call is counted like any other
+
+
+def test_requests_go_to_the_model_thread_when_it_is_busy_or_the_model_is_slow():
+    model = ThreadModel(delay=0.01)  # a one-item call over INLINE_MAX_S: never inline
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=64)
+        batcher.start()
+        for i in range(3):
+            await batcher.submit([np.array([float(i)], np.float32)], alone=True)
+            await asyncio.sleep(0.02)
+        slow = batcher.inline_calls
+        model.delay = 0.0
+        batcher.solo_s = 0.0
+        # a burst (the caller knows of others: not alone) is batched by the model thread
+        results = await asyncio.gather(*[batcher.submit([np.array([float(i)], np.float32)])
+                                         for i in range(20)])
+        await batcher.stop()
+        return slow, results
+
+    slow, results = _run(main())
+    assert slow == 0 and set(model.threads[:3]) == {"model"}
+    assert [float(r[0][0][0]) for r in results] == [float(i) for i in range(20)]
+    assert set(model.threads) == {"model"} and len(model.threads) < 3 + 20  # batched
+
