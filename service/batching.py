@@ -33,16 +33,20 @@ longest text.
 
 A lone request on an idle model runs inline: when the model thread is waiting for work, nothing is
 queued, the caller knows of no other request on its way to the model (``submit(..., alone=True)``:
-the service passes its admission count, so requests that arrive together are still batched), the
-request has one item and a one-item call of this model has been measured to take at most
-``INLINE_MAX_S``, the event loop calls the model itself instead of handing the item to the model
-thread and waiting for the answer to come back. The hand-off costs two thread wake-ups (each
-needing the GIL) and a wake-up of the loop through its self-pipe: at c=1 a large share of a small
-model's latency. The loop is blocked for the call meanwhile, which is why only a call measured to
-be short runs there. Letting every lone item on an idle model run inline (also under load, where
-batching does not make this CPU model cheaper per item) was measured too: the same throughput at
-c=16 and c=64 and a worse p99 (the loop stops reading while it computes), so under load the model
-thread keeps the work.
+the service passes its admission count), the request has one item, a one-item call of this model
+has been measured to take at most ``INLINE_MAX_S``, and batching does not pay for this model here
+(a measured call of ``BATCHED_MIN`` items or more costs per item at least ``BATCH_GAIN`` of a
+one-item call: true of the reference CNN with one intra-op thread on a CPU, where batch 64 is no
+cheaper per image than batch 1; not of a GPU, where batching wins by far), the event loop calls
+the model itself instead of handing the item to the model thread and waiting for the answer to
+come back. The hand-off costs two thread wake-ups (each needing the GIL) and a wake-up of the
+loop through its self-pipe: at c=1 a large share of a small model's latency, and where batching
+does not pay, overhead with nothing in return. The loop is blocked for the call meanwhile, which
+is why only a call measured to be short runs there. The admission count sees the requests whose
+headers were read; a request whose whole path has no await point before the model (a v2 tensor
+already in the buffer) always finds itself alone, so on such a model that path serves one request
+at a time per worker, as a plain server would. The warm-up measures both figures once
+(``calibrate``); model calls keep them current.
 
 Deadlines: an item may carry one (``submit(..., deadline)``, a ``time.perf_counter()`` instant).
 When the batcher forms a call and the earliest deadline in the queue has passed, it first takes
@@ -103,7 +107,9 @@ COALESCE_S = 0.005
 # A lone request on an idle model runs on the event loop when a one-item call takes at most this
 # (an exponential average of measured ones): the longest the loop is blocked by it.
 INLINE_MAX_S = 0.002
-EWMA_WEIGHT = 0.2  # of the newest one-item call in that average
+BATCHED_MIN = 8  # a call of at least this many items measures what batching costs per item
+BATCH_GAIN = 0.8  # batching pays when such a call costs under this share of a lone item's
+EWMA_WEIGHT = 0.2  # of the newest call in the moving averages
 
 
 @dataclass
@@ -164,6 +170,7 @@ class Batcher:
         # What a one-item call takes (moving average; None until one was measured) and how many
         # ran inline on the event loop (see the module doc).
         self.solo_s: float | None = None
+        self.batched_item_s: float | None = None  # per item, in calls of >= BATCHED_MIN items
         self.inline_calls = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -204,7 +211,8 @@ class Batcher:
             self.expired += len(tensors)
             raise DeadlineExceeded("the request's deadline passed before its inputs were "
                                    "queued; nothing was computed")
-        if alone and len(tensors) == 1 and self.solo_s is not None and self.solo_s <= INLINE_MAX_S:
+        if (alone and len(tensors) == 1 and self.solo_s is not None
+                and self.solo_s <= INLINE_MAX_S and not self.batching_pays()):
             with self._ready:
                 lone = (self._idle and not self._kicking and not self._pending
                         and not self._stopping)
@@ -258,11 +266,30 @@ class Batcher:
             self._on_batch(BatchStats(1, [0.0], elapsed))
         return out.probabilities[0], out.embedding[0]
 
+    def batching_pays(self) -> bool:
+        """Whether a batched call costs clearly less per item than a lone one (unknown: yes)."""
+        solo, batched = self.solo_s, self.batched_item_s
+        return solo is None or batched is None or batched < BATCH_GAIN * solo
+
     def _note_call(self, items: int, seconds: float) -> None:
-        """Fold a one-item call's duration into ``solo_s`` (both threads call it; a float
-        assignment is atomic)."""
+        """Fold a call's duration into ``solo_s`` or ``batched_item_s`` (both threads call it;
+        a float assignment is atomic)."""
         if items == 1:
             self.solo_s = _ewma(self.solo_s, seconds)
+        elif items >= BATCHED_MIN:
+            self.batched_item_s = _ewma(self.batched_item_s, seconds / items)
+
+    def calibrate(self, one: Batch, many: Batch, items: int) -> None:
+        """Time a one-item call and an ``items``-item one of the same item size (after the
+        warm-up, in a worker thread) to seed the figures the inline decision reads."""
+        for batch, n in ((one, 1), (many, items)):
+            started = time.perf_counter()
+            self.model.run(batch)
+            elapsed = time.perf_counter() - started
+            if n == 1:
+                self.solo_s = elapsed
+            elif n >= BATCHED_MIN:
+                self.batched_item_s = elapsed / n
 
     def run_sync(self, batch: Batch) -> Outputs:
         """Run one batch directly (warm-up), bypassing the queue."""

@@ -18,6 +18,7 @@ truncated to it, classified, and its answer says ``"truncated": true``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import sys
 import time
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 # connection of the worker. Small uploads (the common case) stay inline, where a thread hop
 # would cost more than the decode.
 INLINE_DECODE_BYTES = 256 * 1024
+
+logger = logging.getLogger(__name__)
 
 
 class Overloaded(RuntimeError):
@@ -311,7 +314,19 @@ class ServedModel:
         loop = asyncio.get_running_loop()
         for batch in self.warmup_batches()[:warmup_batches]:
             await loop.run_in_executor(None, self.batcher.run_sync, batch)
+        if warmup_batches:  # what a lone and a batched call cost (the batcher's inline rule)
+            await loop.run_in_executor(None, self.batcher.calibrate, *self.calibration())
+            b = self.batcher
+            logger.info("%s: a one-item call %.2f ms, per item in a batch %.2f ms: %s", self.name,
+                        (b.solo_s or 0) * 1e3, (b.batched_item_s or 0) * 1e3,
+                        "batching pays" if b.batching_pays() else
+                        "batching does not pay (a lone request on an idle model runs inline)")
         self.ready = True
+
+    def calibration(self) -> tuple[Any, Any, int]:
+        """A one-item batch, a full batch of the same items, and its size."""
+        batches = self.warmup_batches()
+        return batches[0], batches[1], self.batcher.max_batch_size
 
     def warmup_batches(self) -> list:
         raise NotImplementedError
@@ -415,6 +430,13 @@ class ServedTextModel(ServedModel):
                                collate=PadCollate(preprocessor.pad_id))
         self.spec = preprocessor.spec
         self.preprocessor = preprocessor
+
+    def calibration(self) -> tuple[Any, Any, int]:
+        """One and eight mid-length texts (the same length: per item, only batching differs)."""
+        collate = PadCollate(self.preprocessor.pad_id)
+        row = np.full(max(1, self.spec.max_length // 4), self.preprocessor.pad_id, np.int64)
+        n = min(8, self.batcher.max_batch_size)
+        return collate([row]), collate([row] * n), n
 
     def warmup_batches(self) -> list:
         """A short, the longest and a mid-size shape."""

@@ -144,6 +144,8 @@ def test_a_lone_request_on_an_idle_fast_model_runs_on_the_event_loop():
         batcher.start()
         first = await batcher.submit([np.array([1.0], np.float32)])  # measured by the thread
         assert batcher.solo_s is not None
+        assert batcher.batching_pays()  # nothing batched was measured yet: assume it pays
+        batcher.batched_item_s = batcher.solo_s  # as measured for the reference CNN on a CPU
         await asyncio.sleep(0.05)  # the model thread is waiting for work again
         second = await batcher.submit([np.array([2.0], np.float32)], alone=True)
         await batcher.stop()
@@ -178,3 +180,24 @@ def test_requests_go_to_the_model_thread_when_it_is_busy_or_the_model_is_slow():
     assert [float(r[0][0][0]) for r in results] == [float(i) for i in range(20)]
     assert set(model.threads) == {"model"} and len(model.threads) < 3 + 20  # batched
 
+
+
+def test_where_batching_pays_a_lone_item_still_goes_to_the_model_thread():
+    model = ThreadModel()
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=64)
+        batcher.start()
+        batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64)
+        assert batcher.solo_s is not None and batcher.batched_item_s is not None
+        batcher.solo_s, batcher.batched_item_s = 0.001, 0.0001  # a GPU: 10x cheaper batched
+        await batcher.submit([np.array([1.0], np.float32)], alone=True)
+        batcher.batched_item_s = 0.00085  # under BATCH_GAIN of a lone call: still pays
+        await batcher.submit([np.array([1.0], np.float32)], alone=True)
+        batcher.batched_item_s = 0.001
+        await batcher.submit([np.array([1.0], np.float32)], alone=True)
+        await batcher.stop()
+        return batcher.inline_calls
+
+    assert _run(main()) == 1
+    assert model.threads[-3:] == ["model", "model", threading.current_thread().name]
