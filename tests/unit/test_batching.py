@@ -144,8 +144,10 @@ def test_a_lone_request_on_an_idle_fast_model_runs_on_the_event_loop():
         batcher.start()
         first = await batcher.submit([np.array([1.0], np.float32)])  # measured by the thread
         assert batcher.solo_s is not None
-        assert batcher.batching_pays()  # nothing batched was measured yet: assume it pays
-        batcher.batched_item_s = batcher.solo_s  # as measured for the reference CNN on a CPU
+        assert batcher.batching_pays()  # not calibrated: assume it pays
+        batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64)
+        batcher.batched_item_s = batcher._calibrated_solo_s  # the reference CNN on a CPU
+        assert not batcher.batching_pays()
         await asyncio.sleep(0.05)  # the model thread is waiting for work again
         second = await batcher.submit([np.array([2.0], np.float32)], alone=True)
         await batcher.stop()
@@ -190,7 +192,8 @@ def test_where_batching_pays_a_lone_item_still_goes_to_the_model_thread():
         batcher.start()
         batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64)
         assert batcher.solo_s is not None and batcher.batched_item_s is not None
-        batcher.solo_s, batcher.batched_item_s = 0.001, 0.0001  # a GPU: 10x cheaper batched
+        batcher._calibrated_solo_s = batcher.solo_s = 0.001
+        batcher.batched_item_s = 0.0001  # a GPU: 10x cheaper batched
         await batcher.submit([np.array([1.0], np.float32)], alone=True)
         batcher.batched_item_s = 0.00085  # under BATCH_GAIN of a lone call: still pays
         await batcher.submit([np.array([1.0], np.float32)], alone=True)
