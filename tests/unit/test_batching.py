@@ -199,6 +199,7 @@ def test_where_batching_pays_a_lone_item_still_goes_to_the_model_thread():
         batcher.batched_item_s = 0.00075  # under BATCH_GAIN of a lone call: still pays
         await batcher.submit([np.array([1.0], np.float32)], alone=True)
         batcher.batched_item_s = 0.001
+        await asyncio.sleep(0.05)  # the model thread is back to waiting for work
         await batcher.submit([np.array([1.0], np.float32)], alone=True)
         await batcher.stop()
         return batcher.inline_calls
