@@ -49,8 +49,9 @@ at a time per worker, as a plain server would. Whether batching pays is measured
 warm-up (``calibrate``: a one-item call and a full batch, back to back, best of three each):
 figures taken under load would compare a lone call slowed by the other worker's work with batched
 calls that were not, and flip the decision back and forth (measured: the same cell batching 2.5
-items per call in one run and 1.0 in the next). A one-item call's time, for ``INLINE_MAX_S``,
-stays current.
+items per call in one run and 1.0 in the next; a moving average of lone calls under load crossed
+``INLINE_MAX_S`` and stopped inlining for good). ``solo_s`` (a moving average of one-item calls)
+is kept for what it says, not for the decision.
 
 Deadlines: an item may carry one (``submit(..., deadline)``, a ``time.perf_counter()`` instant).
 When the batcher forms a call and the earliest deadline in the queue has passed, it first takes
@@ -216,8 +217,7 @@ class Batcher:
             self.expired += len(tensors)
             raise DeadlineExceeded("the request's deadline passed before its inputs were "
                                    "queued; nothing was computed")
-        if (alone and len(tensors) == 1 and self.solo_s is not None
-                and self.solo_s <= INLINE_MAX_S and not self.batching_pays()):
+        if alone and len(tensors) == 1 and self.inline_pays():
             with self._ready:
                 lone = (self._idle and not self._kicking and not self._pending
                         and not self._stopping)
@@ -270,6 +270,12 @@ class Batcher:
         if self._on_batch is not None:
             self._on_batch(BatchStats(1, [0.0], elapsed))
         return out.probabilities[0], out.embedding[0]
+
+    def inline_pays(self) -> bool:
+        """Whether a lone item may run on the event loop: its call is short and batching does
+        not pay, both as calibrated."""
+        solo = self._calibrated_solo_s
+        return solo is not None and solo <= INLINE_MAX_S and not self.batching_pays()
 
     def batching_pays(self) -> bool:
         """Whether a batched call costs clearly less per item than a lone one, as calibrated

@@ -166,12 +166,15 @@ def test_requests_go_to_the_model_thread_when_it_is_busy_or_the_model_is_slow():
     async def main():
         batcher = Batcher(model, max_batch_size=64)
         batcher.start()
+        batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64, 1)
+        batcher.batched_item_s = batcher._calibrated_solo_s  # batching would not pay
+        del model.threads[:]
         for i in range(3):
             await batcher.submit([np.array([float(i)], np.float32)], alone=True)
             await asyncio.sleep(0.02)
         slow = batcher.inline_calls
         model.delay = 0.0
-        batcher.solo_s = 0.0
+        batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001
         # a burst (the caller knows of others: not alone) is batched by the model thread
         results = await asyncio.gather(*[batcher.submit([np.array([float(i)], np.float32)])
                                          for i in range(20)])
@@ -193,7 +196,7 @@ def test_where_batching_pays_a_lone_item_still_goes_to_the_model_thread():
         batcher.start()
         batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64)
         assert batcher.solo_s is not None and batcher.batched_item_s is not None
-        batcher._calibrated_solo_s = batcher.solo_s = 0.001
+        batcher._calibrated_solo_s = 0.001
         batcher.batched_item_s = 0.0001  # a GPU: 10x cheaper batched
         await batcher.submit([np.array([1.0], np.float32)], alone=True)
         batcher.batched_item_s = 0.00075  # under BATCH_GAIN of a lone call: still pays
