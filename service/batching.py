@@ -33,7 +33,8 @@ longest text.
 
 A lone request on an idle model runs inline: when the model thread is waiting for work, nothing is
 queued, the caller knows of no other request on its way to the model (``submit(..., alone=True)``:
-the service passes its admission count), the request has one item, a one-item call of this model
+the service passes its admission count and the number of requests its HTTP server has under way,
+so requests read in the same pass of the loop are still batched), the request has one item, a one-item call of this model
 has been measured to take at most ``INLINE_MAX_S``, and batching does not pay for this model here
 (a measured call of ``BATCHED_MIN`` items or more costs per item at least ``BATCH_GAIN`` of a
 one-item call: true of the reference CNN with one intra-op thread on a CPU, where batch 64 is no
@@ -42,10 +43,10 @@ the model itself instead of handing the item to the model thread and waiting for
 come back. The hand-off costs two thread wake-ups (each needing the GIL) and a wake-up of the
 loop through its self-pipe: at c=1 a large share of a small model's latency, and where batching
 does not pay, overhead with nothing in return. The loop is blocked for the call meanwhile, which
-is why only a call measured to be short runs there. The admission count sees the requests whose
-headers were read; a request whose whole path has no await point before the model (a v2 tensor
-already in the buffer) always finds itself alone, so on such a model that path serves one request
-at a time per worker, as a plain server would. Whether batching pays is measured once, at the
+is why only a call measured to be short runs there. (The admission count alone is not enough: a
+request whose whole path has no await point before the model, a v2 tensor already in the buffer,
+runs to its model call before the requests read with it start, so it would always find itself
+alone and the worker would serve one request at a time under any load.) Whether batching pays is measured once, at the
 warm-up (``calibrate``: a one-item call and a full batch, back to back, best of three each):
 figures taken under load would compare a lone call slowed by the other worker's work with batched
 calls that were not, and flip the decision back and forth (measured: the same cell batching 2.5

@@ -51,6 +51,22 @@ INLINE_DECODE_BYTES = 256 * 1024
 logger = logging.getLogger(__name__)
 
 
+class _UnderWay:
+    """The requests this worker's HTTP server is handling now: uvicorn's request tasks
+    (``ServerState.tasks``, one per request from its parsed headers to its answer). shedding.py
+    hands the state over when the server makes its first connection; without a server (tests,
+    the app called in-process) it is unknown, and taken as none."""
+
+    state: Any = None
+
+    def count(self) -> int:
+        state = self.state
+        return len(state.tasks) if state is not None else 0
+
+
+UNDER_WAY = _UnderWay()
+
+
 class Overloaded(RuntimeError):
     """The model's queue is full: the request is refused before its body is read."""
 
@@ -239,9 +255,10 @@ class ServedModel:
         try:
             prepared = await self.preprocess_async(inputs)
             try:
-                # alone: no other request is admitted here (see Batcher: it may run inline)
-                outputs = await self.batcher.submit(prepared.tensors, deadline,
-                                                    alone=self.admitted <= 1)
+                # alone: no other request is admitted or under way here (see Batcher: it
+                # may run inline)
+                alone = self.admitted <= 1 and UNDER_WAY.count() <= 1
+                outputs = await self.batcher.submit(prepared.tensors, deadline, alone=alone)
             except DeadlineExceeded:
                 self.metrics.shed("deadline")
                 raise

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 from . import requests
 from .app import ADMISSION, SHED_ROUTES, STATUS
 from .lifecycle import DRAIN
-from .served import Overloaded
+from .served import UNDER_WAY, Overloaded
 
 if TYPE_CHECKING:
     from .app import App
@@ -128,6 +128,7 @@ def protocol_class(base: type, api: "App") -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            UNDER_WAY.state = self.server_state  # one per worker: the batcher's "alone"
             self.refused = False  # the message being parsed was refused: skip its body
             self.close_after_refusal = False
             self.last_refused = -math.inf  # loop.time() of this connection's last refusal
