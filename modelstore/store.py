@@ -8,6 +8,7 @@ later ones wait for ``python -m modelstore promote``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -22,7 +23,16 @@ if TYPE_CHECKING:  # bentoml is imported where used
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_version"]
+__all__ = ["save_version", "file_sha256"]
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex): what an imported model records of its source."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_version(staged: Path, name: str, *, files: Sequence[str], task: str,

@@ -254,16 +254,23 @@ class Batcher:
                 raise result
         return results
 
-    def _run_inline(self, tensor: Any) -> tuple[np.ndarray, np.ndarray]:
-        """One item's call on the event loop (see the module doc)."""
-        started = time.perf_counter()
+    def _call(self, tensors: list[Any]) -> Outputs:
+        """One model call over ``tensors`` (stacked, or the collate hook's input); any failure,
+        or a wrong number of rows back, is a ``BatchError``."""
         try:
-            x = np.stack([tensor]) if self._collate is None else self._collate([tensor])
+            x = np.stack(tensors) if self._collate is None else self._collate(tensors)
             out = self.model.run(x)
         except Exception as exc:
             raise exc if isinstance(exc, BatchError) else BatchError(f"inference failed: {exc!r}")
-        if out.probabilities.shape[0] != 1 or out.embedding.shape[0] != 1:
-            raise BatchError(f"model returned {out.probabilities.shape[0]} rows for a batch of 1")
+        n = len(tensors)
+        if out.probabilities.shape[0] != n or out.embedding.shape[0] != n:
+            raise BatchError(f"model returned {out.probabilities.shape[0]} rows for a batch of {n}")
+        return out
+
+    def _run_inline(self, tensor: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One item's call on the event loop (see the module doc)."""
+        started = time.perf_counter()
+        out = self._call([tensor])
         elapsed = time.perf_counter() - started
         self._note_call(1, elapsed)
         self.inline_calls += 1
@@ -321,17 +328,8 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                if self._collate is None:
-                    x = np.stack([item.tensor for item in batch])
-                else:
-                    x = self._collate([item.tensor for item in batch])
-                out = self.model.run(x)
-                if out.probabilities.shape[0] != len(batch) or out.embedding.shape[0] != len(batch):
-                    raise BatchError(
-                        f"model returned {out.probabilities.shape[0]} rows for a batch of {len(batch)}"
-                    )
-            except Exception as exc:  # every waiting request must hear about it, not hang
-                error = exc if isinstance(exc, BatchError) else BatchError(f"inference failed: {exc!r}")
+                out = self._call([item.tensor for item in batch])
+            except BatchError as error:  # every waiting request must hear about it, not hang
                 loop.call_soon_threadsafe(self._fail, batch, error)
                 continue
             stats = BatchStats(len(batch), [started - it.enqueued for it in batch],

@@ -23,7 +23,6 @@ seeded noise images (an imported model brings no data), like the benchmark's ref
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from modelstore.layout import EXPORT_FILE, IMAGE_FILES, MODEL_FILE
+from modelstore.store import file_sha256
 from preprocessing import ImageSpec, load_spec
 
 from .export import (INPUT_NAME, OUTPUT_NAMES, ExportError, build_manifest, compare_weights,
@@ -51,14 +51,6 @@ log = logging.getLogger("training")
 
 PARITY_BATCHES = (1, 7, 64)
 FC_OPS = ("Gemm", "MatMul")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dims(value_info: Any) -> list[int | str]:

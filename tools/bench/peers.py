@@ -124,7 +124,7 @@ def py_libdir(python: Path) -> str:
     return out.stdout.strip()
 
 
-def peer_body(harness: Harness, peer: PeerSpec, work_dir: Path) -> Body:
+def peer_body(harness: Harness, peer: PeerSpec) -> Body:
     path = harness.bodies / peer.body
     headers = [OCTET]
     if peer.body == "triton.bin":
@@ -212,7 +212,7 @@ def bench_peer(harness: Harness, peer: PeerSpec, run: Run, concs: Sequence[int],
                tag: str) -> dict:
     """Start one peer server from its harness, check its logits against the torch reference,
     measure each concurrency as this service's cells are measured; always stop it."""
-    body = peer_body(harness, peer, run.work_dir)
+    body = peer_body(harness, peer)
     stats_dir = run.work_dir / f"stats-{tag}"
     shutil.rmtree(stats_dir, ignore_errors=True)
     stats_dir.mkdir(parents=True)
@@ -308,10 +308,11 @@ def ensure_imported(harness: Harness, log: Callable[[str], None]):
     import sys
 
     from modelstore.artifact import ArtifactError, load_artifact
+    from modelstore.store import file_sha256
 
     from .store import has_model
 
-    source_sha = _sha256(harness.model)
+    source_sha = file_sha256(harness.model)
     if has_model(f"{MODEL_NAME}:latest"):
         artifact = load_artifact(f"{MODEL_NAME}:latest")
         if artifact.read_json("export.json").get("source_sha256") == source_sha:
@@ -324,16 +325,6 @@ def ensure_imported(harness: Harness, log: Callable[[str], None]):
         raise ArtifactError(f"importing {harness.model} failed (rc={proc.returncode}):\n"
                             + (proc.stdout + proc.stderr)[-3000:])
     return load_artifact(f"{MODEL_NAME}:latest")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
