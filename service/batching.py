@@ -133,6 +133,7 @@ class _Item:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float = NO_DEADLINE  # a time.perf_counter() instant
+    since: float = 0.0  # when its request was admitted (perf_counter); 0: when enqueued
 
 
 # plan(pending, max_batch_size) removes and returns the items of the next call (at least one);
@@ -170,8 +171,10 @@ class Batcher:
         self._kicked = False  # the event loop's pass that queued the work is over
         self._holding = False  # the model thread holds a partial batch for company
         self.expired = 0  # items dropped at their deadline, in all
-        # How long the oldest item of the last model call had waited for it; 0 once the queue
-        # is found empty. What a newcomer can expect to wait (served.py's admission reads it).
+        # How long the oldest item of the last model call had waited for it since its request
+        # was admitted (``submit``'s ``since``: reading, decoding and queueing; else since it was
+        # queued); 0 once the queue is found empty. What a newcomer can expect to wait before
+        # its own call (served.py's admission reads it).
         self.queue_wait_s = 0.0
         # What a one-item call takes (moving average; None until one was measured) and how many
         # ran inline on the event loop (see the module doc).
@@ -208,11 +211,13 @@ class Batcher:
         return len(self._pending)
 
     async def submit(self, tensors: list[Any], deadline: float = NO_DEADLINE,
-                     alone: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+                     alone: bool = False, since: float = 0.0
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Queue one request's items; returns (probabilities, embedding) per item, in order.
         Raises ``DeadlineExceeded`` when ``deadline`` passes before their model call starts.
         ``alone``: the caller knows of no other request on its way to this model (one being
-        read or decoded would want to share the call), so a lone item may run inline."""
+        read or decoded would want to share the call), so a lone item may run inline.
+        ``since``: when the request was admitted (``queue_wait_s`` counts from there)."""
         loop = asyncio.get_running_loop()
         if deadline != NO_DEADLINE and deadline <= time.perf_counter():
             self.expired += len(tensors)
@@ -224,7 +229,8 @@ class Batcher:
                         and not self._stopping)
             if lone:  # nothing can be queued meanwhile: this loop is busy with the call
                 return [self._run_inline(tensors[0])]
-        items = [_Item(t, loop.create_future(), deadline=deadline) for t in tensors]
+        items = [_Item(t, loop.create_future(), deadline=deadline, since=since)
+                 for t in tensors]
         kick = False
         with self._ready:
             if self._stopping:
@@ -367,7 +373,8 @@ class Batcher:
                 if expired:
                     return [], expired
             # the oldest item is first: the planner puts what it leaves back in arrival order
-            self.queue_wait_s = time.perf_counter() - self._pending[0].enqueued
+            oldest = self._pending[0]
+            self.queue_wait_s = time.perf_counter() - (oldest.since or oldest.enqueued)
             if self._plan is None:
                 n = min(len(self._pending), self.max_batch_size)
                 batch = [self._pending.popleft() for _ in range(n)]

@@ -158,8 +158,9 @@ class ServedModel:
     adds the rest of its inputs once they are known, and ``release()`` (the caller's, after the
     answer) takes them off again. ``admit()`` refuses (``Overloaded``: 503 with Retry-After)
     when ``max_queue_items`` are held, or when the last model call's oldest item waited over
-    half the request's deadline (a newcomer would wait as long, and risk being dropped after
-    costing its decode); a request whose other inputs do not
+    half the request's deadline from its admission to the call (reading, decoding and queueing:
+    a newcomer would wait as long, and risk being dropped after costing its decode); a request
+    whose other inputs do not
     fit is refused once its body is parsed, before any of them is decoded (unless it is the only
     one held: a big request is not refused forever on an idle worker). What is admitted then
     carries its deadline into the batcher, which drops it unanswered if the deadline passes
@@ -236,8 +237,8 @@ class ServedModel:
             why = (f"{held} items are admitted and not yet answered on this worker; the bound "
                    f"is {self.max_queue_items} (CLF_MAX_QUEUE_ITEMS)")
         else:
-            why = (f"items queue for {wait_s * 1e3:.0f} ms now, over half this request's "
-                   f"deadline of {budget_s * 1e3:.0f} ms")
+            why = (f"requests wait {wait_s * 1e3:.0f} ms from admission to their model call "
+                   f"now, over half this request's deadline of {budget_s * 1e3:.0f} ms")
         raise Overloaded(f"{self.name} is overloaded: {why}; retry after {retry_s} s", retry_s)
 
     async def classify(self, inputs: Sequence[Any], top_k: int,
@@ -258,7 +259,8 @@ class ServedModel:
                 # alone: no other request is admitted or under way here (see Batcher: it
                 # may run inline)
                 alone = self.admitted <= 1 and UNDER_WAY.count() <= 1
-                outputs = await self.batcher.submit(prepared.tensors, deadline, alone=alone)
+                outputs = await self.batcher.submit(prepared.tensors, deadline, alone=alone,
+                                                    since=ctx.started if ctx else 0.0)
             except DeadlineExceeded:
                 self.metrics.shed("deadline")
                 raise

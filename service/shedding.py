@@ -58,12 +58,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from http import HTTPStatus
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
 from . import requests
-from .app import ADMISSION, SHED_ROUTES, STATUS
+from .app import ADMISSION, ADMITTED_AT, SHED_ROUTES, STATUS
 from .lifecycle import DRAIN
 from .served import UNDER_WAY, Overloaded
 
@@ -153,6 +154,7 @@ def protocol_class(base: type, api: "App") -> type:
             except Overloaded as exc:
                 return self._refuse(exc)
             self.scope[ADMISSION] = model  # OverloadShortcut takes it over (and the release)
+            self.scope[ADMITTED_AT] = time.perf_counter()  # its deadline counts from here
             try:
                 super().on_headers_complete()
             except BaseException:

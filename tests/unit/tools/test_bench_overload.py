@@ -44,9 +44,10 @@ def test_the_server_p99_is_read_from_bentomls_histogram_deltas():
 
 def test_the_implied_bound_and_the_verdict():
     settings = Settings(max_queue_items=64, request_deadline_ms=1000)
-    bound = implied_bound_ms(settings, workers=2, normal_rps=228.0, model_call_ms=37.0)
-    assert round(bound["queue_ms"]) == 561 and bound["deadline_ms"] == 1037.0
-    assert bound["bound_ms"] == bound["queue_ms"]
+    bound = implied_bound_ms(settings, workers=2, overload_rps=228.0, model_call_ms=37.0)
+    assert round(bound["little_ms"]) == 561 and bound["deadline_ms"] == 1037.0
+    assert bound["bound_ms"] == bound["deadline_ms"]  # the queue bound is no time bound
+    assert implied_bound_ms(Settings(request_deadline_ms=0), 2, 228.0, 37.0)["bound_ms"] is None
     normal = parse_phase("before", 64, 1, WRK_OUT.replace("status=503", "status=999"))
     overload = parse_phase("overload", 1000, 2, WRK_OUT)
     overload.rss_mb = [548.0, 548.2]
@@ -58,4 +59,7 @@ def test_the_implied_bound_and_the_verdict():
     assert v["every_request_answered"] and v["only_200_or_503"]
     assert not v["p99_200_within_bound"] and v["rss_growth_during_mb"] == 0.2
     assert "| overload | 1000 |" in overload_table(result)
-    assert "every request answered within 2 s: yes" in verdict_line(result)
+    assert "Every request answered within 2 s: yes" in verdict_line(result)
+    assert "predicts a mean of 561 ms" in verdict_line(result)
+    result["bound"] = implied_bound_ms(Settings(request_deadline_ms=2000), 2, 228.0, 37.0)
+    assert verdict(result, normal, overload, normal)["p99_200_within_bound"]  # 1611 <= 2037
