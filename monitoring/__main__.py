@@ -214,19 +214,26 @@ def run_drift(args: argparse.Namespace) -> int:
 
 
 def run_slices(args: argparse.Namespace) -> int:
-    from .performance import calibrate_reference
+    from .performance import calibrate_reference, foreign_prior
     from .reference import load_reference
     from .slice_metrics import (add_derived_slices, class_metrics, format_class_table,
                                 format_table, slice_metrics, to_records)
 
     frame, version = _open_window(args, embeddings=False)
+    prior = None
     try:  # the estimated accuracy needs the reference profile; the rest of the report does not
-        calibrator = calibrate_reference(load_reference(_reference_folder(args, version)))
+        reference = load_reference(_reference_folder(args, version))
+        calibrator = calibrate_reference(reference)
+        prior = foreign_prior(reference) if "ood" in frame.columns else None
     except (CommandError, FileNotFoundError) as exc:
         calibrator = None
         print(f"no estimated accuracy: {exc}", file=sys.stderr)
     if calibrator is not None:
-        frame = frame.assign(calibrated=calibrator(frame["confidence"].to_numpy()))
+        calibrated = calibrator(frame["confidence"].to_numpy())
+        if prior is not None:  # OOD-flagged rows beyond the reference rate: at chance, by the
+            # window's flagged share (performance.py, step 3)
+            calibrated = prior.adjust(calibrated, frame["ood"].to_numpy(bool))
+        frame = frame.assign(calibrated=calibrated)
         print(f"estimated accuracy (est): {calibrator.describe()}", file=sys.stderr)
     frame, derived = add_derived_slices(frame)
     columns = sorted(c for c in frame.columns if c.startswith("tag.")) + derived

@@ -16,16 +16,24 @@ confidence, calibrated on the reference profile (the validation rows, which have
      isotonic fits to bootstrap resamples of the reference). It does not cover a change in
      calibration itself, which is what the method assumes away.
 
+  3. **foreign inputs**: confidence says nothing about inputs far from the training data (a
+     model is often confidently wrong on them), so OOD-flagged answers beyond the share the
+     OOD scorer flags on in-distribution data by its calibration (``ForeignPrior``) count as
+     right by chance only. With ``f`` the window's flagged share and ``r`` that reference rate,
+     a flagged row's probability is ``w p + (1 - w) / classes`` with ``w = min(1, r / f)``:
+     a window flagged at the reference rate is estimated as before; one flagged throughout
+     sinks to chance.
+
 Where it holds: covariate shift that keeps the model's calibration, i.e. P(right | confidence)
 unchanged: a different mix of inputs the model has seen the like of, harder or easier ones
-(more of one class, more blurred scans), where the model's confidence falls with its accuracy.
-Where it fails: concept shift (the same inputs now carry other labels: the confidence cannot
-know, so the estimate stays at the reference's while the realised accuracy collapses), and
-shifts that leave the model confidently wrong (inputs far from the training data). For the
-second the report carries the window's share of OOD-flagged answers and warns above
-``OOD_WARNING``: the estimate says little about those rows. Measured figures:
+(more of one class, more blurred scans), where the model's confidence falls with its accuracy;
+and, through step 3, shifts that take inputs out of the model's domain, where the OOD flags
+catch them. Where it fails: concept shift (the same inputs now carry other labels: neither the
+confidence nor the OOD flags can know, so the estimate stays at the reference's while the
+realised accuracy collapses), and foreign inputs the OOD flags miss. The report carries the
+window's share of OOD-flagged answers and warns above ``OOD_WARNING``. Measured figures:
 monitoring/README.md, "Accuracy without labels";
-``tests/integration/test_performance_estimation.py`` checks both cases.
+``tests/integration/test_performance_estimation.py`` checks each case.
 
 numpy only: the report commands call it; nothing here runs on the request path.
 """
@@ -185,6 +193,39 @@ def calibrate_reference(reference: Any, **kwargs: Any) -> Calibrator | None:
 
 
 @dataclass(frozen=True)
+class ForeignPrior:
+    """How OOD-flagged answers count (step 3 of the module doc)."""
+
+    reference_rate: float  # the share of in-distribution inputs the OOD scorer flags
+    chance: float  # 1 / classes: how often a foreign input's answer is right
+
+    def adjust(self, p: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """Rows' probabilities of being right, the flagged beyond the reference rate at
+        chance (``flags``: one bool per row of ``p``)."""
+        flags = np.asarray(flags, dtype=bool)
+        share = float(flags.mean()) if flags.size else 0.0
+        if share <= self.reference_rate:
+            return p
+        w = self.reference_rate / share
+        return np.where(flags, w * p + (1.0 - w) * self.chance, p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reference_rate": self.reference_rate, "chance": self.chance}
+
+
+def foreign_prior(reference: Any) -> ForeignPrior | None:
+    """The prior of the OOD scorer the service fits on this reference profile (the same
+    ``fit_ood``); None when it cannot be fitted (too few rows)."""
+    from .ood import fit_ood
+
+    try:
+        scorer = fit_ood(reference)
+    except ValueError:
+        return None
+    return ForeignPrior(scorer.expected_flag_rate, 1.0 / max(1, len(reference.classes)))
+
+
+@dataclass(frozen=True)
 class Estimate:
     """Estimated accuracy of some rows, with the realised accuracy of those that have labels."""
 
@@ -205,14 +246,18 @@ class Estimate:
 
 
 def estimate(calibrator: Calibrator, confidence: np.ndarray,
-             correct: np.ndarray | None = None) -> Estimate:
+             correct: np.ndarray | None = None, ood: np.ndarray | None = None,
+             prior: ForeignPrior | None = None) -> Estimate:
     """Estimated accuracy of rows with these top-1 confidences; ``correct`` (1/0, nan where
-    unlabelled) adds the realised accuracy of the labelled ones."""
+    unlabelled) adds the realised accuracy of the labelled ones; ``ood`` (their flags) and
+    ``prior`` count the flagged beyond the reference rate at chance (module doc, step 3)."""
     conf = np.asarray(confidence, dtype=np.float64)
     n = int(conf.size)
     if n == 0:
         return Estimate(0, math.nan, math.nan, math.nan, math.nan, 0, math.nan, math.nan)
     p = calibrator(conf)
+    if prior is not None and ood is not None:
+        p = prior.adjust(p, ood)
     value = float(p.mean())
     se = math.hypot(math.sqrt(float((p * (1 - p)).sum())) / n, calibrator.calibration_se(conf))
     ok = np.full(n, np.nan) if correct is None else np.asarray(correct, dtype=np.float64)
@@ -227,18 +272,23 @@ def estimate(calibrator: Calibrator, confidence: np.ndarray,
 def performance_report(calibrator: Calibrator, confidence: np.ndarray,
                        correct: np.ndarray | None = None,
                        slices: Mapping[str, Sequence[Any]] | None = None,
-                       ood: np.ndarray | None = None) -> dict[str, Any]:
+                       ood: np.ndarray | None = None,
+                       prior: ForeignPrior | None = None) -> dict[str, Any]:
     """The ``estimated_accuracy`` entry of a drift report: the whole window (``value``, its
     interval, the realised accuracy where labelled, the OOD-flagged share when ``ood`` is
     given, a ``warning`` above ``OOD_WARNING``), the calibration, and one row per slice value
-    (``slices``: column name -> one value per row; missing values count as ``MISSING``)."""
+    (``slices``: column name -> one value per row; missing values count as ``MISSING``).
+    With ``ood`` and ``prior``, flagged answers beyond the reference rate count at chance, in
+    the window and in each slice by its own flagged share."""
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.full(conf.size, np.nan) if correct is None else np.asarray(correct, np.float64)
     flags = None if ood is None else np.asarray(ood, dtype=bool)
 
     def figures(part: np.ndarray | slice) -> dict[str, Any]:
         share = None if flags is None or not flags[part].size else float(flags[part].mean())
-        return {**estimate(calibrator, conf[part], ok[part]).to_dict(), "ood_share": share}
+        return {**estimate(calibrator, conf[part], ok[part],
+                           None if flags is None else flags[part], prior).to_dict(),
+                "ood_share": share}
 
     whole = figures(slice(None))
     rows = []
@@ -251,12 +301,15 @@ def performance_report(calibrator: Calibrator, confidence: np.ndarray,
                          **figures(order[bounds[i]:bounds[i + 1]])})
     warning = None
     if whole["ood_share"] is not None and whole["ood_share"] > OOD_WARNING:
+        counted = ("the flagged beyond the reference rate count as right by chance only"
+                   if prior is not None else "the estimate may be far too high")
         warning = (f"{100 * whole['ood_share']:.0f}% of the window is flagged out-of-"
-                   "distribution: confidence says little about accuracy on such inputs, so the "
-                   "estimate may be far too high; check with feedback labels")
+                   f"distribution: confidence says little about accuracy on such inputs ("
+                   f"{counted}); check with feedback labels")
     return {"value": whole["estimated"], **whole, "warning": warning,
-            "method": "confidence-based (CBPE)", "calibration": calibrator.to_dict(),
-            "by_slice": rows}
+            "method": "confidence-based (CBPE)" + (", OOD-aware" if prior is not None else ""),
+            "calibration": calibrator.to_dict(),
+            "foreign_prior": None if prior is None else prior.to_dict(), "by_slice": rows}
 
 
 def window_performance(reference: Any, frame: Any) -> dict[str, Any] | None:
@@ -276,7 +329,8 @@ def window_performance(reference: Any, frame: Any) -> dict[str, Any] | None:
     correct = correct_column(frame["predicted"].to_numpy(object), label)
     ood = frame["ood"].to_numpy(bool) if "ood" in frame.columns else None
     return performance_report(calibrator, frame["confidence"].to_numpy(np.float64), correct,
-                              {c: frame[c].to_numpy(object) for c in columns}, ood)
+                              {c: frame[c].to_numpy(object) for c in columns}, ood,
+                              foreign_prior(reference) if ood is not None else None)
 
 
 def correct_column(predicted: Sequence[Any], label: Sequence[Any]) -> np.ndarray:

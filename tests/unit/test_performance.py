@@ -16,9 +16,10 @@ import pandas as pd
 import pytest
 
 from monitoring.drift_html import accuracy_text, render_summary
-from monitoring.performance import (IDENTITY, ISOTONIC, calibrate_reference, correct_column,
-                                    estimate, expected_calibration_error, fit_calibrator,
-                                    format_estimate, isotonic_fit, performance_report)
+from monitoring.performance import (IDENTITY, ISOTONIC, ForeignPrior, calibrate_reference,
+                                    correct_column, estimate, expected_calibration_error,
+                                    fit_calibrator, format_estimate, isotonic_fit,
+                                    performance_report)
 from monitoring.slice_metrics import slice_metrics
 
 
@@ -189,3 +190,20 @@ def test_the_drift_summary_shows_the_estimate_and_its_slices() -> None:
     assert "Estimated accuracy by slice" in html and "<td>web</td>" in html
     unlabelled = performance_report(cal, conf)
     assert "No feedback labels in the window" in accuracy_text(unlabelled)
+
+
+def test_flagged_answers_beyond_the_reference_rate_count_at_chance():
+    prior = ForeignPrior(reference_rate=0.05, chance=0.1)
+    p = np.full(100, 0.9)
+    flags = np.zeros(100, dtype=bool)
+    flags[:5] = True  # flagged at the reference rate: in-distribution, nothing changes
+    assert np.array_equal(prior.adjust(p, flags), p)
+    flags[:50] = True  # 50% flagged: one in ten of the flagged is the usual 5%
+    q = prior.adjust(p, flags)
+    assert np.allclose(q[:50], 0.1 * 0.9 + 0.9 * 0.1) and np.array_equal(q[50:], p[50:])
+    everything = prior.adjust(p, np.ones(100, dtype=bool))  # all foreign: near chance
+    assert abs(everything.mean() - (0.05 * 0.9 + 0.95 * 0.1)) < 1e-12
+    calibrator = fit_calibrator(np.full(200, 0.9), np.r_[np.ones(180), np.zeros(20)])
+    plain = estimate(calibrator, p)
+    aware = estimate(calibrator, p, ood=np.ones(100, dtype=bool), prior=prior)
+    assert aware.estimated < plain.estimated and aware.estimated < 0.2
