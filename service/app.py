@@ -260,16 +260,57 @@ class App:
 
     def classify_model(self, scope: Scope) -> ServedModel | None:
         """The ready model a classify request is for (``OverloadShortcut``); None otherwise."""
-        kind = SHED_ROUTES.get(scope["path"])
-        if kind is None or scope["method"] != "POST":
+        if scope["method"] != "POST":
             return None
-        model = self.model(kind)
-        return model if model is not None and model.ready else None
+        return self.admitting_model(scope["path"])
+
+    def admitting_model(self, path: str) -> ServedModel | None:
+        """The ready model a POST to ``path`` classifies with, admitted before its body is read:
+        ``/v1/classify/{image,text}`` and the v2 ``infer`` routes (``/v2/models/{name}[/versions/
+        {version}]/infer``, the model of that name and, where given, version); None for any
+        other path (its handler answers it, a 404 included)."""
+        kind = SHED_ROUTES.get(path)
+        if kind is not None:
+            model = self.model(kind)
+            return model if model is not None and model.ready else None
+        if not path.startswith("/v2/models/") or not path.endswith("/infer"):
+            return None
+        parts = path.split("/")  # "", "v2", "models", name, ["versions", version,] "infer"
+        if len(parts) == 5:
+            name, version = parts[3], None
+        elif len(parts) == 7 and parts[4] == "versions":
+            name, version = parts[3], parts[5]
+        else:
+            return None
+        model = next((slot.current for slot in self.slots.values()
+                      if slot.current is not None and slot.current.name == name), None)
+        if model is None or not model.ready or version not in (None, model.version):
+            return None
+        return model
+
+    def take_admission(self, scope: Scope, model: ServedModel, budget_s: float) -> None:
+        """Admit a request to ``model`` for a classify handler, before its body is read: take
+        over the admission made at the door or by ``OverloadShortcut`` (re-checked against a
+        shorter deadline the client asked for), or admit it here. Raises ``Overloaded``; once
+        this returns the caller owes one ``model.release()``."""
+        if scope.get(ADMISSION) is model:
+            scope[ADMISSION] = None
+            if budget_s < self.budget_s:  # the client shortened its deadline
+                try:
+                    model.recheck(budget_s)
+                except Overloaded:
+                    model.release()
+                    raise
+        else:
+            model.admit(budget_s)
 
     async def refuse(self, exc: Overloaded, scope: Scope, send: Send) -> None:
-        """503 ``overloaded``, exactly as ``_classify`` answers it."""
+        """503 ``overloaded``, exactly as ``_classify`` (or, on a v2 route, ``infer``) answers
+        it."""
         given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
         request_id = requests.request_id({"x-request-id": given.decode("latin-1")})
+        if scope["path"].startswith("/v2/"):
+            return await _send(send, v2.error_answer(exc, request_id), request_id)
         await _fail(send, "overloaded", exc.message, request_id,
                     [(b"retry-after", str(exc.retry_after_s).encode())])
 
@@ -351,14 +392,8 @@ class App:
         try:
             # the deadline (s; inf = none) from the settings, shortened by the client's header
             budget_s = requests.deadline_ms(headers, settings.request_deadline_ms) / 1e3 or math.inf
-            if scope.get(ADMISSION) is model:  # OverloadShortcut admitted it: take that over
-                scope[ADMISSION] = None
-                admitted = True
-                if budget_s < self.budget_s:  # the client shortened its deadline
-                    model.recheck(budget_s)
-            else:
-                model.admit(budget_s)  # before the body is read: a refusal stays cheap
-                admitted = True
+            self.take_admission(scope, model, budget_s)  # before the body is read: cheap
+            admitted = True
             ctx = RequestContext(request_id, requests.slices(
                 headers.get(requests.SLICES_HEADER, ""), self.slice_rules), started)
             top_k = requests.top_k(scope.get("query_string", b""), settings.top_k)

@@ -20,7 +20,8 @@ bound, and the refusals take the CPU the model needs. Two things shorten the pas
   as told, a first refusal and one that closes its connection are answered at once.
 
 How. ``SheddingProtocol`` is uvicorn's httptools protocol with ``on_headers_complete`` in front:
-a ``POST`` to a classify route (``app.SHED_ROUTES``) whose model is ready is admitted right there
+a ``POST`` to a classify route (``app.SHED_ROUTES``, and the v2 ``infer`` routes:
+``App.admitting_model``) whose model is ready is admitted right there
 (``ServedModel.admit``, the very call ``OverloadShortcut`` makes) or refused:
 
 * refused: the answer ``App.refuse`` would send (503, ``Retry-After``, ``X-Request-ID``, the
@@ -96,18 +97,22 @@ PACE_S = 0.25
 
 _PATHS = {path.encode(): kind for path, kind in SHED_ROUTES.items()}
 _STATUS = STATUS["overloaded"]
-# error_body("overloaded", message, request_id) as app.py's json.dumps writes it, in pieces
+# error_body("overloaded", message, request_id) as app.py's json.dumps writes it, in pieces;
+# and v2.v2_error's shape, for the v2 routes
 _BODY_HEAD = b'{"error":{"reason":"overloaded","message":'
 _BODY_ID = b'},"request_id":"'
+_V2_HEAD = b'{"error":'
+_V2_ID = b',"reason":"overloaded","request_id":"'
 _STATUS_LINE = f"HTTP/1.1 {_STATUS} {HTTPStatus(_STATUS).phrase}\r\n".encode()
 
 
 def refusal(exc: Overloaded, request_id: str, default_headers: list[tuple[bytes, bytes]],
-            close: bool) -> bytes:
-    """The whole HTTP/1.1 answer ``App.refuse`` sends for ``exc``, as bytes on the wire: the same
-    status, headers and body, byte for byte (``requests.request_id`` only yields ids that need no
-    JSON escaping)."""
-    body = b"".join([_BODY_HEAD, encode_basestring_ascii(exc.message).encode(), _BODY_ID,
+            close: bool, v2: bool = False) -> bytes:
+    """The whole HTTP/1.1 answer ``App.refuse`` sends for ``exc`` (``v2``: to a v2 route), as
+    bytes on the wire: the same status, headers and body, byte for byte
+    (``requests.request_id`` only yields ids that need no JSON escaping)."""
+    head, tail = (_V2_HEAD, _V2_ID) if v2 else (_BODY_HEAD, _BODY_ID)
+    body = b"".join([head, encode_basestring_ascii(exc.message).encode(), tail,
                      request_id.encode(), b'"}'])
     lines = [_STATUS_LINE]
     for name, value in default_headers:
@@ -133,7 +138,8 @@ def protocol_class(base: type, api: "App") -> type:
             self.refused = False  # the message being parsed was refused: skip its body
             self.close_after_refusal = False
             self.last_refused = -math.inf  # loop.time() of this connection's last refusal
-            self.owed: tuple[Overloaded, str] | None = None  # a paced refusal not yet sent
+            # a paced refusal not yet sent: (why, request id, to a v2 route)
+            self.owed: tuple[Overloaded, str, bool] | None = None
             self.paced: asyncio.TimerHandle | None = None  # when it will be
 
         def on_message_begin(self) -> None:
@@ -168,16 +174,17 @@ def protocol_class(base: type, api: "App") -> type:
             for it (see the module docstring); None: the usual way."""
             if self.parser.get_method() != b"POST":
                 return None
-            kind = _PATHS.get(self.url.partition(b"?")[0])
-            if kind is None or self.root_path or DRAIN.active:
+            if self.root_path or DRAIN.active:
+                return None
+            path = self.url.partition(b"?")[0]
+            if path not in _PATHS and not path.startswith(b"/v2/models/"):
                 return None
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
                 return None  # pipelined behind a request under way
             if self.limit_concurrency is not None or self.parser.should_upgrade():
                 return None
-            model = self.shed_api.model(kind)
-            return model if model is not None and model.ready else None
+            return self.shed_api.admitting_model(path.decode("latin-1"))
 
         def _refuse(self, exc: Overloaded) -> None:
             self.refused = True
@@ -187,7 +194,7 @@ def protocol_class(base: type, api: "App") -> type:
                           and self.parser.should_keep_alive())
             # a client that waits for 100 Continue may never send the body: close at once
             self.close_after_refusal = not keep_alive or self.expect_100_continue
-            self.owed = (exc, request_id)
+            self.owed = (exc, request_id, self.url.startswith(b"/v2/"))
             now = self.loop.time()
             again = now - self.last_refused < exc.retry_after_s  # sooner than it was told
             self.last_refused = now
@@ -202,7 +209,7 @@ def protocol_class(base: type, api: "App") -> type:
             if self.paced is not None:
                 self.paced.cancel()
                 self.paced = None
-            exc, request_id = self.owed
+            exc, request_id, v2 = self.owed
             self.owed = None
             transport = self.transport
             if transport.is_closing():
@@ -210,7 +217,7 @@ def protocol_class(base: type, api: "App") -> type:
             # after SIGTERM every answer closes its connection (patches.drain_on_stop)
             self.close_after_refusal = self.close_after_refusal or DRAIN.active
             transport.write(refusal(exc, request_id, self.server_state.default_headers,
-                                    self.close_after_refusal))
+                                    self.close_after_refusal, v2))
             if self.expect_100_continue:
                 transport.close()
             elif not self.refused:  # its message is complete

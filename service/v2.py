@@ -648,18 +648,18 @@ class Routes:
     async def infer(self, scope, receive, headers, request_id, name: str,
                     version: str | None = None) -> Answer:
         """Admit, read, parse, classify, answer: ``App._classify``'s steps in the same order."""
-        from .app import Answer, Failure, _read_body
+        from .app import ADMITTED_AT, Answer, Failure, _read_body
 
         model = self.model(name, version)
         if not model.ready:
             raise Failure("not_ready", f"{name} is still loading; retry when "
                           f"/v2/models/{name}/ready answers 200")
         app, settings = self.app, self.app.settings
-        started = time.perf_counter()
+        started = scope.get(ADMITTED_AT) or time.perf_counter()  # from the door, as _classify
         admitted = False
         try:
             budget_s = requests.deadline_ms(headers, settings.request_deadline_ms) / 1e3 or math.inf
-            model.admit(budget_s)  # before the body is read: a refusal under overload stays cheap
+            app.take_admission(scope, model, budget_s)  # before the body is read: cheap
             admitted = True
             ctx = RequestContext(request_id, requests.slices(
                 headers.get(requests.SLICES_HEADER, ""), app.slice_rules), started)

@@ -407,3 +407,48 @@ def test_the_refusal_bytes_are_the_middlewares_answer():
     assert json.loads(odd_body)["error"]["message"] == odd.message
     closing = shedding.refusal(exc, "rid", [], close=True)
     assert b"\r\nconnection: close\r\n\r\n" in closing
+    from service.v2 import v2_error
+
+    v2_body = shedding.refusal(exc, "rid", [], close=False, v2=True).partition(b"\r\n\r\n")[2]
+    assert v2_body == json.dumps(v2_error("overloaded", exc.message, "rid"),
+                                 separators=(",", ":")).encode()  # what a v2 route sends
+
+
+def v2_infer(name: str, request_id: str, version: str = "") -> bytes:
+    """A v2 infer request with one image as BYTES (JSON)."""
+    import base64
+
+    from service.v2 import IMAGE_INPUT
+
+    body = json.dumps({"inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [1],
+                                   "data": [base64.b64encode(png()).decode()]}],
+                       "parameters": {"binary_data_output": False}}).encode()
+    path = f"/v2/models/{name}{f'/versions/{version}' if version else ''}/infer"
+    return (f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+            f"x-request-id: {request_id}\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("door", [True, False], ids=["at-the-door", "middleware"])
+def test_a_v2_infer_request_is_refused_before_its_body_is_read_in_the_v2_shape(serve, door):
+    served = serve(f"shed-v2-{door}", door=door)
+    name, version = served.served.name, served.served.version
+    held = hold(served)
+    calls = len(served.shortcut_calls)
+    client = connect(served.port)
+    client.sendall(v2_infer(name, "v2-refused") + v2_infer(name, "v2-versioned", version))
+    for request_id in ("v2-refused", "v2-versioned"):
+        status, headers, body = answer(client)
+        doc = json.loads(body)
+        assert status == 503 and headers["retry-after"] == "1", body
+        assert doc == {"error": doc["error"], "reason": "overloaded", "request_id": request_id}
+        assert "CLF_MAX_QUEUE_ITEMS" in doc["error"]
+    assert len(served.shortcut_calls) - calls == (0 if door else 2)  # no ASGI request at all
+    client.sendall(v2_infer("no-such-model", "v2-unknown"))  # not a model's: its handler's 404
+    assert answer(client)[0] == 404
+    served.model.gate.set()
+    assert answer(held)[0] == 200
+    wait_for(lambda: served.served.admitted == 0)
+    client.sendall(v2_infer(name, "v2-after"))
+    status, _, body = answer(client)
+    assert status == 200, body
+    wait_for(lambda: served.served.admitted == 0)
