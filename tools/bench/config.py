@@ -45,6 +45,7 @@ class BenchConfig:
     overload_duration_s: float
     overload_normal_conc: int  # its before and after phases
     overload_normal_s: float
+    overload_wire: str  # "v1" (multipart PNG) or "v2" (the PNG as a v2 BYTES tensor)
     raw_batches: tuple[int, ...]
     raw_warmup_s: float
     raw_seconds: float
@@ -138,6 +139,9 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
                    help="seconds of the overload cell's overload phase (default 30; quick 5)")
     p.add_argument("--overload-normal-conc", type=int, default=64,
                    help="connections of its normal-load phases before and after (default 64)")
+    p.add_argument("--overload-wire", choices=("v1", "v2"), default="v1",
+                   help="what the overload cell posts: the PNG as a /v1 multipart upload "
+                        "(default) or as a v2 BYTES tensor to the v2 infer route")
     p.add_argument("--raw-batches", type=_ints, help="raw ORT batch sizes (default 1,8,32,64)")
     p.add_argument("--raw-seconds", type=float, help="seconds per raw cell (default 4; quick 1)")
     p.add_argument("--retries", type=int, help="re-measurements of a contaminated cell (default 1)")
@@ -172,6 +176,7 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
         overload_conns=a.overload_conns,
         overload_duration_s=a.overload_duration or (5.0 if q else 30.0),
         overload_normal_conc=a.overload_normal_conc, overload_normal_s=2.0 if q else 5.0,
+        overload_wire=a.overload_wire,
         raw_batches=a.raw_batches or ((1, 64) if q else (1, 8, 32, 64)),
         raw_warmup_s=0.5 if q else 1.0, raw_seconds=a.raw_seconds or (1.0 if q else 4.0),
         retries=a.retries if a.retries is not None else (0 if q else 1),

@@ -41,7 +41,7 @@ from typing import Iterator
 
 from service.settings import Settings
 
-from .bodies import Body
+from .bodies import Body, write_v2_image_body
 from .cells import Check, check_answer
 from .cpu import CpuWindow
 from .prometheus import BATCH_ITEMS, INFERENCE, QUEUE_WAIT, Samples, deltas, total
@@ -179,7 +179,7 @@ def run_phase(server: Server, body: Body, name: str, conns: int, threads: int,
            f"--timeout={TIMEOUT_S}s", "-s", str(OVERLOAD_LUA)]
     for header in body.headers:
         cmd += ["-H", header]
-    cmd.append(server.classify_url)
+    cmd.append(server.base + body.route)
     env = dict(os.environ, CLF_BENCH_BODY=str(body.path),
                CLF_BENCH_TIMEOUT_MS=str(TIMEOUT_S * 1000))
     model = server.spec.model_tag.split(":", 1)[0]
@@ -216,7 +216,7 @@ def run_phase(server: Server, body: Body, name: str, conns: int, threads: int,
     phase.conns_per_worker = spread[0] if spread else None
     time.sleep(1.0)  # answers in flight at wrk's stop land in the counters too
     after = server.metrics()
-    phase.server_p99_200_le_ms = server_p99_le_ms(before, after, server.spec.route)
+    phase.server_p99_200_le_ms = server_p99_le_ms(before, after, body.route)
     hist = deltas(before, after, model)
     phase.queue_wait_ms = _ms(hist[QUEUE_WAIT].mean)
     phase.model_call_ms = _ms(hist[INFERENCE].mean)
@@ -387,12 +387,17 @@ def run_overload(run: Run, results: dict) -> None:
     """The overload cell on the reference image model (exported first if absent)."""
     cfg = run.cfg
     artifact, _ = ensure_reference(cfg.reference_model, run.log)
-    run.heading(f"Overload: {cfg.overload_conns} connections on {artifact.name} "
+    wire = "v2 BYTES tensors to the v2 infer route" if cfg.overload_wire == "v2" else \
+        "/v1 multipart PNG uploads"
+    run.heading(f"Overload: {cfg.overload_conns} connections on {artifact.name}, {wire} "
                 f"(CLF_WORKERS={cfg.workers}, settings as configured, prediction log off; "
                 f"wrk -t2 --timeout {TIMEOUT_S}s pinned to CPU {WRK_CPU}, "
                 f"{cfg.overload_duration_s:g} s between {cfg.overload_normal_s:g} s at "
                 f"c={cfg.overload_normal_conc} before and after)")
     body = image_body(run, artifact)
+    if cfg.overload_wire == "v2":
+        body = write_v2_image_body(run.work_dir, artifact.name, body.image, body.description,
+                                   artifact.name)
     spec = ServerSpec(model_tag=f"{artifact.name}:{artifact.version}", runtime="onnx",
                       workers=cfg.workers, providers=cfg.providers, port=cfg.port,
                       log_path=run.work_dir / "server-overload.log", task="image")
