@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .bodies import noise_png, write_image_body
+from .bodies import noise_png, write_image_body, write_v2_image_body
 from .config import REPO_ROOT
 from .server import Server, ServerSpec
 from .store import ensure_reference
@@ -53,14 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="bench-resnet", help="the reference model's name")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--port", type=int, default=3999)
+    p.add_argument("--wire", choices=("v1", "v2"), default="v1",
+                   help="the PNG as a /v1 multipart upload (default) or as a v2 BYTES tensor to "
+                        "the v2 infer route")
     args = p.parse_args(argv)
     concs = [int(c) for c in args.conc.split(",")]
     logs = {"off": [False], "on": [True], "both": [False, True]}[args.log]
 
     work = Path(tempfile.mkdtemp(prefix="clfbench-compare-"))
     artifact, _ = ensure_reference(args.model, print)
-    body = write_image_body(work, artifact.name, noise_png(artifact.spec.width, 3, seed=0),
-                            "seeded noise RGB PNG")
+    png = noise_png(artifact.spec.width, 3, seed=0)
+    body = write_image_body(work, artifact.name, png, "seeded noise RGB PNG")
+    if args.wire == "v2":
+        body = write_v2_image_body(work, artifact.name, png, "seeded noise RGB PNG",
+                                   artifact.name)
     before = worktree(args.rev, work)
     trees = {f"before ({args.rev})": before, "after (working tree)": REPO_ROOT}
     results: dict[tuple[str, bool, int], list[tuple[float, float]]] = {}
@@ -77,10 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     try:
                         server.start(timeout_s=180)
                         for conc in concs:
-                            run_wrk(server.classify_url, body, conc, args.warmup, latency=False)
+                            url = server.base + body.route
+                            run_wrk(url, body, conc, args.warmup, latency=False)
                             time.sleep(0.5)
-                            res, _ = run_wrk(server.classify_url, body, conc, args.duration,
-                                             latency=True)
+                            res, _ = run_wrk(url, body, conc, args.duration, latency=True)
                             rps, p99 = res.ok_per_s, res.p("99") or float("nan")
                             results.setdefault((label, log_on, conc), []).append((rps, p99))
                             print(f"round {rnd + 1} {label:<24} log {'on ' if log_on else 'off'} "
@@ -89,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         server.stop()
     finally:
         drop_worktree(before)
-    print(f"\n{args.model}, PNG uploads to /v1/classify/image, {args.workers} workers, "
+    print(f"\n{args.model}, PNG {'uploads' if args.wire == 'v1' else 'as v2 BYTES'} to "
+          f"{body.route}, {args.workers} workers, "
           f"{args.rounds} rounds x {args.duration:g} s per cell (median of rounds)")
     print(f"{'log':<4} {'c':>4} | {'before req/s':>12} {'after req/s':>12} {'after/before':>12} | "
           f"{'before p99':>10} {'after p99':>10}")
