@@ -95,7 +95,7 @@ _PROTOCOL_NEEDS = ("on_message_begin", "on_headers_complete", "on_body", "on_mes
 # about connections / PACE_S a second).
 PACE_S = 0.25
 
-_PATHS = {path.encode(): kind for path, kind in SHED_ROUTES.items()}
+_PATHS = frozenset(path.encode() for path in SHED_ROUTES)  # the /v1 classify routes, as sent
 _STATUS = STATUS["overloaded"]
 # error_body("overloaded", message, request_id) as app.py's json.dumps writes it, in pieces;
 # and v2.v2_error's shape, for the v2 routes
