@@ -355,9 +355,12 @@ class ServedModel:
         await self.batcher.stop()
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait (bounded) for requests that started on this version to be answered."""
+        """Wait (bounded) for requests that started on this version to be answered: those in
+        ``classify`` and those admitted to it whose body is still being read (they reach
+        ``classify`` on this version after it was replaced; stopping its batcher before that
+        would fail them)."""
         deadline = time.monotonic() + timeout_s
-        while self.inflight and time.monotonic() < deadline:
+        while (self.inflight or self.admitted) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     def reject(self, reason: str) -> None:

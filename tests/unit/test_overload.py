@@ -568,3 +568,21 @@ def test_the_model_thread_never_misses_work_whatever_the_arrival_pattern():
 
     submitted = asyncio.run(main())
     assert sum(model.calls) == submitted
+
+
+def test_a_replaced_version_drains_what_it_admitted_before_it_stops():
+    """Hot reload: a request admitted to the old version whose body is still being read reaches
+    ``classify`` on it after the swap; the drain must wait for it, or its batcher is stopped
+    under it (a 500 "the model is stopping", seen once under load in the e2e reload test)."""
+    served = image_model(NoopModel(3, 1), max_queue_items=8, name="ovl-drain")
+
+    async def main():
+        served.admit()  # admitted at the door; the body is on its way
+        drain = asyncio.ensure_future(served.drain(timeout_s=5.0))
+        await asyncio.sleep(0.05)
+        waiting = not drain.done()
+        served.release()  # answered
+        await asyncio.wait_for(drain, timeout=1.0)
+        return waiting
+
+    assert asyncio.run(main()), "the drain did not wait for the admitted request"
