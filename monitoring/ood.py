@@ -1,47 +1,43 @@
-"""Out-of-distribution flags for served answers, calibrated on the validation reference profile.
+"""Out-of-distribution flags for served answers, calibrated on the version's reference profile.
 
-Three signals (four for text models), each thresholded on the validation set so its false-flag
-rate on in-distribution inputs is known:
-  * low confidence: the top-1 probability below its ``confidence_quantile`` on validation;
+Fitted on the training rows, calibrated on the validation rows. The export keeps a sample of the
+training split's embeddings in the profile (``train_embeddings``, ``train_labels``); the class
+means, the covariance and the neighbour bank come from them, and each threshold is a quantile of
+the validation rows, which stand for new in-distribution traffic because the fit never saw them.
+Profiles written before (format 2 and earlier) have only validation rows: then the fit is on
+them, with cross-fitting and leave-one-out against the bias of measuring rows against themselves
+(see ``fit_ood``). Measured on the digits CNN: held-out digits flagged 9.3% when fitted and
+calibrated on the 270 validation rows against a nominal 4%, 4.1% against 3.5% fitted on the
+training rows (monitoring/README.md, OOD flags).
+
+The signals, each flagged above its threshold:
+  * neighbours: the distance of the L2-normalised embedding to its k-th nearest bank embedding
+    (Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"). A foreign
+    domain (newspaper prose sent to an SMS model, letters sent to a digits model) often lands
+    near a class mean under one broad shared covariance, yet away from every real example. The
+    bank is at most ``KNN_MAX_ROWS`` rows (a seeded sample), stored as float16;
   * distance: the Mahalanobis distance of the embedding to the nearest class mean, with one
-    covariance shared by the classes (Lee et al. 2018, "A simple unified framework for detecting
-    out-of-distribution samples") shrunk towards a scaled identity (Ledoit-Wolf) because a
-    validation set has few rows per embedding dimension; flagged above its
-    ``distance_quantile`` on validation;
-  * neighbours: the distance of the L2-normalised embedding to its k-th nearest validation
-    embedding (Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors"),
-    flagged above its ``knn_quantile`` on validation. A foreign domain (newspaper prose sent to
-    an SMS model, letters sent to a digits model) often lands near a class mean under one broad
-    shared covariance, yet away from every real example: the class Gaussians are a coarse
-    summary of where the data is, the neighbours are the data. The bank is the validation
-    embeddings, at most ``KNN_MAX_ROWS`` of them (a seeded subsample), stored as float16.
-
-Why cross-fitting: distances of the rows the means and covariance were fitted on are biased
-low (with 128 dimensions and a few hundred rows, badly), so a threshold taken on them flags far
-more than the nominal share of new in-distribution inputs. The threshold is taken on
-out-of-fold distances instead (fit on k-1 folds, measure the k-th), then the final means and
-covariance are fitted on all rows. The neighbour signal has the same bias in its extreme form (a
-bank row is its own nearest neighbour, at distance 0), so its threshold is taken leave-one-out:
-each validation row's k-th neighbour among the bank's other rows.
-
-Text models add a signal on the input itself: fragmentation, the tokens per character of
-the raw text (from ``preprocessing.text_features``), flagged above its ``fragmentation_quantile``
-on validation. A tokenizer trained on the model's languages cuts real words into few tokens;
-random strings and unseen scripts fall apart into one token per character or two, while the
-model's embedding of such noise can still land near a class, so confidence and distance alone
-miss many random strings that fragmentation catches (see monitoring/README.md, OOD flags).
+    covariance shared by the classes (Lee et al. 2018) shrunk towards a scaled identity
+    (Ledoit-Wolf); it catches what is far from everything (noise, photos);
+  * input features: the distance of the input's monitored features (``preprocessing``'s image
+    or text features, through ``signed_log`` and standardised on the reference; columns
+    constant there left out) to its k-th nearest reference input, leave-one-out on the
+    validation rows. It sees what the embedding may not: word salad in a Latin-script language
+    tokenizes much like SMS slang, but its words are longer and its letters accented; letters
+    drawn like digits have other strokes and brightness;
+  * fragmentation (text models): tokens per character of the raw text. A tokenizer trained on
+    the model's languages cuts real words into few tokens; random strings fall apart;
+  * low confidence (off by default, ``confidence_quantile > 0`` turns it on): the weakest
+    signal against a foreign domain.
 
 The score of an answer is the largest of its signals divided by their thresholds, so
-``score > 1`` is exactly ``flag``. The default tails (1% distance, 0.5% confidence, 2.5%
-neighbours, 0.5% fragmentation) sum to 4% (images) or 4.5% (texts), an upper bound of the
-in-distribution false-flag rate since the signals overlap, below 5% because a threshold taken on
-a few hundred validation rows lets fresh data exceed its nominal tail. Most of the budget goes to
-the neighbours, the signal that separates foreign domains best (tools/ood_report.py measures
-each signal's ROC AUC; monitoring/README.md has the figures). Pure numpy: the service calls
-``score`` on every batch, which costs a small fraction of a model call (see monitoring/README.md,
-Measured).
-Scorers stored before the neighbour signal (``to_json`` format 1) still load and score as they
-did.
+``score > 1`` is exactly ``flag``. The default tails (0.5% distance, 1.5% neighbours, 1.5% input
+features, 0.5% fragmentation) sum to 3.5% (images) or 4% (texts): an upper bound of the
+in-distribution flag rate since the signals overlap, kept under 5% because fresh data exceeds a
+threshold taken on a few hundred rows. The input signals need the features: a request of
+preprocessed tensors (v2 ``input``) is scored without them. Pure numpy: the service calls
+``score`` on every batch (its cost is in monitoring/README.md, OOD flags). Scorers stored in
+formats 1 and 2 still load and score as they did.
 """
 
 from __future__ import annotations
@@ -56,10 +52,10 @@ import numpy as np
 
 from .reference import Reference
 
-FORMAT_VERSION = 2  # 2: the neighbour signal; 1 (no neighbours) still loads
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3  # 3: input features, training rows; 2: neighbours; 1: neither (all load)
+READABLE_FORMATS = (1, 2, 3)
 KNN_K = 5
-KNN_MAX_ROWS = 2000  # bank rows: 2,000 x 384-d float16 = 1.5 MB, ~30 us per answer
+KNN_MAX_ROWS = 4000  # bank rows: 4,000 x 384-d float16 = 3 MB
 
 
 @dataclass(frozen=True)
@@ -76,6 +72,16 @@ class OODScorer:
     knn_k: int = KNN_K
     knn_threshold: float | None = None
     knn_quantile: float | None = None
+    # the input-feature signal (format 3): the monitored features kept (those that vary in the
+    # reference), their centre and scale after ``signed_log``, the reference rows so scaled
+    feature_columns: tuple[str, ...] | None = None
+    feature_centre: np.ndarray | None = None  # [F]
+    feature_scale: np.ndarray | None = None  # [F]
+    feature_bank: np.ndarray | None = None  # [M, F]; None: off
+    feature_k: int = KNN_K
+    feature_threshold: float | None = None
+    feature_quantile: float | None = None
+    fitted_on: str = "validation"  # where the means, covariance and neighbours come from
 
     @property
     def dim(self) -> int:
@@ -86,12 +92,20 @@ class OODScorer:
         """The share of in-distribution inputs this scorer flags, by its calibration: each
         signal's nominal tail summed (an upper bound: the signals overlap). Exported as
         ``clf_ood_reference_rate`` so an alert can compare the served share with it."""
-        rate = (1.0 - self.distance_quantile) + self.confidence_quantile
+        rate = (1.0 - self.distance_quantile) + max(self.confidence_quantile, 0.0)
         if self.fragmentation_threshold is not None and self.fragmentation_quantile is not None:
             rate += 1.0 - self.fragmentation_quantile
         if self.knn_bank is not None and self.knn_quantile is not None:
             rate += 1.0 - self.knn_quantile
+        if self.feature_bank is not None and self.feature_quantile is not None:
+            rate += 1.0 - self.feature_quantile
         return rate
+
+    @property
+    def reads_features(self) -> bool:
+        """Whether ``score`` uses the inputs' monitored features (the service computes them
+        for the OOD flag then, even with the prediction log off)."""
+        return self.fragmentation_threshold is not None or self.feature_bank is not None
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each embedding [N, D] to its nearest class mean."""
@@ -106,18 +120,33 @@ class OODScorer:
             raise ValueError("this scorer has no neighbour bank (format 1, or fitted without)")
         return kth_neighbour_distance(unit_rows(embeddings), self.knn_bank, self.knn_k)
 
+    def feature_distances(self, features: Sequence[Mapping[str, float]]) -> np.ndarray:
+        """Distance of each input's scaled monitored features to its k-th nearest reference
+        input (``feature_bank``)."""
+        if self.feature_bank is None or self.feature_columns is None:
+            raise ValueError("this scorer has no input-feature signal (format 1 or 2, or off)")
+        rows = np.array([[f[c] for c in self.feature_columns] for f in features], np.float64)
+        z = (signed_log(rows) - self.feature_centre) / self.feature_scale
+        return kth_euclidean_distance(z, self.feature_bank, self.feature_k)
+
     def signals(self, probabilities: np.ndarray, embeddings: np.ndarray,
                 features: "Sequence[Mapping[str, float]] | None" = None
                 ) -> dict[str, np.ndarray]:
-        """Each signal of a batch divided by its threshold (> 1 flags), by name."""
-        confidence = np.asarray(probabilities, dtype=np.float64).max(axis=1)
-        out = {"distance": self.distances(embeddings) / self.distance_threshold,
-               "confidence": (1.0 - confidence) / max(1.0 - self.confidence_threshold, 1e-6)}
+        """Each signal of a batch divided by its threshold (> 1 flags), by name. The input
+        signals (fragmentation, features) need ``features``: without them (a v2 request of
+        preprocessed tensors) they are left out."""
+        out = {"distance": self.distances(embeddings) / self.distance_threshold}
+        if self.confidence_quantile > 0:
+            confidence = np.asarray(probabilities, dtype=np.float64).max(axis=1)
+            out["confidence"] = (1.0 - confidence) / max(1.0 - self.confidence_threshold, 1e-6)
         if self.knn_bank is not None and self.knn_threshold is not None:
             out["knn"] = self.neighbour_distances(embeddings) / max(self.knn_threshold, 1e-6)
         if self.fragmentation_threshold is not None and features is not None:
             fragmentation = np.array([fragmentation_of(f) for f in features])
             out["fragmentation"] = fragmentation / self.fragmentation_threshold
+        if self.feature_bank is not None and self.feature_threshold is not None and features:
+            out["features"] = (self.feature_distances(features)
+                               / max(self.feature_threshold, 1e-6))
         return out
 
     def score(self, probabilities: np.ndarray, embeddings: np.ndarray,
@@ -146,25 +175,41 @@ class OODScorer:
             "knn_k": self.knn_k,
             "knn_threshold": self.knn_threshold,
             "knn_quantile": self.knn_quantile,
+            "feature_columns": None if self.feature_columns is None else list(self.feature_columns),
+            "feature_centre": None if self.feature_centre is None else _encode(self.feature_centre),
+            "feature_scale": None if self.feature_scale is None else _encode(self.feature_scale),
+            "feature_bank": None if self.feature_bank is None else _encode(self.feature_bank),
+            "feature_k": self.feature_k,
+            "feature_threshold": self.feature_threshold,
+            "feature_quantile": self.feature_quantile,
+            "fitted_on": self.fitted_on,
         }
         return json.dumps(doc)
 
     @classmethod
     def from_json(cls, text: str) -> "OODScorer":
-        """A stored scorer; format 1 (before the neighbour signal) loads without it and scores
-        as it did."""
+        """A stored scorer; formats 1 (before the neighbour signal) and 2 (before the
+        input-feature signal) load without what they lack and score as they did."""
         doc = json.loads(text)
         if doc.get("format") not in READABLE_FORMATS:
             raise ValueError(f"OOD scorer format {doc.get('format')!r}; this code reads "
                              f"{READABLE_FORMATS}: refit it with fit_ood()")
         bank = doc.get("knn_bank")
+        optional = {key: (None if doc.get(key) is None else _decode(doc[key]))
+                    for key in ("feature_centre", "feature_scale", "feature_bank")}
+        columns = doc.get("feature_columns")
         return cls(_decode(doc["means"]), _decode(doc["whitening"]),
                    float(doc["distance_threshold"]), float(doc["confidence_threshold"]),
                    float(doc["distance_quantile"]), float(doc["confidence_quantile"]),
                    doc.get("fragmentation_threshold"), doc.get("fragmentation_quantile"),
                    None if bank is None else _decode(bank).astype(np.float32),
                    int(doc.get("knn_k", KNN_K)), doc.get("knn_threshold"),
-                   doc.get("knn_quantile"))
+                   doc.get("knn_quantile"),
+                   None if columns is None else tuple(columns), **optional,
+                   feature_k=int(doc.get("feature_k", KNN_K)),
+                   feature_threshold=doc.get("feature_threshold"),
+                   feature_quantile=doc.get("feature_quantile"),
+                   fitted_on=doc.get("fitted_on", "validation"))
 
 
 def fragmentation_of(features: Mapping[str, float]) -> float:
@@ -172,19 +217,49 @@ def fragmentation_of(features: Mapping[str, float]) -> float:
     return float(features["tokens"]) / max(float(features["chars"]), 1.0)
 
 
-def fit_ood(reference: Reference, distance_quantile: float = 0.99,
-            confidence_quantile: float = 0.005, folds: int = 5, seed: int = 0,
-            fragmentation_quantile: float = 0.995, knn_quantile: float | None = 0.975,
-            knn_k: int = KNN_K, knn_max_rows: int = KNN_MAX_ROWS) -> OODScorer:
-    """Fit means and covariance on the reference embeddings and calibrate the thresholds (the
-    fragmentation one only when the profile has the text features ``tokens`` and ``chars``;
-    the neighbour one unless ``knn_quantile`` is None)."""
+def fit_ood(reference: Reference, distance_quantile: float = 0.995,
+            confidence_quantile: float = 0.0, folds: int = 5, seed: int = 0,
+            fragmentation_quantile: float = 0.995, knn_quantile: float | None = 0.985,
+            knn_k: int = KNN_K, knn_max_rows: int = KNN_MAX_ROWS,
+            feature_quantile: float | None = 0.985, feature_k: int = KNN_K,
+            use_training_rows: bool = True) -> OODScorer:
+    """Fit the scorer on a version's reference profile and calibrate its thresholds.
+
+    Where the profile carries training rows (``train_embeddings``, written by the export since
+    format 3) and ``use_training_rows``, the class means, covariance and neighbour bank come
+    from them and every threshold is a quantile of the validation rows, which the fit never
+    saw: they stand for new in-distribution traffic. Otherwise all come from the validation
+    rows, with cross-fitting and leave-one-out against the bias of measuring rows against
+    themselves. The fragmentation threshold exists only where the profile has the text
+    features ``tokens`` and ``chars``; the neighbour signal unless ``knn_quantile`` is None,
+    the input-feature signal unless ``feature_quantile`` is None, the confidence signal only
+    with ``confidence_quantile > 0``. The defaults are what ``monitoring/README.md`` (OOD
+    flags) measured; ``use_training_rows=False, distance_quantile=0.99,
+    confidence_quantile=0.005, knn_quantile=0.975, feature_quantile=None`` is format 2."""
     emb = np.asarray(reference.embeddings, dtype=np.float64)
     classes = np.where(reference.labels >= 0, reference.labels, reference.predicted)
     if len(emb) < 2 * folds:
         raise ValueError(f"{len(emb)} reference rows are too few to calibrate an OOD scorer")
-    out_of_fold = _cross_fitted_distances(emb, classes, folds, seed)
-    means, whitening = fit_gaussian(emb, classes)
+    train = reference.train_embeddings
+    use_train = (use_training_rows and train is not None and reference.train_labels is not None
+                 and len(train) >= 2 * folds)
+    bank, k, knn_threshold = None, knn_k, None
+    if use_train:
+        means, whitening = fit_gaussian(np.asarray(train, dtype=np.float64),
+                                        np.asarray(reference.train_labels))
+        calibration = OODScorer(means, whitening, 1.0, 0.0, 0.0, 0.0).distances(emb)
+        if knn_quantile is not None:
+            bank, k = neighbour_bank(train, knn_k, knn_max_rows, seed)
+            knn_threshold = float(np.quantile(
+                _chunked(lambda part: kth_neighbour_distance(unit_rows(part), bank, k),
+                         reference.embeddings), knn_quantile))
+    else:
+        calibration = _cross_fitted_distances(emb, classes, folds, seed)
+        means, whitening = fit_gaussian(emb, classes)
+        if knn_quantile is not None:
+            bank, leave_one_out, k = fit_neighbours(reference.embeddings, knn_k, knn_max_rows,
+                                                    seed)
+            knn_threshold = float(np.quantile(leave_one_out, knn_quantile))
     confidence = reference.probabilities.max(axis=1)
     fragmentation = None
     names = list(reference.feature_names)
@@ -192,18 +267,96 @@ def fit_ood(reference: Reference, distance_quantile: float = 0.99,
         rows = [dict(zip(names, row)) for row in reference.features]
         fragmentation = float(np.quantile([fragmentation_of(r) for r in rows],
                                           fragmentation_quantile))
-    bank, k, knn_threshold = None, knn_k, None
-    if knn_quantile is not None:
-        bank, leave_one_out, k = fit_neighbours(reference.embeddings, knn_k, knn_max_rows, seed)
-        knn_threshold = float(np.quantile(leave_one_out, knn_quantile))
+    space = None
+    if feature_quantile is not None:
+        space = fit_feature_space(names, reference.features, feature_k, knn_max_rows, seed)
     return OODScorer(means, whitening,
-                     distance_threshold=float(np.quantile(out_of_fold, distance_quantile)),
-                     confidence_threshold=float(np.quantile(confidence, confidence_quantile)),
+                     distance_threshold=float(np.quantile(calibration, distance_quantile)),
+                     confidence_threshold=float(np.quantile(confidence,
+                                                            max(confidence_quantile, 0.0))),
                      distance_quantile=distance_quantile, confidence_quantile=confidence_quantile,
                      fragmentation_threshold=fragmentation,
                      fragmentation_quantile=fragmentation_quantile if fragmentation else None,
                      knn_bank=bank, knn_k=k, knn_threshold=knn_threshold,
-                     knn_quantile=knn_quantile if bank is not None else None)
+                     knn_quantile=knn_quantile if bank is not None else None,
+                     **({} if space is None else {
+                         "feature_columns": space.columns, "feature_centre": space.centre,
+                         "feature_scale": space.scale, "feature_bank": space.bank,
+                         "feature_k": space.k,
+                         "feature_threshold": float(np.quantile(space.leave_one_out,
+                                                                feature_quantile)),
+                         "feature_quantile": feature_quantile}),
+                     fitted_on="training split" if use_train else "validation")
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """The input-feature signal's fit (``fit_feature_space``)."""
+
+    columns: tuple[str, ...]
+    centre: np.ndarray
+    scale: np.ndarray
+    bank: np.ndarray
+    k: int
+    leave_one_out: np.ndarray  # each reference row's k-th neighbour among the others
+
+
+def signed_log(x: np.ndarray) -> np.ndarray:
+    """``sign(x) log(1 + |x|)``: counts that span orders of magnitude (characters, tokens,
+    pixels) come to a scale like the rates' in [0, 1], which it barely bends."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def fit_feature_space(names: Sequence[str], features: np.ndarray, k: int, max_rows: int,
+                      seed: int) -> FeatureSpace | None:
+    """The reference inputs' monitored features, through ``signed_log`` and standardised, as a
+    neighbour bank. Columns constant in the reference (a digits set's width and height) are left
+    out: they have no scale to measure a difference by, and the preprocessing resizes anyway.
+    None when no column varies or there are too few rows."""
+    x = signed_log(np.asarray(features, dtype=np.float64))
+    if x.ndim != 2 or len(x) < k + 2:
+        return None
+    scale = x.std(axis=0)
+    keep = scale > 1e-9 * np.maximum(1.0, np.abs(x.mean(axis=0)))
+    if not keep.any():
+        return None
+    centre = x[:, keep].mean(axis=0)
+    z = (x[:, keep] - centre) / scale[keep]
+    chosen = _sample(len(z), max_rows, seed)
+    bank = z[chosen]
+    k = max(1, min(k, len(bank) - 1))
+    position = np.full(len(z), -1)
+    position[chosen] = np.arange(len(chosen))
+    leave_one_out = _chunked(lambda part, pos: kth_euclidean_distance(part, bank, k, pos),
+                             z, position)
+    return FeatureSpace(tuple(n for n, kept in zip(names, keep) if kept), centre, scale[keep],
+                        bank, k, leave_one_out)
+
+
+def kth_euclidean_distance(x: np.ndarray, bank: np.ndarray, k: int,
+                           exclude: np.ndarray | None = None) -> np.ndarray:
+    """Euclidean distance of rows [N, F] to their k-th nearest bank row [M, F]; ``exclude`` as
+    in ``kth_neighbour_distance``."""
+    d2 = ((x * x).sum(axis=1)[:, None] - 2.0 * x @ bank.T + (bank * bank).sum(axis=1)[None, :])
+    if exclude is not None:
+        rows = np.flatnonzero(exclude >= 0)
+        d2[rows, exclude[rows]] = np.inf
+    kth = np.partition(d2, k - 1, axis=1)[:, k - 1]
+    return np.sqrt(np.maximum(kth, 0.0))
+
+
+def _sample(n: int, max_rows: int, seed: int) -> np.ndarray:
+    """All row indices, or a seeded sorted sample of ``max_rows`` of them."""
+    if n <= max_rows:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
+def _chunked(fn: Any, x: np.ndarray, *aligned: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """``fn`` over row chunks of ``x`` (and of arrays aligned with it): bounded memory for the
+    [chunk, bank] distance matrices of large reference sets."""
+    return np.concatenate([fn(x[i:i + chunk], *(a[i:i + chunk] for a in aligned))
+                           for i in range(0, len(x), chunk)]) if len(x) else np.empty(0)
 
 
 def fit_gaussian(emb: np.ndarray, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,26 +403,26 @@ def kth_neighbour_distance(units: np.ndarray, bank: np.ndarray, k: int,
     return np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
 
 
-def fit_neighbours(embeddings: np.ndarray, k: int, max_rows: int, seed: int,
-                   chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, int]:
-    """The neighbour bank (at most ``max_rows`` unit rows, seeded subsample, float16 values),
-    every reference row's leave-one-out k-th neighbour distance, and k (lowered where the bank
-    is smaller than k + 1 rows)."""
-    units = unit_rows(embeddings)
-    n = len(units)
-    if n <= max_rows:
-        chosen = np.arange(n)
-    else:
-        chosen = np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
-    # Rounded to float16 here, so a scorer read back from JSON scores exactly as this one.
-    bank = units[chosen].astype(np.float16).astype(np.float32)
-    k = max(1, min(k, len(bank) - 1))
-    position = np.full(n, -1)
+def neighbour_bank(embeddings: np.ndarray, k: int, max_rows: int, seed: int
+                   ) -> tuple[np.ndarray, int]:
+    """At most ``max_rows`` unit rows (seeded sample; rounded to float16 so that a scorer read
+    back from JSON scores exactly as this one) and k, lowered where the bank has under k + 1
+    rows."""
+    bank = unit_rows(embeddings)[_sample(len(embeddings), max_rows, seed)]
+    bank = bank.astype(np.float16).astype(np.float32)
+    return bank, max(1, min(k, len(bank) - 1))
+
+
+def fit_neighbours(embeddings: np.ndarray, k: int, max_rows: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The neighbour bank of the reference rows themselves (``neighbour_bank``), every
+    reference row's leave-one-out k-th neighbour distance, and k."""
+    bank, k = neighbour_bank(embeddings, k, max_rows, seed)
+    chosen = _sample(len(embeddings), max_rows, seed)
+    position = np.full(len(embeddings), -1)
     position[chosen] = np.arange(len(chosen))
-    out = np.empty(n)
-    for start in range(0, n, chunk):  # bounded memory for large reference sets
-        part = slice(start, start + chunk)
-        out[part] = kth_neighbour_distance(units[part], bank, k, position[part])
+    out = _chunked(lambda part, pos: kth_neighbour_distance(unit_rows(part), bank, k, pos),
+                   np.asarray(embeddings), position)
     return bank, out, k
 
 

@@ -1,7 +1,8 @@
 """The reference profile a model version carries: what its validation data looked like.
 
 ``training/export.py`` writes ``reference.npz`` (monitored input features, embeddings, logits,
-true and predicted labels of the validation split) and ``labels.json`` into each version folder.
+true and predicted labels of the validation split; a seeded sample of the training split's
+embeddings and labels, which the OOD scorer fits on) and ``labels.json`` into each version folder.
 Drift reports compare production windows against it (``frames.reference_frame``) and the OOD
 scorer is calibrated on it.
 
@@ -31,6 +32,10 @@ class Reference:
     predicted: np.ndarray  # int64 [N]
     confidence: np.ndarray  # float32 [N]
     classes: tuple[str, ...]
+    # A seeded sample of the training split's embeddings and labels, where the export stored
+    # them (``training.export.TRAIN_ROWS``); None in profiles written before.
+    train_embeddings: np.ndarray | None = None  # float32 [M, D]
+    train_labels: np.ndarray | None = None  # int64 [M]
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -67,4 +72,8 @@ def load_reference(folder: str | Path) -> Reference:
         predicted=arrays["predicted"].astype(np.int64),
         confidence=arrays["confidence"].astype(np.float32),
         classes=classes,
+        train_embeddings=(arrays["train_embeddings"].astype(np.float32)
+                          if "train_embeddings" in arrays else None),
+        train_labels=(arrays["train_labels"].astype(np.int64)
+                      if "train_labels" in arrays else None),
     )

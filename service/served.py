@@ -394,8 +394,9 @@ class ServedImageModel(ServedModel):
         self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch)
         self.max_pixels = max_pixels
         self.spec = artifact.spec
-        # Features feed the prediction log and the OOD score; without either nothing reads them.
-        self.wants_features = recorder is not None
+        # Features feed the prediction log and the OOD score's input-feature signal; without
+        # either nothing reads them.
+        self.wants_features = recorder is not None or (ood is not None and ood.reads_features)
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
 
     def warmup_batches(self) -> list:

@@ -20,9 +20,12 @@ b. images: the digits CNN (``python -m training``'s recipe, fewer epochs); in-do
    (32x32 bitmap -> 8x8 counts of 0..16 -> upscaled), crops of scikit-learn's sample photos,
    uniform noise.
 
-Per pair: ROC AUC of each signal (in-domain negative, foreign positive) and of the combined
-score before (format 1: confidence, Mahalanobis, fragmentation; its defaults then) and after
-(+ k-nearest-neighbour distance), and the share flagged at the calibrated thresholds. Energy
+Each model is exported with a sample of its training split's embeddings, as ``python -m
+training`` exports it. Per pair: ROC AUC of each signal (in-domain negative, foreign positive)
+and of the combined score before (format 2: confidence, Mahalanobis, neighbours, fragmentation,
+all fitted on the validation rows; its defaults then) and after (format 3: means, covariance and
+neighbours from the training rows, thresholds on the validation rows, + the input-feature
+signal, confidence off), and the share flagged at the calibrated thresholds. Energy
 (-logsumexp of the logits) is shown for comparison only: the service hands the scorer
 probabilities, not logits. Then the cost of ``OODScorer.score`` per answer, batches of 1 and 64.
 """
@@ -47,7 +50,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 SMS = ROOT.parent / "shared" / "data" / "sms-spam" / "sms_spam.tsv"
-SIGNALS = ("confidence", "distance", "knn", "fragmentation", "energy")
+SIGNALS = ("confidence", "distance", "knn", "features", "fragmentation", "energy")
 DOC_MODULES = ("argparse", "asyncio", "base64", "bisect", "calendar", "collections", "csv",
                "datetime", "decimal", "difflib", "email", "fractions", "functools", "gzip",
                "heapq", "http.client", "inspect", "itertools", "json", "logging", "os",
@@ -195,20 +198,23 @@ def noise_images(n: int, seed: int = 0) -> list[bytes]:
 # -- the served path over an exported folder ---------------------------------------------------
 
 def image_outputs(folder: Path, blobs: Sequence[bytes], batch: int = 64) -> Outputs:
-    """decode_image -> image_to_array -> ONNX, as the service runs an image model."""
-    from preprocessing import decode_image, image_to_array, load_spec
+    """decode_image -> image_features and image_to_array -> ONNX, as the service runs an image
+    model."""
+    from preprocessing import decode_image, image_features, image_to_array, load_spec
     from training.export import ort_session
 
     spec = load_spec((folder / "spec.json").read_text())
     session = ort_session(folder / "model.onnx")
     start = time.perf_counter()
-    logits, emb = [], []
+    logits, emb, feats = [], [], []
     for i in range(0, len(blobs), batch):
-        x = np.stack([image_to_array(decode_image(b, spec), spec) for b in blobs[i:i + batch]])
+        images = [decode_image(b, spec) for b in blobs[i:i + batch]]
+        feats += [image_features(img) for img in images]
+        x = np.stack([image_to_array(img, spec) for img in images])
         out = session.run(["logits", "embedding"], {"input": x})
         logits.append(out[0])
         emb.append(out[1])
-    return Outputs(np.concatenate(logits), np.concatenate(emb), None,
+    return Outputs(np.concatenate(logits), np.concatenate(emb), feats,
                    time.perf_counter() - start)
 
 
@@ -274,7 +280,8 @@ def text_part(work: Path, model: str, seed: int, epochs: int | None) -> Part:
                             tokenizer_json=result.tokenizer_json, labels=result.classes,
                             reference_texts=result.splits.val.texts,
                             reference_labels=result.splits.val.labels, metrics={},
-                            manifest={}, curves=None)
+                            manifest={}, curves=None, train_texts=result.splits.train.texts,
+                            train_labels=result.splits.train.labels)
         return {"test_accuracy": result.test_accuracy}
 
     folder = work / f"text-{model}-artifact"
@@ -312,7 +319,8 @@ def digits_part(work: Path, seed: int, epochs: int | None) -> Part:
         stage_artifact(result.model.cpu(), folder, spec=result.spec, labels=result.classes,
                        reference_blobs=result.splits.val.blobs,
                        reference_labels=result.splits.val.labels, metrics={}, manifest={},
-                       curves=None)
+                       curves=None, train_blobs=result.splits.train.blobs,
+                       train_labels=result.splits.train.labels)
         return {"test_accuracy": result.test_accuracy}
 
     folder = work / "digits-artifact"
@@ -339,6 +347,7 @@ def roc_auc(negative: np.ndarray, positive: np.ndarray) -> float:
 
 def signal_values(scorer: Any, out: Outputs) -> dict[str, np.ndarray]:
     values = scorer.signals(out.probs, out.embeddings, out.features)
+    values.setdefault("confidence", 1.0 - out.probs.max(axis=1))  # shown even where unused
     z = out.logits.astype(np.float64)
     m = z.max(axis=1)
     values["energy"] = -(m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
@@ -371,7 +380,9 @@ def measure(part: Part, knn_k: int) -> dict[str, Any]:
     start = time.perf_counter()
     after = fit_ood(reference, knn_k=knn_k)
     fit_s = time.perf_counter() - start
-    before = fit_ood(reference, confidence_quantile=0.02, knn_quantile=None)  # format 1's
+    # format 2's (the neighbours on the validation rows, no input features)
+    before = fit_ood(reference, distance_quantile=0.99, confidence_quantile=0.005,
+                     knn_quantile=0.975, feature_quantile=None, use_training_rows=False)
     ind = signal_values(after, part.in_domain)
     rows = []
     for name, out in part.foreign.items():
@@ -408,7 +419,8 @@ def measure(part: Part, knn_k: int) -> dict[str, Any]:
                                          ind_out.features)[1].mean()),
             "after": float(after.score(ind_out.probs, ind_out.embeddings,
                                        ind_out.features)[1].mean()),
-            "by_signal": {s: float((v > 1).mean()) for s, v in ind.items() if s != "energy"}},
+            "by_signal": {s: float((v > 1).mean()) for s, v in ind.items()
+                          if s != "energy" and (s != "confidence" or after.confidence_quantile > 0)}},
         "foreign": rows,
         "model_us_per_answer": ind_out.seconds / n_in * 1e6,
         "score_us_per_answer": {f"{label} batch {b}": score_cost_us(s, ind_out, b)

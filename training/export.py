@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -241,6 +241,24 @@ def reference_profile(session: "ort.InferenceSession", blobs: Sequence[bytes],
     return profile_arrays(IMAGE_FEATURES, features, logits, embeddings, labels)
 
 
+TRAIN_ROWS = 4000  # training rows whose embeddings the reference profile keeps (seeded sample)
+
+
+def training_arrays(profile_of: Callable[[Sequence[Any], Sequence[int]], dict[str, np.ndarray]],
+                    inputs: Sequence[Any], labels: Sequence[int], max_rows: int = TRAIN_ROWS,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """``train_embeddings`` (float16) and ``train_labels`` of a seeded sample of at most
+    ``max_rows`` training inputs, through ``profile_of`` (the reference profile's own steps):
+    what the OOD scorer fits its class means, covariance and neighbours on, so that the
+    validation rows are left to calibrate its thresholds (``monitoring.ood.fit_ood``)."""
+    n = len(inputs)
+    chosen = (np.arange(n) if n <= max_rows
+              else np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False)))
+    part = profile_of([inputs[i] for i in chosen], [int(labels[i]) for i in chosen])
+    return {"train_embeddings": part["embeddings"].astype(np.float16),
+            "train_labels": np.asarray(labels, dtype=np.int64)[chosen]}
+
+
 def profile_arrays(feature_names: Sequence[str], features: list[list[float]],
                    logits: list[np.ndarray], embeddings: list[np.ndarray],
                    labels: Sequence[int]) -> dict[str, np.ndarray]:
@@ -299,8 +317,13 @@ def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: S
                    tolerance: float = PARITY_TOLERANCE,
                    test_blobs: Sequence[bytes] | None = None,
                    test_labels: Sequence[int] | None = None,
-                   variations: Sequence[str] | None = None) -> dict[str, Any]:
+                   variations: Sequence[str] | None = None,
+                   train_blobs: Sequence[bytes] | None = None,
+                   train_labels: Sequence[int] | None = None) -> dict[str, Any]:
     """Export, check and write every contract file into ``folder``; returns export.json's dict.
+
+    With ``train_blobs`` and ``train_labels`` (the training split) the reference profile keeps
+    a sample of their embeddings for the OOD scorer (``training_arrays``).
 
     With ``test_blobs`` and ``test_labels`` (the test split), metrics.json gains the robustness
     suite's accuracies (``variations``, default by colour mode: see
@@ -317,6 +340,10 @@ def stage_artifact(model: nn.Module, folder: Path, *, spec: ImageSpec, labels: S
     export_info = {**report, "opset": opset, "exporter": exporter, "tolerance": tolerance,
                    "weights_sha256": weights_digest(onnx_path)}
     profile = reference_profile(session, reference_blobs, reference_labels, spec)
+    if train_blobs is not None and train_labels is not None:
+        profile.update(training_arrays(
+            lambda blobs, labs: reference_profile(session, blobs, labs, spec),
+            train_blobs, train_labels))
     if test_blobs is not None and test_labels is not None:
         from .robust_metrics import image_metrics
 
@@ -393,7 +420,9 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
                     store: "ModelStore | None" = None,
                     test_blobs: Sequence[bytes] | None = None,
                     test_labels: Sequence[int] | None = None,
-                    variations: Sequence[str] | None = None) -> "bentoml.Tag":
+                    variations: Sequence[str] | None = None,
+                    train_blobs: Sequence[bytes] | None = None,
+                    train_labels: Sequence[int] | None = None) -> "bentoml.Tag":
     """Export ``model`` and save it as a new version of ``name`` in BentoML's model store.
 
     Everything is staged and checked in a temporary folder first, so a failed export leaves
@@ -407,7 +436,8 @@ def export_to_store(model: nn.Module, *, name: str, spec: ImageSpec, labels: Seq
             model, staged, spec=spec, labels=labels, reference_blobs=reference_blobs,
             reference_labels=reference_labels, metrics=metrics, manifest=manifest,
             curves=curves, tolerance=tolerance, test_blobs=test_blobs,
-            test_labels=test_labels, variations=variations)
+            test_labels=test_labels, variations=variations, train_blobs=train_blobs,
+            train_labels=train_labels)
         metrics = json.loads((staged / METRICS_FILE).read_text())  # with the robustness keys
         metadata = store_metadata(metrics, spec, export_info, manifest, labels)
         return save_version(staged, name, files=CONTRACT_FILES, task="image-classification",

@@ -136,7 +136,8 @@ def export_result(result: TrainResult, curves: str | os.PathLike | None = None,
         reference_blobs=result.splits.val.blobs, reference_labels=result.splits.val.labels,
         metrics=result.metrics(), manifest=manifest, curves=curves, tolerance=tolerance,
         store=store, test_blobs=result.splits.test.blobs, test_labels=result.splits.test.labels,
-        variations=image_variation_names(cfg.color_mode, cfg.polarity_varies))
+        variations=image_variation_names(cfg.color_mode, cfg.polarity_varies),
+        train_blobs=result.splits.train.blobs, train_labels=result.splits.train.labels)
 
 
 def train_and_export(cfg: TrainConfig, store: "ModelStore | None" = None

@@ -17,7 +17,9 @@ import torch
 from preprocessing import IMAGE_FEATURES, ImageSpec, preprocess_image_bytes
 from training import export as export_mod
 from training.config import TrainConfig
-from training.export import CONTRACT_FILES, ExportError, ort_session
+from monitoring.ood import fit_ood
+from monitoring.reference import load_reference
+from training.export import CONTRACT_FILES, TRAIN_ROWS, ExportError, ort_session
 from training.models import CNNConfig, build_model
 from training.reference_model import SPEC as REFERENCE_SPEC
 from training.reference_model import export_reference
@@ -128,6 +130,16 @@ def test_reference_profile_matches_the_validation_set(trained) -> None:
     x = np.stack([preprocess_image_bytes(b, result.spec) for b in result.splits.val.blobs[:5]])
     np.testing.assert_allclose(session.run(["logits"], {"input": x})[0], ref["logits"][:5],
                                atol=1e-5)
+    # and a sample of the training split's embeddings, which the OOD scorer fits on
+    train = result.splits.train
+    assert len(train) <= TRAIN_ROWS  # all of them, in order
+    assert ref["train_embeddings"].shape == (len(train), 128)
+    assert ref["train_embeddings"].dtype == np.float16
+    assert ref["train_labels"].tolist() == list(train.labels)
+    x = np.stack([preprocess_image_bytes(b, result.spec) for b in train.blobs[:3]])
+    np.testing.assert_allclose(session.run(["embedding"], {"input": x})[0],
+                               ref["train_embeddings"][:3].astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert fit_ood(load_reference(folder)).fitted_on == "training split"
 
 
 def test_a_broken_export_raises_and_saves_nothing(trained, store, monkeypatch) -> None:

@@ -91,8 +91,16 @@ def _estimate(model: Model, out: dict[str, np.ndarray], labels: np.ndarray,
     correct = (probs.argmax(1) == labels).astype(np.float64)
     if not ood_aware:
         return estimate(calibrator, probs.max(1), correct)
-    flags = fit_ood(model.reference).score(probs, out["embeddings"])[1]
+    flags = _flags(model, out)
     return estimate(calibrator, probs.max(1), correct, flags, foreign_prior(model.reference))
+
+
+def _flags(model: Model, out: dict[str, np.ndarray]) -> np.ndarray:
+    """The OOD flags the service gives these inputs (the scorer reads their features too)."""
+    features = [dict(zip(IMAGE_FEATURES, map(float, row))) for row in out["features"]]
+    flags = fit_ood(model.reference).score(out["probs"], out["embeddings"], features)[1]
+    print(f"(OOD-flagged {flags.mean():.3f}) ", end="")
+    return flags
 
 
 def _show(name: str, e: Estimate, raw: float) -> None:
@@ -167,7 +175,7 @@ def test_on_inputs_it_is_confidently_wrong_on_the_estimate_fails_and_the_report_
     e = _estimate(model, out, labels)
     _show("demo shift (rotated, 70 levels brighter)", e, float(out["probs"].max(1).mean()))
     assert e.estimated - e.realised > 0.3
-    flags = fit_ood(model.reference).score(out["probs"], out["embeddings"])[1]
+    flags = _flags(model, out)
     report = performance_report(calibrate_reference(model.reference), out["probs"].max(1),
                                 ood=flags)
     print(f"OOD-flagged: {flags.mean():.3f}")

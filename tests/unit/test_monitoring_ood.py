@@ -1,5 +1,6 @@
-"""The OOD scorer on synthetic embeddings: calibration, flags, JSON round trip (and the format
-written before the neighbour signal), cost."""
+"""The OOD scorer on synthetic embeddings: calibration (on validation rows alone, and with
+training rows), flags, the input-feature signal, JSON round trip (and the formats written
+before), cost."""
 
 from __future__ import annotations
 
@@ -30,14 +31,36 @@ def synthetic(n: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.nda
     return emb.astype(np.float32), logits.astype(np.float32), labels
 
 
-def reference(n: int = 400, seed: int = 0) -> Reference:
+def reference(n: int = 400, seed: int = 0, train: int = 0, features: bool = False
+              ) -> Reference:
+    """``n`` validation rows; ``train`` training rows (another seed) as the export stores
+    them; ``features``: two monitored features that vary (else one constant column)."""
     emb, logits, labels = synthetic(n, seed)
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    return Reference(feature_names=("brightness",), features=np.zeros((n, 1)), embeddings=emb,
+    names, values = ("brightness",), np.zeros((n, 1))
+    if features:
+        names, values = FEATURES, feature_rows(n, seed)
+    train_emb, _, train_labels = synthetic(train, seed + 1000) if train else (None, None, None)
+    return Reference(feature_names=names, features=values, embeddings=emb,
                      logits=logits, labels=labels.astype(np.int64),
                      predicted=probs.argmax(1).astype(np.int64),
                      confidence=probs.max(1).astype(np.float32),
-                     classes=tuple(str(c) for c in range(CLASSES)))
+                     classes=tuple(str(c) for c in range(CLASSES)),
+                     train_embeddings=train_emb,
+                     train_labels=None if train_labels is None else train_labels.astype(np.int64))
+
+
+FEATURES = ("brightness", "chars")
+
+
+def feature_rows(n: int, seed: int, brightness: float = 0.5) -> np.ndarray:
+    """A rate around ``brightness`` and a count spanning an order of magnitude."""
+    rng = np.random.default_rng(seed + 50)
+    return np.column_stack([rng.normal(brightness, 0.05, n), np.exp(rng.normal(4, 0.7, n))])
+
+
+def feature_dicts(rows: np.ndarray) -> list[dict[str, float]]:
+    return [dict(zip(FEATURES, map(float, r))) for r in rows]
 
 
 def _probs(logits: np.ndarray) -> np.ndarray:
@@ -58,10 +81,48 @@ def test_fresh_in_distribution_rows_are_flagged_near_the_nominal_rate() -> None:
     scorer = fit_ood(reference(n=1000))
     emb, logits, _ = synthetic(5000, seed=7)
     _, flags = scorer.score(_probs(logits), emb)
-    # nominal: 1% by distance + 0.5% by confidence + 2.5% by neighbours (overlapping);
-    # cross-fitting and leave-one-out keep it honest
-    assert scorer.expected_flag_rate == pytest.approx(0.04)
-    assert 0.02 <= flags.mean() <= 0.06
+    # nominal: 0.5% by distance + 1.5% by neighbours (overlapping; no feature varies here, and
+    # confidence is off by default); cross-fitting and leave-one-out keep it honest
+    assert scorer.fitted_on == "validation" and scorer.expected_flag_rate == pytest.approx(0.02)
+    assert 0.01 <= flags.mean() <= 0.04
+
+
+def test_training_rows_fit_and_validation_rows_calibrate() -> None:
+    """With the training split's embeddings in the profile, the means, covariance and bank
+    come from them and the thresholds from the validation rows: fresh rows are flagged near
+    the nominal 3.5% (features 1.5% + neighbours 1.5% + distance 0.5%)."""
+    ref = reference(n=500, train=2000, features=True)
+    scorer = fit_ood(ref)
+    assert scorer.fitted_on == "training split" and scorer.knn_bank.shape[0] == 2000
+    assert scorer.expected_flag_rate == pytest.approx(0.035)
+    emb, logits, _ = synthetic(5000, seed=7)
+    _, flags = scorer.score(_probs(logits), emb, feature_dicts(feature_rows(5000, seed=7)))
+    assert 0.02 <= flags.mean() <= 0.055
+    # asked not to, it fits on the validation rows as before
+    assert fit_ood(ref, use_training_rows=False).fitted_on == "validation"
+
+
+def test_inputs_unlike_the_references_are_flagged_by_their_features() -> None:
+    """Embeddings and answers like the reference's, inputs not: a brightness far outside the
+    reference's, or a count an order of magnitude off (signed log: it is the ratio that
+    counts). Constant columns are left out; without features the signal is skipped."""
+    ref = reference(n=500, features=True)
+    scorer = fit_ood(ref)
+    assert scorer.feature_columns == FEATURES and scorer.reads_features
+    probs, emb = _batch(200, seed=11)
+    usual = feature_rows(200, seed=11)
+    bright, long = usual.copy(), usual.copy()
+    bright[:, 0] += 0.4
+    long[:, 1] *= 30
+    for rows, low, high in ((usual, 0.0, 0.06), (bright, 0.95, 1.0), (long, 0.95, 1.0)):
+        signal = scorer.signals(probs, emb, feature_dicts(rows))["features"]
+        assert low <= (signal > 1).mean() <= high
+    assert "features" not in scorer.signals(probs, emb)
+    constant = fit_ood(reference(n=300))
+    assert constant.feature_bank is None and not constant.reads_features
+    again = OODScorer.from_json(scorer.to_json())
+    np.testing.assert_array_equal(scorer.score(probs, emb, feature_dicts(bright))[0],
+                                  again.score(probs, emb, feature_dicts(bright))[0])
 
 
 def test_each_signal_flags_near_its_own_nominal_tail() -> None:
@@ -79,7 +140,7 @@ def test_each_signal_flags_near_its_own_nominal_tail() -> None:
 
 
 def test_far_embeddings_and_unsure_answers_are_flagged() -> None:
-    scorer = fit_ood(reference())
+    scorer = fit_ood(reference(), confidence_quantile=0.005)
     emb, logits, _ = synthetic(200, seed=8, shift=4.0)
     assert scorer.score(_probs(logits), emb)[1].mean() > 0.95
     emb, _, _ = synthetic(200, seed=9)
@@ -126,7 +187,24 @@ def test_scorers_stored_before_the_neighbour_signal_load_and_score_as_they_did()
                               doc["features"])
     np.testing.assert_allclose(scores, doc["scores"], rtol=1e-12)
     assert flags.tolist() == doc["flags"]
-    assert json.loads(old.to_json())["format"] == 2  # written back in the current format
+    assert json.loads(old.to_json())["format"] == 3  # written back in the current format
+
+
+def test_scorers_stored_before_the_input_feature_signal_load_and_score_as_they_did() -> None:
+    """A format-2 scorer (neighbours, no input features, fitted on the validation rows) loads
+    without the feature signal and scores as when it was written."""
+    ref = reference(features=True)
+    scorer = fit_ood(ref, distance_quantile=0.99, confidence_quantile=0.005,
+                     knn_quantile=0.975, feature_quantile=None, use_training_rows=False)
+    doc = {k: v for k, v in json.loads(scorer.to_json()).items()
+           if not k.startswith("feature_") and k != "fitted_on"}
+    doc["format"] = 2
+    old = OODScorer.from_json(json.dumps(doc))
+    probs, emb = _batch(100, seed=12)
+    feats = feature_dicts(feature_rows(100, seed=12, brightness=0.9))
+    assert old.feature_bank is None and old.expected_flag_rate == pytest.approx(0.04)
+    np.testing.assert_array_equal(old.score(probs, emb, feats)[0],
+                                  scorer.score(probs, emb, feats)[0])
 
 
 def _two_mode_reference(n: int, seed: int) -> Reference:
@@ -189,7 +267,7 @@ def test_the_neighbour_bank_is_capped_float16_and_round_trips() -> None:
 def test_the_neighbour_signal_can_be_left_out() -> None:
     scorer = fit_ood(reference(), confidence_quantile=0.02, knn_quantile=None)
     assert scorer.knn_bank is None and "knn" not in scorer.signals(*_batch(10))
-    assert scorer.expected_flag_rate == pytest.approx(0.03)
+    assert scorer.expected_flag_rate == pytest.approx(0.025)
     with pytest.raises(ValueError, match="no neighbour bank"):
         scorer.neighbour_distances(_batch(3)[1])
 
@@ -260,11 +338,12 @@ def test_text_profiles_add_a_fragmentation_signal_calibrated_on_validation():
 
 
 def test_the_expected_flag_rate_is_the_calibrated_tails_summed() -> None:
-    """What clf_ood_reference_rate exports: 1% by distance + 0.5% by confidence + 2.5% by
-    neighbours (+ 0.5% by fragmentation for text), an upper bound of the share flagged on
-    in-distribution inputs."""
+    """What clf_ood_reference_rate exports: 0.5% by distance + 1.5% by neighbours + 1.5% by
+    input features (+ 0.5% by fragmentation for text; confidence when asked for), an upper
+    bound of the share flagged on in-distribution inputs."""
     scorer = fit_ood(reference())
-    assert scorer.expected_flag_rate == pytest.approx(0.04)
+    assert scorer.expected_flag_rate == pytest.approx(0.02)  # no feature varies here
+    assert fit_ood(reference(features=True)).expected_flag_rate == pytest.approx(0.035)
     emb, logits, _ = synthetic(5000, seed=8)
     _, flags = scorer.score(_probs(logits), emb)
     assert flags.mean() <= scorer.expected_flag_rate + 0.02

@@ -130,7 +130,9 @@ def export_challenger(champion: Champion, result: Any, retrain_info: Mapping[str
                               test_blobs=result.splits.test.blobs,
                               test_labels=result.splits.test.labels,
                               variations=image_variation_names(cfg.color_mode,
-                                                               cfg.polarity_varies), **common)
+                                                               cfg.polarity_varies),
+                              train_blobs=result.splits.train.blobs,
+                              train_labels=result.splits.train.labels, **common)
     else:
         from ..text.export import export_text_to_store
 
@@ -140,7 +142,9 @@ def export_challenger(champion: Champion, result: Any, retrain_info: Mapping[str
                                    reference_texts=result.splits.val.texts,
                                    reference_labels=result.splits.val.labels,
                                    test_texts=result.splits.test.texts,
-                                   test_labels=result.splits.test.labels, **common)
+                                   test_labels=result.splits.test.labels,
+                                   train_texts=result.splits.train.texts,
+                                   train_labels=result.splits.train.labels, **common)
     version = str(tag.version)
     return Challenger(champion.name, version, Path(store.get(f"{champion.name}:{version}").path),
                       cfg.epochs, cfg.seed, in_store)

@@ -24,7 +24,7 @@ from preprocessing import TEXT_FEATURES, TextPreprocessor, text_features
 
 from ..export import (ONNX_OPSET, OUTPUT_NAMES, PARITY_TOLERANCE, ExportError, _quiet_exporter,
                       check_export, checked_graph, log, ort_session, profile_arrays,
-                      store_metadata, weights_digest, write_contract_files)
+                      store_metadata, training_arrays, weights_digest, write_contract_files)
 
 if TYPE_CHECKING:
     import bentoml
@@ -166,9 +166,12 @@ def stage_text_artifact(model: nn.Module, folder: Path, *, pre: TextPreprocessor
                         metrics: dict[str, Any], manifest: dict[str, Any],
                         curves: str | Path | None, tolerance: float = PARITY_TOLERANCE,
                         test_texts: Sequence[str] | None = None,
-                        test_labels: Sequence[int] | None = None) -> dict[str, Any]:
+                        test_labels: Sequence[int] | None = None,
+                        train_texts: Sequence[str] | None = None,
+                        train_labels: Sequence[int] | None = None) -> dict[str, Any]:
     """Export, check and write every contract file into ``folder``; returns export.json's dict.
     Raises ``ExportError`` (parity over tolerance, wrong I/O) before the other files exist.
+    ``train_texts``/``train_labels``: as the image export's ``train_blobs``.
 
     With ``test_texts`` and ``test_labels`` (the test split), metrics.json gains the text
     robustness suite's accuracies and the character-edit attack's figures
@@ -184,6 +187,10 @@ def stage_text_artifact(model: nn.Module, folder: Path, *, pre: TextPreprocessor
     export_info = {**report, "opset": opset, "exporter": "dynamo", "tolerance": tolerance,
                    "weights_sha256": weights_digest(onnx_path)}
     profile = text_reference_profile(session, pre, reference_texts, reference_labels)
+    if train_texts is not None and train_labels is not None:
+        profile.update(training_arrays(
+            lambda texts, labs: text_reference_profile(session, pre, texts, labs),
+            train_texts, train_labels))
     if test_texts is not None and test_labels is not None:
         from ..robust_metrics import text_metrics
 
@@ -203,7 +210,9 @@ def export_text_to_store(model: nn.Module, *, name: str, pre: TextPreprocessor,
                          curves: str | Path | None = None, tolerance: float = PARITY_TOLERANCE,
                          store: "ModelStore | None" = None,
                          test_texts: Sequence[str] | None = None,
-                         test_labels: Sequence[int] | None = None) -> "bentoml.Tag":
+                         test_labels: Sequence[int] | None = None,
+                         train_texts: Sequence[str] | None = None,
+                         train_labels: Sequence[int] | None = None) -> "bentoml.Tag":
     """Export a text classifier and save it as a new version of ``name`` in the model store;
     a failed export leaves the store untouched (everything is staged and checked first)."""
     if pre.spec.tokenizer != TOKENIZER_FILE:
@@ -215,7 +224,7 @@ def export_text_to_store(model: nn.Module, *, name: str, pre: TextPreprocessor,
             model, staged, pre=pre, tokenizer_json=tokenizer_json, labels=labels,
             reference_texts=reference_texts, reference_labels=reference_labels, metrics=metrics,
             manifest=manifest, curves=curves, tolerance=tolerance, test_texts=test_texts,
-            test_labels=test_labels)
+            test_labels=test_labels, train_texts=train_texts, train_labels=train_labels)
         metrics = json.loads((staged / METRICS_FILE).read_text())  # with the robustness keys
         metadata = store_metadata(metrics, pre.spec, info, manifest, labels,
                                   tokenizer_sha256=pre.tokenizer_sha256,

@@ -248,7 +248,8 @@ def export_result(result: TextTrainResult, curves: str | os.PathLike | None = No
         tokenizer_json=result.tokenizer_json, labels=result.classes,
         reference_texts=result.splits.val.texts, reference_labels=result.splits.val.labels,
         metrics=result.metrics(), manifest=manifest, curves=curves, tolerance=tolerance,
-        store=store, test_texts=result.splits.test.texts, test_labels=result.splits.test.labels)
+        store=store, test_texts=result.splits.test.texts, test_labels=result.splits.test.labels,
+        train_texts=result.splits.train.texts, train_labels=result.splits.train.labels)
 
 
 def train_and_export(cfg: TextTrainConfig, store: "ModelStore | None" = None
