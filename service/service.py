@@ -223,7 +223,8 @@ def _ood(artifact: Artifact, model: Model):
     from monitoring.reference import load_reference
 
     try:
-        scorer = fit_ood(load_reference(artifact.path))
+        scorer = (fit_ood(load_reference(artifact.path)) if SETTINGS.ood_input_features
+                  else fit_ood(load_reference(artifact.path), feature_quantile=None))
     except (FileNotFoundError, KeyError, ValueError) as exc:
         logger.warning("%s:%s: no OOD flags (%s)", artifact.name, artifact.version, exc)
         return None

@@ -102,6 +102,11 @@ class Settings:
     # How often each worker re-reads the drift report's latest scores (drift_latest.json next to
     # the log) into its clf_drift_* gauges; 0 = never.
     drift_refresh_s: float = 15.0
+    # The OOD flag's input-feature signal (monitoring/ood.py): it needs each input's monitored
+    # features, which an image computes for it even with the prediction log off (~70 us for a
+    # 64x64 PNG on 2 shared cores); false leaves the signal out (the flags then miss more of a
+    # foreign domain: letters sent to the digits model 80% instead of 93%).
+    ood_input_features: bool = True
     # Hot reload: how often each worker checks the production pointer of a model named without
     # a version (CLF_IMAGE_MODEL=digits-cnn); 0 = never. A pinned "name:version" never reloads.
     reload_interval_s: float = 2.0

@@ -348,3 +348,20 @@ def test_a_worker_that_missed_a_version_falls_back_to_it_when_the_newest_is_refu
     assert swapped and not again
     assert serving == good != start
     assert status == 422  # still serving (an empty body is the client's error)
+
+
+def test_the_ood_input_feature_signal_and_its_switch(setup, monkeypatch):
+    """By default the image model's scorer reads the inputs' features, so they are computed even
+    without a prediction log; CLF_OOD_INPUT_FEATURES=false leaves the signal (and, with the log
+    off, the features) out."""
+    import dataclasses
+
+    module = setup["module"]
+    on = module._image_model(setup["tag"])  # no recorder: the prediction log off
+    assert on.ood.feature_bank is not None and on.wants_features
+    assert on.ood.fitted_on == "training split"
+    monkeypatch.setattr(module, "SETTINGS",
+                        dataclasses.replace(module.SETTINGS, ood_input_features=False))
+    off = module._image_model(setup["tag"])
+    assert off.ood.feature_bank is None and not off.wants_features
+    assert off.ood.expected_flag_rate < on.ood.expected_flag_rate
