@@ -265,8 +265,15 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
     assert not failed_before, f"{len(failed_before)} of {len(before)} requests sent before " \
                               f"SIGTERM failed: {failed_before[:10]}"
     allowed_after = {"200", "503 shutting_down", "refused"}
-    failed_after = [o for o in after if o.result not in allowed_after]
+    # A keep-alive connection idle at SIGTERM is closed after IDLE_GRACE_S; a client that sends
+    # on it in the same instant sees the close instead of an answer (the race every HTTP/1.1
+    # server has: RFC 9112 9.3.1, the client retries). Allowed only for a request that never
+    # reached the server (checked against the log below): nothing the server took is dropped.
+    closed_under = [o for o in after if o.result == "RemoteProtocolError"]
+    failed_after = [o for o in after if o.result not in allowed_after
+                    and o.result != "RemoteProtocolError"]
     assert not failed_after, f"after SIGTERM: {failed_after[:10]}"
+    assert len(closed_under) <= 2, f"after SIGTERM: {closed_under[:10]}"
     # the server refused new work (rather than serving on until the signal was lost)
     assert any(o.result in ("503 shutting_down", "refused") for o in after), after[-20:]
     assert not_ready in ("503", "refused") and not_ready_after < 3.0, (not_ready, not_ready_after)
@@ -285,6 +292,8 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
         db.close()
     lost = answered - logged
     assert not lost, f"{len(lost)} of {len(answered)} answered requests are not in the log"
+    taken = {o.request_id for o in closed_under} & logged
+    assert not taken, f"served and logged, but the answer was dropped: {sorted(taken)}"
     assert "Traceback" not in log_text and "cut off" not in log_text, log_text[-3000:]
 
 
