@@ -184,6 +184,8 @@ class ServedModel:
             self.metrics.ood_reference(ood.expected_flag_rate)
         self.ready = False
         self.inflight = 0  # requests between entry and answer; a replaced version drains to 0
+        if recorder is not None:
+            recorder.watch(self)  # its requests under way are records on their way
         self.max_queue_items = max_queue_items or sys.maxsize  # 0 = no bound
         self.admitted = 0  # items admitted and not yet answered (see the class doc)
 

@@ -202,7 +202,8 @@ def _prediction_recorder() -> PredictionRecorder | None:
     logger.info("prediction log: %s (%s), rows tagged replica=%s", store.target, store.backend,
                 replica)
     return PredictionRecorder(store, SETTINGS.log_inputs, SETTINGS.log_input_max_bytes,
-                              SETTINGS.log_input_sample, replica=replica)
+                              SETTINGS.log_input_sample, replica=replica,
+                              group_wait_s=SETTINGS.log_group_wait_ms / 1000.0)
 
 
 def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:

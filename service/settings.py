@@ -80,6 +80,10 @@ class Settings:
     prediction_log: str = "artifacts/predictions.db"
     log_synchronous: str = "NORMAL"  # SQLite: FULL fsyncs each commit (power-loss durable, slower)
     log_pool_size: int = 4  # PostgreSQL: connections per worker (the writer, feedback, reports)
+    # Group commit: while other requests are on their way to the log, a commit waits for them up
+    # to this long, so that several answers share one commit's fixed cost (service/recording.py).
+    # A lone request never waits; 0 commits whatever is ready at once.
+    log_group_wait_ms: float = 2.0
     # The name each logged row carries for the server that answered (the slice tag "replica" in
     # reports over a shared log); "" = the host name.
     replica: str = ""
@@ -168,6 +172,7 @@ class Settings:
             (self.log_synchronous.upper() in ("NORMAL", "FULL"),
              "CLF_LOG_SYNCHRONOUS must be NORMAL or FULL"),
             (self.log_pool_size >= 1, "CLF_LOG_POOL_SIZE must be >= 1"),
+            (0.0 <= self.log_group_wait_ms <= 100.0, "CLF_LOG_GROUP_WAIT_MS must be in [0, 100]"),
             ("://" not in self.prediction_log
              or self.prediction_log.startswith(("postgresql://", "postgres://")),
              "CLF_PREDICTION_LOG must be a file path (SQLite) or a postgresql:// URL"),

@@ -38,3 +38,87 @@ def test_slices_header() -> None:
         with pytest.raises(RequestError) as info:
             parse_slices(bad, rules)
         assert info.value.reason == "bad_field" and "X-Slices" in info.value.message
+
+
+class _Source:
+    """Stands for a ServedModel: only its count of requests under way matters here."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+
+
+class _CountingLog:
+    """A real SQLite log that remembers the size of every group it committed."""
+
+    def __init__(self, log) -> None:
+        self.log, self.groups = log, []
+
+    def write_batch(self, records) -> None:
+        self.groups.append(len(records))
+        self.log.write_batch(records)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def _one(request_id: str):
+    from tests.unit.test_monitoring_store import record
+
+    return [record(request_id)]
+
+
+def test_group_commit_waits_for_requests_on_their_way_and_never_for_a_lone_one(tmp_path) -> None:
+    """Answers that finish close together share one commit while others are under way; a lone
+    request (nothing else under way) commits at once, whatever the group wait."""
+    import asyncio
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        store = _CountingLog(open_log(tmp_path / "log.db"))
+        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0,
+                                      group_wait_s=30.0)
+        source = _Source()
+        recorder.watch(source)
+        recorder.start()
+        try:
+            # a lone request: committed at once (the wait is 30 s; the bound here is 10)
+            source.inflight = 1
+            await asyncio.wait_for(recorder.write(_one("lone")), 10.0)
+            source.inflight = 0
+            lone = list(store.groups)
+            # three requests under way: the first record waits for the other two
+            source.inflight = 3
+            first = asyncio.ensure_future(recorder.write(_one("a")))
+            await asyncio.sleep(0.2)
+            assert not first.done(), "committed although two more records were on their way"
+            rest = [asyncio.ensure_future(recorder.write(_one(r))) for r in ("b", "c")]
+            await asyncio.wait_for(asyncio.gather(first, *rest), 10.0)
+            return lone, store.groups[len(lone):]
+        finally:
+            await recorder.stop()
+
+    lone, grouped = asyncio.run(scenario())
+    assert lone == [1] and grouped == [3]
+    with open_log(tmp_path / "log.db") as log:
+        assert log.window_stats("m").rows == 4
+
+
+def test_group_commit_waits_no_longer_than_its_bound(tmp_path) -> None:
+    """A request counted as under way that never writes (refused, failed) holds a group back
+    for the group wait at most."""
+    import asyncio
+
+    async def scenario() -> list[int]:
+        store = _CountingLog(open_log(tmp_path / "log.db"))
+        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0,
+                                      group_wait_s=0.05)
+        source = _Source()
+        recorder.watch(source)
+        recorder.start()
+        try:
+            source.inflight = 2  # the other one never comes
+            await asyncio.wait_for(recorder.write(_one("a")), 10.0)
+            return store.groups
+        finally:
+            await recorder.stop()
+
+    assert asyncio.run(scenario()) == [1]
