@@ -54,6 +54,14 @@ items per call in one run and 1.0 in the next; a moving average of lone calls un
 ``INLINE_MAX_S`` and stopped inlining for good). ``solo_s`` (a moving average of one-item calls)
 is kept for what it says, not for the decision.
 
+Where the model has a solo session (``OnnxModel.add_solo_session``: every core, its threads
+spinning while a call runs; a one-item call of the reference CNN 0.35-0.45 ms against 0.6-0.75 ms
+on the worker's one thread) and no other request is under way in any worker of the server
+(``solo_gate``: ``workerboard.py``), the inline call runs there. Which session is faster is
+measured, not assumed: at start (``time_solo``) and then on the gated calls themselves (moving
+averages), one in ``SOLO_PROBE_EVERY`` of which runs on the other session to keep both current;
+the solo session is used while it averages under ``SOLO_GAIN`` of the other.
+
 Deadlines: an item may carry one (``submit(..., deadline)``, a ``time.perf_counter()`` instant).
 When the batcher forms a call and the earliest deadline in the queue has passed, it first takes
 every expired item out of the queue and fails its future with ``DeadlineExceeded``, so nothing
@@ -116,6 +124,11 @@ INLINE_MAX_S = 0.002
 BATCHED_MIN = 8  # a calibration batch of at least this many items says what batching costs
 BATCH_GAIN = 0.8  # batching pays when it costs per item under this share of a lone item's
 EWMA_WEIGHT = 0.2  # of the newest one-item call in that average
+# A lone item on an idle server runs on the model's solo session (``_run_inline``) while calls
+# there average under this share of calls on its own threads; one such item in
+# SOLO_PROBE_EVERY runs on the other session, so that both averages follow the machine.
+SOLO_GAIN = 0.85
+SOLO_PROBE_EVERY = 32
 
 
 @dataclass
@@ -182,6 +195,15 @@ class Batcher:
         self.batched_item_s: float | None = None  # per item in a full batch (calibrate)
         self._calibrated_solo_s: float | None = None  # a one-item call, measured beside it
         self.inline_calls = 0
+        # Whether a lone item may run on the model's solo session now (``ServedModel`` sets it
+        # when the model has one: ``workerboard.WORKERS.alone``), what such a call took there
+        # and on the model's own threads (moving averages, see ``_run_inline``), how many ran
+        # there and how many lone items the gate let through.
+        self.solo_gate: Callable[[], bool] | None = None
+        self.lone_on_solo_s: float | None = None
+        self.lone_on_own_s: float | None = None
+        self.solo_calls = 0
+        self._gated = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -260,12 +282,12 @@ class Batcher:
                 raise result
         return results
 
-    def _call(self, tensors: list[Any]) -> Outputs:
-        """One model call over ``tensors`` (stacked, or the collate hook's input); any failure,
-        or a wrong number of rows back, is a ``BatchError``."""
+    def _call(self, tensors: list[Any], solo: bool = False) -> Outputs:
+        """One model call over ``tensors`` (stacked, or the collate hook's input; on the solo
+        session if ``solo``); any failure, or a wrong number of rows back, is a ``BatchError``."""
         try:
             x = np.stack(tensors) if self._collate is None else self._collate(tensors)
-            out = self.model.run(x)
+            out = self.model.run_solo(x) if solo else self.model.run(x)
         except Exception as exc:
             raise exc if isinstance(exc, BatchError) else BatchError(f"inference failed: {exc!r}")
         n = len(tensors)
@@ -275,10 +297,21 @@ class Batcher:
 
     def _run_inline(self, tensor: Any) -> tuple[np.ndarray, np.ndarray]:
         """One item's call on the event loop (see the module doc)."""
+        gated = self.solo_gate is not None and self.solo_gate()
+        solo = False
+        if gated:  # the faster session by the averages; every SOLO_PROBE_EVERY-th, the other
+            self._gated += 1
+            solo = self.solo_pays() != (self._gated % SOLO_PROBE_EVERY == 0)
         started = time.perf_counter()
-        out = self._call([tensor])
+        out = self._call([tensor], solo)
         elapsed = time.perf_counter() - started
-        self._note_call(1, elapsed)
+        if solo:
+            self.solo_calls += 1
+            self.lone_on_solo_s = _ewma(self.lone_on_solo_s, elapsed)
+        else:  # solo_s stays what a call on the model's own threads costs
+            self._note_call(1, elapsed)
+            if gated:
+                self.lone_on_own_s = _ewma(self.lone_on_own_s, elapsed)
         self.inline_calls += 1
         self.queue_wait_s = 0.0
         if self._on_batch is not None:
@@ -290,6 +323,12 @@ class Batcher:
         not pay, both as calibrated."""
         solo = self._calibrated_solo_s
         return solo is not None and solo <= INLINE_MAX_S and not self.batching_pays()
+
+    def solo_pays(self) -> bool:
+        """Whether a lone item on an idle server is faster on the solo session, by the moving
+        averages of such calls on either (started from ``time_solo``'s figures)."""
+        solo, own = self.lone_on_solo_s, self.lone_on_own_s
+        return solo is not None and own is not None and solo < SOLO_GAIN * own
 
     def batching_pays(self) -> bool:
         """Whether a batched call costs clearly less per item than a lone one, as calibrated
@@ -315,6 +354,21 @@ class Batcher:
                 best[n] = min(best[n], time.perf_counter() - started)
         self.solo_s = self._calibrated_solo_s = best[1]
         self.batched_item_s = best[items] / items if items >= BATCHED_MIN else None
+
+    def time_solo(self, one: Batch, rounds: int = 5) -> None:
+        """Start the averages ``solo_pays`` compares: a one-item call on the model's solo session
+        and on its own, alternately, after a warm-up of the solo one, best of ``rounds`` each
+        (in a worker thread, at start, like ``calibrate``). The other workers may be warming up
+        meanwhile: what lone calls take later corrects it."""
+        for _ in range(rounds):
+            self.model.run_solo(one)
+        best = [math.inf, math.inf]
+        for _ in range(rounds):
+            for i, run in enumerate((self.model.run_solo, self.model.run)):
+                started = time.perf_counter()
+                run(one)
+                best[i] = min(best[i], time.perf_counter() - started)
+        self.lone_on_solo_s, self.lone_on_own_s = best
 
     def run_sync(self, batch: Batch) -> Outputs:
         """Run one batch directly (warm-up), bypassing the queue."""

@@ -5,7 +5,9 @@ and ``attention_mask`` ``[N, L]``, fed as a dict. Both answer ``logits`` and ``e
 
 Threads are set on purpose: ORT's default spins its pool threads while idle, and on a 2-core box
 those spinning threads take the core the HTTP event loop needs. We size the intra-op pool to the
-cores a worker owns and turn spinning off.
+cores a worker owns and turn spinning off. A small model may also get a *solo* session (every
+core, spinning only while a call runs) for a lone request on an otherwise idle server
+(``add_solo_session``, ``workerboard.py``).
 """
 
 from __future__ import annotations
@@ -76,18 +78,15 @@ class OnnxModel:
             raise RuntimeStartError(
                 "onnxruntime is not installed: install the [cpu] or [gpu] extra"
             ) from exc
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self._path = path
         chosen = resolve_providers(providers, ort.get_available_providers())
         try:
-            self._session = ort.InferenceSession(path, sess_options=opts, providers=chosen)
+            self._session = ort.InferenceSession(
+                path, sess_options=_options(ort, intra_op_threads, spin=False), providers=chosen)
         except Exception as exc:  # ORT raises its own exception types; all mean "cannot start"
             raise RuntimeStartError(f"cannot load ONNX model {path}: {exc}") from exc
+        self._solo = None  # add_solo_session
+        self.solo_threads = 0
         # ORT silently falls back to CPU when CUDA fails to initialise: report what it really uses.
         self.provider = self._session.get_providers()[0]
         names = [o.name for o in self._session.get_outputs()]
@@ -103,9 +102,50 @@ class OnnxModel:
         )
 
     def run(self, batch: Batch) -> Outputs:
+        return self._run(self._session, batch)
+
+    def add_solo_session(self, threads: int) -> None:
+        """A second session over the same file for one-item calls on an otherwise idle server
+        (``workerboard.py`` says when): ``threads`` intra-op threads that spin while a call runs,
+        so the few short parallel sections of a small model's call do not each wait for a
+        thread to wake up, and stop spinning when it returns (``session.force_spinning_stop``),
+        so nothing spins between requests. CPU only; a GPU call gains nothing from it."""
+        import onnxruntime as ort
+
+        self._solo = ort.InferenceSession(self._path, sess_options=_options(ort, threads, True),
+                                          providers=["CPUExecutionProvider"])
+        self.solo_threads = threads
+
+    def drop_solo_session(self) -> None:
+        self._solo, self.solo_threads = None, 0
+
+    @property
+    def has_solo(self) -> bool:
+        return self._solo is not None
+
+    def run_solo(self, batch: Batch) -> Outputs:
+        """One call on the solo session (the usual one where there is none)."""
+        return self._run(self._solo or self._session, batch)
+
+    def _run(self, session, batch: Batch) -> Outputs:
         feed = batch if isinstance(batch, dict) else {self._input: batch}
-        logits, embedding = self._session.run(["logits", "embedding"], feed)
+        logits, embedding = session.run(["logits", "embedding"], feed)
         return Outputs(probabilities=softmax(logits), embedding=embedding)
+
+
+def _options(ort, intra_op_threads: int, spin: bool):
+    """Session options: ``intra_op_threads`` threads, sequential; spinning only for a solo
+    session, and then only while a call runs (see the module doc and ``add_solo_session``)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if spin:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return opts
 
 
 class NoopModel:

@@ -36,6 +36,7 @@ from .batching import (NO_DEADLINE, Batcher, BatchStats, DeadlineExceeded, Lengt
                        PadCollate)
 from .metrics import ModelMetrics
 from .runtime import TEXT_INPUTS, Model
+from .workerboard import WORKERS
 
 if TYPE_CHECKING:
     from monitoring.ood import OODScorer
@@ -172,8 +173,9 @@ class ServedModel:
     batcher: Batcher  # made by the subclass, reporting to ``self.metrics``
 
     def __init__(self, artifact: Artifact, model: Model, recorder: PredictionRecorder | None,
-                 ood: OODScorer | None, max_queue_items: int = 0) -> None:
+                 ood: OODScorer | None, max_queue_items: int = 0, solo_threads: int = 0) -> None:
         self.artifact = artifact
+        self.solo_threads = solo_threads  # a solo session's threads, tried at start (> 1)
         self.labels = artifact.labels
         self.model = model
         self.recorder = recorder
@@ -255,6 +257,7 @@ class ServedModel:
                 self._refuse(held - 1, len(inputs), NO_DEADLINE)
             self.admitted = held + extra
         self.inflight += 1
+        WORKERS.enter()
         try:
             prepared = await self.preprocess_async(inputs)
             try:
@@ -269,6 +272,7 @@ class ServedModel:
             return await self.answer(outputs, top_k, ctx, prepared, inputs)
         finally:
             self.inflight -= 1
+            WORKERS.leave()
             if extra > 0:
                 self.release(extra)
 
@@ -342,7 +346,23 @@ class ServedModel:
                         (b.solo_s or 0) * 1e3, (b.batched_item_s or 0) * 1e3,
                         "batching pays" if b.batching_pays() else
                         "batching does not pay (a lone request on an idle model runs inline)")
+            if (self.solo_threads > 1 and b.inline_pays()
+                    and getattr(self.model, "provider", "") == "CPUExecutionProvider"):
+                await loop.run_in_executor(None, self._add_solo)
         self.ready = True
+
+    def _add_solo(self) -> None:
+        """Give a lone request on an otherwise idle server a session on every core
+        (``OnnxModel.add_solo_session``, ``workerboard.py``); the batcher uses it while it is
+        measured to be faster (``Batcher.solo_pays``)."""
+        b = self.batcher
+        self.model.add_solo_session(self.solo_threads)
+        b.time_solo(self.calibration()[0])
+        b.solo_gate = WORKERS.alone
+        logger.info("%s: a one-item call on a solo session (%d threads, spinning while it runs) "
+                    "%.2f ms against %.2f ms: lone requests on an otherwise idle server start on "
+                    "the %s one", self.name, self.solo_threads, b.lone_on_solo_s * 1e3,
+                    b.lone_on_own_s * 1e3, "solo" if b.solo_pays() else "worker's own")
 
     def calibration(self) -> tuple[Any, Any, int]:
         """A one-item batch, a full batch of the same items, and its size."""
@@ -391,8 +411,8 @@ class ServedImageModel(ServedModel):
     def __init__(self, artifact: Artifact, model: Model, max_batch_size: int,
                  max_queue_delay_s: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  recorder: PredictionRecorder | None = None, ood: OODScorer | None = None,
-                 max_queue_items: int = 0) -> None:
-        super().__init__(artifact, model, recorder, ood, max_queue_items)
+                 max_queue_items: int = 0, solo_threads: int = 0) -> None:
+        super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads)
         self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch)
         self.max_pixels = max_pixels
         self.spec = artifact.spec
@@ -445,11 +465,12 @@ class ServedTextModel(ServedModel):
     def __init__(self, artifact: Artifact, model: Model, preprocessor: TextPreprocessor,
                  max_batch_size: int, max_batch_tokens: int, max_padding: float,
                  max_queue_delay_s: float = 0.0, recorder: PredictionRecorder | None = None,
-                 ood: OODScorer | None = None, max_queue_items: int = 0) -> None:
+                 ood: OODScorer | None = None, max_queue_items: int = 0,
+                 solo_threads: int = 0) -> None:
         if tuple(model.input_names) != TEXT_INPUTS:
             raise ArtifactError(f"model {artifact.name} takes inputs {list(model.input_names)}; "
                                 f"a text model must take {list(TEXT_INPUTS)}")
-        super().__init__(artifact, model, recorder, ood, max_queue_items)
+        super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads)
         self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch,
                                plan=LengthPlanner(max_batch_tokens, max_padding),
                                collate=PadCollate(preprocessor.pad_id))

@@ -52,6 +52,7 @@ from .reload import Reloader, tracks_production
 from .runtime import TEXT_INPUTS, Model, NoopModel, OnnxModel, resolve_providers
 from .served import ServedImageModel, ServedModel, ServedTextModel, Slot
 from .settings import Settings, SettingsError
+from .workerboard import WORKERS
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
@@ -137,6 +138,11 @@ class Classifier:
     async def _start(self) -> None:
         if ROLE == "worker":
             lifecycle.exit_with_the_arbiter()
+            from modelstore._bentoml import worker_index
+
+            # the server's own directory (patches.isolate_metrics_dir), shared by its workers
+            WORKERS.open(os.environ.get("PROMETHEUS_MULTIPROC_DIR"), worker_index(),
+                         SETTINGS.workers)
         if self.recorder is not None:
             self.recorder.start()
         for model in self.models:
@@ -161,6 +167,7 @@ class Classifier:
             await model.stop()
         if self.recorder is not None:
             await self.recorder.stop()
+        WORKERS.close()
 
     def __is_ready__(self) -> bool:
         # 503 from the moment SIGTERM reaches this worker (lifecycle.py)
@@ -249,6 +256,7 @@ def _image_model(tag: str, recorder: PredictionRecorder | None = None) -> Served
         max_pixels=SETTINGS.max_image_pixels,
         recorder=recorder,
         ood=_ood(artifact, model),
+        solo_threads=SETTINGS.solo_session_threads,
     )
 
 
@@ -277,6 +285,7 @@ def _text_model(tag: str, recorder: PredictionRecorder | None = None) -> ServedT
         max_queue_items=SETTINGS.max_queue_items,
         recorder=recorder,
         ood=_ood(artifact, model),
+        solo_threads=SETTINGS.solo_session_threads,
     )
 
 

@@ -62,6 +62,9 @@ class Settings:
     # ONNX Runtime. "auto" = CUDA when the installed onnxruntime has it, else CPU.
     providers: str = "auto"
     intra_op_threads: int = 0  # 0 = cores // workers
+    # A lone request on an otherwise idle server may run on a second session of a small model
+    # with this many threads (runtime.py, workerboard.py); 0 = the machine's cores, 1 = none.
+    solo_threads: int = 0
     # "onnx" runs the model; "noop" answers zeros and exists to measure the request path's floor.
     runtime: str = "onnx"
     # Request limits.
@@ -161,6 +164,7 @@ class Settings:
              "CLF_REQUEST_DEADLINE_MS must be in 0..3600000 (0 = no deadline)"),
             (self.providers in ("auto", "cpu", "cuda"), "CLF_PROVIDERS must be auto, cpu or cuda"),
             (self.intra_op_threads >= 0, "CLF_INTRA_OP_THREADS must be >= 0 (0 = automatic)"),
+            (self.solo_threads >= 0, "CLF_SOLO_THREADS must be >= 0 (0 = the cores, 1 = off)"),
             (self.runtime in ("onnx", "noop"), "CLF_RUNTIME must be onnx or noop"),
             (self.max_body_bytes >= 1024, "CLF_MAX_BODY_BYTES must be >= 1024"),
             (self.max_images_per_request >= 1, "CLF_MAX_IMAGES_PER_REQUEST must be >= 1"),
@@ -207,6 +211,10 @@ class Settings:
         if self.intra_op_threads:
             return self.intra_op_threads
         return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def solo_session_threads(self) -> int:
+        return self.solo_threads or (os.cpu_count() or 1)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as logged at start-up: the feedback token is masked."""

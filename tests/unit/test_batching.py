@@ -209,3 +209,60 @@ def test_where_batching_pays_a_lone_item_still_goes_to_the_model_thread():
 
     assert _run(main()) == 1
     assert model.threads[-3:] == ["model", "model", threading.current_thread().name]
+
+
+class SoloModel(EchoModel):
+    """A model with a solo session: which session each call ran on, and how long each takes."""
+
+    def __init__(self, own_delay: float, solo_delay: float) -> None:
+        super().__init__(own_delay)
+        self.solo_delay = solo_delay
+        self.sessions: list[str] = []
+
+    def run(self, batch: np.ndarray) -> Outputs:
+        self.sessions.append("own")
+        return super().run(batch)
+
+    def run_solo(self, batch: np.ndarray) -> Outputs:
+        self.sessions.append("solo")
+        time.sleep(self.solo_delay)
+        n = len(batch)
+        probs = np.stack([batch[:, 0], np.full(n, n, np.float32)], axis=1)
+        return Outputs(probs, np.zeros((n, 1), np.float32))
+
+
+def _lone_calls(model: SoloModel, gate, calls: int) -> Batcher:
+    async def main() -> Batcher:
+        batcher = Batcher(model, max_batch_size=64)
+        batcher.start()
+        batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64, 1)
+        batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
+        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=2)
+        batcher.solo_gate = gate
+        del model.sessions[:]
+        await asyncio.sleep(0.05)  # the model thread is waiting for work
+        for i in range(calls):
+            out = await batcher.submit([np.array([float(i)], np.float32)], alone=True)
+            assert float(out[0][0][0]) == float(i)
+        await batcher.stop()
+        return batcher
+
+    return _run(main())
+
+
+def test_a_lone_item_on_an_idle_server_runs_on_the_faster_solo_session_and_probes_the_other():
+    model = SoloModel(own_delay=0.0015, solo_delay=0.0)
+    batcher = _lone_calls(model, lambda: True, 64)
+    assert batcher.solo_pays() and batcher.inline_calls == 64
+    # every 32nd gated call runs on the other session, so both averages stay current
+    assert model.sessions.count("own") == 2 and batcher.solo_calls == 62
+    assert model.sessions[31] == "own" and model.sessions[63] == "own"
+
+
+def test_the_solo_session_is_left_when_it_is_slower_or_the_server_is_busy():
+    slower = SoloModel(own_delay=0.0, solo_delay=0.0015)
+    batcher = _lone_calls(slower, lambda: True, 64)
+    assert not batcher.solo_pays() and slower.sessions.count("solo") == 2  # the probes only
+    busy = SoloModel(own_delay=0.0015, solo_delay=0.0)
+    batcher = _lone_calls(busy, lambda: False, 20)  # another request somewhere on the server
+    assert busy.sessions == ["own"] * 20 and batcher.solo_calls == 0

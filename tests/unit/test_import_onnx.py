@@ -96,3 +96,23 @@ def test_the_command_refuses_a_wrong_label_count_and_saves_nothing(
 
     with pytest.raises(NotFound):
         bentoml.models.get("refused-tiny:latest")
+
+
+def test_a_solo_session_answers_what_the_worker_session_answers(tmp_path: Path) -> None:
+    """The solo session (every core, spinning while a call runs) is the same model: a lone
+    request gets the same answer whichever session the batcher picks."""
+    from service.runtime import OnnxModel
+
+    model, _ = with_embedding(onnx.load(str(classifier(tmp_path / "m.onnx"))))
+    onnx.save(model, str(tmp_path / "served.onnx"))
+    served = OnnxModel(str(tmp_path / "served.onnx"), "cpu", 1)
+    assert not served.has_solo
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    served.add_solo_session(2)
+    assert served.has_solo and served.solo_threads == 2
+    own, solo = served.run(x), served.run_solo(x)
+    np.testing.assert_allclose(solo.probabilities, own.probabilities, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(solo.embedding, own.embedding, rtol=1e-5, atol=1e-6)
+    served.drop_solo_session()
+    assert not served.has_solo and np.array_equal(served.run_solo(x).probabilities,
+                                                  own.probabilities)

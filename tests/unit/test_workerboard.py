@@ -1,0 +1,52 @@
+"""The worker board: each worker's requests in its models, shared through one mapped file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.workerboard import WorkerBoard
+
+
+def test_a_request_is_alone_only_when_no_other_worker_or_request_is_under_way(
+        tmp_path: Path) -> None:
+    one, two = WorkerBoard(), WorkerBoard()  # two workers of one server
+    one.open(str(tmp_path), 1, 2)
+    two.open(str(tmp_path), 2, 2)
+    try:
+        one.enter()
+        assert one.alone()
+        two.enter()
+        assert not one.alone() and not two.alone()  # each sees the other's request
+        two.leave()
+        assert one.alone()
+        one.enter()  # a second request in the same worker
+        assert not one.alone()
+        one.leave()
+        one.leave()
+        assert one.count == 0 and not one.alone()  # no request: nothing asks
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_restarted_worker_clears_what_its_dead_predecessor_left(tmp_path: Path) -> None:
+    dead, other = WorkerBoard(), WorkerBoard()
+    dead.open(str(tmp_path), 1, 2)
+    other.open(str(tmp_path), 2, 2)
+    dead.enter()  # SIGKILLed with a request in flight: its count stays on the board
+    other.enter()
+    assert not other.alone()
+    restarted = WorkerBoard()
+    restarted.open(str(tmp_path), 1, 2)  # circus starts worker 1 again
+    assert other.alone()
+    for board in (restarted, other):
+        board.close()
+
+
+def test_without_a_directory_a_worker_counts_its_own_requests_only() -> None:
+    board = WorkerBoard()
+    board.open(None, None, 2)
+    board.enter()
+    assert board.alone()
+    board.enter()
+    assert not board.alone()
