@@ -67,18 +67,25 @@ def _one(request_id: str):
     return [record(request_id)]
 
 
+def _started_recorder(tmp_path, group_wait_s: float) -> tuple[_CountingLog, PredictionRecorder,
+                                                                _Source]:
+    """A running recorder over a counting SQLite log, watching one source of requests."""
+    store = _CountingLog(open_log(tmp_path / "log.db"))
+    recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0,
+                                  group_wait_s=group_wait_s)
+    source = _Source()
+    recorder.watch(source)
+    recorder.start()
+    return store, recorder, source
+
+
 def test_group_commit_waits_for_requests_on_their_way_and_never_for_a_lone_one(tmp_path) -> None:
     """Answers that finish close together share one commit while others are under way; a lone
     request (nothing else under way) commits at once, whatever the group wait."""
     import asyncio
 
     async def scenario() -> tuple[list[int], list[int]]:
-        store = _CountingLog(open_log(tmp_path / "log.db"))
-        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0,
-                                      group_wait_s=30.0)
-        source = _Source()
-        recorder.watch(source)
-        recorder.start()
+        store, recorder, source = _started_recorder(tmp_path, group_wait_s=30.0)
         try:
             # a lone request: committed at once (the wait is 30 s; the bound here is 10)
             source.inflight = 1
@@ -108,12 +115,7 @@ def test_group_commit_waits_no_longer_than_its_bound(tmp_path) -> None:
     import asyncio
 
     async def scenario() -> list[int]:
-        store = _CountingLog(open_log(tmp_path / "log.db"))
-        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0,
-                                      group_wait_s=0.05)
-        source = _Source()
-        recorder.watch(source)
-        recorder.start()
+        store, recorder, source = _started_recorder(tmp_path, group_wait_s=0.05)
         try:
             source.inflight = 2  # the other one never comes
             await asyncio.wait_for(recorder.write(_one("a")), 10.0)
