@@ -63,7 +63,7 @@ class Settings:
     providers: str = "auto"
     intra_op_threads: int = 0  # 0 = cores // workers
     # A lone request on an otherwise idle server may run on a second session of a small model
-    # with this many threads (runtime.py, workerboard.py); 0 = the machine's cores, 1 = none.
+    # with this many threads (runtime.py, workerboard.py); 0 = the cores (at most 4), 1 = none.
     solo_threads: int = 0
     # "onnx" runs the model; "noop" answers zeros and exists to measure the request path's floor.
     runtime: str = "onnx"
@@ -214,7 +214,15 @@ class Settings:
 
     @property
     def solo_session_threads(self) -> int:
-        return self.solo_threads or (os.cpu_count() or 1)
+        """0: the cores this process may run on, at most 4 (a call short enough to run inline
+        gains little from more threads; only 2 cores were measured)."""
+        if self.solo_threads:
+            return self.solo_threads
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+        return min(cores, 4)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as logged at start-up: the feedback token is masked."""

@@ -27,6 +27,8 @@ def test_values_are_parsed_by_type():
     ({"CLF_MAX_TEXTS_PER_REQUEST": "0"}, "CLF_MAX_TEXTS_PER_REQUEST must be >= 1"),
     ({"CLF_MAX_BATCH_TOKENS": "8"}, "CLF_MAX_BATCH_TOKENS must be >= 16"),
     ({"CLF_MAX_PADDING_FRACTION": "1.5"}, "CLF_MAX_PADDING_FRACTION must be in"),
+    ({"CLF_SOLO_THREADS": "-1"}, "CLF_SOLO_THREADS must be >= 0"),
+    ({"CLF_LOG_GROUP_WAIT_MS": "500"}, "CLF_LOG_GROUP_WAIT_MS must be in"),
 ])
 def test_bad_values_stop_with_a_message_naming_the_variable(env, words):
     with pytest.raises(SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -43,3 +45,11 @@ def test_ort_threads_split_the_cores_between_workers(monkeypatch):
     assert Settings.from_env({"CLF_WORKERS": "2"}).ort_threads == 4
     assert Settings.from_env({"CLF_WORKERS": "16"}).ort_threads == 1
     assert Settings.from_env({"CLF_INTRA_OP_THREADS": "3"}).ort_threads == 3
+
+
+def test_the_solo_session_takes_the_cores_this_process_may_use_at_most_four(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert Settings.from_env({}).solo_session_threads == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert Settings.from_env({}).solo_session_threads == 4
+    assert Settings.from_env({"CLF_SOLO_THREADS": "1"}).solo_session_threads == 1  # none
