@@ -87,6 +87,17 @@ from preprocessing import pad_ids
 from .runtime import Batch, Model, Outputs
 
 
+def _best_of(calls: list[Callable[[], Any]], rounds: int) -> list[float]:
+    """Each call's shortest time over ``rounds`` rounds, the calls taking turns in each."""
+    best = [math.inf] * len(calls)
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            started = time.perf_counter()
+            call()
+            best[i] = min(best[i], time.perf_counter() - started)
+    return best
+
+
 def _ewma(average: float | None, value: float) -> float:
     return value if average is None else average + EWMA_WEIGHT * (value - average)
 
@@ -346,14 +357,10 @@ class Batcher:
         """Time a one-item call and an ``items``-item one of the same item size, back to back,
         best of ``rounds`` each (after the warm-up, in a worker thread): what ``batching_pays``
         compares, and the first ``solo_s``."""
-        best = {1: math.inf, items: math.inf}
-        for _ in range(rounds):
-            for batch, n in ((one, 1), (many, items)):
-                started = time.perf_counter()
-                self.model.run(batch)
-                best[n] = min(best[n], time.perf_counter() - started)
-        self.solo_s = self._calibrated_solo_s = best[1]
-        self.batched_item_s = best[items] / items if items >= BATCHED_MIN else None
+        lone, batched = _best_of([lambda: self.model.run(one), lambda: self.model.run(many)],
+                                 rounds)
+        self.solo_s = self._calibrated_solo_s = lone
+        self.batched_item_s = batched / items if items >= BATCHED_MIN else None
 
     def time_solo(self, one: Batch, rounds: int = 5) -> None:
         """Start the averages ``solo_pays`` compares: a one-item call on the model's solo session
@@ -362,13 +369,8 @@ class Batcher:
         meanwhile: what lone calls take later corrects it."""
         for _ in range(rounds):
             self.model.run_solo(one)
-        best = [math.inf, math.inf]
-        for _ in range(rounds):
-            for i, run in enumerate((self.model.run_solo, self.model.run)):
-                started = time.perf_counter()
-                run(one)
-                best[i] = min(best[i], time.perf_counter() - started)
-        self.lone_on_solo_s, self.lone_on_own_s = best
+        self.lone_on_solo_s, self.lone_on_own_s = _best_of(
+            [lambda: self.model.run_solo(one), lambda: self.model.run(one)], rounds)
 
     def run_sync(self, batch: Batch) -> Outputs:
         """Run one batch directly (warm-up), bypassing the queue."""

@@ -340,7 +340,8 @@ class ServedModel:
         for batch in self.warmup_batches()[:warmup_batches]:
             await loop.run_in_executor(None, self.batcher.run_sync, batch)
         if warmup_batches:  # what a lone and a batched call cost (the batcher's inline rule)
-            await loop.run_in_executor(None, self.batcher.calibrate, *self.calibration())
+            one, many, items = self.calibration()
+            await loop.run_in_executor(None, self.batcher.calibrate, one, many, items)
             b = self.batcher
             logger.info("%s: a one-item call %.2f ms, per item in a batch %.2f ms: %s", self.name,
                         (b.solo_s or 0) * 1e3, (b.batched_item_s or 0) * 1e3,
@@ -348,16 +349,17 @@ class ServedModel:
                         "batching does not pay (a lone request on an idle model runs inline)")
             if (self.solo_threads > 1 and b.inline_pays()
                     and getattr(self.model, "provider", "") == "CPUExecutionProvider"):
-                await loop.run_in_executor(None, self._add_solo)
+                await loop.run_in_executor(None, self._add_solo, one)
         self.ready = True
 
-    def _add_solo(self) -> None:
+    def _add_solo(self, one: Any) -> None:
         """Give a lone request on an otherwise idle server a session on every core
         (``OnnxModel.add_solo_session``, ``workerboard.py``); the batcher uses it while it is
-        measured to be faster (``Batcher.solo_pays``)."""
+        measured to be faster (``Batcher.solo_pays``). ``one``: the calibration's one-item
+        batch."""
         b = self.batcher
         self.model.add_solo_session(self.solo_threads)
-        b.time_solo(self.calibration()[0])
+        b.time_solo(one)
         b.solo_gate = WORKERS.alone
         logger.info("%s: a one-item call on a solo session (%d threads, spinning while it runs) "
                     "%.2f ms against %.2f ms: lone requests on an otherwise idle server start on "
