@@ -28,16 +28,22 @@ The signals, each flagged above its threshold:
   * fragmentation (text models): tokens per character of the raw text. A tokenizer trained on
     the model's languages cuts real words into few tokens; random strings fall apart;
   * low confidence (off by default, ``confidence_quantile > 0`` turns it on): the weakest
-    signal against a foreign domain.
+    signal against a foreign domain;
+  * joint (format 4): Fisher's combination of the signals above, ``-sum(log p)`` with each p the
+    share of validation rows at or above the input on that signal. It catches an input a little
+    unusual in several signals and extreme in none: Dutch or Spanish word salad sent to an SMS
+    model sits in the top few per cent of both the neighbour and the input-feature distances.
 
 The score of an answer is the largest of its signals divided by their thresholds, so
-``score > 1`` is exactly ``flag``. The default tails (0.5% distance, 1.5% neighbours, 1.5% input
-features, 0.5% fragmentation) sum to 3.5% (images) or 4% (texts): an upper bound of the
-in-distribution flag rate since the signals overlap, kept under 5% because fresh data exceeds a
-threshold taken on a few hundred rows. The input signals need the features: a request of
-preprocessed tensors (v2 ``input``) is scored without them. Pure numpy: the service calls
+``score > 1`` is exactly ``flag``. The flag budget (0.5% distance, 1.5% neighbours, 1.5% input
+features, 0.5% fragmentation: 3.5% for images, 4% for texts) is split: each signal keeps half
+of its share as its own tail and the joint signal gets the other half (``JOINT_SHARE``). The
+sum is an upper bound of the in-distribution flag rate since the signals overlap, kept under 5%
+because fresh data exceeds a threshold taken on a few hundred rows. The input signals need the
+features: a request of preprocessed tensors (v2 ``input``) is scored without them (and its
+joint signal by the threshold of the signals it has). Pure numpy: the service calls
 ``score`` on every batch (its cost is in monitoring/README.md, OOD flags). Scorers stored in
-formats 1 and 2 still load and score as they did.
+formats 1 to 3 still load and score as they did.
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ import numpy as np
 
 from .reference import Reference
 
-FORMAT_VERSION = 3  # 3: input features, training rows; 2: neighbours; 1: neither (all load)
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4  # 4: the joint signal; 3: input features, training rows; 2: neighbours
+READABLE_FORMATS = (1, 2, 3, 4)
 KNN_K = 5
 KNN_MAX_ROWS = 4000  # bank rows: 4,000 x 384-d float16 = 3 MB
+JOINT_SHARE = 0.5  # of each signal's flag budget, what goes to the joint signal
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,12 @@ class OODScorer:
     feature_threshold: float | None = None
     feature_quantile: float | None = None
     fitted_on: str = "validation"  # where the means, covariance and neighbours come from
+    # the joint signal (format 4): per signal, the calibration rows' values (divided by the
+    # signal's threshold, sorted) that p-values are read from; the threshold of Fisher's
+    # statistic for each set of signals a batch may have ("distance+knn+features", ...)
+    joint_reference: Mapping[str, np.ndarray] | None = None
+    joint_thresholds: Mapping[str, float] | None = None
+    joint_quantile: float | None = None
 
     @property
     def dim(self) -> int:
@@ -99,6 +112,8 @@ class OODScorer:
             rate += 1.0 - self.knn_quantile
         if self.feature_bank is not None and self.feature_quantile is not None:
             rate += 1.0 - self.feature_quantile
+        if self.joint_thresholds and self.joint_quantile is not None:
+            rate += 1.0 - self.joint_quantile
         return rate
 
     @property
@@ -147,6 +162,11 @@ class OODScorer:
         if self.feature_bank is not None and self.feature_threshold is not None and features:
             out["features"] = (self.feature_distances(features)
                                / max(self.feature_threshold, 1e-6))
+        if self.joint_reference is not None and self.joint_thresholds:
+            joined = {name: v for name, v in out.items() if name in self.joint_reference}
+            threshold = self.joint_thresholds.get(joint_key(joined))
+            if threshold is not None:
+                out["joint"] = fisher_statistic(joined, self.joint_reference) / threshold
         return out
 
     def score(self, probabilities: np.ndarray, embeddings: np.ndarray,
@@ -183,13 +203,19 @@ class OODScorer:
             "feature_threshold": self.feature_threshold,
             "feature_quantile": self.feature_quantile,
             "fitted_on": self.fitted_on,
+            "joint_reference": None if self.joint_reference is None else {
+                name: _encode(values, "<f4") for name, values in self.joint_reference.items()},
+            "joint_thresholds": None if self.joint_thresholds is None else dict(
+                self.joint_thresholds),
+            "joint_quantile": self.joint_quantile,
         }
         return json.dumps(doc)
 
     @classmethod
     def from_json(cls, text: str) -> "OODScorer":
-        """A stored scorer; formats 1 (before the neighbour signal) and 2 (before the
-        input-feature signal) load without what they lack and score as they did."""
+        """A stored scorer; formats 1 (before the neighbour signal), 2 (before the
+        input-feature signal) and 3 (before the joint signal) load without what they lack and
+        score as they did."""
         doc = json.loads(text)
         if doc.get("format") not in READABLE_FORMATS:
             raise ValueError(f"OOD scorer format {doc.get('format')!r}; this code reads "
@@ -209,7 +235,11 @@ class OODScorer:
                    feature_k=int(doc.get("feature_k", KNN_K)),
                    feature_threshold=doc.get("feature_threshold"),
                    feature_quantile=doc.get("feature_quantile"),
-                   fitted_on=doc.get("fitted_on", "validation"))
+                   fitted_on=doc.get("fitted_on", "validation"),
+                   joint_reference=None if doc.get("joint_reference") is None else {
+                       name: _decode(values) for name, values in doc["joint_reference"].items()},
+                   joint_thresholds=doc.get("joint_thresholds"),
+                   joint_quantile=doc.get("joint_quantile"))
 
 
 def fragmentation_of(features: Mapping[str, float]) -> float:
@@ -222,7 +252,7 @@ def fit_ood(reference: Reference, distance_quantile: float = 0.995,
             fragmentation_quantile: float = 0.995, knn_quantile: float | None = 0.985,
             knn_k: int = KNN_K, knn_max_rows: int = KNN_MAX_ROWS,
             feature_quantile: float | None = 0.985, feature_k: int = KNN_K,
-            use_training_rows: bool = True) -> OODScorer:
+            use_training_rows: bool = True, joint_share: float = JOINT_SHARE) -> OODScorer:
     """Fit the scorer on a version's reference profile and calibrate its thresholds.
 
     Where the profile carries training rows (``train_embeddings``, written by the export since
@@ -233,60 +263,145 @@ def fit_ood(reference: Reference, distance_quantile: float = 0.995,
     themselves. The fragmentation threshold exists only where the profile has the text
     features ``tokens`` and ``chars``; the neighbour signal unless ``knn_quantile`` is None,
     the input-feature signal unless ``feature_quantile`` is None, the confidence signal only
-    with ``confidence_quantile > 0``. The defaults are what ``monitoring/README.md`` (OOD
-    flags) measured; ``use_training_rows=False, distance_quantile=0.99,
-    confidence_quantile=0.005, knn_quantile=0.975, feature_quantile=None`` is format 2."""
+    with ``confidence_quantile > 0``.
+
+    The quantiles give each signal's share of the in-distribution flag budget; ``joint_share``
+    of every share goes to the joint signal instead (Fisher's combination of the signals'
+    p-values, ``fit_joint``), the rest stays with the signal's own tail, so the budget
+    (``expected_flag_rate``) is the same whatever the share. The defaults are what
+    ``monitoring/README.md`` (OOD flags) measured; ``joint_share=0`` is format 3, and
+    ``use_training_rows=False, distance_quantile=0.99, confidence_quantile=0.005,
+    knn_quantile=0.975, feature_quantile=None, joint_share=0`` format 2."""
     emb = np.asarray(reference.embeddings, dtype=np.float64)
     classes = np.where(reference.labels >= 0, reference.labels, reference.predicted)
     if len(emb) < 2 * folds:
         raise ValueError(f"{len(emb)} reference rows are too few to calibrate an OOD scorer")
+    if not 0.0 <= joint_share < 1.0:
+        raise ValueError(f"joint_share must be in [0, 1), not {joint_share}")
     train = reference.train_embeddings
     use_train = (use_training_rows and train is not None and reference.train_labels is not None
                  and len(train) >= 2 * folds)
-    bank, k, knn_threshold = None, knn_k, None
+    # each signal's value on every validation row, as a new input's would be measured
+    values: dict[str, np.ndarray] = {}
+    budget: dict[str, float] = {"distance": distance_quantile}
+    bank, k = None, knn_k
     if use_train:
         means, whitening = fit_gaussian(np.asarray(train, dtype=np.float64),
                                         np.asarray(reference.train_labels))
-        calibration = OODScorer(means, whitening, 1.0, 0.0, 0.0, 0.0).distances(emb)
+        values["distance"] = OODScorer(means, whitening, 1.0, 0.0, 0.0, 0.0).distances(emb)
         if knn_quantile is not None:
             bank, k = neighbour_bank(train, knn_k, knn_max_rows, seed)
-            knn_threshold = float(np.quantile(
-                _chunked(lambda part: kth_neighbour_distance(unit_rows(part), bank, k),
-                         reference.embeddings), knn_quantile))
+            values["knn"] = _chunked(lambda part: kth_neighbour_distance(unit_rows(part), bank, k),
+                                     reference.embeddings)
     else:
-        calibration = _cross_fitted_distances(emb, classes, folds, seed)
+        values["distance"] = _cross_fitted_distances(emb, classes, folds, seed)
         means, whitening = fit_gaussian(emb, classes)
         if knn_quantile is not None:
-            bank, leave_one_out, k = fit_neighbours(reference.embeddings, knn_k, knn_max_rows,
+            bank, values["knn"], k = fit_neighbours(reference.embeddings, knn_k, knn_max_rows,
                                                     seed)
-            knn_threshold = float(np.quantile(leave_one_out, knn_quantile))
+    if bank is not None:
+        budget["knn"] = knn_quantile
     confidence = reference.probabilities.max(axis=1)
-    fragmentation = None
+    if confidence_quantile > 0:
+        values["confidence"], budget["confidence"] = 1.0 - confidence, 1.0 - confidence_quantile
     names = list(reference.feature_names)
     if "tokens" in names and "chars" in names:
         rows = [dict(zip(names, row)) for row in reference.features]
-        fragmentation = float(np.quantile([fragmentation_of(r) for r in rows],
-                                          fragmentation_quantile))
+        values["fragmentation"] = np.array([fragmentation_of(r) for r in rows])
+        budget["fragmentation"] = fragmentation_quantile
     space = None
     if feature_quantile is not None:
         space = fit_feature_space(names, reference.features, feature_k, knn_max_rows, seed)
+    if space is not None:
+        values["features"], budget["features"] = space.leave_one_out, feature_quantile
+    # each signal keeps (1 - joint_share) of its tail; the joint signal gets the rest
+    quantile = {name: 1.0 - (1.0 - q) * (1.0 - joint_share) for name, q in budget.items()}
+    threshold = {name: float(np.quantile(values[name], q)) for name, q in quantile.items()}
+    joint: dict[str, Any] = {}
+    if joint_share > 0 and len(values) > 1:
+        tail = joint_share * sum(1.0 - q for q in budget.values())
+        ratios = {name: v / max(threshold[name], 1e-6) for name, v in values.items()}
+        joint = fit_joint(ratios, 1.0 - tail, knn_max_rows, seed)
+    q = quantile.get
     return OODScorer(means, whitening,
-                     distance_threshold=float(np.quantile(calibration, distance_quantile)),
-                     confidence_threshold=float(np.quantile(confidence,
-                                                            max(confidence_quantile, 0.0))),
-                     distance_quantile=distance_quantile, confidence_quantile=confidence_quantile,
-                     fragmentation_threshold=fragmentation,
-                     fragmentation_quantile=fragmentation_quantile if fragmentation else None,
-                     knn_bank=bank, knn_k=k, knn_threshold=knn_threshold,
-                     knn_quantile=knn_quantile if bank is not None else None,
+                     distance_threshold=threshold["distance"],
+                     confidence_threshold=(1.0 - threshold["confidence"] if "confidence"
+                                           in threshold else float(confidence.min())),
+                     distance_quantile=q("distance"),
+                     confidence_quantile=1.0 - q("confidence", 1.0),
+                     fragmentation_threshold=threshold.get("fragmentation"),
+                     fragmentation_quantile=q("fragmentation"),
+                     knn_bank=bank, knn_k=k, knn_threshold=threshold.get("knn"),
+                     knn_quantile=q("knn"),
                      **({} if space is None else {
                          "feature_columns": space.columns, "feature_centre": space.centre,
                          "feature_scale": space.scale, "feature_bank": space.bank,
-                         "feature_k": space.k,
-                         "feature_threshold": float(np.quantile(space.leave_one_out,
-                                                                feature_quantile)),
-                         "feature_quantile": feature_quantile}),
-                     fitted_on="training split" if use_train else "validation")
+                         "feature_k": space.k, "feature_threshold": threshold["features"],
+                         "feature_quantile": q("features")}),
+                     fitted_on="training split" if use_train else "validation", **joint)
+
+
+INPUT_SIGNALS = ("fragmentation", "features")  # what a request without features lacks
+
+
+def fit_joint(ratios: Mapping[str, np.ndarray], quantile: float, max_rows: int, seed: int
+              ) -> dict[str, Any]:
+    """The joint signal: Fisher's combination of the signals' p-values, each p-value read from
+    the calibration rows' values of that signal (``ratios``: validation rows, each signal
+    divided by its threshold). An input that is a little unusual in several signals (Dutch
+    word salad sent to an SMS model: neighbours and input features both in their top few per
+    cent) is flagged where no single signal's tail would catch it. Thresholded at ``quantile``
+    of the validation rows' own statistics, each row's p-values taken against the others
+    (exchangeable, as a conformal p-value is), for the full set of signals and for the set a
+    request without input features has. The p-value tables are at most ``max_rows`` rows."""
+    keep = _sample(len(next(iter(ratios.values()))), max_rows, seed)
+    reference = {name: np.sort(_f32(v[keep])) for name, v in ratios.items()}
+    full = list(ratios)
+    subsets = [full] + [[n for n in full if n not in INPUT_SIGNALS]] * any(
+        n in INPUT_SIGNALS for n in full)
+    thresholds = {}
+    for names in subsets:
+        if len(names) < 2:
+            continue
+        own = {n: _f32(ratios[n][keep]) for n in names}  # as rounded in the table
+        statistic = fisher_statistic(own, reference, leave_one_out=True)
+        thresholds[joint_key(names)] = float(np.quantile(statistic, quantile))
+    return {"joint_reference": reference, "joint_thresholds": thresholds,
+            "joint_quantile": quantile}
+
+
+def _f32(values: np.ndarray) -> np.ndarray:
+    """Values rounded to float32, as they are stored, held as float64 (what the signals are)."""
+    return np.asarray(values, dtype=np.float32).astype(np.float64)
+
+
+def joint_key(names: Sequence[str] | Mapping[str, Any]) -> str:
+    """The joint threshold's key for a set of signals (order does not matter)."""
+    return "+".join(sorted(n for n in names if n != "joint"))
+
+
+def fisher_statistic(signals: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                     leave_one_out: bool = False) -> np.ndarray:
+    """``-sum(log p)`` over the signals that have a reference, where p is the share of the
+    reference values at or above the input's, counted as one more reference row: ``(1 + #)
+    / (n + 1)``, never 0. ``leave_one_out``: the inputs are the reference rows themselves, each
+    counted once among the values at or above it, so ``# / (n + 1)``."""
+    total = None
+    for name, value in signals.items():
+        ref = reference.get(name)
+        if ref is None:
+            continue
+        term = _neg_log_p(len(ref), leave_one_out)[np.searchsorted(ref, value, side="left")]
+        total = term if total is None else total + term
+    return np.zeros(0) if total is None else total
+
+
+@functools.lru_cache(maxsize=16)
+def _neg_log_p(n: int, leave_one_out: bool) -> np.ndarray:
+    """``-log p`` by the input's position among ``n`` sorted reference values (0: at or below
+    all of them, so ``n`` are at or above it): one lookup per signal on the hot path."""
+    at_or_above = n - np.arange(n + 1) + (0 if leave_one_out else 1)
+    return -np.log(np.maximum(at_or_above, 1) / (n + 1))
 
 
 @dataclass(frozen=True)
@@ -440,11 +555,12 @@ def _cross_fitted_distances(emb: np.ndarray, classes: np.ndarray, folds: int, se
 
 def _encode(array: np.ndarray, dtype: str = "<f8") -> dict[str, Any]:
     data = np.ascontiguousarray(array, dtype=dtype).tobytes()
-    key = {"<f8": "f8", "<f2": "f2"}[dtype]
+    key = {"<f8": "f8", "<f4": "f4", "<f2": "f2"}[dtype]
     return {"shape": list(array.shape), key: base64.b64encode(data).decode("ascii")}
 
 
 def _decode(doc: dict[str, Any]) -> np.ndarray:
-    key, dtype = ("f2", "<f2") if "f2" in doc else ("f8", "<f8")
+    key = next(k for k in ("f8", "f4", "f2") if k in doc)
+    dtype = "<" + key
     raw = base64.b64decode(doc[key])
     return np.frombuffer(raw, dtype=dtype).reshape(doc["shape"]).astype(np.float64)

@@ -22,10 +22,10 @@ b. images: the digits CNN (``python -m training``'s recipe, fewer epochs); in-do
 
 Each model is exported with a sample of its training split's embeddings, as ``python -m
 training`` exports it. Per pair: ROC AUC of each signal (in-domain negative, foreign positive)
-and of the combined score before (format 2: confidence, Mahalanobis, neighbours, fragmentation,
-all fitted on the validation rows; its defaults then) and after (format 3: means, covariance and
-neighbours from the training rows, thresholds on the validation rows, + the input-feature
-signal, confidence off), and the share flagged at the calibrated thresholds. Energy
+and of the combined score before (format 3: each signal thresholded at its whole tail of the
+flag budget) and after (format 4: each signal at half its tail, the other half to the joint
+signal, Fisher's combination of the signals' p-values), and the share flagged at the calibrated
+thresholds. Energy
 (-logsumexp of the logits) is shown for comparison only: the service hands the scorer
 probabilities, not logits. Then the cost of ``OODScorer.score`` per answer, batches of 1 and 64.
 """
@@ -50,7 +50,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 SMS = ROOT.parent / "shared" / "data" / "sms-spam" / "sms_spam.tsv"
-SIGNALS = ("confidence", "distance", "knn", "features", "fragmentation", "energy")
+SIGNALS = ("confidence", "distance", "knn", "features", "fragmentation", "joint", "energy")
 DOC_MODULES = ("argparse", "asyncio", "base64", "bisect", "calendar", "collections", "csv",
                "datetime", "decimal", "difflib", "email", "fractions", "functools", "gzip",
                "heapq", "http.client", "inspect", "itertools", "json", "logging", "os",
@@ -380,9 +380,7 @@ def measure(part: Part, knn_k: int) -> dict[str, Any]:
     start = time.perf_counter()
     after = fit_ood(reference, knn_k=knn_k)
     fit_s = time.perf_counter() - start
-    # format 2's (the neighbours on the validation rows, no input features)
-    before = fit_ood(reference, distance_quantile=0.99, confidence_quantile=0.005,
-                     knn_quantile=0.975, feature_quantile=None, use_training_rows=False)
+    before = fit_ood(reference, knn_k=knn_k, joint_share=0)  # format 3's: no joint signal
     ind = signal_values(after, part.in_domain)
     rows = []
     for name, out in part.foreign.items():

@@ -43,7 +43,8 @@ def rates(folder, digits_model) -> dict[str, dict[str, float]]:
     data = digits_images()
     unseen = [b for b, name in zip(data.blobs, data.names) if name not in used]
     reference = load_reference(folder)
-    scorers = {"before": fit_ood(reference, confidence_quantile=0.02, knn_quantile=None),
+    scorers = {"before": fit_ood(reference, confidence_quantile=0.02, knn_quantile=None,
+                                 joint_share=0),
                "after": fit_ood(reference)}
     sets = {"unseen digits": unseen, "letters": rendered_letters(2),
             "photo crops": photo_crops(100), "noise": noise_images(100)}

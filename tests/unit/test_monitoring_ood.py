@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.ood import (KNN_MAX_ROWS, OODScorer, fit_ood, kth_neighbour_distance, ledoit_wolf,
-                            unit_rows)
+from monitoring.ood import (FORMAT_VERSION, KNN_MAX_ROWS, OODScorer, fisher_statistic, fit_joint,
+                            fit_ood, kth_neighbour_distance, ledoit_wolf, unit_rows)
 from monitoring.reference import Reference
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -132,7 +132,7 @@ def test_each_signal_flags_near_its_own_nominal_tail() -> None:
     shares = []
     for seed in range(8):
         scorer = fit_ood(reference(n=500, seed=100 + seed), confidence_quantile=0.02,
-                         knn_quantile=0.98)
+                         knn_quantile=0.98, joint_share=0)
         signals = scorer.signals(_probs(logits), emb)
         shares.append([float((signals[s] > 1).mean()) for s in ("distance", "confidence", "knn")])
     distance, confidence, knn = np.mean(shares, axis=0)
@@ -187,7 +187,7 @@ def test_scorers_stored_before_the_neighbour_signal_load_and_score_as_they_did()
                               doc["features"])
     np.testing.assert_allclose(scores, doc["scores"], rtol=1e-12)
     assert flags.tolist() == doc["flags"]
-    assert json.loads(old.to_json())["format"] == 3  # written back in the current format
+    assert json.loads(old.to_json())["format"] == FORMAT_VERSION  # written back as now
 
 
 def test_scorers_stored_before_the_input_feature_signal_load_and_score_as_they_did() -> None:
@@ -195,9 +195,10 @@ def test_scorers_stored_before_the_input_feature_signal_load_and_score_as_they_d
     without the feature signal and scores as when it was written."""
     ref = reference(features=True)
     scorer = fit_ood(ref, distance_quantile=0.99, confidence_quantile=0.005,
-                     knn_quantile=0.975, feature_quantile=None, use_training_rows=False)
+                     knn_quantile=0.975, feature_quantile=None, use_training_rows=False,
+                     joint_share=0)
     doc = {k: v for k, v in json.loads(scorer.to_json()).items()
-           if not k.startswith("feature_") and k != "fitted_on"}
+           if not k.startswith(("feature_", "joint_")) and k != "fitted_on"}
     doc["format"] = 2
     old = OODScorer.from_json(json.dumps(doc))
     probs, emb = _batch(100, seed=12)
@@ -205,6 +206,74 @@ def test_scorers_stored_before_the_input_feature_signal_load_and_score_as_they_d
     assert old.feature_bank is None and old.expected_flag_rate == pytest.approx(0.04)
     np.testing.assert_array_equal(old.score(probs, emb, feats)[0],
                                   scorer.score(probs, emb, feats)[0])
+
+
+def test_scorers_stored_before_the_joint_signal_load_and_score_as_they_did() -> None:
+    """A format-3 scorer (each signal with its whole tail, no joint signal) loads without it
+    and scores as ``joint_share=0`` does."""
+    ref = reference(n=500, train=1000, features=True)
+    scorer = fit_ood(ref, joint_share=0)
+    doc = {k: v for k, v in json.loads(scorer.to_json()).items() if not k.startswith("joint_")}
+    doc["format"] = 3
+    old = OODScorer.from_json(json.dumps(doc))
+    probs, emb = _batch(100, seed=12)
+    feats = feature_dicts(feature_rows(100, seed=12, brightness=0.6))
+    assert old.joint_reference is None and old.expected_flag_rate == pytest.approx(0.035)
+    assert "joint" not in old.signals(probs, emb, feats)
+    np.testing.assert_array_equal(old.score(probs, emb, feats)[0],
+                                  scorer.score(probs, emb, feats)[0])
+
+
+def test_the_joint_signal_catches_what_is_a_little_unusual_in_every_signal() -> None:
+    """Two independent signals: an input in the top 4% of both is past neither one's 99th
+    percentile, and Fisher's combination flags it; the top 4% of one and the middle of the
+    other it does not. The calibration rows themselves are flagged at the joint tail."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    ratios = {"knn": rng.exponential(size=n), "features": rng.exponential(size=n)}
+    joint = fit_joint(ratios, quantile=0.98, max_rows=KNN_MAX_ROWS, seed=0)
+    assert set(joint["joint_thresholds"]) == {"features+knn"}
+    threshold = joint["joint_thresholds"]["features+knn"]
+    reference_ = joint["joint_reference"]
+    top4 = {name: float(np.quantile(v, 0.96)) for name, v in ratios.items()}
+    middle = {name: float(np.median(v)) for name, v in ratios.items()}
+    assert all(top4[name] < np.quantile(ratios[name], 0.99) for name in ratios)
+
+    def flagged(point: dict[str, float]) -> bool:
+        values = {name: np.array([v]) for name, v in point.items()}
+        return bool(fisher_statistic(values, reference_)[0] > threshold)
+
+    assert flagged(top4)
+    assert not flagged({"knn": top4["knn"], "features": middle["features"]})
+    assert not flagged(middle)
+    own = fisher_statistic({k: v.astype(np.float32) for k, v in ratios.items()}, reference_,
+                           leave_one_out=True)
+    assert (own > threshold).mean() == pytest.approx(0.02, abs=0.002)
+    fresh = {"knn": rng.exponential(size=n), "features": rng.exponential(size=n)}
+    assert 0.012 <= (fisher_statistic(fresh, reference_) > threshold).mean() <= 0.03
+
+
+def test_the_joint_signal_takes_half_of_each_signals_budget() -> None:
+    """By default each signal keeps half its tail and the joint signal gets the rest, so the
+    budget is what it was; a request without input features is judged by the joint threshold
+    of the signals it has."""
+    ref = reference(n=500, train=1000, features=True)
+    scorer, alone = fit_ood(ref), fit_ood(ref, joint_share=0)
+    assert (scorer.distance_quantile, scorer.knn_quantile, scorer.feature_quantile) == (
+        pytest.approx(0.9975), pytest.approx(0.9925), pytest.approx(0.9925))
+    assert scorer.joint_quantile == pytest.approx(1 - 0.0175)
+    assert scorer.expected_flag_rate == pytest.approx(alone.expected_flag_rate) == 0.035
+    assert set(scorer.joint_thresholds) == {"distance+features+knn", "distance+knn"}
+    probs, emb = _batch(200, seed=13)
+    feats = feature_dicts(feature_rows(200, seed=13))
+    with_features = scorer.signals(probs, emb, feats)["joint"]
+    without = scorer.signals(probs, emb)["joint"]
+    assert not np.array_equal(with_features, without)
+    assert "joint" not in alone.signals(probs, emb, feats)
+    again = OODScorer.from_json(scorer.to_json())
+    np.testing.assert_array_equal(again.signals(probs, emb, feats)["joint"], with_features)
+    with pytest.raises(ValueError, match="joint_share"):
+        fit_ood(ref, joint_share=1.0)
 
 
 def _two_mode_reference(n: int, seed: int) -> Reference:
