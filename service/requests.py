@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
-import uuid
+import time
 from typing import Mapping
 
 from monitoring.slices import SliceError, SliceRules
@@ -103,7 +104,23 @@ FEEDBACK_BODIES: dict[str, dict] = {
 def request_id(headers: Mapping[str, str]) -> str:
     """The client's ``X-Request-ID`` when it is a sane token, else a fresh one."""
     given = headers.get("x-request-id", "")
-    return given if REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if REQUEST_ID.match(given) else new_request_id()
+
+
+def new_request_id() -> str:
+    """A UUIDv7 (RFC 9562) as 32 hex digits: the Unix time in milliseconds, then 74 random
+    bits. Ids made later sort later, so the prediction log's index on the request id grows at
+    its right edge, as its table does, instead of taking each row into a random page: a commit
+    of five rows writes about half the WAL pages that random (version 4) ids took, and the
+    index's working set stays small as the log grows (monitoring/README.md, Cheap logging)."""
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = ((time.time_ns() // 1_000_000) & _MS_MASK) << 80 | 0x7 << 76
+    value |= (rand >> 62 & 0xFFF) << 64 | 0b10 << 62 | rand & _RAND_B_MASK
+    return f"{value:032x}"
+
+
+_MS_MASK = (1 << 48) - 1
+_RAND_B_MASK = (1 << 62) - 1
 
 
 def top_k(query_string: bytes, default: int) -> int:
