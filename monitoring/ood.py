@@ -63,6 +63,7 @@ READABLE_FORMATS = (1, 2, 3, 4)
 KNN_K = 5
 KNN_MAX_ROWS = 4000  # bank rows: 4,000 x 384-d float16 = 3 MB
 JOINT_SHARE = 0.5  # of each signal's flag budget, what goes to the joint signal
+INPUT_SIGNALS = ("fragmentation", "features")  # what a request without features lacks
 
 
 @dataclass(frozen=True)
@@ -341,9 +342,6 @@ def fit_ood(reference: Reference, distance_quantile: float = 0.995,
                      fitted_on="training split" if use_train else "validation", **joint)
 
 
-INPUT_SIGNALS = ("fragmentation", "features")  # what a request without features lacks
-
-
 def fit_joint(ratios: Mapping[str, np.ndarray], quantile: float, max_rows: int, seed: int
               ) -> dict[str, Any]:
     """The joint signal: Fisher's combination of the signals' p-values, each p-value read from
@@ -357,8 +355,8 @@ def fit_joint(ratios: Mapping[str, np.ndarray], quantile: float, max_rows: int, 
     keep = _sample(len(next(iter(ratios.values()))), max_rows, seed)
     reference = {name: np.sort(_f32(v[keep])) for name, v in ratios.items()}
     full = list(ratios)
-    subsets = [full] + [[n for n in full if n not in INPUT_SIGNALS]] * any(
-        n in INPUT_SIGNALS for n in full)
+    without_inputs = [n for n in full if n not in INPUT_SIGNALS]
+    subsets = [full] if len(without_inputs) == len(full) else [full, without_inputs]
     thresholds = {}
     for names in subsets:
         if len(names) < 2:
@@ -401,7 +399,9 @@ def _neg_log_p(n: int, leave_one_out: bool) -> np.ndarray:
     """``-log p`` by the input's position among ``n`` sorted reference values (0: at or below
     all of them, so ``n`` are at or above it): one lookup per signal on the hot path."""
     at_or_above = n - np.arange(n + 1) + (0 if leave_one_out else 1)
-    return -np.log(np.maximum(at_or_above, 1) / (n + 1))
+    table = -np.log(np.maximum(at_or_above, 1) / (n + 1))
+    table.flags.writeable = False  # shared by every caller (cached)
+    return table
 
 
 @dataclass(frozen=True)
