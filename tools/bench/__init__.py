@@ -18,4 +18,7 @@ from /proc), ``wrk`` (the load generator and its output), ``prometheus`` (metric
 ``predlog`` (the prediction log's file and rows), ``cells`` (served measurements), ``report``
 (tables, CPU breakdown), ``sections`` (one part of the run each), ``image``, ``text`` and
 ``overload`` (the three tasks; ``overload.lua`` times its answers by status), ``__main__`` (the run, the summary, the JSON).
+Tools of their own beside it: ``compare`` (two source trees, interleaved), ``logpair`` (the
+prediction log's cost from a log-off and a log-on server side by side) and ``logwrite`` (the
+log's write path alone).
 """
