@@ -375,7 +375,7 @@ def _f32(values: np.ndarray) -> np.ndarray:
 
 def joint_key(names: Sequence[str] | Mapping[str, Any]) -> str:
     """The joint threshold's key for a set of signals (order does not matter)."""
-    return "+".join(sorted(n for n in names if n != "joint"))
+    return "+".join(sorted(names))
 
 
 def fisher_statistic(signals: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
