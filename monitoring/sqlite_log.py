@@ -22,6 +22,7 @@ Imports sqlite3 only: the service imports this on its request path.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -29,9 +30,12 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from .store import _INPUT, _INPUT_REF, COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog
+from .journal import (Indexer, JournalError, JournalWriter, is_held, journal_dir, journals,
+                      read_frames, try_delete_dead)
+from .store import (_INPUT, _INPUT_REF, _SLICES, COLUMNS, SCHEMA_VERSION, LogOpenError,
+                    PredictionLog, PredictionRecord, _row)
 
 logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
@@ -73,6 +77,11 @@ CREATE TABLE IF NOT EXISTS slice_values (
     PRIMARY KEY (key, value)
 );
 """
+# How far each journal is indexed (journal.py); SQLite only, so outside the schema versions.
+_JOURNAL_PROGRESS = """CREATE TABLE IF NOT EXISTS journal_progress (
+    name TEXT PRIMARY KEY,
+    offset INTEGER NOT NULL
+)"""
 # Schema upgrades: from version N to N + 1.
 _UPGRADES = {
     1: "ALTER TABLE predictions ADD COLUMN input BLOB",
@@ -93,10 +102,16 @@ class SQLiteLog(PredictionLog):
 
     def __init__(self, path: str | Path, synchronous: str = "NORMAL",
                  max_slice_values: int = 20, input_segments: bool = True,
-                 background_checkpoints: bool = False) -> None:
+                 background_checkpoints: bool = False, journal: bool = False,
+                 index_interval_s: float = 0.1,
+                 on_index_error: Callable[[Exception], None] | None = None) -> None:
         """``background_checkpoints``: checkpoint the WAL from a thread of its own instead of
         inside the commit that crosses the threshold (the service's writers: a checkpoint's
-        fsyncs took a commit's p99 from under 1 ms to 25 ms, see Checkpoints below)."""
+        fsyncs took a commit's p99 from under 1 ms to 25 ms, see Checkpoints below).
+
+        ``journal``: ``write_batch`` appends to this process's journal and returns, and a thread
+        indexes the journal into the table every ``index_interval_s`` (the service's workers;
+        journal.py). Every log reads through the journals whether it writes to one or not."""
         super().__init__(max_slice_values)
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
@@ -107,6 +122,12 @@ class SQLiteLog(PredictionLog):
         self._segment: tuple[str, int, int] | None = None  # (name, fd, size) being appended
         self._segment_lock = threading.Lock()
         self.target = str(self.path)
+        self.journal_dir = journal_dir(self.path)
+        self._indexed: dict[str, int] = {}  # journal -> offset indexed to, as last seen
+        self._index_lock = threading.Lock()  # one catch-up at a time in this process
+        self._catch_up_warned = False
+        self._journal: JournalWriter | None = None
+        self._indexer: Indexer | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves: one call = one transaction.
@@ -135,6 +156,118 @@ class SQLiteLog(PredictionLog):
             # restart cuts the file back to below the poke threshold (see _Checkpointer).
             self._db.execute(f"PRAGMA journal_size_limit = {_Checkpointer.KEEP_BYTES}")
             self._checkpointer = _Checkpointer(self.path, synchronous.upper())
+        if journal:
+            self._journal = JournalWriter(self.journal_dir, fsync=self.fsync_inputs)
+            self._catch_up_quietly()  # what a killed writer left behind
+            self._indexer = Indexer(self.catch_up, index_interval_s, on_index_error)
+
+    @property
+    def journaled(self) -> bool:
+        """Whether ``write_batch`` appends to a journal (cheap, no shared lock) rather than
+        committing a transaction."""
+        return self._journal is not None
+
+    def write_batch(self, records: Sequence[PredictionRecord]) -> None:
+        """With a journal: durable once appended to it (see journal.py); indexed within
+        ``index_interval_s``, and seen by every read through this class before that."""
+        if self._journal is None:
+            return super().write_batch(records)
+        if records:
+            rows = [_row(r) for r in records]
+            self._stash_inputs(rows)  # before the journal: an answered row's input is written
+            self._journal.append(rows)
+
+    def add_feedback_many(self, feedback, valid_labels=None):  # type: ignore[no-untyped-def]
+        self._catch_up_quietly()  # the request may have been answered a moment ago
+        return super().add_feedback_many(feedback, valid_labels)
+
+    # -- the journals ------------------------------------------------------------------------
+
+    def catch_up(self) -> int:
+        """Index what the journals hold beyond what the table has; the rows indexed."""
+        total = 0
+        with self._index_lock:
+            while True:
+                found = journals(self.journal_dir)
+                indexed, more = self._index_pending(found)
+                total += indexed
+                if not more:
+                    break
+            self._delete_finished(found)
+        return total
+
+    def _catch_up_quietly(self) -> None:
+        """Catch up before a read; a failure (the file locked past the busy timeout, a read-only
+        file) is logged and the read goes on without the journals' newest rows."""
+        try:
+            self.catch_up()
+        except (OSError, sqlite3.Error, JournalError) as exc:
+            # Once per log object at warning level: a read-only reader would say it every read.
+            level = logging.DEBUG if self._catch_up_warned else logging.WARNING
+            self._catch_up_warned = True
+            logger.log(level, "%s: could not index the journals before reading (rows answered "
+                       "in the last moments may be missing): %s", self.path, exc)
+
+    def _index_pending(self, found: list[tuple[str, int]]) -> tuple[int, bool]:
+        pending = [(name, size) for name, size in found if size > self._indexed.get(name, 0)]
+        if not pending:
+            return 0, False
+        total, more, reached = 0, False, {}
+        try:
+            with self._transaction() as tx:
+                progress = dict(tx.execute(
+                    "SELECT name, offset FROM journal_progress").fetchall())
+                for name, size in pending:
+                    done = progress.get(name, 0)
+                    reached[name] = done
+                    if size <= done:
+                        continue
+                    path = self.journal_dir / name
+                    try:
+                        rows, end, stop = read_frames(path, done)
+                    except FileNotFoundError:
+                        continue
+                    except JournalError as exc:
+                        logger.error("%s; left as it is", exc)
+                        continue
+                    if stop in ("partial", "bad") and not is_held(path):
+                        logger.warning("%s: a torn frame at byte %d of %d (a write its killed "
+                                       "writer never finished: no answer waited on it); "
+                                       "skipped", path, end, size)
+                        end = size
+                    elif stop == "bad":
+                        logger.warning("%s: a frame failed its check at byte %d; retried",
+                                       path, end)
+                    for row in rows:
+                        if row[_SLICES] != "{}":
+                            row[_SLICES] = self._capped_slices(tx, json.loads(row[_SLICES]))
+                    if rows:
+                        tx.insert_predictions(rows)
+                    if end != done:
+                        tx.execute("INSERT INTO journal_progress (name, offset) VALUES (?, ?)"
+                                   " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset",
+                                   (name, end))
+                    reached[name] = end
+                    total += len(rows)
+                    more = more or stop == "more"
+        except BaseException:
+            self._admitted = {}  # it may hold values of the rolled-back transaction
+            raise
+        self._indexed.update(reached)
+        return total, more
+
+    def _delete_finished(self, found: list[tuple[str, int]]) -> None:
+        """Delete the journals that no writer holds and that are indexed to their end."""
+        own = self._journal.current if self._journal is not None else None
+        deleted = []
+        for name, size in found:
+            if name != own and self._indexed.get(name, -1) >= size:
+                if try_delete_dead(self.journal_dir / name, self._indexed[name]):
+                    deleted.append((name,))
+                    self._indexed.pop(name, None)
+        if deleted:
+            with self._transaction() as tx:
+                tx.executemany("DELETE FROM journal_progress WHERE name = ?", deleted)
 
     def _enable_wal(self) -> None:
         # Switching a new file to WAL needs an exclusive lock and, unlike a write, does not wait
@@ -155,6 +288,13 @@ class SQLiteLog(PredictionLog):
                                "is it on a network file system?")
 
     def close(self) -> None:
+        if self._indexer is not None:
+            self._indexer.stop()
+            self._indexer = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+            self._catch_up_quietly()  # index and delete this process's journal
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
@@ -265,6 +405,7 @@ class SQLiteLog(PredictionLog):
                     db.execute(_UPGRADES[step])
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute(_JOURNAL_PROGRESS)
 
     @contextmanager
     def _transaction(self) -> Iterator["_Tx"]:
@@ -284,6 +425,7 @@ class SQLiteLog(PredictionLog):
             self._checkpointer.poke()
 
     def _read(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+        self._catch_up_quietly()  # what the journals hold is part of the log
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 

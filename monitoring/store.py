@@ -9,8 +9,10 @@ retention, migrations):
 ``open_log(target)`` picks the backend from the target: a ``postgresql://`` URL or a file path.
 Callers (the service, the reports, retraining) hold a ``PredictionLog`` and never know which.
 
-Durability contract, both backends: ``write_batch`` returns only after its transaction
-committed, so a service that writes before it answers never answers a request it did not log.
+Durability contract, both backends: ``write_batch`` returns only once its records are durable
+(committed; or, for a SQLite log opened with ``journal=True`` as the service's workers open it,
+appended to the process's journal, which every read through this class indexes first:
+journal.py), so a service that writes before it answers never answers a request it did not log.
 
 Windows are read in bounded memory: ``frame(..., max_rows=N)`` samples the window in SQL (a
 fixed hash of the row id, so the same rows every time) when it holds more than N rows, and
@@ -235,7 +237,8 @@ class PredictionLog(ABC):
         self.close()
 
     def write_batch(self, records: Sequence[PredictionRecord]) -> None:
-        """Append records in ONE transaction; returns once it is committed.
+        """Append records in ONE transaction; returns once it is committed (a journaled SQLite
+        log: once appended to the journal, sqlite_log.py).
 
         Slice values past the first ``max_slice_values`` of their key are stored as ``other``.
         """

@@ -1,17 +1,22 @@
-"""The prediction log on the request path: what each answer records, and the group-committing
-writer that makes it durable before the answer is sent.
+"""The prediction log on the request path: what each answer records, and the writer that makes
+it durable before the answer is sent.
 
-Durability: a request's records are committed to the prediction log before its answer is sent.
-Commits are grouped: the records of every request that finished since the last commit go into
-one transaction, written by one thread, while the model keeps running the next batch. A commit has
-a fixed cost (about 100 us of CPU on these machines, mostly system calls: the WAL frames, the
-locks, the inputs' segment write) that several rows share, so while other requests are still on
-their way to the log (preprocessing, queued, in the model: ``ServedModel.inflight``) the writer
-waits for them a little (``group_wait_s``, ``CLF_LOG_GROUP_WAIT_MS``) before committing, as
-PostgreSQL's ``commit_delay`` does with ``commit_siblings``. A lone request never waits: with
-nothing else under way it commits at once. If the log cannot be written (disk full, locked past the
-busy timeout, a PostgreSQL server that does not answer) the request answers 503 instead of an
-answer nobody recorded.
+Durability: a request's records are durable in the prediction log before its answer is sent.
+With SQLite (the default) that takes one append to the worker's journal file
+(monitoring/journal.py), written on the event loop: no transaction, no lock shared with the other
+workers, nothing to wait for; a thread indexes the journal into the database every
+``CLF_LOG_INDEX_MS``. Otherwise (PostgreSQL, SQLite under ``synchronous=FULL``, or
+``CLF_LOG_INDEX_MS=0``) each record is committed before the answer: commits are grouped, the
+records of every request that finished since the last commit going into one transaction, written
+by one thread while the model keeps running the next batch. A commit has a fixed cost (about
+100 us of CPU on these machines, mostly system calls: the WAL frames, the locks, the inputs'
+segment write) that several rows share, so while other requests are still on their way to the
+log (preprocessing, queued, in the model: ``ServedModel.inflight``) the writer waits for them a
+little (``group_wait_s``, ``CLF_LOG_GROUP_WAIT_MS``) before committing, as PostgreSQL's
+``commit_delay`` does with ``commit_siblings``. A lone request never waits: with nothing else
+under way it commits at once. If the log cannot be written (disk full, locked past the busy
+timeout, a PostgreSQL server that does not answer) the request answers 503 instead of an answer
+nobody recorded.
 
 Imports the request-path parts of ``monitoring`` only (sqlite3 or psycopg, numpy), never pandas
 or evidently.
@@ -52,6 +57,11 @@ class PredictionRecorder:
     def __init__(self, store: PredictionLog, keep_inputs: bool, max_input_bytes: int,
                  input_sample: float = 1.0, replica: str = "", group_wait_s: float = 0.0) -> None:
         self.store = store
+        # A journaled SQLite log (monitoring/journal.py) makes records durable with one append:
+        # written on the event loop, no commit to group. Under synchronous=FULL that append is
+        # fsynced, which must not block the loop: it takes the writer thread like a commit.
+        self.inline = bool(getattr(store, "journaled", False)) and not getattr(
+            store, "fsync_inputs", False)
         self.group_wait_s = group_wait_s
         self._sources: weakref.WeakSet = weakref.WeakSet()  # the models whose requests log here
         self._committing = 0  # requests whose records are in the commit under way
@@ -103,7 +113,7 @@ class PredictionRecorder:
     async def record(self, model: ServedModel, ctx: RequestContext,
                      predictions: Sequence[Prediction], probs: np.ndarray,
                      features: Sequence[dict] | None, inputs: Sequence[bytes] | None) -> None:
-        """One record per answered input, committed before this returns."""
+        """One record per answered input, durable before this returns."""
         now, latency = time.time(), (time.perf_counter() - ctx.started) * 1000.0
         sampled = self.sampled(ctx.request_id)
         await self.write([
@@ -119,11 +129,27 @@ class PredictionRecorder:
 
     async def write(self, records: Sequence[PredictionRecord]) -> None:
         """Returns once ``records`` are committed; raises LogUnavailable if they cannot be."""
+        if self.inline:
+            self._append(records)
+            await asyncio.sleep(0)  # a turn for the loop's other tasks, as a commit's wait gave
+            return
         future = asyncio.get_running_loop().create_future()
         self._records.extend(records)
         self._waiters.append(future)
         self._wakeup.set()
         await future
+
+    def _append(self, records: Sequence[PredictionRecord]) -> None:
+        """A journaled log's write, on the event loop: one append (tens of microseconds), no
+        lock shared with other workers, nothing to wait for."""
+        started = time.perf_counter()
+        try:
+            self.store.write_batch(records)
+        except Exception as exc:
+            logger.exception("prediction log write failed (%d records)", len(records))
+            self._errors.inc()
+            raise LogUnavailable(f"the prediction log could not be written: {exc}") from None
+        self._commit_seconds.observe(time.perf_counter() - started)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ touches the model, and this module knows nothing of HTTP. ``classify`` is the pa
               package, built from the artifact's spec; a bad input raises ``InputError``
   infer       queue the tensors on the batcher and await this request's rows of the batch
   answer      the per-answer steps: ``score_ood`` -> ``rank`` (top-k) -> ``count`` (metrics)
-              -> ``record`` (the prediction log, when on; committed before the answer returns)
+              -> ``record`` (the prediction log, when on; durable before the answer returns)
 
 Documented behaviour for long text: a text over the spec's ``max_chars`` characters is refused
 (``text_too_long``) before it reaches the tokenizer; a text over ``max_length`` tokens is

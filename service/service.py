@@ -46,7 +46,7 @@ from preprocessing import TextPreprocessor
 
 from . import lifecycle, listeners, openapi, patches, shedding, v2
 from .app import App, OverloadShortcut
-from .metrics import DriftRefresher
+from .metrics import DriftRefresher, get_metrics
 from .recording import PredictionRecorder
 from .reload import Reloader, tracks_production
 from .runtime import TEXT_INPUTS, Model, NoopModel, OnnxModel, resolve_providers
@@ -200,6 +200,9 @@ def _prediction_recorder() -> PredictionRecorder | None:
         options["pool_size"] = SETTINGS.log_pool_size
     else:  # SQLite: checkpoints off the commits the answers wait on (sqlite_log._Checkpointer)
         options.update(synchronous=SETTINGS.log_synchronous, background_checkpoints=True)
+        if SETTINGS.log_index_ms > 0:  # answers durable in a journal (monitoring/journal.py)
+            options.update(journal=True, index_interval_s=SETTINGS.log_index_ms / 1000.0,
+                           on_index_error=lambda exc: get_metrics().log_errors.inc())
     try:
         store = open_log(SETTINGS.prediction_log, **options)
     except LogOpenError as exc:

@@ -77,7 +77,7 @@ class Settings:
     max_batch_tokens: int = 8192
     max_padding_fraction: float = 0.25
     top_k: int = 3
-    # Monitoring. The prediction log: every answer is committed here before it is sent; "" turns
+    # Monitoring. The prediction log: every answer is durable here before it is sent; "" turns
     # logging off. A file path is SQLite (WAL; the workers and replicas of one host share the
     # file); a postgresql://user:pass@host/db URL is PostgreSQL, shared by replicas on any host.
     prediction_log: str = "artifacts/predictions.db"
@@ -87,6 +87,11 @@ class Settings:
     # to this long, so that several answers share one commit's fixed cost (service/recording.py).
     # A lone request never waits; 0 commits whatever is ready at once.
     log_group_wait_ms: float = 2.0
+    # SQLite: each worker makes an answer's records durable by appending them to a journal file
+    # of its own and indexes the journal into the database every this many milliseconds
+    # (monitoring/journal.py; reads through the log always see the journals' rows too).
+    # 0 = no journal: each answer waits for a commit of its records (the group commit above).
+    log_index_ms: float = 100.0
     # The name each logged row carries for the server that answered (the slice tag "replica" in
     # reports over a shared log); "" = the host name.
     replica: str = ""
@@ -177,6 +182,7 @@ class Settings:
              "CLF_LOG_SYNCHRONOUS must be NORMAL or FULL"),
             (self.log_pool_size >= 1, "CLF_LOG_POOL_SIZE must be >= 1"),
             (0.0 <= self.log_group_wait_ms <= 100.0, "CLF_LOG_GROUP_WAIT_MS must be in [0, 100]"),
+            (0.0 <= self.log_index_ms <= 60_000.0, "CLF_LOG_INDEX_MS must be in [0, 60000]"),
             ("://" not in self.prediction_log
              or self.prediction_log.startswith(("postgresql://", "postgres://")),
              "CLF_PREDICTION_LOG must be a file path (SQLite) or a postgresql:// URL"),

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from monitoring.store import open_log
 from tests.conftest import clone_version
 
 from .conftest import BENTOML, ROOT, free_port, start_server, stop_server
@@ -284,6 +285,8 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
           f"{Counter(o.result for o in after)}; /readyz {not_ready} after {not_ready_after:.3f} s; "
           f"exit {rc} after {exited_after:.2f} s")
     answered = {o.request_id for o in clients.outcomes if o.result == "200"}
+    with open_log(log_path) as log:  # a worker killed at the bound leaves its journal: index it
+        log.catch_up()
     db = sqlite3.connect(log_path)
     try:
         logged = {rid for (rid,) in db.execute(

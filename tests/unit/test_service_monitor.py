@@ -124,3 +124,67 @@ def test_group_commit_waits_no_longer_than_its_bound(tmp_path) -> None:
             await recorder.stop()
 
     assert asyncio.run(scenario()) == [1]
+
+
+def test_a_journaled_log_is_written_on_the_event_loop_and_read_back_whole(tmp_path) -> None:
+    """SQLite with a journal (the service's default): ``write`` appends at once, without the
+    writer thread or a group wait, and the log read through ``open_log`` has every record."""
+    import asyncio
+
+    from monitoring.sqlite_log import SQLiteLog
+
+    async def scenario() -> None:
+        store = SQLiteLog(tmp_path / "log.db", journal=True, index_interval_s=3600)
+        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0,
+                                      group_wait_s=30.0)
+        assert recorder.inline
+        source = _Source()
+        source.inflight = 3  # a group commit would wait 30 s for the others
+        recorder.watch(source)
+        recorder.start()
+        try:
+            await asyncio.wait_for(recorder.write(_one("a")), 1.0)
+            await asyncio.wait_for(recorder.write(_one("b")), 1.0)
+            assert recorder._executor._threads == set()  # the writer thread never started
+        finally:
+            await recorder.stop()
+
+    asyncio.run(scenario())
+    with open_log(tmp_path / "log.db") as log:
+        assert log.window_stats("m").rows == 2
+
+
+def test_a_journal_that_cannot_be_written_withholds_the_answer(tmp_path) -> None:
+    import asyncio
+
+    from monitoring.sqlite_log import SQLiteLog
+    from service.recording import LogUnavailable
+
+    async def scenario() -> None:
+        store = SQLiteLog(tmp_path / "log.db", journal=True, index_interval_s=3600)
+        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0)
+        recorder.start()
+        try:
+            store._journal.append = _raise_disk_full
+            with pytest.raises(LogUnavailable, match="No space left"):
+                await recorder.write(_one("a"))
+        finally:
+            await recorder.stop()
+
+    asyncio.run(scenario())
+
+
+def _raise_disk_full(rows) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_under_full_synchronous_the_journal_append_takes_the_writer_thread(tmp_path) -> None:
+    """FULL fsyncs each append, which must not block the event loop."""
+    from monitoring.sqlite_log import SQLiteLog
+
+    store = SQLiteLog(tmp_path / "log.db", synchronous="FULL", journal=True,
+                      index_interval_s=3600)
+    try:
+        assert not PredictionRecorder(store, keep_inputs=False, max_input_bytes=0).inline
+    finally:
+        store.close()

@@ -9,7 +9,7 @@ seconds apart; the table shows the median of the rounds' ratios with their range
 median p99 ratio. The idle server costs little: its workers sleep while the other is loaded.
 
 As in the bench, the log is checked against wrk: the rows a log-on cell added must be at least
-the 2xx answers wrk counted (each answer is committed before it is sent), and at most ``c``
+the 2xx answers wrk counted (each answer is durable in the log before it is sent), and at most ``c``
 more (requests answered after wrk stopped counting).
 
     python -m tools.bench.logpair --task image --conc 16,64 --rounds 8

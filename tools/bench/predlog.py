@@ -3,10 +3,10 @@
 Every other cell runs with the log off (``CLF_PREDICTION_LOG=""``: serving alone, and nothing
 written into the repository's artifacts/). The log-on cells write to a SQLite file in a
 temporary folder that is deleted afterwards, and the bench checks the log against wrk: the
-rows a measured run added (``SELECT COUNT(*) FROM predictions`` before and after it) must be at
-least the 2xx answers wrk counted (every answer is committed before it is sent), and at most
-``c`` more (requests in flight when wrk stops are answered, and logged, after it stopped
-counting). The pairing and the table are in ``report.py``.
+rows a measured run added (the table's rows and those still in the workers' journals, before
+and after it) must be at least the 2xx answers wrk counted (every answer is durable in the log
+before it is sent), and at most ``c`` more (requests in flight when wrk stops are answered, and
+logged, after it stopped counting). The pairing and the table are in ``report.py``.
 """
 
 from __future__ import annotations
@@ -18,20 +18,39 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from monitoring import journal
+
 
 def count_rows(path: Path) -> int:
-    """Rows in the log's ``predictions`` table; 0 while the file or the table does not exist."""
+    """Rows in the log: the ``predictions`` table and what the workers' journals hold beyond it
+    (monitoring/journal.py), read without writing anything (a bench must not index for the
+    server); 0 while the file or the table does not exist."""
     if not path.exists():
         return 0
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, isolation_level=None)
     try:
-        return int(con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+        con.execute("BEGIN")  # one snapshot: the table's rows and how far each journal is in it
+        rows = int(con.execute("SELECT COUNT(*) FROM predictions").fetchone()[0])
+        try:
+            indexed = dict(con.execute("SELECT name, offset FROM journal_progress").fetchall())
+        except sqlite3.OperationalError:
+            indexed = {}
+        con.execute("COMMIT")
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return 0
         raise
     finally:
         con.close()
+    folder = journal.journal_dir(path)
+    for name, size in journal.journals(folder):
+        offset = indexed.get(name, 0)
+        while offset < size:
+            found, offset, stop = journal.read_frames(folder / name, offset)
+            rows += len(found)
+            if stop != "more":
+                break
+    return rows
 
 
 def log_bytes(path: Path) -> int:

@@ -261,4 +261,4 @@ def log_table(rows: Sequence[LogRow]) -> str:
         ])
     return markdown_table(["task", ">c", ">log off req/s", ">log on req/s", ">on/off",
                            ">p99 off ms", ">p99 on ms", ">log rows", ">wrk 2xx", ">rows - 2xx",
-                           ">rows/commit", ">commit ms"], out)
+                           ">rows/write", ">write ms"], out)
