@@ -30,12 +30,12 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from .journal import (Indexer, JournalError, JournalWriter, is_held, journal_dir, journals,
                       read_frames, try_delete_dead)
-from .store import (_INPUT, _INPUT_REF, _SLICES, COLUMNS, SCHEMA_VERSION, LogOpenError,
-                    PredictionLog, PredictionRecord, _row)
+from .store import (_INPUT, _INPUT_REF, _SLICES, COLUMNS, SCHEMA_VERSION, FeedbackResult,
+                    LogOpenError, PredictionLog, PredictionRecord, ValidLabels, _row)
 
 logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
@@ -126,6 +126,7 @@ class SQLiteLog(PredictionLog):
         self._indexed: dict[str, int] = {}  # journal -> offset indexed to, as last seen
         self._index_lock = threading.Lock()  # one catch-up at a time in this process
         self._catch_up_warned = False
+        self._unreadable: set[str] = set()  # journals of another format: left alone
         self._journal: JournalWriter | None = None
         self._indexer: Indexer | None = None
         try:
@@ -177,7 +178,8 @@ class SQLiteLog(PredictionLog):
             self._stash_inputs(rows)  # before the journal: an answered row's input is written
             self._journal.append(rows)
 
-    def add_feedback_many(self, feedback, valid_labels=None):  # type: ignore[no-untyped-def]
+    def add_feedback_many(self, feedback: Mapping[str, Sequence[str] | str],
+                          valid_labels: ValidLabels = None) -> list[FeedbackResult]:
         self._catch_up_quietly()  # the request may have been answered a moment ago
         return super().add_feedback_many(feedback, valid_labels)
 
@@ -209,7 +211,8 @@ class SQLiteLog(PredictionLog):
                        "in the last moments may be missing): %s", self.path, exc)
 
     def _index_pending(self, found: list[tuple[str, int]]) -> tuple[int, bool]:
-        pending = [(name, size) for name, size in found if size > self._indexed.get(name, 0)]
+        pending = [(name, size) for name, size in found
+                   if size > self._indexed.get(name, 0) and name not in self._unreadable]
         if not pending:
             return 0, False
         total, more, reached = 0, False, {}
@@ -228,7 +231,9 @@ class SQLiteLog(PredictionLog):
                     except FileNotFoundError:
                         continue
                     except JournalError as exc:
-                        logger.error("%s; left as it is", exc)
+                        if name not in self._unreadable:  # said once; never deleted
+                            logger.error("%s; left as it is", exc)
+                            self._unreadable.add(name)
                         continue
                     if stop in ("partial", "bad") and not is_held(path):
                         logger.warning("%s: a torn frame at byte %d of %d (a write its killed "
