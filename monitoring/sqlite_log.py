@@ -183,6 +183,10 @@ class SQLiteLog(PredictionLog):
         self._catch_up_quietly()  # the request may have been answered a moment ago
         return super().add_feedback_many(feedback, valid_labels)
 
+    def prune(self, before: float, inputs_only: bool = False, chunk: int = 5000) -> int:
+        self._catch_up_quietly()  # rows a dead worker's journal still holds are pruned too
+        return super().prune(before, inputs_only, chunk)
+
     # -- the journals ------------------------------------------------------------------------
 
     def catch_up(self) -> int:

@@ -252,3 +252,12 @@ def test_a_reader_that_cannot_index_still_reads_what_is_indexed(writer, tmp_path
         assert caplog.text.count("could not index the journals") == 1  # said once
     finally:
         reader.close()
+
+
+def test_prune_sees_the_rows_still_in_journals(writer, tmp_path):
+    writer.write_batch(records(range(0, 10)))  # ts 1000-1009, in the journal only
+    with open_log(tmp_path / "p.db") as log:
+        assert log.prune(before=1005.0) == 5
+        assert log.count() == 5
+    writer.catch_up()
+    assert bare_count(tmp_path / "p.db") == 5  # the pruned rows did not come back
