@@ -8,7 +8,7 @@ the encoded rows of each answer to a journal file of its own instead: one ``writ
 shared with anyone, as durable as a WAL commit with ``synchronous=NORMAL`` (in the page cache:
 it survives the process being killed; ``FULL`` fsyncs it as well). A thread of the worker then
 indexes the journal into SQLite every ``interval`` (100 ms by default) in one transaction of
-everything appended since, which is where a commit's fixed cost is shared by hundreds of rows.
+everything appended since, where a commit's fixed cost is shared by tens to hundreds of rows.
 
 What readers see: every read of the log (reports, feedback, retraining, ``python -m
 monitoring``) first indexes what the journals hold beyond what is indexed (``catch_up``), so

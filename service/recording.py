@@ -128,7 +128,7 @@ class PredictionRecorder:
             for i, p in enumerate(predictions)])
 
     async def write(self, records: Sequence[PredictionRecord]) -> None:
-        """Returns once ``records`` are committed; raises LogUnavailable if they cannot be."""
+        """Returns once ``records`` are durable; raises LogUnavailable if they cannot be."""
         if self.inline:
             self._append(records)
             await asyncio.sleep(0)  # a turn for the loop's other tasks, as a commit's wait gave
