@@ -179,22 +179,21 @@ def journals(folder: Path) -> list[tuple[str, int]]:
     return sorted(found)
 
 
-def try_delete_dead(path: Path, indexed_to: int) -> bool:
-    """Delete ``path`` if no writer holds it and it is indexed to its end; whether it was."""
+def delete_unheld(path: Path, at_most: int | None = None) -> bool:
+    """Delete ``path`` unless a writer holds it (its shared ``flock``) or it is larger than
+    ``at_most`` bytes; whether it is gone. The input segments are retired the same way."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer holds it
-    except BlockingIOError:
-        os.close(fd)
-        return False
-    try:
-        if os.fstat(fd).st_size > indexed_to:
+        if at_most is not None and os.fstat(fd).st_size > at_most:
             return False
         path.unlink()
         return True
+    except BlockingIOError:
+        return False
     finally:
         os.close(fd)
 

@@ -32,8 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .journal import (Indexer, JournalError, JournalWriter, is_held, journal_dir, journals,
-                      read_frames, try_delete_dead)
+from .journal import (Indexer, JournalError, JournalWriter, delete_unheld, is_held, journal_dir,
+                      journals, read_frames)
 from .store import (_INPUT, _INPUT_REF, _SLICES, COLUMNS, SCHEMA_VERSION, FeedbackResult,
                     LogOpenError, PredictionLog, PredictionRecord, ValidLabels, _row)
 
@@ -271,7 +271,7 @@ class SQLiteLog(PredictionLog):
         deleted = []
         for name, size in found:
             if name != own and self._indexed.get(name, -1) >= size:
-                if try_delete_dead(self.journal_dir / name, self._indexed[name]):
+                if delete_unheld(self.journal_dir / name, at_most=self._indexed[name]):
                     deleted.append((name,))
                     self._indexed.pop(name, None)
         if deleted:
@@ -385,19 +385,8 @@ class SQLiteLog(PredictionLog):
             " WHERE input_ref IS NOT NULL")}
         now = time.time()
         for seg in folder.glob("*.seg"):
-            if seg.name in used or now - seg.stat().st_mtime < SEGMENT_GRACE_S:
-                continue
-            try:
-                fd = os.open(seg, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a writer holds it
-                seg.unlink()
-            except BlockingIOError:
-                pass
-            finally:
-                os.close(fd)
+            if seg.name not in used and now - seg.stat().st_mtime >= SEGMENT_GRACE_S:
+                delete_unheld(seg)  # kept while a writer holds it
 
     def _migrate(self) -> None:
         with self._transaction() as db:  # two workers starting at once: one creates

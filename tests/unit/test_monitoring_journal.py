@@ -216,10 +216,11 @@ def test_a_journal_is_renamed_into_place_only_once_its_writer_holds_it(tmp_path)
     w.append([["a"]])
     path = tmp_path / "j" / w.current
     assert journal.is_held(path)
-    assert not journal.try_delete_dead(path, 10**9)  # held: never deleted
+    assert not journal.delete_unheld(path)  # held: never deleted
     w.close()
     assert not journal.is_held(path)
-    assert journal.try_delete_dead(path, path.stat().st_size) and not path.exists()
+    assert not journal.delete_unheld(path, at_most=path.stat().st_size - 1)  # not indexed to its end
+    assert journal.delete_unheld(path, at_most=path.stat().st_size) and not path.exists()
     assert not list((tmp_path / "j").glob("*.tmp"))
 
 
