@@ -270,9 +270,11 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
     # on it in the same instant sees the close instead of an answer (the race every HTTP/1.1
     # server has: RFC 9112 9.3.1, the client retries). Allowed only for a request that never
     # reached the server (checked against the log below): nothing the server took is dropped.
-    closed_under = [o for o in after if o.result == "RemoteProtocolError"]
-    failed_after = [o for o in after if o.result not in allowed_after
-                    and o.result != "RemoteProtocolError"]
+    # Whether the client sees a FIN (RemoteProtocolError) or a reset (ReadError: its request's
+    # bytes were in the socket's buffer, unread, when the server closed it) is the same race.
+    raced = ("RemoteProtocolError", "ReadError")
+    closed_under = [o for o in after if o.result in raced]
+    failed_after = [o for o in after if o.result not in allowed_after and o.result not in raced]
     assert not failed_after, f"after SIGTERM: {failed_after[:10]}"
     assert len(closed_under) <= 2, f"after SIGTERM: {closed_under[:10]}"
     # the server refused new work (rather than serving on until the signal was lost)
