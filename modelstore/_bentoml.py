@@ -73,6 +73,14 @@ def timeout_middleware_class() -> type:
     return TimeoutMiddleware
 
 
+def request_metrics_middleware_class() -> type:
+    """BentoML's request-metrics ASGI middleware class (``bentoml_service_request_*``);
+    ImportError if BentoML changed."""
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    return RunnerTrafficMetricsMiddleware
+
+
 def openapi_generator_module() -> Any:
     """The module whose ``generate_spec(svc)`` builds a service's ``/docs.json``
     (``_bentoml_sdk.service.openapi``; BentoML's service looks it up on every call)."""

@@ -343,4 +343,5 @@ if ROLE == "parent":
 elif ROLE == "worker":
     patches.drain_on_stop(SETTINGS.drain_timeout_s)
     listeners.install_in_worker(SETTINGS.reuseport)
-    shedding.install(api, SHORTCUT_FIRST)  # most refusals in uvicorn's protocol, before ASGI
+    # most refusals in uvicorn's protocol, before ASGI; what it admits takes the fast lane
+    shedding.install(api, SHORTCUT_FIRST, SETTINGS.fast_lane)

@@ -139,6 +139,9 @@ class Settings:
     reuseport: bool = True
     log_level: str = "INFO"
     trace_requests: bool = False
+    # A classify request admitted at the door skips the ASGI layers that do nothing for it
+    # (service/lane.py): BentoML's request metrics and timeout stay; false = BentoML's whole stack.
+    fast_lane: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

@@ -34,9 +34,10 @@ a ``POST`` to a classify route (``app.SHED_ROUTES``, and the v2 ``infer`` routes
   task, no BentoML request metric; ``clf_shed_requests_total{reason="overloaded"}`` counts it,
   as it counts every refusal.
 * admitted: the admission rides in the scope (``app.ADMISSION``) and uvicorn carries on as
-  usual; ``OverloadShortcut``, the first middleware BentoML runs (``patches.run_first``), takes
-  it over and releases it if the request never reaches the route, exactly as for one it admitted
-  itself.
+  usual, except that its response cycle runs the fast lane (``lane.py``) instead of BentoML's
+  whole stack where the lane exists; the lane, or else ``OverloadShortcut``, the first
+  middleware BentoML runs (``patches.run_first``), takes the admission over and releases it if
+  the request never reaches the route, exactly as for one the shortcut admitted itself.
 
 Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
 routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
@@ -64,7 +65,7 @@ from http import HTTPStatus
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
-from . import requests
+from . import lane, requests
 from .app import ADMISSION, ADMITTED_AT, SHED_ROUTES, STATUS
 from .lifecycle import DRAIN
 from .served import UNDER_WAY, Overloaded
@@ -126,11 +127,14 @@ def refusal(exc: Overloaded, request_id: str, default_headers: list[tuple[bytes,
     return b"".join(lines)
 
 
-def protocol_class(base: type, api: "App") -> type:
-    """``base`` (uvicorn's ``HttpToolsProtocol``) with refusal at the door for ``api``'s models."""
+def protocol_class(base: type, api: "App", fast: bool = False) -> type:
+    """``base`` (uvicorn's ``HttpToolsProtocol``) with refusal at the door for ``api``'s models;
+    ``fast``: what it admits takes the fast lane (``lane.py``) where the stack allows."""
 
     class SheddingProtocol(base):  # type: ignore[misc, valid-type]
         shed_api = api
+        # the fast lane: True until built (then the Lane), None where there is none (lane.py)
+        fast_lane: "lane.Lane | bool | None" = True if fast else None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -161,6 +165,10 @@ def protocol_class(base: type, api: "App") -> type:
                 return self._refuse(exc)
             self.scope[ADMISSION] = model  # OverloadShortcut takes it over (and the release)
             self.scope[ADMITTED_AT] = time.perf_counter()  # its deadline counts from here
+            app = self.app
+            lane = self._lane(app)
+            if lane is not None:
+                self.app = lane  # what uvicorn's cycle runs for this request (lane.py)
             try:
                 super().on_headers_complete()
             except BaseException:
@@ -168,6 +176,27 @@ def protocol_class(base: type, api: "App") -> type:
                     self.scope[ADMISSION] = None
                     model.release()
                 raise
+            finally:
+                self.app = app
+
+        @classmethod
+        def _lane(cls, app: Any) -> "lane.Lane | None":
+            """The fast lane (lane.py), built on the first admitted request; None: none (yet)."""
+            if cls.fast_lane is None or isinstance(cls.fast_lane, lane.Lane):
+                return cls.fast_lane
+            try:
+                cls.fast_lane = lane.build(app, cls.shed_api)
+            except lane.NotYet:
+                return None
+            except ValueError as exc:
+                logger.warning("no fast lane: %s; admitted requests cross BentoML's whole stack",
+                               exc)
+                cls.fast_lane = None
+                return None
+            logger.info("fast lane: admitted requests skip to the route (request metrics %s, "
+                        "timeout %s s)", "kept" if cls.fast_lane.counts_metrics else "off",
+                        cls.fast_lane.timeout_s)
+            return cls.fast_lane
 
         def _door_model(self) -> "ServedModel | None":
             """The ready model this request's classify route is for, when the door may decide
@@ -257,11 +286,12 @@ def protocol_class(base: type, api: "App") -> type:
     return SheddingProtocol
 
 
-def install(api: "App", middleware_first: bool) -> bool:
+def install(api: "App", middleware_first: bool, fast_lane: bool = False) -> bool:
     """Make uvicorn's httptools protocol refuse at the door for ``api`` (the module docstring).
     ``middleware_first``: ``OverloadShortcut`` is the first middleware BentoML runs, so what the
-    door admits is released however the request ends. Idempotent; False (logged) where it is
-    not installed."""
+    door admits is released however the request ends. ``fast_lane``: what the door admits takes
+    the fast lane where the stack allows (``lane.py``). Idempotent; False (logged) where it is
+    not installed (and then there is no fast lane either)."""
     try:
         import uvicorn
         from uvicorn.protocols.http import auto, httptools_impl
@@ -271,6 +301,7 @@ def install(api: "App", middleware_first: bool) -> bool:
     base = httptools_impl.HttpToolsProtocol
     if getattr(base, "shed_api", None) is not None:  # installed before
         base.shed_api = api
+        base.fast_lane = True if fast_lane else None
         return True
     why = None
     if not middleware_first:
@@ -285,7 +316,7 @@ def install(api: "App", middleware_first: bool) -> bool:
         logger.warning("refusal at the door not installed: %s; OverloadShortcut refuses "
                        "(correct, dearer under a flood)", why)
         return False
-    shedding = protocol_class(base, api)
+    shedding = protocol_class(base, api, fast_lane)
     auto.AutoHTTPProtocol = shedding
     httptools_impl.HttpToolsProtocol = shedding
     return True

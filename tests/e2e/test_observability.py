@@ -157,6 +157,33 @@ def test_every_metric_the_dashboard_and_the_alerts_read_is_in_a_real_scrape(serv
     assert _value(samples["clf_estimated_accuracy"], model=model) == 0.84
 
 
+def test_what_the_fast_lane_serves_counts_in_bentomls_request_metrics(served, digit_pngs):
+    """The alert rules read BentoML's request metrics; the fast lane (service/lane.py), which
+    skips most of BentoML's stack, keeps them counting every answer, by route and status."""
+    url = served["server"].url
+    endpoint = "/v1/classify/image"
+
+    def counts():
+        samples = _samples(httpx.get(f"{url}/metrics").text)
+        return tuple(_value(samples.get(name, []), endpoint=endpoint, http_response_code=code)
+                     or 0.0 for name, code in [
+                         ("bentoml_service_request_total", "200"),
+                         ("bentoml_service_request_total", "415"),
+                         ("bentoml_service_request_duration_seconds_count", "200")])
+
+    before = counts()
+    with httpx.Client(timeout=30) as client:
+        for data, _ in digit_pngs[:5]:
+            assert client.post(f"{url}{endpoint}", content=data,
+                               headers={"Content-Type": "image/png"}).status_code == 200
+        assert client.post(f"{url}{endpoint}", content=b"not an image",
+                           headers={"Content-Type": "image/png"}).status_code == 415
+    after = counts()
+    assert [b - a for a, b in zip(before, after)] == [5.0, 1.0, 5.0]
+    log = (served["work"] / "server.log").read_text()
+    assert "fast lane: admitted requests skip to the route (request metrics kept" in log
+
+
 def test_the_rules_and_the_dashboard_read_only_the_projects_and_bentomls_metrics():
     for name in query_metric_names():
         assert name.startswith(("clf_", "bentoml_service_")) or name in FROM_PROMETHEUS, name
