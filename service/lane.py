@@ -5,9 +5,9 @@ uvicorn's proxy-headers middleware, Starlette's error middleware, ``OverloadShor
 BentoML's request metrics, OpenTelemetry (which, with the classify routes excluded from tracing,
 the default, only checks the URL), BentoML's timeout (a second task, a future and a timer per
 request), its request context (a Starlette ``Request`` that ``App`` never reads), Starlette's
-exception middleware, the router, the mount and the documented mount. On the reference CNN at
-one connection that is about a fifth of a lone request's time on 2 cores, and a sixth of the
-throughput at 64 (README, Benchmark: the fast lane, paired).
+exception middleware, the router, the mount and the documented mount. On the reference CNN on 2
+cores, skipping them served 1.20-1.29x the requests a second at one connection and 1.05-1.37x at
+64 (README, Benchmark: "The fast lane, paired").
 
 What. For a request the door admitted (``shedding.py``: a ``POST`` to a classify or v2 infer
 route of a ready model), uvicorn's response cycle runs the lane instead of BentoML's app:
