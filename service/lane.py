@@ -37,12 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import logging
 from typing import Any, Callable
 
 from .app import ADMISSION, OverloadShortcut
-
-logger = logging.getLogger(__name__)
 
 # URLs that OpenTelemetry must exclude for the lane to skip it: every route the door admits
 TRACED_PATHS = ("/v1/classify/image", "/v1/classify/text", "/v2/models/m/infer",
