@@ -12,7 +12,8 @@ cores, skipping them served 1.20-1.29x the requests a second at one connection a
 What. For a request the door admitted (``shedding.py``: a ``POST`` to a classify or v2 infer
 route of a ready model), uvicorn's response cycle runs the lane instead of BentoML's app:
 
-* the admission, taken over and released as ``OverloadShortcut`` does;
+* ``OverloadShortcut``, which takes the door's admission over and releases it if the route
+  never does;
 * BentoML's request metrics: the very middleware instance BentoML built (a shallow copy that
   calls ``App``), so ``bentoml_service_request_total`` and ``..._duration_seconds``, which the
   alert rules read, count the request as before, with the same labels;
@@ -39,7 +40,8 @@ import asyncio
 import copy
 from typing import Any, Callable
 
-from .app import ADMISSION, OverloadShortcut
+from .app import OverloadShortcut
+from .patches import timeout_answer
 
 # URLs that OpenTelemetry must exclude for the lane to skip it: every route the door admits
 TRACED_PATHS = ("/v1/classify/image", "/v1/classify/text", "/v2/models/m/infer",
@@ -113,18 +115,14 @@ class Lane:
             metrics = copy.copy(metrics)  # the same metric objects, in front of the lane's own
             metrics.app = inner
             inner = metrics
-        self.app = inner
+        # takes the door's admission over and releases it if the route never does, as in
+        # BentoML's stack
+        self.app = OverloadShortcut(inner, api)
         self.timeout_s = timeout_s
         self.counts_metrics = metrics is not None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        model = scope.get(ADMISSION)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            if model is not None and scope.get(ADMISSION) is model:  # never reached _classify
-                scope[ADMISSION] = None
-                model.release()
+        await self.app(scope, receive, send)
 
 
 class Timeout:
@@ -157,9 +155,6 @@ class Timeout:
         except asyncio.CancelledError:
             if not expired or task.uncancel() > 0:  # not ours, or cancelled again since
                 raise
-            from starlette.responses import JSONResponse
-
-            body = {"error": f"Not able to process the request in {self.timeout_s} seconds"}
-            await JSONResponse(body, status_code=504)(scope, receive, send)
+            await timeout_answer(self.timeout_s)(scope, receive, send)
         finally:
             timer.cancel()

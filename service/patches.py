@@ -77,11 +77,18 @@ def isolate_metrics_dir() -> None:
     atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
+def timeout_answer(timeout_s: float) -> Any:
+    """The 504 BentoML's timeout middleware answers (an ASGI app); the fast lane's timeout
+    (lane.py) answers the same."""
+    from starlette.responses import JSONResponse
+
+    body = {"error": f"Not able to process the request in {timeout_s} seconds"}
+    return JSONResponse(body, status_code=504)
+
+
 async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None:
     if scope["type"] not in ("http", "websocket"):
         return await self.app(scope, receive, send)
-    from starlette.responses import JSONResponse
-
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
     timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
@@ -96,8 +103,7 @@ async def _timeout_call(self: Any, scope: dict, receive: Any, send: Any) -> None
         await waiter
     except asyncio.TimeoutError:
         if fut.cancel():
-            body = {"error": f"Not able to process the request in {self.timeout} seconds"}
-            await JSONResponse(body, status_code=504)(scope, receive, send)
+            await timeout_answer(self.timeout)(scope, receive, send)
         return
     except asyncio.CancelledError:  # the request's task is cancelled (a stop's bound): so is
         fut.cancel()  # the work it started, which would otherwise run on for nobody

@@ -166,9 +166,9 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
             self.scope[ADMISSION] = model  # OverloadShortcut takes it over (and the release)
             self.scope[ADMITTED_AT] = time.perf_counter()  # its deadline counts from here
             app = self.app
-            lane = self._lane(app)
-            if lane is not None:
-                self.app = lane  # what uvicorn's cycle runs for this request (lane.py)
+            fast = self._lane(app)
+            if fast is not None:
+                self.app = fast  # what uvicorn's cycle runs for this request (lane.py)
             try:
                 super().on_headers_complete()
             except BaseException:

@@ -53,7 +53,9 @@ def test_a_stack_of_layers_it_knows_gets_a_lane_with_bentomls_timeout():
     built = lane.build(stack(*BENTOML_LIKE), route)
     assert isinstance(built, lane.Lane) and built.timeout_s == 60.0
     assert not built.counts_metrics  # no metrics middleware in this stack (metrics disabled)
-    assert isinstance(built.app, lane.Timeout) and built.app.app is route
+    shortcut = built.app  # the admission's keeper, then the timeout, then the route
+    assert isinstance(shortcut, OverloadShortcut) and isinstance(shortcut.app, lane.Timeout)
+    assert shortcut.app.app is route
 
 
 def test_before_starlette_builds_its_stack_the_door_tries_again_later():
@@ -83,7 +85,7 @@ class Admitted:
 def call(app, scope=None):
     """Run ``app`` on one request; (messages sent, the scope)."""
     scope = scope or {"type": "http", "method": "POST", "path": "/v1/classify/image",
-                      "headers": []}
+                      "headers": [], ADMISSION: Admitted()}  # as the door hands it over
     sent = []
 
     async def receive():
