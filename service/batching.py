@@ -19,7 +19,12 @@ item), so a burst of requests read in one pass shares one call, as before.
 Two optional hooks make the same loop serve a text model: ``plan`` picks which queued items go
 into the next call (``LengthPlanner``: length grouping, below), ``collate`` builds the model
 input from their tensors (``PadCollate``: padding). Without them, the image path is the cheap
-default: up to ``max_batch_size`` items from the front of the queue, ``np.stack``-ed.
+default: up to ``max_batch_size`` items from the front of the queue, ``np.stack``-ed. A third,
+``finish``, runs on a call's outputs right after it, once for all its rows and in the model
+thread (on the event loop for an inline call), with what each item's caller gave along
+(``submit(..., extras)``); its result for each row comes back with the row. The service scores
+OOD flags there: the scorer's matrix products and partitions cost per row several times less
+over a call's rows together than over one answer alone, and the work leaves the event loop.
 
 Length grouping for a text model: a call costs about (texts x longest length) token slots,
 padding included, so one long text in a call of short ones makes every short one pay for its
@@ -158,12 +163,18 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float = NO_DEADLINE  # a time.perf_counter() instant
     since: float = 0.0  # when its request was admitted (perf_counter); 0: when enqueued
+    extra: Any = None  # what the caller gave along for ``finish`` (submit's ``extras``)
 
 
 # plan(pending, max_batch_size) removes and returns the items of the next call (at least one);
-# collate(tensors) -> the model's input for those items, in that order.
+# collate(tensors) -> the model's input for those items, in that order;
+# finish(outputs, extras) -> one result per row of a call's outputs, extras in the same order.
 Plan = Callable[["deque[_Item]", int], "list[_Item]"]
 Collate = Callable[[list], Batch]
+Finish = Callable[[Outputs, list], Sequence]
+# What ``submit`` gives back per item: its probabilities, its embedding and ``finish``'s result
+# for its row (None without the hook).
+Answered = tuple[np.ndarray, np.ndarray, Any]
 
 
 class Batcher:
@@ -177,6 +188,7 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         plan: Plan | None = None,
         collate: Collate | None = None,
+        finish: Finish | None = None,
     ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
@@ -184,6 +196,7 @@ class Batcher:
         self._on_batch = on_batch
         self._plan = plan
         self._collate = collate
+        self._finish = finish
         # Shared by the event loop (submit) and the model thread (everything else): every
         # access holds ``_ready``'s lock.
         self._pending: deque[_Item] = deque()
@@ -244,13 +257,14 @@ class Batcher:
         return len(self._pending)
 
     async def submit(self, tensors: list[Any], deadline: float = NO_DEADLINE,
-                     alone: bool = False, since: float = 0.0
-                     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Queue one request's items; returns (probabilities, embedding) per item, in order.
-        Raises ``DeadlineExceeded`` when ``deadline`` passes before their model call starts.
-        ``alone``: the caller knows of no other request on its way to this model (one being
-        read or decoded would want to share the call), so a lone item may run inline.
-        ``since``: when the request was admitted (``queue_wait_s`` counts from there)."""
+                     alone: bool = False, since: float = 0.0,
+                     extras: Sequence[Any] | None = None) -> list[Answered]:
+        """Queue one request's items; returns (probabilities, embedding, finished) per item, in
+        order. Raises ``DeadlineExceeded`` when ``deadline`` passes before their model call
+        starts. ``alone``: the caller knows of no other request on its way to this model (one
+        being read or decoded would want to share the call), so a lone item may run inline.
+        ``since``: when the request was admitted (``queue_wait_s`` counts from there).
+        ``extras``: one per tensor, handed to ``finish`` with its row (None: none)."""
         loop = asyncio.get_running_loop()
         if deadline != NO_DEADLINE and deadline <= time.perf_counter():
             self.expired += len(tensors)
@@ -261,9 +275,10 @@ class Batcher:
                 lone = (self._idle and not self._kicking and not self._pending
                         and not self._stopping)
             if lone:  # nothing can be queued meanwhile: this loop is busy with the call
-                return [self._run_inline(tensors[0])]
-        items = [_Item(t, loop.create_future(), deadline=deadline, since=since)
-                 for t in tensors]
+                return [self._run_inline(tensors[0], None if extras is None else extras[0])]
+        items = [_Item(t, loop.create_future(), deadline=deadline, since=since,
+                       extra=None if extras is None else extras[i])
+                 for i, t in enumerate(tensors)]
         kick = False
         with self._ready:
             if self._stopping:
@@ -306,7 +321,20 @@ class Batcher:
             raise BatchError(f"model returned {out.probabilities.shape[0]} rows for a batch of {n}")
         return out
 
-    def _run_inline(self, tensor: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _finished(self, out: Outputs, extras: list[Any]) -> Sequence[Any]:
+        """``finish``'s result for every row of a call (Nones without the hook); any failure,
+        or a wrong number of results, is a ``BatchError``."""
+        if self._finish is None:
+            return [None] * len(extras)
+        try:
+            done = self._finish(out, extras)
+        except Exception as exc:
+            raise BatchError(f"finishing the call's answers failed: {exc!r}") from exc
+        if len(done) != len(extras):
+            raise BatchError(f"finish returned {len(done)} results for a batch of {len(extras)}")
+        return done
+
+    def _run_inline(self, tensor: Any, extra: Any = None) -> Answered:
         """One item's call on the event loop (see the module doc)."""
         gated = self.solo_gate is not None and self.solo_gate()
         solo = False
@@ -316,6 +344,7 @@ class Batcher:
         started = time.perf_counter()
         out = self._call([tensor], solo)
         elapsed = time.perf_counter() - started
+        done = self._finished(out, [extra])
         if solo:
             self.solo_calls += 1
             self.lone_on_solo_s = _ewma(self.lone_on_solo_s, elapsed)
@@ -327,7 +356,7 @@ class Batcher:
         self.queue_wait_s = 0.0
         if self._on_batch is not None:
             self._on_batch(BatchStats(1, [0.0], elapsed))
-        return out.probabilities[0], out.embedding[0]
+        return out.probabilities[0], out.embedding[0], done[0]
 
     def inline_pays(self) -> bool:
         """Whether a lone item may run on the event loop: its call is short and batching does
@@ -391,13 +420,14 @@ class Batcher:
             started = time.perf_counter()
             try:
                 out = self._call([item.tensor for item in batch])
+                elapsed = time.perf_counter() - started
+                done = self._finished(out, [item.extra for item in batch])
             except BatchError as error:  # every waiting request must hear about it, not hang
                 loop.call_soon_threadsafe(self._fail, batch, error)
                 continue
-            stats = BatchStats(len(batch), [started - it.enqueued for it in batch],
-                               time.perf_counter() - started)
-            self._note_call(len(batch), stats.inference_seconds)
-            loop.call_soon_threadsafe(self._deliver, batch, out, stats)
+            stats = BatchStats(len(batch), [started - it.enqueued for it in batch], elapsed)
+            self._note_call(len(batch), elapsed)
+            loop.call_soon_threadsafe(self._deliver, batch, out, done, stats)
 
     def _next_batch(self) -> tuple[list[_Item] | None, list[_Item]]:
         """Wait for work, then take the next call's items (None: stopping) and the expired ones."""
@@ -476,10 +506,11 @@ class Batcher:
             self._kicking, self._kicked = False, True
             self._ready.notify()
 
-    def _deliver(self, batch: list[_Item], out: Outputs, stats: BatchStats) -> None:
+    def _deliver(self, batch: list[_Item], out: Outputs, done: Sequence[Any],
+                 stats: BatchStats) -> None:
         for i, item in enumerate(batch):
             if not item.future.done():  # the client may have gone away
-                item.future.set_result((out.probabilities[i], out.embedding[i]))
+                item.future.set_result((out.probabilities[i], out.embedding[i], done[i]))
         if self._on_batch is not None:
             self._on_batch(stats)
 

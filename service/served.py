@@ -6,9 +6,10 @@ touches the model, and this module knows nothing of HTTP. ``classify`` is the pa
 
   preprocess  decode (images) or normalise + tokenize (texts) with the shared ``preprocessing``
               package, built from the artifact's spec; a bad input raises ``InputError``
-  infer       queue the tensors on the batcher and await this request's rows of the batch
-  answer      the per-answer steps: ``score_ood`` -> ``rank`` (top-k) -> ``count`` (metrics)
-              -> ``record`` (the prediction log, when on; durable before the answer returns)
+  infer       queue the tensors on the batcher and await this request's rows of the batch,
+              each with its OOD score (``score_call``: once per model call, in the model thread)
+  answer      the per-answer steps: ``rank`` (top-k) -> ``count`` (metrics) -> ``record`` (the
+              prediction log, when on; durable before the answer returns)
 
 Documented behaviour for long text: a text over the spec's ``max_chars`` characters is refused
 (``text_too_long``) before it reaches the tokenizer; a text over ``max_length`` tokens is
@@ -32,10 +33,10 @@ from modelstore.artifact import Artifact, ArtifactError
 from preprocessing import (DEFAULT_MAX_PIXELS, InputError, TextPreprocessor, decode_image,
                            image_features, image_to_array, text_features)
 
-from .batching import (NO_DEADLINE, Batcher, BatchStats, DeadlineExceeded, LengthPlanner,
-                       PadCollate)
+from .batching import (NO_DEADLINE, Answered, Batcher, BatchStats, DeadlineExceeded,
+                       LengthPlanner, PadCollate)
 from .metrics import ModelMetrics
-from .runtime import TEXT_INPUTS, Model
+from .runtime import TEXT_INPUTS, Model, Outputs
 from .workerboard import WORKERS
 
 if TYPE_CHECKING:
@@ -265,7 +266,8 @@ class ServedModel:
                 # may run inline)
                 alone = self.admitted <= 1 and UNDER_WAY.count() <= 1
                 outputs = await self.batcher.submit(prepared.tensors, deadline, alone=alone,
-                                                    since=ctx.started if ctx else 0.0)
+                                                    since=ctx.started if ctx else 0.0,
+                                                    extras=prepared.features)
             except DeadlineExceeded:
                 self.metrics.shed("deadline")
                 raise
@@ -287,13 +289,16 @@ class ServedModel:
     def preprocess(self, inputs: Sequence[Any]) -> Preprocessed:
         raise NotImplementedError
 
-    async def answer(self, outputs: Sequence[tuple[np.ndarray, np.ndarray]], top_k: int,
+    async def answer(self, outputs: Sequence[Answered], top_k: int,
                      ctx: RequestContext | None, prepared: Preprocessed,
                      inputs: Sequence[Any]) -> list[Prediction]:
         """Model outputs -> answers, recorded (committed) before they are returned."""
-        probs = np.stack([p for p, _ in outputs])
-        embeddings = np.stack([e for _, e in outputs])
-        scores, flags = self.score_ood(probs, embeddings, prepared.features)
+        probs = np.stack([p for p, _, _ in outputs])
+        embeddings = np.stack([e for _, e, _ in outputs])
+        if self.ood is None:
+            scores, flags = [None] * len(outputs), [False] * len(outputs)
+        else:
+            scores, flags = [s for _, _, (s, _) in outputs], [f for _, _, (_, f) in outputs]
         predictions = self.rank(probs, embeddings, scores, flags, top_k, prepared.truncated)
         self.count(predictions, flags)
         if self.recorder is not None and ctx is not None:
@@ -301,11 +306,27 @@ class ServedModel:
                                        self.raw_inputs(inputs))
         return predictions
 
-    def score_ood(self, probs: np.ndarray, embeddings: np.ndarray,
-                  features: Sequence[dict] | None) -> tuple[Sequence[float | None], Sequence[bool]]:
-        if self.ood is None:
-            return [None] * len(probs), [False] * len(probs)
-        return self.ood.score(probs, embeddings, features)
+    def score_call(self, out: Outputs, features: list[Mapping[str, float] | None]
+                   ) -> list[tuple[float, bool]]:
+        """The batcher's ``finish`` hook: the OOD score and flag of every row of one model call,
+        in the model thread. The scorer's matrix products and partitions cost per row several
+        times less over a call's rows together than over one answer alone (the bench-lang
+        transformer's scorer on a 2-core AMD EPYC: 197 us a row alone, 78 in fours, 29 in
+        sixteens). Rows from requests without input features (v2 tensors) are scored without
+        the input signals, as they would be alone. Installed only where there is a scorer."""
+        ood: OODScorer = self.ood  # type: ignore[assignment]
+        have = [i for i, f in enumerate(features) if f is not None]
+        if len(have) in (0, len(features)):
+            scores, flags = ood.score(out.probabilities, out.embedding,
+                                      features if have else None)
+            return list(zip(scores.tolist(), flags.tolist()))
+        done: list[Any] = [None] * len(features)
+        for rows, feats in ((have, [features[i] for i in have]),
+                            ([i for i, f in enumerate(features) if f is None], None)):
+            scores, flags = ood.score(out.probabilities[rows], out.embedding[rows], feats)
+            for i, score, flag in zip(rows, scores.tolist(), flags.tolist()):
+                done[i] = (score, flag)
+        return done
 
     def rank(self, probs: np.ndarray, embeddings: np.ndarray, scores: Sequence[float | None],
              flags: Sequence[bool], top_k: int,
@@ -415,7 +436,8 @@ class ServedImageModel(ServedModel):
                  recorder: PredictionRecorder | None = None, ood: OODScorer | None = None,
                  max_queue_items: int = 0, solo_threads: int = 0) -> None:
         super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads)
-        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch)
+        self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch,
+                               finish=None if ood is None else self.score_call)
         self.max_pixels = max_pixels
         self.spec = artifact.spec
         # Features feed the prediction log and the OOD score's input-feature signal; without
@@ -475,7 +497,8 @@ class ServedTextModel(ServedModel):
         super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads)
         self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch,
                                plan=LengthPlanner(max_batch_tokens, max_padding),
-                               collate=PadCollate(preprocessor.pad_id))
+                               collate=PadCollate(preprocessor.pad_id),
+                               finish=None if ood is None else self.score_call)
         self.spec = preprocessor.spec
         self.preprocessor = preprocessor
 

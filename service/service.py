@@ -49,7 +49,8 @@ from .app import App, OverloadShortcut
 from .metrics import DriftRefresher, get_metrics
 from .recording import PredictionRecorder
 from .reload import Reloader, tracks_production
-from .runtime import TEXT_INPUTS, Model, NoopModel, OnnxModel, resolve_providers
+from .runtime import (TEXT_INPUTS, Model, NoopModel, OnnxModel, limit_blas_threads,
+                      resolve_providers)
 from .served import ServedImageModel, ServedModel, ServedTextModel, Slot
 from .settings import Settings, SettingsError
 from .workerboard import WORKERS
@@ -91,6 +92,7 @@ class Classifier:
     def _load(self) -> None:
         logging.getLogger("service").setLevel(SETTINGS.log_level)
         logger.info("settings: %s", SETTINGS.to_dict())
+        logger.info("numpy's BLAS: %s", limit_blas_threads())
         self.recorder = _prediction_recorder()
         builders = {"image": lambda tag: _image_model(tag, self.recorder),
                     "text": lambda tag: _text_model(tag, self.recorder)}
@@ -218,7 +220,7 @@ def _prediction_recorder() -> PredictionRecorder | None:
 
 def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
     if SETTINGS.runtime == "noop":
-        return NoopModel(len(artifact.labels), embedding_dim=1, input_names=input_names)
+        return NoopModel(len(artifact.labels), _embedding_dim(artifact), input_names)
     model = OnnxModel(str(artifact.onnx_path), SETTINGS.providers, SETTINGS.ort_threads)
     logger.info(
         "serving %s:%s on %s (spec %s)", artifact.name, artifact.version, model.provider,
@@ -227,9 +229,20 @@ def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
     return model
 
 
+def _embedding_dim(artifact: Artifact) -> int:
+    """The width of the version's embeddings, from its reference profile (1 without one): what
+    the no-op runtime returns, so that the OOD scorer runs in the floor too."""
+    from monitoring.reference import load_reference
+
+    try:
+        return int(load_reference(artifact.path).embeddings.shape[1])
+    except (FileNotFoundError, KeyError, ValueError):
+        return 1
+
+
 def _ood(artifact: Artifact, model: Model):
     """The artifact's OOD scorer, calibrated on its validation profile; None (logged) when the
-    profile is missing or does not match what the model returns (e.g. the no-op runtime)."""
+    profile is missing or does not match what the model returns."""
     from monitoring.ood import fit_ood
     from monitoring.reference import load_reference
 

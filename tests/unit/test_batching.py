@@ -266,3 +266,73 @@ def test_the_solo_session_is_left_when_it_is_slower_or_the_server_is_busy():
     busy = SoloModel(own_delay=0.0015, solo_delay=0.0)
     batcher = _lone_calls(busy, lambda: False, 20)  # another request somewhere on the server
     assert busy.sessions == ["own"] * 20 and batcher.solo_calls == 0
+
+
+def test_finish_runs_once_per_call_in_the_model_thread_and_each_row_gets_its_result():
+    model = EchoModel(delay=0.01)
+    calls = []
+
+    def finish(out: Outputs, extras: list) -> list:
+        calls.append((threading.current_thread().name, len(extras)))
+        return [(float(p[0]), extra) for p, extra in zip(out.probabilities, extras)]
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=8, finish=finish)
+        batcher.start()
+        results = await asyncio.gather(
+            *[batcher.submit([np.array([float(i)], np.float32)], extras=[f"x{i}"])
+              for i in range(20)],
+            batcher.submit([np.array([20.0], np.float32), np.array([21.0], np.float32)]))
+        await batcher.stop()
+        return results
+
+    results = _run(main())
+    rows = [row for result in results for row in result]
+    assert [done for _, _, done in rows] == (
+        [(float(i), f"x{i}") for i in range(20)] + [(20.0, None), (21.0, None)])
+    assert {name for name, _ in calls} == {"model"}
+    assert len(calls) == len(model.calls) < 22 and sum(n for _, n in calls) == 22  # per call
+
+
+def test_a_failing_finish_fails_every_item_of_its_call_and_the_batcher_goes_on():
+    model = EchoModel()
+    state = {"fail": True}
+
+    def finish(out: Outputs, extras: list) -> list:
+        if state["fail"]:
+            raise ValueError("scorer broke")
+        return [None] * len(extras)
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=8, finish=finish)
+        batcher.start()
+        with pytest.raises(BatchError, match="finishing the call's answers failed.*scorer broke"):
+            await batcher.submit([np.zeros(1, np.float32), np.ones(1, np.float32)])
+        state["fail"] = False
+        ok = await batcher.submit([np.full(1, 3.0, np.float32)])
+        await batcher.stop()
+        return ok
+
+    assert float(_run(main())[0][0][0]) == 3.0
+
+
+def test_an_inline_call_is_finished_on_the_event_loop():
+    model = ThreadModel()
+    seen = []
+
+    def finish(out: Outputs, extras: list) -> list:
+        seen.append(threading.current_thread().name)
+        return [extra * 2 for extra in extras]
+
+    async def main():
+        batcher = Batcher(model, max_batch_size=64, finish=finish)
+        batcher.start()
+        batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64)
+        batcher.batched_item_s = batcher._calibrated_solo_s  # batching does not pay: inline
+        await asyncio.sleep(0.05)
+        answer = await batcher.submit([np.array([2.0], np.float32)], alone=True, extras=[21])
+        await batcher.stop()
+        return answer, batcher.inline_calls
+
+    (answer,), inline = _run(main())
+    assert inline == 1 and answer[2] == 42 and seen == [threading.current_thread().name]
