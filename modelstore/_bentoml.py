@@ -89,6 +89,15 @@ def openapi_generator_module() -> Any:
     return openapi
 
 
+def service_labels() -> dict[str, str]:
+    """The service's labels on BentoML's request metrics (``service_name``,
+    ``service_version``, ``runner_name``), as its metrics middleware reads them."""
+    from bentoml._internal.context import server_context as ctx
+
+    return {"service_name": ctx.bento_name, "service_version": ctx.bento_version,
+            "runner_name": ctx.service_name}
+
+
 def worker_index() -> int | None:
     """This process's worker number in a BentoML server (1, 2, ...), None outside a worker."""
     from bentoml._internal.context import server_context

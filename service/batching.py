@@ -63,9 +63,17 @@ Where the model has a solo session (``OnnxModel.add_solo_session``: every core, 
 spinning while a call runs; a one-item call of the reference CNN 0.35-0.45 ms against 0.6-0.75 ms
 on the worker's one thread) and no other request is under way in any worker of the server
 (``solo_gate``: ``workerboard.py``), the inline call runs there. Which session is faster is
-measured, not assumed: at start (``time_solo``) and then on the gated calls themselves (moving
-averages), one in ``SOLO_PROBE_EVERY`` of which runs on the other session to keep both current;
-the solo session is used while it averages under ``SOLO_GAIN`` of the other.
+measured, not assumed: at start (``time_solo``) and then on the gated calls themselves; the
+solo session is used while the median of its last ``SOLO_WINDOW`` calls is under ``SOLO_GAIN``
+of the other's. To keep both figures current, the last ``SOLO_PROBE_BURST`` of every
+``SOLO_PROBE_EVERY`` gated calls run on the other session, and the first call of each run on a
+session is not counted: a session's first call after dozens on the other is slower than the
+next ones (its threads and caches are cold), so counting single probes made whichever session
+was in use look the faster. And a median, not a moving average: on a shared machine one call
+in a few hundred is preempted and takes several times as long, which moved an average by a
+fifth of it for many calls. Both measured at c=1 on a 2-core box (the peers' CNN): lone calls
+took the worker's own session half the time or more, 2.0-2.1 ms a call against 1.2-1.3 on the
+solo one, 270-290 against 410-430 requests/s.
 
 Deadlines: an item may carry one (``submit(..., deadline)``, a ``time.perf_counter()`` instant).
 When the batcher forms a call and the earliest deadline in the queue has passed, it first takes
@@ -135,16 +143,41 @@ NO_DEADLINE = math.inf
 # pass to queue the rest of a burst (see ``Batcher.submit``).
 COALESCE_S = 0.005
 # A lone request on an idle model runs on the event loop when a one-item call takes at most this
-# (an exponential average of measured ones): the longest the loop is blocked by it.
-INLINE_MAX_S = 0.002
+# (as calibrated): the longest the loop is blocked by it. Only a request that finds no other one
+# under way runs inline, so what waits meanwhile is a newcomer's reading and decoding, which
+# would then wait for the model anyway (batching does not pay). 2 ms, before, sat on the
+# reference CNN's own call on slower 2-core boxes (1.76 ms), which then lost the inline path.
+INLINE_MAX_S = 0.005
 BATCHED_MIN = 8  # a calibration batch of at least this many items says what batching costs
 BATCH_GAIN = 0.8  # batching pays when it costs per item under this share of a lone item's
 EWMA_WEIGHT = 0.2  # of the newest one-item call in that average
-# A lone item on an idle server runs on the model's solo session (``_run_inline``) while calls
-# there average under this share of calls on its own threads; one such item in
-# SOLO_PROBE_EVERY runs on the other session, so that both averages follow the machine.
-SOLO_GAIN = 0.85
-SOLO_PROBE_EVERY = 32
+# A lone item on an idle server runs on the model's solo session (``_run_inline``) while its
+# recent calls there take under this share of those on its own threads (medians); the last
+# SOLO_PROBE_BURST of every SOLO_PROBE_EVERY such items run on the other session, so that both
+# figures follow the machine (the first call of each run on a session is not counted).
+SOLO_GAIN = 0.9
+SOLO_PROBE_EVERY = 64
+SOLO_PROBE_BURST = 3
+SOLO_WINDOW = 9  # the last calls of each session whose median ``solo_pays`` compares
+
+
+class RecentTimes:
+    """The last ``size`` durations of one kind of call, and their median (see the module doc)."""
+
+    def __init__(self, size: int = SOLO_WINDOW) -> None:
+        self._times: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._times.append(seconds)
+
+    @property
+    def median(self) -> float | None:
+        """The median of the recent durations (the upper one of an even count); None before
+        the first."""
+        if not self._times:
+            return None
+        ordered = sorted(self._times)
+        return ordered[len(ordered) // 2]
 
 
 @dataclass
@@ -220,14 +253,16 @@ class Batcher:
         self._calibrated_solo_s: float | None = None  # a one-item call, measured beside it
         self.inline_calls = 0
         # Whether a lone item may run on the model's solo session now (``ServedModel`` sets it
-        # when the model has one: ``workerboard.WORKERS.alone``), what such a call took there
-        # and on the model's own threads (moving averages, see ``_run_inline``), how many ran
-        # there and how many lone items the gate let through.
+        # when the model has one: ``workerboard.WORKERS.alone``), what such calls took there
+        # and on the model's own threads (see ``_run_inline``), how many ran there and how
+        # many lone items the gate let through.
         self.solo_gate: Callable[[], bool] | None = None
-        self.lone_on_solo_s: float | None = None
-        self.lone_on_own_s: float | None = None
+        self._on_solo = RecentTimes()
+        self._on_own = RecentTimes()
         self.solo_calls = 0
         self._gated = 0
+        self._on_solo_now = False  # the session the last gated call ran on
+        self._probing_solo = False  # the session a probe burst runs on
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -337,25 +372,32 @@ class Batcher:
     def _run_inline(self, tensor: Any, extra: Any = None) -> Answered:
         """One item's call on the event loop (see the module doc)."""
         gated = self.solo_gate is not None and self.solo_gate()
-        solo = False
-        if gated:  # the faster session by the averages; every SOLO_PROBE_EVERY-th, the other
+        solo = counted = False
+        if gated:  # the faster session by the figures; a few in SOLO_PROBE_EVERY, the other
+            phase = self._gated % SOLO_PROBE_EVERY
             self._gated += 1
-            solo = self.solo_pays() != (self._gated % SOLO_PROBE_EVERY == 0)
+            if phase == SOLO_PROBE_EVERY - SOLO_PROBE_BURST:
+                self._probing_solo = not self.solo_pays()  # held for the whole burst
+            solo = (self._probing_solo if phase >= SOLO_PROBE_EVERY - SOLO_PROBE_BURST
+                    else self.solo_pays())
+            counted = solo == self._on_solo_now  # not the first of a run on a session
+            self._on_solo_now = solo
         started = time.perf_counter()
         out = self._call([tensor], solo)
         elapsed = time.perf_counter() - started
         done = self._finished(out, [extra])
         if solo:
             self.solo_calls += 1
-            self.lone_on_solo_s = _ewma(self.lone_on_solo_s, elapsed)
+            if counted:
+                self._on_solo.add(elapsed)
         else:  # solo_s stays what a call on the model's own threads costs
             self._note_call(1, elapsed)
-            if gated:
-                self.lone_on_own_s = _ewma(self.lone_on_own_s, elapsed)
+            if counted:
+                self._on_own.add(elapsed)
         self.inline_calls += 1
         self.queue_wait_s = 0.0
-        if self._on_batch is not None:
-            self._on_batch(BatchStats(1, [0.0], elapsed))
+        if self._on_batch is not None:  # after the answer is written (ServedModel.answer)
+            self._loop.call_soon(self._on_batch, BatchStats(1, [0.0], elapsed))
         return out.probabilities[0], out.embedding[0], done[0]
 
     def inline_pays(self) -> bool:
@@ -364,9 +406,20 @@ class Batcher:
         solo = self._calibrated_solo_s
         return solo is not None and solo <= INLINE_MAX_S and not self.batching_pays()
 
+    @property
+    def lone_on_solo_s(self) -> float | None:
+        """A lone item's call on the solo session: the median of the recent ones."""
+        return self._on_solo.median
+
+    @property
+    def lone_on_own_s(self) -> float | None:
+        """A lone item's call on the model's own threads, gated like a solo one: the median of
+        the recent ones."""
+        return self._on_own.median
+
     def solo_pays(self) -> bool:
-        """Whether a lone item on an idle server is faster on the solo session, by the moving
-        averages of such calls on either (started from ``time_solo``'s figures)."""
+        """Whether a lone item on an idle server is faster on the solo session, by the recent
+        such calls on either (started from ``time_solo``'s figures)."""
         solo, own = self.lone_on_solo_s, self.lone_on_own_s
         return solo is not None and own is not None and solo < SOLO_GAIN * own
 
@@ -392,14 +445,16 @@ class Batcher:
         self.batched_item_s = batched / items if items >= BATCHED_MIN else None
 
     def time_solo(self, one: Batch, rounds: int = 5) -> None:
-        """Start the averages ``solo_pays`` compares: a one-item call on the model's solo session
-        and on its own, alternately, after a warm-up of the solo one, best of ``rounds`` each
-        (in a worker thread, at start, like ``calibrate``). The other workers may be warming up
-        meanwhile: what lone calls take later corrects it."""
+        """Start the figures ``solo_pays`` compares: ``rounds`` one-item calls on the model's
+        solo session and on its own, alternately, after a warm-up of the solo one (in a worker
+        thread, at start, like ``calibrate``). What lone calls take later replaces them."""
         for _ in range(rounds):
             self.model.run_solo(one)
-        self.lone_on_solo_s, self.lone_on_own_s = _best_of(
-            [lambda: self.model.run_solo(one), lambda: self.model.run(one)], rounds)
+        for _ in range(rounds):
+            for run, times in ((self.model.run_solo, self._on_solo), (self.model.run, self._on_own)):
+                started = time.perf_counter()
+                run(one)
+                times.add(time.perf_counter() - started)
 
     def run_sync(self, batch: Batch) -> Outputs:
         """Run one batch directly (warm-up), bypassing the queue."""

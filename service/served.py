@@ -292,7 +292,10 @@ class ServedModel:
     async def answer(self, outputs: Sequence[Answered], top_k: int,
                      ctx: RequestContext | None, prepared: Preprocessed,
                      inputs: Sequence[Any]) -> list[Prediction]:
-        """Model outputs -> answers, recorded (committed) before they are returned."""
+        """Model outputs -> answers, recorded (committed) before they are returned. Their
+        metrics are counted once the request's task next waits (``call_soon``): for a lone
+        request answered without waiting (an inline call, the log off), once its answer is
+        written, so the count is not part of its latency (nor is the call's, ``Batcher``)."""
         probs = np.stack([p for p, _, _ in outputs])
         embeddings = np.stack([e for _, e, _ in outputs])
         if self.ood is None:
@@ -300,7 +303,7 @@ class ServedModel:
         else:
             scores, flags = [s for _, _, (s, _) in outputs], [f for _, _, (_, f) in outputs]
         predictions = self.rank(probs, embeddings, scores, flags, top_k, prepared.truncated)
-        self.count(predictions, flags)
+        asyncio.get_running_loop().call_soon(self.count, predictions, flags)
         if self.recorder is not None and ctx is not None:
             await self.recorder.record(self, ctx, predictions, probs, prepared.features,
                                        self.raw_inputs(inputs))
@@ -357,21 +360,29 @@ class ServedModel:
     async def start(self, warmup_batches: int) -> None:
         """Start the batcher and run warm-up batches so the first user request is not the slow one."""
         self.batcher.start()
+        if warmup_batches:  # one worker at a time, so no other's start-up skews the figures
+            async with WORKERS.measuring():
+                await self._warm_up(warmup_batches)
+        self.ready = True
+
+    async def _warm_up(self, warmup_batches: int) -> None:
+        """Run the warm-up batches, then time what the batcher's choices need: a lone and a
+        batched call (the inline rule) and, where it may pay, the solo session."""
         loop = asyncio.get_running_loop()
         for batch in self.warmup_batches()[:warmup_batches]:
             await loop.run_in_executor(None, self.batcher.run_sync, batch)
-        if warmup_batches:  # what a lone and a batched call cost (the batcher's inline rule)
-            one, many, items = self.calibration()
-            await loop.run_in_executor(None, self.batcher.calibrate, one, many, items)
-            b = self.batcher
-            logger.info("%s: a one-item call %.2f ms, per item in a batch %.2f ms: %s", self.name,
-                        (b.solo_s or 0) * 1e3, (b.batched_item_s or 0) * 1e3,
-                        "batching pays" if b.batching_pays() else
-                        "batching does not pay (a lone request on an idle model runs inline)")
-            if (self.solo_threads > 1 and b.inline_pays()
-                    and getattr(self.model, "provider", "") == "CPUExecutionProvider"):
-                await loop.run_in_executor(None, self._add_solo, one)
-        self.ready = True
+        one, many, items = self.calibration()
+        await loop.run_in_executor(None, self.batcher.calibrate, one, many, items)
+        b = self.batcher
+        logger.info("%s: a one-item call %.2f ms, per item in a batch %.2f ms: %s", self.name,
+                    (b.solo_s or 0) * 1e3, (b.batched_item_s or 0) * 1e3,
+                    "batching pays" if b.batching_pays() else
+                    "batching does not pay (a lone request on an idle model runs inline)"
+                    if b.inline_pays() else "batching does not pay, but a lone call is too long "
+                    "to run on the event loop (lone requests go to the model thread)")
+        if (self.solo_threads > 1 and b.inline_pays()
+                and getattr(self.model, "provider", "") == "CPUExecutionProvider"):
+            await loop.run_in_executor(None, self._add_solo, one)
 
     def _add_solo(self, one: Any) -> None:
         """Give a lone request on an otherwise idle server a session on every core
@@ -398,6 +409,11 @@ class ServedModel:
     async def stop(self) -> None:
         self.ready = False
         await self.batcher.stop()
+        b = self.batcher
+        if b.inline_calls:
+            logger.info("%s: %d lone requests ran inline, %d of them on the solo session (its "
+                        "recent calls %s ms, the worker's own %s ms)", self.name, b.inline_calls,
+                        b.solo_calls, _ms(b.lone_on_solo_s), _ms(b.lone_on_own_s))
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) for requests that started on this version to be answered: those in
@@ -547,3 +563,7 @@ class Slot:
 
     def __init__(self, current: ServedModel) -> None:
         self.current = current
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"

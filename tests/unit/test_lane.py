@@ -155,3 +155,176 @@ def test_a_cancellation_that_is_not_the_timeouts_goes_on():
 
     with pytest.raises(asyncio.CancelledError):
         call(lane.Lane(cancelled_from_outside, None, 30.0))
+
+
+# ---- an answer in one write, through uvicorn's own protocol ---------------------------------
+
+class Wire(asyncio.Transport):
+    """The socket side of uvicorn's protocol: what it writes, one entry per write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closed = self.closed_by_server = False
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Api:
+    """``App`` as the lane sees it: answers each request with ``messages`` (after its body)."""
+
+    def __init__(self, messages: list[dict]) -> None:
+        self.messages = messages
+
+    def classify_model(self, scope):
+        return None  # not a classify route: nothing to admit
+
+    async def __call__(self, scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        for message in self.messages:
+            await send(message)
+
+
+def served(messages: list[dict], one_write: bool, request: bytes) -> Wire:
+    """``request`` (bytes, one or more) through uvicorn's httptools protocol running the lane."""
+    httptools_impl = pytest.importorskip("uvicorn.protocols.http.httptools_impl")
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    wire = Wire()
+
+    async def go() -> None:
+        app = lane.Lane(Api(messages), None, None, one_write=one_write)
+        config = Config(app=app, http="httptools", lifespan="off", log_level="warning")
+        state = ServerState()
+        state.default_headers = [(b"date", b"Thu, 03 Dec 2026 17:00:00 GMT"),
+                                 (b"server", b"uvicorn")]
+        protocol = httptools_impl.HttpToolsProtocol(config=config, server_state=state,
+                                                    app_state={})
+        protocol.connection_made(wire)
+        protocol.data_received(request)
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        wire.closed_by_server = wire.closed
+        protocol.connection_lost(None)
+
+    asyncio.run(go())
+    return wire
+
+
+HEAD_200 = {"type": "http.response.start", "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"11"),
+                        (b"x-request-id", b"r1")]}
+BODY = {"type": "http.response.body", "body": b'{"ok":true}'}
+POST = b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+
+
+def test_an_answer_goes_out_in_one_write_with_the_bytes_uvicorn_would_write():
+    usual, one = (served([HEAD_200, BODY], flag, POST + POST) for flag in (False, True))
+    assert len(usual.writes) == 4  # uvicorn: a head and a body per answer
+    assert len(one.writes) == 2  # the lane: one write per answer, the keep-alive one answered too
+    assert one.writes == [usual.writes[0] + usual.writes[1], usual.writes[2] + usual.writes[3]]
+    assert one.writes[0].startswith(b"HTTP/1.1 200 OK\r\ndate: Thu, 03 Dec 2026")
+    assert not one.closed_by_server
+
+
+@pytest.mark.parametrize("messages, request_bytes", [
+    # no content-length: uvicorn frames it chunked
+    ([{"type": "http.response.start", "status": 200, "headers": []}, BODY], POST),
+    # a streamed body
+    ([{**HEAD_200, "headers": [(b"content-length", b"22")]},
+      {**BODY, "more_body": True}, BODY], POST),
+    # a head uvicorn acts on
+    ([{**HEAD_200, "headers": [*HEAD_200["headers"], (b"connection", b"close")]}, BODY], POST),
+    # HEAD: no body on the wire
+    ([HEAD_200, {"type": "http.response.body", "body": b""}],
+     b"HEAD /v2/models/m HTTP/1.1\r\nHost: x\r\n\r\n"),
+    # a client that closes after this answer
+    ([HEAD_200, BODY], POST.replace(b"Host: x", b"Host: x\r\nConnection: close")),
+])
+def test_any_other_answer_goes_out_as_uvicorn_writes_it(messages, request_bytes):
+    usual, one = (served(messages, flag, request_bytes) for flag in (False, True))
+    assert b"".join(one.writes) == b"".join(usual.writes)
+    assert one.closed_by_server == usual.closed_by_server
+
+
+def test_a_body_that_does_not_match_its_content_length_is_uvicorns_error_as_before():
+    short = [HEAD_200, {"type": "http.response.body", "body": b"{}"}]
+    usual, one = (served(short, flag, POST) for flag in (False, True))
+    assert one.writes == usual.writes and one.closed_by_server and usual.closed_by_server
+
+
+# ---- BentoML's request metrics, as its middleware records them --------------------------------
+
+def bentoml_metrics(app):
+    """BentoML's request-metrics middleware around ``app``, set up on a registry of its own."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from modelstore._bentoml import request_metrics_middleware_class
+
+    registry = CollectorRegistry()
+    middleware = request_metrics_middleware_class()(app, namespace="bentoml_service")
+    by = ["endpoint", "service_name", "service_version", "http_response_code", "runner_name"]
+    service = ["service_name", "service_version", "runner_name"]
+    middleware.metrics_request_duration = Histogram("bentoml_service_request_duration_seconds",
+                                                    "d", by, registry=registry)
+    middleware.metrics_request_total = Counter("bentoml_service_request_total", "t", by,
+                                               registry=registry)
+    middleware.metrics_request_in_progress = Gauge("bentoml_service_request_in_progress", "p",
+                                                   ["endpoint", *service], registry=registry)
+    middleware.metrics_last_request_timestamp = Gauge(
+        "bentoml_service_last_request_timestamp_seconds", "l", service, registry=registry)
+    middleware._is_setup = True
+    return middleware, registry
+
+
+def samples(registry) -> dict:
+    """Every sample but the clock's (timestamps, durations), by name and labels."""
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if "timestamp" in s.name or s.name.endswith("_sum") or s.name.endswith("_created"):
+                out[(s.name, tuple(sorted(s.labels.items())))] = "clock"
+                continue
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_the_lane_records_bentomls_request_metrics_as_bentoml_does(status):
+    async def answer(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        await send({"type": "http.response.body", "body": b"end"})
+
+    theirs, their_registry = bentoml_metrics(answer)
+    ours_of, our_registry = bentoml_metrics(None)
+    ours = lane.RequestMetrics(answer, ours_of)
+    for path in ("/v2/models/a/infer", "/v2/models/a/infer", "/v1/classify/image", "/healthz"):
+        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+        for app in (theirs, ours):
+            call(app, scope)
+    got = samples(our_registry)
+    assert got == samples(their_registry)
+    counted = {dict(labels)["endpoint"]: value for (name, labels), value in got.items()
+               if name == "bentoml_service_request_total"}
+    assert counted == {"/v2/models/a/infer": 2.0, "/v1/classify/image": 1.0, "/healthz": 1.0}
+    assert all(dict(labels)["http_response_code"] == str(status) for (name, labels) in got
+               if name == "bentoml_service_request_total")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from service.workerboard import WorkerBoard
@@ -50,3 +51,42 @@ def test_without_a_directory_a_worker_counts_its_own_requests_only() -> None:
     assert board.alone()
     board.enter()
     assert not board.alone()
+
+
+def test_workers_time_their_models_one_at_a_time(tmp_path: Path) -> None:
+    """The start-up lock: a worker's warm-up and timings wait while another's run, so neither
+    is measured with the other's start-up on the same cores."""
+    one, two = WorkerBoard(), WorkerBoard()
+    one.open(str(tmp_path), 1, 2)
+    two.open(str(tmp_path), 2, 2)
+    order: list[str] = []
+
+    async def measure(board: WorkerBoard, name: str, hold_s: float) -> None:
+        async with board.measuring():
+            order.append(f"{name} in")
+            await asyncio.sleep(hold_s)
+            order.append(f"{name} out")
+
+    async def main() -> None:
+        first = asyncio.create_task(measure(one, "one", 0.2))
+        await asyncio.sleep(0.05)  # one holds the lock
+        await asyncio.gather(first, measure(two, "two", 0.0))
+
+    try:
+        asyncio.run(main())
+        assert order == ["one in", "one out", "two in", "two out"]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_without_a_directory_measuring_holds_no_lock() -> None:
+    board = WorkerBoard()
+    board.open(None, None, 2)
+
+    async def main() -> bool:
+        async with board.measuring():
+            async with board.measuring():  # nothing to wait for
+                return True
+
+    assert asyncio.run(main())
