@@ -151,6 +151,9 @@ def test_a_lone_request_on_an_idle_fast_model_runs_on_the_event_loop():
         del model.threads[1:]  # calibrate ran in this thread (the service runs it in a worker)
         await asyncio.sleep(0.05)  # the model thread is waiting for work again
         second = await batcher.submit([np.array([2.0], np.float32)], alone=True)
+        counted_at_return = len(stats)
+        await asyncio.sleep(0)  # the request's task waits: its answer is out by now
+        assert len(stats) == counted_at_return + 1  # counted after the answer, not before
         await batcher.stop()
         return first, second, batcher.inline_calls
 
