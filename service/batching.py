@@ -451,7 +451,8 @@ class Batcher:
         for _ in range(rounds):
             self.model.run_solo(one)
         for _ in range(rounds):
-            for run, times in ((self.model.run_solo, self._on_solo), (self.model.run, self._on_own)):
+            for run, times in ((self.model.run_solo, self._on_solo),
+                               (self.model.run, self._on_own)):
                 started = time.perf_counter()
                 run(one)
                 times.add(time.perf_counter() - started)

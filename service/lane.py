@@ -18,7 +18,9 @@ route of a ready model), uvicorn's response cycle runs the lane instead of Bento
   built, updated as it updates them, so ``bentoml_service_request_total``,
   ``..._duration_seconds``, ``..._in_progress`` and the last request's timestamp, which the alert
   rules and dashboards read, count the request as before, with the same labels; each label
-  set's child is looked up once, not by keyword four times a request as there (measured below);
+  set's child is looked up once, not by keyword four times a request as there: 24 us a request
+  against BentoML's 46 (in-process around a bare answer, Prometheus's multiprocess files, the
+  2-core box, median of 7 rounds of 5,000);
 * the request timeout (``CLF_REQUEST_TIMEOUT_S``, BentoML's ``traffic.timeout``): a timer on the
   request's own task, and the 504 that BentoML's timeout middleware answers, byte for byte;
 * ``App``, which resolves the path itself and answers its own failures (an exception escaping it

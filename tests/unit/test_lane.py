@@ -171,7 +171,8 @@ class Wire(asyncio.Transport):
         self.writes.append(bytes(data))
 
     def get_extra_info(self, name, default=None):
-        return {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 40000)}.get(name, default)
+        ends = {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 40000)}
+        return ends.get(name, default)
 
     def is_closing(self) -> bool:
         return self.closed
