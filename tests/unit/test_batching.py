@@ -240,7 +240,8 @@ def _lone_calls(model: SoloModel, gate, calls: int) -> Batcher:
         batcher.start()
         batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64, 1)
         batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
-        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=2)
+        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=5)  # a preempted call or two
+        # (a loaded CI box) leaves the medians as they are
         batcher.solo_gate = gate
         del model.sessions[:]
         await asyncio.sleep(0.05)  # the model thread is waiting for work
@@ -254,7 +255,7 @@ def _lone_calls(model: SoloModel, gate, calls: int) -> Batcher:
 
 
 def test_a_lone_item_on_an_idle_server_runs_on_the_faster_solo_session_and_probes_the_other():
-    model = SoloModel(own_delay=0.0015, solo_delay=0.0)
+    model = SoloModel(own_delay=0.006, solo_delay=0.0)
     batcher = _lone_calls(model, lambda: True, 128)
     assert batcher.solo_pays() and batcher.inline_calls == 128
     # the last 3 of every 64 gated calls run on the other session, so both figures stay current
@@ -263,10 +264,10 @@ def test_a_lone_item_on_an_idle_server_runs_on_the_faster_solo_session_and_probe
 
 
 def test_the_solo_session_is_left_when_it_is_slower_or_the_server_is_busy():
-    slower = SoloModel(own_delay=0.0, solo_delay=0.0015)
+    slower = SoloModel(own_delay=0.0, solo_delay=0.006)
     batcher = _lone_calls(slower, lambda: True, 64)
     assert not batcher.solo_pays() and slower.sessions.count("solo") == 3  # the probes only
-    busy = SoloModel(own_delay=0.0015, solo_delay=0.0)
+    busy = SoloModel(own_delay=0.006, solo_delay=0.0)
     batcher = _lone_calls(busy, lambda: False, 20)  # another request somewhere on the server
     assert busy.sessions == ["own"] * 20 and batcher.solo_calls == 0
 
@@ -285,13 +286,13 @@ class SpikyModel(SoloModel):
 
 
 def test_an_odd_slow_call_does_not_send_lone_items_to_the_slower_session():
-    # one solo call in 7 takes 20 ms, 13x a call on the worker's own thread: a moving average
+    # one solo call in 7 takes 60 ms, 10x a call on the worker's own thread: a moving average
     # weighted 0.2 would jump over the own session's figure at each one and stay there
-    model = SpikyModel(own_delay=0.0015, spike_s=0.02, every=7)
+    model = SpikyModel(own_delay=0.006, spike_s=0.06, every=7)
     batcher = _lone_calls(model, lambda: True, 64)
     assert batcher.solo_pays()
     assert model.sessions.count("own") == 3  # the probes only
-    assert batcher.lone_on_solo_s < 0.0015 <= batcher.lone_on_own_s
+    assert batcher.lone_on_solo_s < 0.006 <= batcher.lone_on_own_s
 
 
 class ColdModel(SoloModel):
@@ -308,13 +309,13 @@ class ColdModel(SoloModel):
 
 
 def test_a_probe_counts_the_other_session_warm_so_a_faster_one_is_found():
-    model = ColdModel(own_delay=0.0015, cold_s=0.005)
+    model = ColdModel(own_delay=0.006, cold_s=0.02)
 
     def gate() -> bool:  # the start-up figures were taken while another worker was busy
         if not hasattr(gate, "set"):
             gate.set = True
             for _ in range(SOLO_WINDOW):
-                batcher._on_solo.add(0.006)
+                batcher._on_solo.add(0.024)
         return True
 
     async def main() -> Batcher:
@@ -322,7 +323,7 @@ def test_a_probe_counts_the_other_session_warm_so_a_faster_one_is_found():
         batcher = Batcher(model, max_batch_size=64)
         batcher.start()
         batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
-        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=1)
+        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=3)
         batcher.solo_gate = gate
         await asyncio.sleep(0.05)
         for i in range(64 * 6):
