@@ -393,7 +393,7 @@ class ServedModel:
         self.model.add_solo_session(self.solo_threads)
         b.time_solo(one)
         b.solo_gate = WORKERS.alone
-        logger.info("%s: a one-item call on a solo session (%d threads, spinning while it runs) "
+        logger.info("%s: a one-item call on a solo session (%d threads, spinning) "
                     "%.2f ms against %.2f ms: lone requests on an otherwise idle server start on "
                     "the %s one", self.name, self.solo_threads, b.lone_on_solo_s * 1e3,
                     b.lone_on_own_s * 1e3, "solo" if b.solo_pays() else "worker's own")

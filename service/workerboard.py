@@ -2,7 +2,7 @@
 
 A lone request on an idle model runs on the event loop (``batching.py``); where the model has a
 *solo* session (``OnnxModel.add_solo_session``: every core of the server, its threads spinning
-while a call runs) that call takes about two thirds of the time of a call on the worker's own
+during a call and for about 55 ms after it) that call takes about two thirds of the time of a call on the worker's own
 single thread (a 64x64 CNN on 2 cores: 0.46 against 0.70 ms). That is only true while the other
 workers are idle: two solo calls at once fight for the same cores, and their spinning threads
 take the CPU the other worker's event loop needs (measured at 4 connections: a third less

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import SOLO_WINDOW, Batcher, BatchError, RecentTimes
+from service.batching import SOLO_WINDOW, Batcher, BatchError, RecentTimes, _stacked
 from service.runtime import NoopModel, Outputs, resolve_providers, softmax
 
 
@@ -417,3 +417,19 @@ def test_an_inline_call_is_finished_on_the_event_loop():
 
     (answer,), inline = _run(main())
     assert inline == 1 and answer[2] == 42 and seen == [threading.current_thread().name]
+
+
+def test_a_lone_contiguous_item_goes_to_the_model_as_a_view_of_itself():
+    """A v2 tensor is a view of the request's body: one item is not copied into the call's
+    input; several are stacked, and a strided item is copied as before."""
+    body = np.arange(2 * 3 * 4, dtype=np.float32).tobytes()
+    items = np.frombuffer(body, dtype="<f4").reshape(2, 3, 4)
+    lone = _stacked([items[0]])
+    assert lone.shape == (1, 3, 4) and np.shares_memory(lone, items)
+    both = _stacked([items[0], items[1]])
+    assert both.shape == (2, 3, 4) and not np.shares_memory(both, items)
+    np.testing.assert_array_equal(both, items)
+    strided = items[:, :, ::2][0]
+    copied = _stacked([strided])
+    assert copied.flags.c_contiguous and not np.shares_memory(copied, items)
+    np.testing.assert_array_equal(copied[0], strided)
