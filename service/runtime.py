@@ -5,7 +5,7 @@ and ``attention_mask`` ``[N, L]``, fed as a dict. Both answer ``logits`` and ``e
 
 Threads are set on purpose: ORT's default spins its pool threads while idle, and on a 2-core box
 those spinning threads take the core the HTTP event loop needs. We size the intra-op pool to the
-cores a worker owns and turn spinning off. A small model may also get a *solo* session (every
+cores a worker owns and turn spinning off. A small model may also get *solo* sessions (every
 core, spinning) for a lone request on an otherwise idle server
 (``add_solo_session``, ``workerboard.py``).
 
@@ -18,12 +18,19 @@ at c=64 on the 2-core box: 650 texts/s against 1,420 with one BLAS thread).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Protocol, Union
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+# How long ORT's pool threads spin on after a call before they sleep (measured: 56 ms of CPU
+# after one call of the reference CNN, none after that): a solo call within this time of the
+# last one finds them spinning (``OnnxModel.add_solo_session``).
+SOLO_SPIN_S = 0.05
 
 
 class RuntimeStartError(RuntimeError):
@@ -90,7 +97,8 @@ class OnnxModel:
                 path, sess_options=_options(ort, intra_op_threads, spin=False), providers=chosen)
         except Exception as exc:  # ORT raises its own exception types; all mean "cannot start"
             raise RuntimeStartError(f"cannot load ONNX model {path}: {exc}") from exc
-        self._solo = None  # add_solo_session
+        self._solo = self._solo_stopping = None  # add_solo_session
+        self._solo_ended = -math.inf  # when the last solo call returned (perf_counter)
         self.solo_threads = 0
         # ORT silently falls back to CPU when CUDA fails to initialise: report what it really uses.
         self.provider = self._session.get_providers()[0]
@@ -110,32 +118,52 @@ class OnnxModel:
         return self._run(self._session, batch)
 
     def add_solo_session(self, threads: int) -> None:
-        """A second session over the same file for one-item calls on an otherwise idle server
+        """Solo sessions over the same file for one-item calls on an otherwise idle server
         (``workerboard.py`` says when): ``threads`` intra-op threads that spin, so the few short
         parallel sections of a small model's call do not each wait for a thread to wake up.
-        ORT's pool threads spin on after a call for about 55 ms (one call's CPU, measured: 56 ms
-        after it, nothing more after 0.1 s) and then sleep, so back-to-back lone requests find
-        them awake and an idle server spins for 55 ms after its last one. Stopping them at each
-        call's end instead (``session.force_spinning_stop``) woke them at every call: in the
-        serving worker at c=1 on a 2-core box, the solo session's calls took 1.4-3.4 ms (median
-        of its recent calls, three server starts) against 1.0-1.5 without, 290-420 against
-        440-450 requests/s. CPU only; a GPU call gains nothing from it."""
+
+        Two of them, for what follows a call. ORT's pool threads spin on after a call for about
+        55 ms (``SOLO_SPIN_S``; measured: 56 ms of CPU after one call, nothing more after 0.1 s)
+        and then sleep. A lone call within that time of the last one runs on the session that
+        leaves them spinning, so back-to-back lone requests find them awake: stopped at each
+        call's end instead (``session.force_spinning_stop``) they had to be woken at every call,
+        and in the serving worker at c=1 on a 2-core box the solo calls took 1.4-3.4 ms (median
+        of the recent ones, three server starts) against 1.0-1.5, the server answering 290-420
+        against 440-450 requests/s. A lone call after a longer pause (its threads asleep
+        either way) runs on the session that stops them at its end, so an isolated request does
+        not leave a core spinning for 55 ms: a request every 100 ms would otherwise keep half a
+        core busy. A stream of lone requests less than 55 ms apart keeps one core spinning
+        while it lasts, as ORT's default sessions do. CPU only; a GPU call gains nothing."""
         import onnxruntime as ort
 
-        self._solo = ort.InferenceSession(self._path, sess_options=_options(ort, threads, True),
-                                          providers=["CPUExecutionProvider"])
+        def session(stop: bool):
+            return ort.InferenceSession(self._path, sess_options=_options(ort, threads, True, stop),
+                                        providers=["CPUExecutionProvider"])
+
+        self._solo, self._solo_stopping = session(False), session(True)
+        self._solo_ended = -math.inf
         self.solo_threads = threads
 
     def drop_solo_session(self) -> None:
-        self._solo, self.solo_threads = None, 0
+        self._solo = self._solo_stopping = None
+        self.solo_threads = 0
 
     @property
     def has_solo(self) -> bool:
         return self._solo is not None
 
     def run_solo(self, batch: Batch) -> Outputs:
-        """One call on the solo session (the usual one where there is none)."""
-        return self._run(self._solo or self._session, batch)
+        """One call on a solo session (``add_solo_session``: the one that leaves its threads
+        spinning within ``SOLO_SPIN_S`` of the last solo call, the one that stops them after a
+        longer pause), or on the usual one where there is none."""
+        if self._solo is None:
+            return self._run(self._session, batch)
+        started = time.perf_counter()
+        streaming = started - self._solo_ended < SOLO_SPIN_S
+        try:
+            return self._run(self._solo if streaming else self._solo_stopping, batch)
+        finally:
+            self._solo_ended = time.perf_counter()
 
     def _run(self, session, batch: Batch) -> Outputs:
         feed = batch if isinstance(batch, dict) else {self._input: batch}
@@ -153,9 +181,10 @@ def limit_blas_threads() -> list[dict]:
             for lib in threadpool_info() if lib.get("user_api") == "blas"]
 
 
-def _options(ort, intra_op_threads: int, spin: bool):
+def _options(ort, intra_op_threads: int, spin: bool, stop_spinning: bool = False):
     """Session options: ``intra_op_threads`` threads, sequential; spinning only for a solo
-    session (see the module doc and ``add_solo_session``)."""
+    session, stopped at each call's end if ``stop_spinning`` (see the module doc and
+    ``add_solo_session``)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
@@ -163,6 +192,8 @@ def _options(ort, intra_op_threads: int, spin: bool):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if spin and stop_spinning:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 

@@ -2,12 +2,13 @@
 
 A lone request on an idle model runs on the event loop (``batching.py``); where the model has a
 *solo* session (``OnnxModel.add_solo_session``: every core of the server, its threads spinning
-during a call and for about 55 ms after it) that call takes about two thirds of the time of a call on the worker's own
-single thread (a 64x64 CNN on 2 cores: 0.46 against 0.70 ms). That is only true while the other
-workers are idle: two solo calls at once fight for the same cores, and their spinning threads
-take the CPU the other worker's event loop needs (measured at 4 connections: a third less
-throughput). So a worker asks this board before it calls the solo session: it does when the
-request is the only one in its own models and no other worker has one in its models.
+during a call and, in a stream of lone requests, for about 55 ms after it) that call takes about
+two thirds of the time of a call on the worker's own single thread (a 64x64 CNN on 2 cores: 0.46
+against 0.70 ms). That is only true while the other workers are idle: two solo calls at once
+fight for the same cores, and their spinning threads take the CPU the other worker's event loop
+needs (measured at 4 connections: a third less throughput). So a worker asks this board before
+it calls the solo session: it does when the request is the only one in its own models and no
+other worker has one in its models.
 
 The board is one int64 per worker (``worker_index() - 1``) in a file that every worker maps
 (``mmap``, shared): a worker writes only its own slot (an aligned 8-byte store) and reads all of

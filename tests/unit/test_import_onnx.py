@@ -118,18 +118,42 @@ def test_a_solo_session_answers_what_the_worker_session_answers(tmp_path: Path) 
                                                   own.probabilities)
 
 
-def test_the_solo_session_spins_and_is_not_stopped_at_each_call() -> None:
-    """Its threads spin and are left to ORT's own spin after a call: stopped at every call's
-    end (``session.force_spinning_stop``) they had to be woken at the next, and a lone call in
-    the serving worker took 1.4-3.4 ms against 1.0-1.5 (runtime.add_solo_session); the
-    worker's own session never spins."""
+def test_a_lone_call_in_a_stream_leaves_the_threads_spinning_an_isolated_one_stops_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two solo sessions (runtime.add_solo_session): a call within SOLO_SPIN_S of the last solo
+    call runs on the one whose threads ORT leaves spinning (stopped at every call's end they
+    had to be woken at the next: 1.4-3.4 ms a lone call in the serving worker against
+    1.0-1.5); a call after a longer pause runs on the one that stops them at its end, so an
+    isolated request leaves no core spinning. Both answer what the worker's session answers."""
     import onnxruntime as ort
 
-    from service.runtime import _options
+    from service import runtime
+    from service.runtime import OnnxModel, _options
 
-    solo, own = _options(ort, 2, spin=True), _options(ort, 1, spin=False)
+    solo, stopping, own = (_options(ort, 2, spin=True), _options(ort, 2, True, True),
+                           _options(ort, 1, spin=False))
     assert solo.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert stopping.get_session_config_entry("session.force_spinning_stop") == "1"
     assert own.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     for opts in (solo, own):
         with pytest.raises(RuntimeError, match="does not have configuration"):
             opts.get_session_config_entry("session.force_spinning_stop")
+
+    model, _ = with_embedding(onnx.load(str(classifier(tmp_path / "m.onnx"))))
+    onnx.save(model, str(tmp_path / "served.onnx"))
+    served = OnnxModel(str(tmp_path / "served.onnx"), "cpu", 1)
+    served.add_solo_session(2)
+    used: list[str] = []
+    names = {id(served._solo): "spinning", id(served._solo_stopping): "stopping"}
+    real_run = served._run
+    monkeypatch.setattr(served, "_run", lambda session, batch: (
+        used.append(names.get(id(session), "own")), real_run(session, batch))[1])
+    x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    answers = [served.run_solo(x) for _ in range(3)]  # the first after a pause, then a stream
+    monkeypatch.setattr(runtime, "SOLO_SPIN_S", 0.0)  # every call now comes "after a pause"
+    answers.append(served.run_solo(x))
+    assert used == ["stopping", "spinning", "spinning", "stopping"]
+    own_answer = served.run(x)
+    for answer in answers:
+        np.testing.assert_allclose(answer.probabilities, own_answer.probabilities,
+                                   rtol=1e-5, atol=1e-6)
