@@ -132,7 +132,7 @@ class OnnxModel:
         against 440-450 requests/s. A lone call after a longer pause (its threads asleep
         either way) runs on the session that stops them at its end, so an isolated request does
         not leave a core spinning for 55 ms: a request every 100 ms would otherwise keep half a
-        core busy. A stream of lone requests less than 55 ms apart keeps one core spinning
+        core busy. A stream of lone requests less than 50 ms apart keeps one core spinning
         while it lasts, as ORT's default sessions do. CPU only; a GPU call gains nothing."""
         import onnxruntime as ort
 
@@ -158,8 +158,7 @@ class OnnxModel:
         longer pause), or on the usual one where there is none."""
         if self._solo is None:
             return self._run(self._session, batch)
-        started = time.perf_counter()
-        streaming = started - self._solo_ended < SOLO_SPIN_S
+        streaming = time.perf_counter() - self._solo_ended < SOLO_SPIN_S
         try:
             return self._run(self._solo if streaming else self._solo_stopping, batch)
         finally:
