@@ -531,7 +531,8 @@ class Batcher:
                 batch = [self._pending.popleft() for _ in range(n)]
             else:
                 batch = self._plan(self._pending, self.max_batch_size)
-            return batch, expired
+            # a cancelled item's caller is gone (its client went away): not worth a model call
+            return [item for item in batch if not item.future.done()], expired
 
     def _take_expired(self) -> list[_Item]:
         """Take every item whose deadline has passed (or whose caller is gone) out of the queue;

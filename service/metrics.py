@@ -37,6 +37,7 @@ class Metrics:
     preprocess: object
     rejected: object
     shed: object
+    abandoned: object
     queue_items: object
     model_info: object
     ood_flagged: object
@@ -98,6 +99,13 @@ def get_metrics() -> Metrics:
             "deadline was reached at the door: 503 before the body was read) or deadline "
             "(dropped from the queue at its deadline, before inference: 504).",
             ["model", "reason"],  # overloaded | deadline
+        ),
+        abandoned=Counter(
+            f"{NAMESPACE}_abandoned_requests_total",
+            "Admitted requests whose client closed its connection before the answer: given up "
+            "(left out of the model call if still queued; nothing answered). Not overload: a "
+            "client timing out, or going away.",
+            ["model"],
         ),
         queue_items=Gauge(
             f"{NAMESPACE}_queue_items",
@@ -172,6 +180,7 @@ class ModelMetrics:
         self._rejected = metrics.rejected
         self._shed = {reason: metrics.shed.labels(name, reason)
                       for reason in ("overloaded", "deadline")}
+        self._abandoned = metrics.abandoned.labels(name)
         self._queue = metrics.queue_items.labels(name)
         self._ood = metrics.ood_flagged.labels(name, version)
         self._ood_reference = metrics.ood_reference.labels(name)
@@ -201,6 +210,10 @@ class ModelMetrics:
     def shed(self, reason: str) -> None:
         """A request refused at the door ("overloaded") or dropped at its deadline ("deadline")."""
         self._shed[reason].inc()
+
+    def abandoned(self) -> None:
+        """A request given up because its client went away (``shedding.py``)."""
+        self._abandoned.inc()
 
     def queue(self, items: int) -> None:
         self._queue.set(items)

@@ -37,7 +37,12 @@ a ``POST`` to a classify route (``app.SHED_ROUTES``, and the v2 ``infer`` routes
   usual, except that its response cycle runs the fast lane (``lane.py``) instead of BentoML's
   whole stack where the lane exists; the lane, or else ``OverloadShortcut``, the first
   middleware BentoML runs (``patches.run_first``), takes the admission over and releases it if
-  the request never reaches the route, exactly as for one the shortcut admitted itself.
+  the request never reaches the route, exactly as for one the shortcut admitted itself. If its
+  client closes the connection before the answer is complete, its task is cancelled
+  (``_until_gone``): what it awaits is dropped, the admission released on the way out, nothing
+  answered; ``clf_abandoned_requests_total`` counts it. Left running, it held its admission
+  until its model call, so a load generator that stopped with 64 requests on their way had the
+  next run's first requests refused.
 
 Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
 routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
@@ -58,6 +63,7 @@ correct and dearer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -167,8 +173,9 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
             self.scope[ADMITTED_AT] = time.perf_counter()  # its deadline counts from here
             app = self.app
             fast = self._lane(app)
-            if fast is not None:
-                self.app = fast  # what uvicorn's cycle runs for this request (lane.py)
+            # what uvicorn's cycle runs for this request: the lane (lane.py) or the app, given up
+            # if the client goes away first
+            self.app = functools.partial(_until_gone, app if fast is None else fast, model)
             try:
                 super().on_headers_complete()
             except BaseException:
@@ -275,7 +282,13 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
                 self.paced.cancel()
                 self.paced = None
             self.owed = None
+            cycle = self.cycle
             super().connection_lost(exc)
+            if cycle is not None and not cycle.response_complete:
+                task = cycle.scope.get(REQUEST_TASK)
+                if task is not None and not task.done():  # an admitted request under way
+                    cycle.scope[GONE] = True
+                    task.cancel()
 
         def shutdown(self) -> None:  # uvicorn's own stop (where drain_on_stop is not in place)
             if self.owed is not None:
@@ -284,6 +297,29 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
 
     SheddingProtocol.__qualname__ = SheddingProtocol.__name__ = f"Shedding{base.__name__}"
     return SheddingProtocol
+
+
+# scope keys of a request the door admitted: its task, and whether its client went away
+REQUEST_TASK = "clf.request_task"
+GONE = "clf.client_gone"
+
+
+async def _until_gone(app: Any, model: "ServedModel", scope: dict, receive: Any,
+                      send: Any) -> None:
+    """Run an admitted request's ``app``; if its client closes the connection before the answer
+    is complete, ``connection_lost`` cancels it: what it awaits is dropped (a queued item is
+    left out of the next model call), its admission is released on the way out, as for a
+    request past its timeout, and nothing is answered (nobody is there to read it)."""
+    task = asyncio.current_task()
+    scope[REQUEST_TASK] = task
+    try:
+        await app(scope, receive, send)
+    except asyncio.CancelledError:
+        if not scope.get(GONE) or task.uncancel() > 0:  # not ours, or cancelled again since
+            raise
+        model.metrics.abandoned()
+    finally:
+        scope[REQUEST_TASK] = None
 
 
 def install(api: "App", middleware_first: bool, fast_lane: bool = False) -> bool:

@@ -318,6 +318,36 @@ def test_what_the_door_admits_is_released_once(serve):
     wait_for(lambda: served.served.admitted == 0)
 
 
+def abandoned_count(model: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("clf_abandoned_requests_total", {"model": model}) or 0.0
+
+
+def test_a_client_that_goes_away_is_given_up_and_its_item_never_computed(serve, caplog):
+    """Admitted, queued behind a busy model, then the client closes its connection: the
+    request is cancelled at once (its admission back while the model is still busy), its item
+    is left out of the next model call, nothing is logged as an error, and the server serves
+    on."""
+    served = serve("shed-gone", max_queue_items=4)
+    held = hold(served)
+    before = abandoned_count("shed-gone")
+    gone = connect(served.port)
+    gone.sendall(post(png(), "gone"))
+    wait_for(lambda: served.served.admitted == 2 and served.served.batcher.queued == 1)
+    gone.close()
+    wait_for(lambda: served.served.admitted == 1)  # given up while the model is still busy
+    assert abandoned_count("shed-gone") == before + 1
+    served.model.gate.set()
+    assert answer(held)[0] == 200
+    wait_for(lambda: served.served.admitted == 0)
+    client = connect(served.port)
+    client.sendall(post(png(), "after"))
+    assert answer(client)[0] == 200
+    assert served.model.calls == [1, 1], "the held request's call and the last one's only"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 @pytest.mark.parametrize("how", ["http/1.0", "connection: close", "expect: 100-continue"])
 def test_a_refusal_closes_where_the_client_asks_or_may_never_send_its_body(serve, how):
     served = serve(f"shed-close-{how.split(':')[0]}")
