@@ -9,6 +9,7 @@ plus what the tokenizer made of it.
 from __future__ import annotations
 
 import unicodedata
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -34,45 +35,56 @@ _STATS_SIDE = 64
 _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601 luma
 
 
+@lru_cache(maxsize=16)
+def _ones(n: int) -> np.ndarray:
+    ones = np.ones(n, dtype=np.float32)
+    ones.flags.writeable = False
+    return ones
+
+
 def image_features(img: Image.Image) -> dict[str, float]:
     """Monitored features of a decoded image (``L`` or ``RGB``), all plain floats."""
     width, height = img.size
     small = img if max(img.size) <= _STATS_SIDE else img.reduce(max(1, max(img.size) // _STATS_SIDE))
-    rgb = np.asarray(small.convert("RGB"))  # uint8 [H, W, 3]
-    # One contiguous float plane per channel: reductions over a trailing axis of 3 are slow, and
-    # so are reductions over a transposed view (astype keeps the layout unless told: measured
-    # 104 us against 17 us for the channel means of a 64x64 image).
-    planes = rgb.reshape(-1, 3).T.astype(np.float32, order="C") * np.float32(1.0 / 255.0)
-    r, g, b = planes
-    gray = _GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b  # [H * W]
-    h, w = rgb.shape[:2]
-    n = float(h * w)
-    # Sums with np.add.reduce (what ndarray.mean does, without its Python wrapper: on images
-    # this small the wrappers cost more than the arithmetic).
-    means = np.add.reduce(planes, axis=1) / n
-    brightness = float(np.add.reduce(gray)) / n
-    centred = gray - np.float32(brightness)
-    contrast = (float(np.add.reduce(centred * centred)) / n) ** 0.5
-    saturation = float(np.add.reduce(np.maximum(np.maximum(r, g), b)
-                                     - np.minimum(np.minimum(r, g), b))) / n
+    if small.mode != "RGB":
+        small = small.convert("RGB")
+    w, h = small.size
+    n = w * h
+    # On the request path of every logged image, so written for few numpy calls (each costs a
+    # few microseconds here, as much as its arithmetic on 4,096 pixels): one contiguous float
+    # plane per channel, on the 0..255 scale (scaled once, at the end); the sums as dot products
+    # with a ones vector (reductions over a trailing axis of 3 cost 75 us; np.add.reduce over a
+    # plane 3.5 us, the dot product 1.1 us). 57 us against 88 for the former version, which took
+    # the same statistics with ~35 calls (64x64 RGB, the 2-core box); values equal within 1e-6.
+    planes = np.frombuffer(small.tobytes(), np.uint8).reshape(n, 3).T.astype(np.float32, order="C")
+    ones = _ones(n)
+    sums = planes @ ones  # [3]
+    gray = _GRAY @ planes  # [N]
+    total = float(np.add.reduce(gray))  # pairwise: exact on a flat image, so its contrast is 0
+    centred = gray - np.float32(total / n)
+    contrast = (float(centred @ centred) / n) ** 0.5
+    spread = np.maximum.reduce(planes, axis=0)  # [N]: max - min over the channels
+    spread -= np.minimum.reduce(planes, axis=0)
     if h > 1 and w > 1:
         plane = gray.reshape(h, w)
-        gx = float(np.add.reduce(np.abs(plane[:, 1:] - plane[:, :-1]), axis=None)) / (h * (w - 1))
-        gy = float(np.add.reduce(np.abs(plane[1:] - plane[:-1]), axis=None)) / ((h - 1) * w)
+        dx, dy = plane[:, 1:] - plane[:, :-1], plane[1:] - plane[:-1]
+        gx = float(np.abs(dx, out=dx).ravel() @ _ones(dx.size)) / dx.size
+        gy = float(np.abs(dy, out=dy).ravel() @ _ones(dy.size)) / dy.size
         edges = (gx + gy) / 2.0
     else:
         edges = 0.0
+    scale = 1.0 / (255.0 * n)
     return {
         "width": float(width),
         "height": float(height),
         "aspect_ratio": float(width) / float(height),
-        "brightness": brightness,
-        "contrast": contrast,
-        "mean_r": float(means[0]),
-        "mean_g": float(means[1]),
-        "mean_b": float(means[2]),
-        "saturation": saturation,
-        "edge_density": edges,
+        "brightness": total * scale,
+        "contrast": contrast / 255.0,
+        "mean_r": float(sums[0]) * scale,
+        "mean_g": float(sums[1]) * scale,
+        "mean_b": float(sums[2]) * scale,
+        "saturation": float(spread @ ones) * scale,
+        "edge_density": edges / 255.0,
     }
 
 

@@ -103,3 +103,24 @@ def test_large_image_matches_a_downsized_copy() -> None:
     for name in ("brightness", "contrast", "mean_r", "mean_g", "mean_b", "saturation"):
         assert a[name] == pytest.approx(b[name], abs=0.02), name
     assert 0.0 < a["edge_density"] < 1.0
+
+
+@pytest.mark.parametrize("shape", [(64, 64, 3), (24, 32, 3), (17, 5), (1, 1, 3)])
+def test_values_match_the_definitions_in_float64(shape: tuple[int, ...]) -> None:
+    """The fast float32 arithmetic (planes, dot products) against the definitions written
+    plainly in float64 on the same pixels."""
+    pixels = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    gray = rgb @ np.array([0.299, 0.587, 0.114])
+    h, w = gray.shape
+    edges = ((np.abs(np.diff(gray, axis=1)).mean() + np.abs(np.diff(gray, axis=0)).mean()) / 2
+             if h > 1 and w > 1 else 0.0)
+    expected = {
+        "brightness": gray.mean(), "contrast": gray.std(),
+        "mean_r": rgb[..., 0].mean(), "mean_g": rgb[..., 1].mean(), "mean_b": rgb[..., 2].mean(),
+        "saturation": (rgb.max(axis=2) - rgb.min(axis=2)).mean(), "edge_density": edges,
+    }
+    feats = image_features(img)
+    for name, value in expected.items():
+        assert feats[name] == pytest.approx(value, abs=1e-6), name
