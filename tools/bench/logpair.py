@@ -19,6 +19,7 @@ more (requests answered after wrk stopped counting).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -79,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load per server first")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--port", type=int, default=3997, help="log off; log on is the next port")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the working folder (the log, the bodies, the servers' logs)")
     args = p.parse_args(argv)
     concs = [int(c) for c in args.conc.split(",")]
 
@@ -123,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)  # the log grows by ~10 MB a second of load
     print(f"\n{tag}, {body.description} to {body.route}, {args.workers} workers per server, "
           f"{args.rounds} paired rounds x {args.duration:g} s per cell")
     print(f"{'c':>4} | {'off req/s':>9} {'on req/s':>9} | {'on/off (median of rounds)':>25} "
