@@ -137,8 +137,12 @@ def read_frames(path: Path, offset: int, limit: int = READ_BYTES) -> tuple[list[
                                    f"(starts {head!r}, expected {MAGIC!r})")
             offset = len(MAGIC)
         f.seek(offset)
-        data = f.read(limit)
-        at_eof = len(data) < limit
+        # Asked for no more than the file holds (and a byte more, to see its end): a read asks
+        # the allocator for all it may return, and 8 MB for the ~200 KB a 100-ms interval
+        # appends cost 6x the read itself.
+        want = min(limit, max(os.fstat(f.fileno()).st_size - offset, 0) + 1)
+        data = f.read(want)
+        at_eof = len(data) < want
         rows: list[list] = []
         pos = 0
         while True:
