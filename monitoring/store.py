@@ -500,7 +500,8 @@ def _row(r: PredictionRecord) -> list:
             float(r.confidence), int(bool(r.ood)),
             None if r.ood_score is None else float(r.ood_score),
             None if r.latency_ms is None else float(r.latency_ms),
-            _compact(dict(r.slices)), _compact({k: float(v) for k, v in r.features.items()}),
+            _compact(dict(r.slices)) if r.slices else "{}",
+            _compact({k: float(v) for k, v in r.features.items()}),
             _blob(r.embedding), _blob(r.probabilities), r.input, r.replica, None]
 
 

@@ -332,16 +332,17 @@ def test_inputs_live_in_segment_files_and_retention_frees_them(sqlite_log, tmp_p
     from dataclasses import replace
 
     log = sqlite_log
-    log.write_batch([replace(record(f"r{i}", ts=1000.0 + i), input=bytes([i]) * (100 + i))
+    size = sqlite_module.INLINE_INPUT_BYTES + 1  # smaller inputs stay in the row (the next test)
+    log.write_batch([replace(record(f"r{i}", ts=1000.0 + i), input=bytes([i]) * (size + i))
                      for i in range(10)])
     raw = sqlite3.connect(log.path)
     refs = [ref for (ref,) in raw.execute("SELECT input_ref FROM predictions ORDER BY id")]
     assert raw.execute("SELECT COUNT(*) FROM predictions WHERE input IS NOT NULL").fetchone()[0] == 0
     segments = list(log.inputs_dir.glob("*.seg"))
     assert len(segments) == 1 and all(r.startswith(segments[0].name + "@") for r in refs)
-    assert segments[0].stat().st_size == sum(100 + i for i in range(10))
+    assert segments[0].stat().st_size == sum(size + i for i in range(10))
     log.add_feedback_many({f"r{i}": "0" for i in range(10)})
-    assert [x.input for x in log.labelled_inputs("m")] == [bytes([i]) * (100 + i)
+    assert [x.input for x in log.labelled_inputs("m")] == [bytes([i]) * (size + i)
                                                           for i in range(10)]
     # A row written before segments (schema <= 3) keeps its input in the row: still read.
     raw.execute("UPDATE predictions SET input = x'0102', input_ref = NULL WHERE request_id = 'r0'")
@@ -365,6 +366,24 @@ def test_inputs_can_stay_in_the_row(tmp_path) -> None:
         log.add_feedback("r1", "0")
         assert log.labelled_inputs("m")[0].input == b"abc"
     assert not (tmp_path / "log.db.inputs").exists()
+
+
+@pytest.mark.parametrize("journal", [False, True], ids=["commit", "journal"])
+def test_small_inputs_stay_in_their_row_beside_segment_inputs(tmp_path, journal) -> None:
+    """A text-sized input is no segment write: it goes into the row (and the journal frame)."""
+    from dataclasses import replace
+
+    from monitoring.sqlite_log import INLINE_INPUT_BYTES
+
+    small, large = "héllo".encode() * 20, os.urandom(INLINE_INPUT_BYTES + 1)
+    with SQLiteLog(tmp_path / "log.db", journal=journal) as log:
+        log.write_batch([replace(record("r1"), input=small), replace(record("r2"), input=large)])
+        log.add_feedback_many({"r1": "0", "r2": "1"})
+        assert [x.input for x in log.labelled_inputs("m")] == [small, large]
+        rows = log._read("SELECT request_id, input IS NOT NULL, input_ref IS NOT NULL"
+                         " FROM predictions ORDER BY request_id")
+        assert rows == [("r1", 1, 0), ("r2", 0, 1)]
+        assert sum(f.stat().st_size for f in log.inputs_dir.glob("*.seg")) == len(large)
 
 
 def test_background_checkpoints_keep_the_wal_bounded_off_the_commit_path(tmp_path) -> None:
