@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 from .journal import (Indexer, JournalError, JournalWriter, delete_unheld, is_held, journal_dir,
                       journals, read_frames)
 from .store import (_INPUT, _INPUT_REF, _SLICES, COLUMNS, SCHEMA_VERSION, FeedbackResult,
-                    LogOpenError, PredictionLog, PredictionRecord, ValidLabels, _row)
+                    LogOpenError, PredictionLog, ValidLabels)
 
 logger = logging.getLogger(__name__)
 BUSY_TIMEOUT_MS = 10_000  # several workers share the file; a writer waits this long for the lock
@@ -171,13 +171,12 @@ class SQLiteLog(PredictionLog):
         committing a transaction."""
         return self._journal is not None
 
-    def write_batch(self, records: Sequence[PredictionRecord]) -> None:
+    def write_rows(self, rows: list[list]) -> None:
         """With a journal: durable once appended to it (see journal.py); indexed within
         ``index_interval_s``, and seen by every read through this class before that."""
         if self._journal is None:
-            return super().write_batch(records)
-        if records:
-            rows = [_row(r) for r in records]
+            return super().write_rows(rows)
+        if rows:
             self._stash_inputs(rows)  # before the journal: an answered row's input is written
             self._journal.append(rows)
 

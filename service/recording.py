@@ -4,8 +4,9 @@ it durable before the answer is sent.
 Durability: a request's records are durable in the prediction log before its answer is sent.
 With SQLite (the default) that takes one append to the worker's journal file
 (monitoring/journal.py), written on the event loop: no transaction, no lock shared with the other
-workers, nothing to wait for; a thread indexes the journal into the database every
-``CLF_LOG_INDEX_MS``. Otherwise (PostgreSQL, SQLite under ``synchronous=FULL``, or
+workers, nothing to wait for; the answers that finish in one turn of the loop (a batch's) share
+one append, made at the start of the next turn. A thread indexes the journal into the database
+every ``CLF_LOG_INDEX_MS``. Otherwise (PostgreSQL, SQLite under ``synchronous=FULL``, or
 ``CLF_LOG_INDEX_MS=0``) each record is committed before the answer: commits are grouped, the
 records of every request that finished since the last commit going into one transaction, written
 by one thread while the model keeps running the next batch. A commit has a fixed cost (about
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from monitoring.store import PredictionLog, PredictionRecord
+from monitoring.store import PredictionLog, compact_json, encode_row
 
 from .batching import cancel_task
 from .metrics import get_metrics
@@ -69,8 +70,9 @@ class PredictionRecorder:
         self.keep_inputs = keep_inputs and input_sample > 0
         self.max_input_bytes = max_input_bytes
         self._sample_below = int(input_sample * 2**32)
-        self._records: list[PredictionRecord] = []
+        self._records: list[list] = []  # encoded rows (encode_row) waiting for the commit
         self._waiters: list[asyncio.Future] = []
+        self._append_due = False  # inline: an append is scheduled for the loop's next turn
         self._wakeup: asyncio.Event | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predlog")
         self._task: asyncio.Task | None = None
@@ -113,43 +115,58 @@ class PredictionRecorder:
     async def record(self, model: ServedModel, ctx: RequestContext,
                      predictions: Sequence[Prediction], probs: np.ndarray,
                      features: Sequence[dict] | None, inputs: Sequence[bytes] | None) -> None:
-        """One record per answered input, durable before this returns."""
+        """One row per answered input, durable before this returns. Encoded straight from the
+        answers (``encode_row``), without a ``PredictionRecord`` each: the request path."""
         now, latency = time.time(), (time.perf_counter() - ctx.started) * 1000.0
-        sampled = self.sampled(ctx.request_id)
+        request_id, name, version = ctx.request_id, model.name, model.version
+        replica = self.replica
+        sampled = self.sampled(request_id)
+        slices = compact_json(dict(ctx.slices)) if ctx.slices else "{}"
         await self.write([
-            PredictionRecord(
-                request_id=ctx.request_id, item=i, ts=now, model=model.name,
-                version=model.version, predicted=p.label, confidence=p.confidence,
-                probabilities=probs[i], embedding=p.embedding,
-                features=features[i] if features else {}, slices=ctx.slices,
-                latency_ms=latency, ood=p.ood, ood_score=p.ood_score,
-                input=self.keep(inputs[i], sampled) if inputs else None,
-                replica=self.replica)
+            encode_row(request_id, i, now, name, version, p.label, p.confidence, p.ood,
+                       p.ood_score, latency, slices, features[i] if features else None,
+                       p.embedding, probs[i],
+                       self.keep(inputs[i], sampled) if inputs else None, replica)
             for i, p in enumerate(predictions)])
 
-    async def write(self, records: Sequence[PredictionRecord]) -> None:
-        """Returns once ``records`` are durable; raises LogUnavailable if they cannot be."""
-        if self.inline:
-            self._append(records)
-            await asyncio.sleep(0)  # a turn for the loop's other tasks, as a commit's wait gave
-            return
+    async def write(self, rows: list[list]) -> None:
+        """Returns once ``rows`` (``encode_row``) are durable; raises LogUnavailable if they
+        cannot be."""
         future = asyncio.get_running_loop().create_future()
-        self._records.extend(records)
+        self._records.extend(rows)
         self._waiters.append(future)
-        self._wakeup.set()
+        if self.inline:
+            if not self._append_due:  # the first answer of this turn of the loop
+                self._append_due = True
+                asyncio.get_running_loop().call_soon(self._append)
+        else:
+            self._wakeup.set()
         await future
 
-    def _append(self, records: Sequence[PredictionRecord]) -> None:
-        """A journaled log's write, on the event loop: one append (tens of microseconds), no
-        lock shared with other workers, nothing to wait for."""
+    def _append(self) -> None:
+        """A journaled log's write, on the event loop: the rows of every answer written since
+        the loop's last turn in one append (the requests of a batch finish in one turn: one
+        system call, one frame for all of them), no lock shared with other workers."""
+        self._append_due = False
+        rows, waiters = self._records, self._waiters
+        if not rows:
+            return
+        self._records, self._waiters = [], []
         started = time.perf_counter()
         try:
-            self.store.write_batch(records)
+            self.store.write_rows(rows)
         except Exception as exc:
-            logger.exception("prediction log write failed (%d records)", len(records))
+            logger.exception("prediction log write failed (%d records)", len(rows))
             self._errors.inc()
-            raise LogUnavailable(f"the prediction log could not be written: {exc}") from None
+            error = LogUnavailable(f"the prediction log could not be written: {exc}")
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            return
         self._commit_seconds.observe(time.perf_counter() - started)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -165,7 +182,7 @@ class PredictionRecorder:
             self._committing = len(waiters)
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._executor, self.store.write_batch, records)
+                await loop.run_in_executor(self._executor, self.store.write_rows, records)
             except Exception as exc:
                 logger.exception("prediction log write failed (%d records)", len(records))
                 self._errors.inc()

@@ -184,14 +184,14 @@ def test_a_log_that_cannot_be_written_answers_503_and_the_server_recovers(setup,
 
     async def body(client, instance):
         log = instance.recorder.store
-        real = log.write_batch
+        real = log.write_rows
 
-        def broken(records):
+        def broken(rows):
             raise sqlite3.OperationalError("disk I/O error")
 
-        log.write_batch = broken
+        log.write_rows = broken
         failed = await client.post(IMAGE, content=data, headers={"Content-Type": "image/png"})
-        log.write_batch = real
+        log.write_rows = real
         ok = await client.post(IMAGE, content=data, headers={"Content-Type": "image/png"})
         return failed, ok
 

@@ -53,18 +53,20 @@ class _CountingLog:
     def __init__(self, log) -> None:
         self.log, self.groups = log, []
 
-    def write_batch(self, records) -> None:
-        self.groups.append(len(records))
-        self.log.write_batch(records)
+    def write_rows(self, rows) -> None:
+        self.groups.append(len(rows))
+        self.log.write_rows(rows)
 
     def close(self) -> None:
         self.log.close()
 
 
-def _one(request_id: str):
+def _one(request_id: str) -> list[list]:
+    """The encoded row of a one-input request, as the service hands it to the recorder."""
+    from monitoring.store import _row
     from tests.unit.test_monitoring_store import record
 
-    return [record(request_id)]
+    return [_row(record(request_id))]
 
 
 def _started_recorder(tmp_path, group_wait_s: float) -> tuple[_CountingLog, PredictionRecorder,
@@ -152,6 +154,45 @@ def test_a_journaled_log_is_written_on_the_event_loop_and_read_back_whole(tmp_pa
     asyncio.run(scenario())
     with open_log(tmp_path / "log.db") as log:
         assert log.window_stats("m").rows == 2
+
+
+def test_answers_that_finish_in_one_turn_of_the_loop_share_one_append(tmp_path) -> None:
+    """A batch's requests resume in one turn of the event loop: their rows go to the journal in
+    one append (one frame), and none of them is answered before that append is written."""
+    import asyncio
+
+    from monitoring.journal import journals, read_frames
+    from monitoring.sqlite_log import SQLiteLog
+
+    async def scenario() -> list[int]:
+        store = SQLiteLog(tmp_path / "log.db", journal=True, index_interval_s=3600)
+        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0)
+        recorder.start()
+        appended: list[int] = []
+        real = store._journal.append
+
+        def counting(rows) -> None:
+            appended.append(len(rows))
+            real(rows)
+
+        store._journal.append = counting
+        try:
+            batch = [asyncio.ensure_future(recorder.write(_one(r))) for r in ("a", "b", "c")]
+            await asyncio.sleep(0)  # the three tasks run to their writes in this turn
+            assert appended == [] and not any(t.done() for t in batch)
+            await asyncio.wait_for(asyncio.gather(*batch), 1.0)
+            assert appended == [3]
+            await asyncio.wait_for(recorder.write(_one("d")), 1.0)  # a later turn: its own
+            (name, _), = journals(store.journal_dir)
+            rows, _, stop = read_frames(store.journal_dir / name, 0)
+            assert [r[0] for r in rows] == ["a", "b", "c", "d"] and stop == "end"
+            return appended
+        finally:
+            await recorder.stop()
+
+    assert asyncio.run(scenario()) == [3, 1]
+    with open_log(tmp_path / "log.db") as log:
+        assert log.window_stats("m").rows == 4
 
 
 def test_a_journal_that_cannot_be_written_withholds_the_answer(tmp_path) -> None:
