@@ -49,8 +49,8 @@ from .app import App, OverloadShortcut
 from .metrics import DriftRefresher, get_metrics
 from .recording import PredictionRecorder
 from .reload import Reloader, tracks_production
-from .runtime import (TEXT_INPUTS, Model, NoopModel, OnnxModel, limit_blas_threads,
-                      resolve_providers)
+from .runtime import (TEXT_INPUTS, Model, NoopModel, OnnxModel, cuda_batch_shapes,
+                      limit_blas_threads, resolve_providers)
 from .served import ServedImageModel, ServedModel, ServedTextModel, Slot
 from .settings import Settings, SettingsError
 from .workerboard import WORKERS
@@ -222,6 +222,8 @@ def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
     if SETTINGS.runtime == "noop":
         return NoopModel(len(artifact.labels), _embedding_dim(artifact), input_names)
     model = OnnxModel(str(artifact.onnx_path), SETTINGS.providers, SETTINGS.ort_threads)
+    if model.provider == "CUDAExecutionProvider" and input_names == ("input",):
+        model.fix_batch_shapes(cuda_batch_shapes(SETTINGS.max_batch_size))
     logger.info(
         "serving %s:%s on %s (spec %s)", artifact.name, artifact.version, model.provider,
         artifact.spec.content_hash[:12],

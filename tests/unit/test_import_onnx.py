@@ -157,3 +157,26 @@ def test_a_lone_call_in_a_stream_leaves_the_threads_spinning_an_isolated_one_sto
     for answer in answers:
         np.testing.assert_allclose(answer.probabilities, own_answer.probabilities,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_batch_shapes_answer_each_row_as_its_own_call_would(tmp_path: Path) -> None:
+    """What CUDA serving runs image models with (runtime.OnnxModel.fix_batch_shapes): padded up
+    to the next fixed size, chunked above the largest, the same answers row for row."""
+    from service.runtime import OnnxModel, cuda_batch_shapes
+
+    model, _ = with_embedding(onnx.load(str(classifier(tmp_path / "m.onnx"))))
+    onnx.save(model, str(tmp_path / "served.onnx"))
+    plain = OnnxModel(str(tmp_path / "served.onnx"), "cpu", 1)
+    fixed = OnnxModel(str(tmp_path / "served.onnx"), "cpu", 1)
+    fixed.fix_batch_shapes([4, 2, 4])
+    assert fixed.batch_shapes == (2, 4) and plain.batch_shapes == ()
+    x = np.random.default_rng(2).standard_normal((11, 3, 8, 8)).astype(np.float32)
+    for n in (1, 2, 3, 4, 5, 11):  # padded to 2 or 4; 5 and 11 in chunks of 4
+        want, got = plain.run(x[:n]), fixed.run(x[:n])
+        assert got.probabilities.shape == (n, 4) and got.embedding.shape == (n, 6)
+        np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.embedding, want.embedding, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one"):
+        fixed.fix_batch_shapes([0])
+    assert cuda_batch_shapes(64) == (8, 64) and cuda_batch_shapes(8) == (8,)
+    assert cuda_batch_shapes(4) == (4,)
