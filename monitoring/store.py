@@ -521,9 +521,10 @@ def encode_row(request_id: str, item: int, ts: float, model: str, version: str, 
 
 
 def features_json(features: Mapping[str, float]) -> str:
-    """``features`` as compact JSON, values as floats: what ``json`` writes, in half its time
-    (a format string per key set, cached; this runs once per logged answer). Non-finite values
-    go through ``json`` (NaN, Infinity)."""
+    """``features`` as compact JSON, values as floats: what ``json`` writes, a little faster
+    (a format string per key set, cached; this runs once per logged answer: 9.7 against 11.4 us
+    for 20 features alone, most of either the floats' ``repr``). Non-finite values go through
+    ``json`` (NaN, Infinity)."""
     keys = tuple(features)
     template = _FEATURE_TEMPLATES.get(keys)
     if template is None:

@@ -452,3 +452,35 @@ def test_after_a_checkpoint_the_wal_is_cut_back_so_commits_stop_poking(tmp_path)
     time.sleep(0.3)
     assert len(checkpoints) == before  # small commits no longer wake the checkpointer
     log.close()
+
+
+@pytest.mark.parametrize("features", [
+    {"width": 32, "height": 32.0, "brightness": 0.1 + 0.2, "tiny": 1e-300, "big": 1.5e300},
+    {'a "quoted" key': -0.0, "100%": 3, "ünïcode": 2.5},
+    {"nan": float("nan"), "inf": float("inf"), "x": 1.0},  # non-finite: through json
+    {},
+])
+def test_features_json_writes_what_json_writes(features: dict) -> None:
+    from monitoring.store import compact_json, features_json
+
+    want = compact_json({k: float(v) for k, v in features.items()})
+    assert features_json(features) == want
+    assert features_json(features) == want  # the cached format string too
+
+
+def test_encode_row_is_the_records_row() -> None:
+    """The service's rows (encode_row, straight from the answers) and a PredictionRecord's are
+    the same row."""
+    from monitoring.store import COLUMNS, _row, compact_json, encode_row
+
+    rng = np.random.default_rng(0)
+    emb, probs = rng.standard_normal(8).astype(np.float32), rng.random(3).astype(np.float32)
+    feats = {"width": 32.0, "brightness": 0.25}
+    record = PredictionRecord(
+        request_id="req-1", item=2, ts=1700000000.5, model="m", version="v1", predicted="cat",
+        confidence=0.75, probabilities=probs, embedding=emb, features=feats,
+        slices={"region": "eu"}, latency_ms=3.5, ood=True, ood_score=0.9, input=b"x",
+        replica="r1")
+    row = encode_row("req-1", 2, 1700000000.5, "m", "v1", "cat", 0.75, True, 0.9, 3.5,
+                     compact_json({"region": "eu"}), feats, emb, probs, b"x", "r1")
+    assert row == _row(record) and len(row) == len(COLUMNS)
