@@ -222,8 +222,6 @@ def _model(artifact: Artifact, input_names: tuple[str, ...]) -> Model:
     if SETTINGS.runtime == "noop":
         return NoopModel(len(artifact.labels), _embedding_dim(artifact), input_names)
     model = OnnxModel(str(artifact.onnx_path), SETTINGS.providers, SETTINGS.ort_threads)
-    if model.provider == "CUDAExecutionProvider" and input_names == ("input",):
-        model.fix_batch_shapes(cuda_batch_shapes(SETTINGS.max_batch_size))
     logger.info(
         "serving %s:%s on %s (spec %s)", artifact.name, artifact.version, model.provider,
         artifact.spec.content_hash[:12],
@@ -265,6 +263,8 @@ def _ood(artifact: Artifact, model: Model):
 def _image_model(tag: str, recorder: PredictionRecorder | None = None) -> ServedImageModel:
     artifact = load_artifact(tag, "image")
     model = _model(artifact, ("input",))
+    if isinstance(model, OnnxModel) and model.provider == "CUDAExecutionProvider":
+        model.fix_batch_shapes(cuda_batch_shapes(SETTINGS.max_batch_size))  # runtime.py says why
     return ServedImageModel(
         artifact,
         model,
