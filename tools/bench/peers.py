@@ -20,6 +20,11 @@ Cells, each at every ``--conc``:
 - the same two with the prediction log on (the default), at the loaded concurrencies;
 - FastAPI with raw float32 bytes.
 
+With ``--providers cuda`` every server's session is on the CUDA provider: this service's as
+configured, the peers' through ``peer_provider.py`` (same session options, CUDA first), and
+Triton runs twice, with ORT's default cuDNN search (EXHAUSTIVE: searched again at each new batch
+size) and with the HEURISTIC one; x Triton is taken over the faster of the two.
+
 ``--peers-runs N`` repeats the whole set N times (servers interleaved within a run), and the
 table gives each figure as min-max over the runs; the ratio to Triton is taken within each run.
 """
@@ -55,6 +60,9 @@ from .wrk import run_wrk
 MODEL_NAME = "peers-resnet"
 DEFAULT_HARNESS = REPO_ROOT.parent / "shared" / "peers-bench"
 OCTET = "Content-Type: application/octet-stream"
+# How long a peer may take to answer its first request (Triton starts tritonserver and the
+# python-backend stub first; 10-20 s on the 2-core box).
+PEER_START_S = float(os.environ.get("CLF_BENCH_PEER_START_S", "180"))
 
 
 class PeersMissing(RuntimeError):
@@ -106,16 +114,37 @@ class PeerSpec:
     stats_name: str  # common.BatchStats' name
     wire: str
     needs_libdir: bool = False  # the python-backend stub must find the venv's libpython
+    cuda_algo: str = "EXHAUSTIVE"  # on CUDA: the provider's cudnn_conv_algo_search
+    cuda_only: bool = False  # a configuration that only differs on CUDA
 
 
 PEERS = {
     "triton": PeerSpec("triton", "Triton 2.51 via PyTriton (dynamic batching)", "triton",
                        "servers/pytriton_server.py", "/v2/models/resnet/infer", "triton.bin",
                        "pytriton", "v2 binary FP32 tensor", needs_libdir=True),
+    # On CUDA, Triton a second time with the cuDNN search a user tunes when the batcher's calls
+    # change size (ORT's default, EXHAUSTIVE, searches again at every new batch size).
+    "triton-heuristic": PeerSpec("triton-heuristic", "Triton 2.51 via PyTriton, cuDNN heuristic",
+                                 "triton", "servers/pytriton_server.py", "/v2/models/resnet/infer",
+                                 "triton.bin", "pytriton", "v2 binary FP32 tensor",
+                                 needs_libdir=True, cuda_algo="HEURISTIC", cuda_only=True),
     "fastapi": PeerSpec("fastapi", "FastAPI/uvicorn (1 worker, no batching)", "base",
                         "servers/fastapi_server.py", "/predict", "raw.bin", "fastapi",
                         "raw float32 bytes"),
 }
+TRITONS = ("triton", "triton-heuristic")  # x Triton is over the faster of these in the run
+LAUNCHER = Path(__file__).resolve().parent / "peer_provider.py"
+
+
+def peer_command(harness: Harness, peer: PeerSpec, port: int, providers: str
+                 ) -> tuple[list[str], dict[str, str]]:
+    """The peer's command line and extra environment: the harness's server as it is (CPU), or
+    through ``peer_provider.py`` with its session on the CUDA provider."""
+    cmd = [str(harness.python(peer.venv)), peer.script, "--port", str(port)]
+    if providers != "cuda":
+        return cmd, {}
+    return ([cmd[0], str(LAUNCHER), *cmd[1:]],
+            {"PEERS_ORT_PROVIDER": "cuda", "PEERS_CUDNN_CONV_ALGO_SEARCH": peer.cuda_algo})
 
 
 def py_libdir(python: Path) -> str:
@@ -209,7 +238,7 @@ def find_logits(obj: Any, classes: int) -> list | None:
 
 
 def bench_peer(harness: Harness, peer: PeerSpec, run: Run, concs: Sequence[int], port: int,
-               tag: str) -> dict:
+               tag: str, providers: str = "cpu") -> dict:
     """Start one peer server from its harness, check its logits against the torch reference,
     measure each concurrency as this service's cells are measured; always stop it."""
     body = peer_body(harness, peer)
@@ -220,9 +249,12 @@ def bench_peer(harness: Harness, peer: PeerSpec, run: Run, concs: Sequence[int],
                PEERS_MODEL=str(harness.model), PYTHONUNBUFFERED="1")
     if peer.needs_libdir:
         env["LD_LIBRARY_PATH"] = py_libdir(harness.python(peer.venv))
-    cmd = [str(harness.python(peer.venv)), peer.script, "--port", str(port)]
+    cmd, extra = peer_command(harness, peer, port, providers)
+    env.update(extra)
     result: dict = {"server": peer.key, "label": peer.label, "body": body.description,
-                    "cells": []}
+                    "providers": providers, "cells": []}
+    if providers == "cuda":
+        result["cudnn_conv_algo_search"] = peer.cuda_algo
     log_path = run.work_dir / f"server-{tag}.log"
     proc = tree = None
     url = f"http://127.0.0.1:{port}{peer.route}"
@@ -233,7 +265,7 @@ def bench_peer(harness: Harness, peer: PeerSpec, run: Run, concs: Sequence[int],
                                     stderr=subprocess.STDOUT, start_new_session=True)
         tree = ProcessTree(proc.pid)
         run.log(f"  [{tag}] pid {proc.pid}: {' '.join(cmd[1:])}")
-        answer = _wait_answer(proc, url, body, log_path, timeout_s=180.0)
+        answer = _wait_answer(proc, url, body, log_path, timeout_s=PEER_START_S)
         result["startup_s"] = round(time.monotonic() - t0, 2)
         want = np.load(harness.root / "model.ref.npz")["y"][0]
         got = find_logits(answer, len(want))
@@ -343,7 +375,7 @@ def run_peers(run: Run, results: dict) -> None:
     section: dict = results.setdefault("peers", {"runs": []})
     section["harness"] = {"dir": str(harness.dir), "root": str(harness.root)}
     run.heading(f"Peers: the same ONNX file served by Triton and by this service "
-                f"({harness.model})")
+                f"({harness.model}, providers={cfg.providers})")
     harness.check([p.venv for p in PEERS.values()])
     artifact = ensure_imported(harness, run.log)
     section["model"] = {"tag": f"{artifact.name}:{artifact.version}",
@@ -380,8 +412,11 @@ def run_peers(run: Run, results: dict) -> None:
     for i in range(cfg.peers_runs):
         run.heading(f"Peers run {i + 1} of {cfg.peers_runs}")
         one_run: dict = {"rows": {}}
-        one_run["rows"]["triton"] = bench_peer(harness, PEERS["triton"], run, cfg.concs,
-                                               cfg.port + 1, f"triton-{i + 1}")
+        for key in TRITONS:
+            if PEERS[key].cuda_only and cfg.providers != "cuda":
+                continue
+            one_run["rows"][key] = bench_peer(harness, PEERS[key], run, cfg.concs, cfg.port + 1,
+                                              f"{key}-{i + 1}", cfg.providers)
         for row, body, check, concs, logged in ours:
             tag = f"{row.key}-{i + 1}"
             spec = ServerSpec(model_tag=f"{artifact.name}:{artifact.version}", runtime="onnx",
@@ -396,7 +431,7 @@ def run_peers(run: Run, results: dict) -> None:
                 one_run["rows"][row.key] = bench_served(spec, body, [check], list(concs),
                                                         run.plan(), run.log, tag)
         one_run["rows"]["fastapi"] = bench_peer(harness, PEERS["fastapi"], run, cfg.concs,
-                                                cfg.port + 2, f"fastapi-{i + 1}")
+                                                cfg.port + 2, f"fastapi-{i + 1}", cfg.providers)
         section["runs"].append(one_run)
         run.log("\n" + peers_table(section["runs"], one.p50_ms))
     section["table"] = peers_table(section["runs"], one.p50_ms)
@@ -406,6 +441,8 @@ def run_peers(run: Run, results: dict) -> None:
 
 
 ROWS = (Row("triton", "Triton (PyTriton)", "v2 binary FP32 tensor", "-"),
+        Row("triton-heuristic", "Triton (PyTriton), cuDNN heuristic", "v2 binary FP32 tensor",
+            "-"),
         Row("tensor", "this service", "v2 binary FP32 tensor", "off"),
         Row("tensor-log", "this service", "v2 binary FP32 tensor", "on"),
         Row("png", "this service", "/v1 PNG upload", "off"),
@@ -415,6 +452,13 @@ ROWS = (Row("triton", "Triton (PyTriton)", "v2 binary FP32 tensor", "-"),
 
 def _cell(rows: dict, key: str, conc: int) -> Cell | PeerCell | None:
     return next((c for c in (rows.get(key) or {}).get("cells", []) if c.conc == conc), None)
+
+
+def _triton(rows: dict, conc: int) -> PeerCell | None:
+    """The faster Triton configuration of the run at ``conc`` (one on CPU; on CUDA the better
+    of ORT's default cuDNN search and the heuristic one)."""
+    cells = [c for c in (_cell(rows, key, conc) for key in TRITONS) if c]
+    return max(cells, key=lambda c: c.rps, default=None)
 
 
 def _span(values: Sequence[float | None], spec: str) -> str:
@@ -437,7 +481,7 @@ def peers_table(runs: Sequence[dict], batch1_ms: float | None) -> str:
             cells = [_cell(r["rows"], row.key, conc) for r in runs]
             if not any(cells):
                 continue
-            triton = [_cell(r["rows"], "triton", conc) for r in runs]
+            triton = [_triton(r["rows"], conc) for r in runs]
             x = [ratio(c.rps, t.rps) if c and t else None for c, t in zip(cells, triton)]
             ok = [c for c in cells if c]
             lines.append([row.server, row.wire, row.log, str(conc),
@@ -453,7 +497,8 @@ def peers_table(runs: Sequence[dict], batch1_ms: float | None) -> str:
                             ">p99 ms", ">srv cores", ">CPU ms/req", ">items/call", ">errors"],
                            lines)
     note = (f"{len(runs)} run(s); a-b = min-max over the runs; x Triton = req/s / Triton's at "
-            "the same c in the same run; items/call = mean items per model call; ⚠ = other "
+            "the same c in the same run (the faster Triton row where there are two); "
+            "items/call = mean items per model call; ⚠ = other "
             "processes took > 0.25 cores during a cell")
     if batch1_ms is not None:
         note += f"; raw batch-1 call {batch1_ms:.2f} ms p50 (the c=1 yardstick)"
@@ -468,7 +513,7 @@ def verdicts(runs: Sequence[dict], concs: Sequence[int], batch1_ms: float | None
     def per_run(key: str, conc: int, what: Callable[[Any, Any], float | None]) -> list[float]:
         vals = []
         for r in runs:
-            c, t = _cell(r["rows"], key, conc), _cell(r["rows"], "triton", conc)
+            c, t = _cell(r["rows"], key, conc), _triton(r["rows"], conc)
             if c and t:
                 v = what(c, t)
                 if v is not None:

@@ -12,8 +12,9 @@ import pytest
 
 from tests.unit.tools.test_bench_report import make_cell
 from tools.bench.cpu import CpuUse
-from tools.bench.peers import (Harness, PeerCell, PeersMissing, batch_histogram, find_logits,
-                               mean_batch, peers_table, tensor_body, verdicts)
+from tools.bench.peers import (LAUNCHER, PEERS, Harness, PeerCell, PeersMissing, batch_histogram,
+                               find_logits, mean_batch, peer_command, peers_table, tensor_body,
+                               verdicts)
 from tools.bench.prometheus import bucket_deltas, distribution, parse_samples
 from tools.bench.scaling import scaling_table
 from tools.bench.wrk import WrkResult
@@ -102,6 +103,32 @@ def test_verdicts_say_met_or_short_with_the_figures() -> None:
     assert any(v.startswith("PNG path, c=64: 0.90x") and "short" in v for v in lines)
     c1 = next(v for v in lines if "c=1" in v)
     assert "+ 0.80 ms (target <= +1 ms: met)" in c1 and "0.92x FastAPI" in c1
+
+
+def test_on_cuda_x_triton_is_over_the_faster_triton_configuration_of_the_run() -> None:
+    both = runs()
+    both[0]["rows"]["triton-heuristic"] = {"cells": [peer_cell(64, 600.0)]}  # faster than 500
+    both[1]["rows"]["triton-heuristic"] = {"cells": [peer_cell(64, 100.0)]}  # slower than 520
+    lines = peers_table(both, batch1_ms=0.4).splitlines()
+    tensor64 = next(line for line in lines if line.startswith("| this service | v2 binary FP32 "
+                                                              "tensor | off | 64 |"))
+    assert "| 600-650 | 1.08-1.15 |" in tensor64  # 650/600 and 600/520
+    assert any(line.startswith("| Triton (PyTriton), cuDNN heuristic |") for line in lines)
+    assert verdicts(both, [1, 64], batch1_ms=0.4)[0].startswith(
+        "tensor path, c=64: 1.08-1.15x Triton's req/s (target >= 1.2: short)")
+
+
+def test_the_peers_run_on_cuda_through_the_launcher(tmp_path: Path) -> None:
+    harness = Harness(tmp_path / "peers-bench", tmp_path / "root")
+    cmd, env = peer_command(harness, PEERS["triton"], 8103, "cpu")
+    assert cmd == [str(harness.python("triton")), "servers/pytriton_server.py", "--port", "8103"]
+    assert env == {}
+    cmd, env = peer_command(harness, PEERS["triton-heuristic"], 8103, "cuda")
+    assert cmd[:2] == [str(harness.python("triton")), str(LAUNCHER)]
+    assert cmd[2:] == ["servers/pytriton_server.py", "--port", "8103"]
+    assert env == {"PEERS_ORT_PROVIDER": "cuda", "PEERS_CUDNN_CONV_ALGO_SEARCH": "HEURISTIC"}
+    assert peer_command(harness, PEERS["fastapi"], 8104, "cuda")[1][
+        "PEERS_CUDNN_CONV_ALGO_SEARCH"] == "EXHAUSTIVE"
 
 
 EXPOSITION = """
