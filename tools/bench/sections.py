@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from modelstore.artifact import Artifact
 from preprocessing import TextPreprocessor, preprocess_image_bytes
+from service.runtime import resolve_providers
 from service.settings import Settings
 
 from .bodies import Body, digit_png, noise_png, write_image_body
@@ -50,6 +51,19 @@ def served_threads(cfg: BenchConfig) -> int:
     return dataclasses.replace(Settings(**cfg.service_settings), workers=cfg.workers).ort_threads
 
 
+def cpu_threads_per_call(cfg: BenchConfig, available: Sequence[str] | None = None) -> int:
+    """Cores one model call keeps busy, for the CPU breakdown's ORT estimate: the session's
+    intra-op threads on the CPU; on the CUDA provider the one host thread that drives the GPU
+    (the call's wall time is mostly the GPU's, not CPU)."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if resolve_providers(cfg.providers, list(available))[0] == "CUDAExecutionProvider":
+        return 1
+    return served_threads(cfg)
+
+
 def cell_at(section: dict | None, conc: int):
     return next((c for c in (section or {}).get("cells", []) if c.conc == conc), None)
 
@@ -72,12 +86,13 @@ def breakdown_section(run: Run, served: dict, floor: dict | None, conc: int,
                       yardstick: Yardstick | None) -> dict:
     """Where the server's CPU goes per request at ``conc`` (printed), and the p99 target."""
     model, floor_cell = cell_at(served, conc), cell_at(floor, conc)
-    b = breakdown(model, floor_cell, served_threads(run.cfg))
+    b = breakdown(model, floor_cell, cpu_threads_per_call(run.cfg))
     out: dict = {"breakdown": dataclasses.asdict(b) | {"residual_ms": b.residual_ms}}
     run.log(breakdown_table(b))
     how = ("inference = served CPU/req minus the noop floor's CPU/req at the same c"
            if b.method == "floor-difference" else
-           "no floor measured: inference = ORT wall time per item x intra-op threads")
+           "no floor measured: inference = ORT wall time per item x intra-op threads (x 1 on "
+           "CUDA: the thread that drives the GPU)")
     run.log(f"\nMethod: {how}; CPU = utime+stime of the server's process tree from /proc over "
             "the measured window / wrk's requests; preprocessing and queue wait = the service's "
             "histograms (/metrics deltas over the same window).")

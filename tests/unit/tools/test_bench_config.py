@@ -86,3 +86,15 @@ def test_text_mix_options_are_checked() -> None:
 def test_the_benchs_own_variables_are_not_taken_for_service_settings(monkeypatch) -> None:
     monkeypatch.setenv("CLF_BENCH_WRK_CPU", "0-1")
     assert parse_config([]).workers >= 1  # the service would refuse an unknown CLF_ name
+
+
+def test_the_cpu_breakdown_counts_one_thread_per_call_on_cuda() -> None:
+    from tools.bench.sections import cpu_threads_per_call, served_threads
+
+    cpu, cuda = parse_config(["--providers", "cpu"]), parse_config(["--providers", "cuda"])
+    gpu_box = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert cpu_threads_per_call(cpu, gpu_box) == served_threads(cpu)
+    assert cpu_threads_per_call(cuda, gpu_box) == 1
+    auto = parse_config(["--providers", "auto"])
+    assert cpu_threads_per_call(auto, gpu_box) == 1
+    assert cpu_threads_per_call(auto, ["CPUExecutionProvider"]) == served_threads(auto)
