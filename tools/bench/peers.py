@@ -310,11 +310,14 @@ def bench_peer(harness: Harness, peer: PeerSpec, run: Run, concs: Sequence[int],
 
 
 def _wait_answer(proc: subprocess.Popen, url: str, body: Body, log_path: Path,
-                 timeout_s: float) -> Any:
-    """POST the body until the peer answers 200 (the harness's own readiness test)."""
+                 timeout_s: float, failures: int = 3) -> Any:
+    """POST the body until the peer answers 200 (the harness's own readiness test). Connection
+    errors and 4xx (a model still loading) are waited out; ``failures`` 5xx answers in a row
+    are the server's verdict on the request and end the wait (on a GPU lease, PyTriton's 500s
+    under numpy 2 would otherwise cost the whole timeout, twice)."""
     data = body.path.read_bytes()
     deadline = time.monotonic() + timeout_s
-    last = "no answer"
+    last, errors = "no answer", 0
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServerError(f"exited with rc={proc.returncode} during start-up:\n"
@@ -328,8 +331,11 @@ def _wait_answer(proc: subprocess.Popen, url: str, body: Body, log_path: Path,
                 return json.loads(r.read())
         except urllib.error.HTTPError as exc:
             last = f"HTTP {exc.code}: {exc.read()[:300]!r}"
+            errors = errors + 1 if exc.code >= 500 else 0
+            if errors >= failures:
+                raise ServerError(f"answered {last} {errors} times in a row") from None
         except (OSError, ValueError) as exc:
-            last = repr(exc)[:200]
+            last, errors = repr(exc)[:200], 0
         time.sleep(0.5)
     raise ServerError(f"not answering after {timeout_s:.0f} s: {last}")
 

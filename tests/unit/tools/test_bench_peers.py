@@ -3,7 +3,10 @@ the scaling table and the batch-size distribution."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -11,12 +14,14 @@ import numpy as np
 import pytest
 
 from tests.unit.tools.test_bench_report import make_cell
+from tools.bench.bodies import Body
 from tools.bench.cpu import CpuUse
-from tools.bench.peers import (LAUNCHER, PEERS, Harness, PeerCell, PeersMissing, batch_histogram,
-                               find_logits, mean_batch, peer_command, peers_table, tensor_body,
-                               verdicts)
+from tools.bench.peers import (LAUNCHER, PEERS, Harness, PeerCell, PeersMissing, _wait_answer,
+                               batch_histogram, find_logits, mean_batch, peer_command,
+                               peers_table, tensor_body, verdicts)
 from tools.bench.prometheus import bucket_deltas, distribution, parse_samples
 from tools.bench.scaling import scaling_table
+from tools.bench.server import ServerError
 from tools.bench.wrk import WrkResult
 
 pytestmark = pytest.mark.tools
@@ -171,3 +176,46 @@ def test_the_v2_text_mix_carries_the_same_texts_as_bytes_tensors(tmp_path: Path)
     assert [json.loads(line)["inputs"][0]["data"][0] for line in lines] == list(texts)
     assert json.loads(lines[0])["inputs"][0]["datatype"] == "BYTES"
     assert body.route == "/v2/models/lang/infer" and body.texts == texts
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers POSTs with the statuses of ``codes`` in turn (the last one from then on)."""
+
+    codes: list[int] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        code = self.codes.pop(0) if len(self.codes) > 1 else self.codes[0]
+        body = b'{"outputs": [1, 2]}' if code == 200 else b'{"error": "output tensor shape"}'
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("codes", "answered"), [([404, 503, 404, 200], True), ([500], False)])
+def test_a_peer_is_awaited_through_4xx_but_not_through_repeated_5xx(
+        tmp_path: Path, codes: list[int], answered: bool) -> None:
+    handler = type("Handler", (_Answers,), {"codes": list(codes)})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body_path = tmp_path / "body.bin"
+    body_path.write_bytes(b"x")
+    body = Body(path=body_path, headers=["Content-Type: application/octet-stream"],
+                route="/infer", description="x")
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/infer"
+        if answered:
+            assert _wait_answer(proc, url, body, tmp_path / "log", timeout_s=30) == {
+                "outputs": [1, 2]}
+        else:
+            with pytest.raises(ServerError, match="HTTP 500.*3 times in a row"):
+                _wait_answer(proc, url, body, tmp_path / "log", timeout_s=30)
+    finally:
+        proc.kill()
+        proc.wait()
+        server.shutdown()
