@@ -65,15 +65,29 @@ on the worker's one thread) and no other request is under way in any worker of t
 (``solo_gate``: ``workerboard.py``), the inline call runs there. Which session is faster is
 measured, not assumed: at start (``time_solo``) and then on the gated calls themselves; the
 solo session is used while the median of its last ``SOLO_WINDOW`` calls is under ``SOLO_GAIN``
-of the other's. To keep both figures current, the last ``SOLO_PROBE_BURST`` of every
-``SOLO_PROBE_EVERY`` gated calls run on the other session, and the first call of each run on a
-session is not counted: a session's first call after dozens on the other is slower than the
-next ones (its threads and caches are cold), so counting single probes made whichever session
-was in use look the faster. And a median, not a moving average: on a shared machine one call
-in a few hundred is preempted and takes several times as long, which moved an average by a
-fifth of it for many calls. Both measured at c=1 on a 2-core box (the peers' CNN): lone calls
-took the worker's own session half the time or more, 2.0-2.1 ms a call against 1.2-1.3 on the
-solo one, 270-290 against 410-430 requests/s.
+of the other's. To keep both figures current, the last few of every ``SOLO_PROBE_EVERY`` gated
+calls run on the other session (a burst; see below for how many and how often), and the first
+call of each run on a session is not counted: a session's first call after dozens on the other
+is slower than the next ones (its threads and caches are cold), so counting single probes made
+whichever session was in use look the faster. And a median, not a moving average: on a shared
+machine one call in a few hundred is preempted and takes several times as long, which moved an
+average by a fifth of it for many calls. Both measured at c=1 on a 2-core box (the peers'
+CNN): lone calls took the worker's own session half the time or more, 2.0-2.1 ms a call
+against 1.2-1.3 on the solo one, 270-290 against 410-430 requests/s.
+
+The two bursts differ because their costs do. A call on the worker's own session costs what the
+solo one saves (the peers' CNN on 2 cores: 1.2 ms against 0.65-0.75 in the serving worker), so
+its burst is short (``SOLO_PROBE_BURST``) and comes at most once in ``SOLO_OWN_PROBE_S``: at
+every 64th call it ran 4.7% of the lone calls at c=1 on the slow session. A burst on the solo
+session happens only while the worker is on its own one, usually because a noisy spell pushed the
+solo median over (preempted calls; the worker's own calls slow down too, so it does not last);
+it costs nothing where the solo session is faster, and it is long enough (``SOLO_RETURN_BURST``:
+a majority of the window, counted) to bring the worker back in one burst. With 2 counted calls
+a burst it took three, about 190 calls at the slow session's pace for each noisy spell. Measured
+in the serving worker at c=1 on a 2-core box (the peers' CNN, 10-s cells, alternating server
+starts of the two versions): before, 2.0-10% of the lone calls ran on the worker's own session
+(4.7% in the quiet runs); now 1.0-2.0%, most of them in the first 0.2 s, while the other worker
+still warms up; 1.01-1.04x the requests a second in three paired rounds.
 
 Deadlines: an item may carry one (``submit(..., deadline)``, a ``time.perf_counter()`` instant).
 When the batcher forms a call and the earliest deadline in the queue has passed, it first takes
@@ -161,13 +175,15 @@ BATCHED_MIN = 8  # a calibration batch of at least this many items says what bat
 BATCH_GAIN = 0.8  # batching pays when it costs per item under this share of a lone item's
 EWMA_WEIGHT = 0.2  # of the newest one-item call in that average
 # A lone item on an idle server runs on the model's solo session (``_run_inline``) while its
-# recent calls there take under this share of those on its own threads (medians); the last
-# SOLO_PROBE_BURST of every SOLO_PROBE_EVERY such items run on the other session, so that both
-# figures follow the machine (the first call of each run on a session is not counted).
+# recent calls there take under this share of those on its own threads (medians); the last few
+# of every SOLO_PROBE_EVERY such items run on the other session, so that both figures follow the
+# machine (the first call of each run on a session is not counted; the module doc).
 SOLO_GAIN = 0.9
 SOLO_PROBE_EVERY = 64
-SOLO_PROBE_BURST = 3
 SOLO_WINDOW = 9  # the last calls of each session whose median ``solo_pays`` compares
+SOLO_PROBE_BURST = 3  # calls of a burst on the model's own threads (the slower session)...
+SOLO_OWN_PROBE_S = 1.0  # ...at most this often
+SOLO_RETURN_BURST = SOLO_WINDOW // 2 + 2  # calls of a burst on the solo session: a majority
 
 
 class RecentTimes:
@@ -272,6 +288,9 @@ class Batcher:
         self._gated = 0
         self._on_solo_now = False  # the session the last gated call ran on
         self._probing_solo = False  # the session a probe burst runs on
+        self._burst = 0  # how many calls that burst lasts (0: none this time)
+        self.own_probe_s = SOLO_OWN_PROBE_S
+        self._own_probed = -math.inf  # when the last burst on the model's own threads began
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -385,9 +404,11 @@ class Batcher:
         if gated:  # the faster session by the figures; a few in SOLO_PROBE_EVERY, the other
             phase = self._gated % SOLO_PROBE_EVERY
             self._gated += 1
-            if phase == SOLO_PROBE_EVERY - SOLO_PROBE_BURST:
-                self._probing_solo = not self.solo_pays()  # held for the whole burst
-            solo = (self._probing_solo if phase >= SOLO_PROBE_EVERY - SOLO_PROBE_BURST
+            if phase == SOLO_PROBE_EVERY - SOLO_RETURN_BURST:  # the burst, held to its end
+                self._probing_solo = not self.solo_pays()
+                self._burst = (SOLO_RETURN_BURST if self._probing_solo else
+                               SOLO_PROBE_BURST if self._own_probe_due() else 0)
+            solo = (self._probing_solo if phase >= SOLO_PROBE_EVERY - self._burst
                     else self.solo_pays())
             counted = solo == self._on_solo_now  # not the first of a run on a session
             self._on_solo_now = solo
@@ -408,6 +429,15 @@ class Batcher:
         if self._on_batch is not None:  # after the answer is written (ServedModel.answer)
             self._loop.call_soon(self._on_batch, BatchStats(1, [0.0], elapsed))
         return out.probabilities[0], out.embedding[0], done[0]
+
+    def _own_probe_due(self) -> bool:
+        """Whether a burst on the model's own threads is due: at most one in ``own_probe_s``
+        (the module doc)."""
+        now = time.perf_counter()
+        if now - self._own_probed < self.own_probe_s:
+            return False
+        self._own_probed = now
+        return True
 
     def inline_pays(self) -> bool:
         """Whether a lone item may run on the event loop: its call is short and batching does

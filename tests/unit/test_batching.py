@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import SOLO_WINDOW, Batcher, BatchError, RecentTimes, _stacked
+from service.batching import (SOLO_OWN_PROBE_S, SOLO_RETURN_BURST, SOLO_WINDOW, Batcher,
+                               BatchError, RecentTimes, _stacked)
 from service.runtime import NoopModel, Outputs, resolve_providers, softmax
 
 
@@ -234,9 +235,11 @@ class SoloModel(EchoModel):
         return Outputs(probs, np.zeros((n, 1), np.float32))
 
 
-def _lone_calls(model: SoloModel, gate, calls: int) -> Batcher:
+def _lone_calls(model: SoloModel, gate, calls: int, own_probe_s: float = SOLO_OWN_PROBE_S
+                ) -> Batcher:
     async def main() -> Batcher:
         batcher = Batcher(model, max_batch_size=64)
+        batcher.own_probe_s = own_probe_s
         batcher.start()
         batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((64, 1), np.float32), 64, 1)
         batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
@@ -256,20 +259,68 @@ def _lone_calls(model: SoloModel, gate, calls: int) -> Batcher:
 
 def test_a_lone_item_on_an_idle_server_runs_on_the_faster_solo_session_and_probes_the_other():
     model = SoloModel(own_delay=0.006, solo_delay=0.0)
-    batcher = _lone_calls(model, lambda: True, 128)
+    batcher = _lone_calls(model, lambda: True, 128, own_probe_s=0.0)
     assert batcher.solo_pays() and batcher.inline_calls == 128
     # the last 3 of every 64 gated calls run on the other session, so both figures stay current
     assert model.sessions.count("own") == 6 and batcher.solo_calls == 122
     assert model.sessions[61:64] == model.sessions[125:128] == ["own"] * 3
 
 
+def test_the_slower_session_is_probed_at_most_once_in_own_probe_s():
+    # 256 fast lone calls take well under SOLO_OWN_PROBE_S: one burst on the worker's own
+    # session (it costs what the solo one saves), the later ones stay on the solo session
+    model = SoloModel(own_delay=0.006, solo_delay=0.0)
+    batcher = _lone_calls(model, lambda: True, 256)
+    assert batcher.solo_pays() and batcher.solo_calls == 253
+    assert [i for i, s in enumerate(model.sessions) if s == "own"] == [61, 62, 63]
+    # 64 lone calls taking longer than own_probe_s: every burst is due again
+    model = SoloModel(own_delay=0.006, solo_delay=0.001)
+    batcher = _lone_calls(model, lambda: True, 192, own_probe_s=0.03)
+    assert [i for i, s in enumerate(model.sessions) if s == "own"] == [
+        61, 62, 63, 125, 126, 127, 189, 190, 191]
+
+
 def test_the_solo_session_is_left_when_it_is_slower_or_the_server_is_busy():
     slower = SoloModel(own_delay=0.0, solo_delay=0.006)
     batcher = _lone_calls(slower, lambda: True, 64)
-    assert not batcher.solo_pays() and slower.sessions.count("solo") == 3  # the probes only
+    # the probes only: a burst of SOLO_RETURN_BURST, long enough to bring it back at once
+    assert not batcher.solo_pays() and slower.sessions.count("solo") == SOLO_RETURN_BURST == 6
+    assert slower.sessions[58:64] == ["solo"] * 6
     busy = SoloModel(own_delay=0.006, solo_delay=0.0)
     batcher = _lone_calls(busy, lambda: False, 20)  # another request somewhere on the server
     assert busy.sessions == ["own"] * 20 and batcher.solo_calls == 0
+
+
+def test_a_worker_sent_to_its_own_session_by_a_noisy_spell_comes_back_in_one_burst():
+    model = SoloModel(own_delay=0.006, solo_delay=0.0)
+
+    def gate() -> bool:  # a noisy spell: the solo session's recent calls all slow
+        if not hasattr(gate, "set"):
+            gate.set = True
+            for _ in range(SOLO_WINDOW):
+                batcher._on_solo.add(0.024)
+        return True
+
+    async def main() -> None:
+        nonlocal batcher
+        batcher = Batcher(model, max_batch_size=64)
+        batcher.start()
+        batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
+        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=3)
+        batcher.solo_gate = gate
+        del model.sessions[:]
+        await asyncio.sleep(0.05)
+        for i in range(128):
+            await batcher.submit([np.array([float(i)], np.float32)], alone=True)
+        await batcher.stop()
+
+    batcher: Batcher | None = None
+    _run(main())
+    assert model.sessions[:58] == ["own"] * 58
+    # one burst of SOLO_RETURN_BURST: its first call uncounted, the other five a majority of the
+    # window, so the worker is back on the solo session at once
+    assert model.sessions[58:125] == ["solo"] * 67
+    assert model.sessions[125:] == ["own"] * 3  # the own session's burst, due (never probed)
 
 
 class SpikyModel(SoloModel):
@@ -321,6 +372,7 @@ def test_a_probe_counts_the_other_session_warm_so_a_faster_one_is_found():
     async def main() -> Batcher:
         nonlocal batcher
         batcher = Batcher(model, max_batch_size=64)
+        batcher.own_probe_s = 0.0  # every burst probes (the count rule alone)
         batcher.start()
         batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
         batcher.time_solo(np.zeros((1, 1), np.float32), rounds=3)
@@ -333,7 +385,7 @@ def test_a_probe_counts_the_other_session_warm_so_a_faster_one_is_found():
 
     batcher: Batcher | None = None
     _run(main())
-    assert not model.sessions[10:61].count("solo")  # on its own session at first
+    assert not model.sessions[10:58].count("solo")  # on its own session at first
     assert batcher.solo_pays()  # the bursts' warm calls found the solo session faster
     assert model.sessions[-30:-3] == ["solo"] * 27  # then the last burst probes its own
 
