@@ -103,6 +103,32 @@ class Harness:
                                f"PEERS_ROOT={self.root})")
 
 
+def numpy_major(python: Path) -> int | None:
+    """The major version of the numpy ``python`` imports (None: none, or it does not run)."""
+    try:
+        out = subprocess.run([str(python), "-c", "import numpy; print(numpy.__version__)"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    head = out.stdout.strip().split(".")[0]
+    return int(head) if out.returncode == 0 and head.isdigit() else None
+
+
+def check_numpy(harness: Harness, peer: "PeerSpec") -> None:
+    """Refuse a peer whose environment imports a numpy it cannot serve with (``PeerSpec.
+    numpy_below``), before minutes of start-up timeouts say it less clearly."""
+    if peer.numpy_below is None:
+        return
+    python = harness.python(peer.venv)
+    major = numpy_major(python)
+    if major is not None and major >= peer.numpy_below:
+        raise PeersMissing(
+            f"{peer.label}: {python} imports numpy {major}.x; it needs numpy < "
+            f"{peer.numpy_below} (PyTriton 0.7.0 answers every request HTTP 500 'output tensor "
+            f"shape does not match size of output' under numpy 2). Give it an environment whose "
+            f"site-packages hold numpy<{peer.numpy_below} only, as `setup.sh` builds")
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     key: str
@@ -116,18 +142,20 @@ class PeerSpec:
     needs_libdir: bool = False  # the python-backend stub must find the venv's libpython
     cuda_algo: str = "EXHAUSTIVE"  # on CUDA: the provider's cudnn_conv_algo_search
     cuda_only: bool = False  # a configuration that only differs on CUDA
+    numpy_below: int | None = None  # the numpy major version its environment must stay under
 
 
 PEERS = {
     "triton": PeerSpec("triton", "Triton 2.51 via PyTriton (dynamic batching)", "triton",
                        "servers/pytriton_server.py", "/v2/models/resnet/infer", "triton.bin",
-                       "pytriton", "v2 binary FP32 tensor", needs_libdir=True),
+                       "pytriton", "v2 binary FP32 tensor", needs_libdir=True, numpy_below=2),
     # On CUDA, Triton a second time with the cuDNN search a user tunes when the batcher's calls
     # change size (ORT's default, EXHAUSTIVE, searches again at every new batch size).
     "triton-heuristic": PeerSpec("triton-heuristic", "Triton 2.51 via PyTriton, cuDNN heuristic",
                                  "triton", "servers/pytriton_server.py", "/v2/models/resnet/infer",
                                  "triton.bin", "pytriton", "v2 binary FP32 tensor",
-                                 needs_libdir=True, cuda_algo="HEURISTIC", cuda_only=True),
+                                 needs_libdir=True, cuda_algo="HEURISTIC", cuda_only=True,
+                                 numpy_below=2),
     "fastapi": PeerSpec("fastapi", "FastAPI/uvicorn (1 worker, no batching)", "base",
                         "servers/fastapi_server.py", "/predict", "raw.bin", "fastapi",
                         "raw float32 bytes"),
@@ -383,6 +411,8 @@ def run_peers(run: Run, results: dict) -> None:
     run.heading(f"Peers: the same ONNX file served by Triton and by this service "
                 f"({harness.model}, providers={cfg.providers})")
     harness.check([p.venv for p in PEERS.values()])
+    for key in TRITONS:
+        check_numpy(harness, PEERS[key])
     artifact = ensure_imported(harness, run.log)
     section["model"] = {"tag": f"{artifact.name}:{artifact.version}",
                         **{k: v for k, v in artifact.read_json("export.json").items()

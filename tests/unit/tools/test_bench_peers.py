@@ -17,8 +17,8 @@ from tests.unit.tools.test_bench_report import make_cell
 from tools.bench.bodies import Body
 from tools.bench.cpu import CpuUse
 from tools.bench.peers import (LAUNCHER, PEERS, Harness, PeerCell, PeersMissing, _wait_answer,
-                               batch_histogram, find_logits, mean_batch, peer_command,
-                               peers_table, tensor_body, verdicts)
+                               batch_histogram, check_numpy, find_logits, mean_batch,
+                               numpy_major, peer_command, peers_table, tensor_body, verdicts)
 from tools.bench.prometheus import bucket_deltas, distribution, parse_samples
 from tools.bench.scaling import scaling_table
 from tools.bench.server import ServerError
@@ -46,6 +46,25 @@ def test_a_missing_harness_says_how_to_set_it_up(tmp_path: Path) -> None:
     with pytest.raises(PeersMissing, match=r"setup\.sh") as err:
         harness.check(["triton"])
     assert "venv-triton" in str(err.value)
+
+
+def test_a_triton_environment_with_numpy_2_is_refused_with_the_reason(tmp_path: Path) -> None:
+    harness = Harness(tmp_path / "peers-bench", tmp_path / "root")
+    python = harness.python("triton")
+    python.parent.mkdir(parents=True)
+    for version, refused in (("2.4.6", True), ("1.26.4", False)):
+        python.write_text(f"#!/bin/sh\necho {version}\n")
+        python.chmod(0o755)
+        assert numpy_major(python) == int(version.split(".")[0])
+        if refused:
+            with pytest.raises(PeersMissing, match=r"numpy 2\.x.*numpy < 2.*HTTP 500"):
+                check_numpy(harness, PEERS["triton"])
+        else:
+            check_numpy(harness, PEERS["triton"])
+    check_numpy(harness, PEERS["fastapi"])  # no bound: not even run
+    python.write_text("#!/bin/sh\nexit 1\n")  # no numpy there: the start-up says what is wrong
+    assert numpy_major(python) is None
+    check_numpy(harness, PEERS["triton"])
 
 
 def test_the_tensor_body_is_tritons_tensor_asking_for_probabilities(tmp_path: Path) -> None:
