@@ -51,6 +51,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -179,6 +180,49 @@ class OODScorer:
         signals = self.signals(probabilities, embeddings, features).values()
         scores = functools.reduce(np.maximum, signals)  # cheaper than a stack at batch 1
         return scores, scores > 1.0
+
+    def score_one(self, probabilities: np.ndarray, embedding: np.ndarray,
+                  features: Mapping[str, float] | None = None) -> tuple[float, bool]:
+        """``score`` of one answer (its probabilities [C], its embedding [D], its input's
+        features or None), with Python floats where ``score`` makes numpy calls on one-element
+        arrays: what a lone request's answer costs after its model call, when the scorer's
+        arrays are out of the cache and each numpy call costs several microseconds (the peers'
+        CNN scorer: 38 against 47 us, median of 1,000, each after a model call, 2-core AMD
+        EPYC). The same matrix products as ``score`` (the neighbour signal's in float32, whose
+        ``2 - 2 * similarity`` cancels: another order of its sums moved it by up to 3e-5); the
+        rest agrees to rounding (below 1e-11 relative), so a flag can differ only for an answer
+        that close to the threshold."""
+        z = np.asarray(embedding, dtype=np.float64) @ self.whitening
+        d2 = float(z @ z) - 2.0 * (self.means @ z) + self._mean_norms
+        out = {"distance": math.sqrt(max(float(d2.min()), 0.0)) / self.distance_threshold}
+        if self.confidence_quantile > 0:
+            confidence = float(np.max(probabilities))
+            out["confidence"] = (1.0 - confidence) / max(1.0 - self.confidence_threshold, 1e-6)
+        if self.knn_bank is not None and self.knn_threshold is not None:
+            similarity = (unit_rows(np.asarray(embedding)[None]) @ self.knn_bank.T)[0]
+            kth = float(np.partition(similarity, len(similarity) - self.knn_k)[-self.knn_k])
+            out["knn"] = math.sqrt(max(2.0 - 2.0 * kth, 0.0)) / max(self.knn_threshold, 1e-6)
+        if self.fragmentation_threshold is not None and features is not None:
+            out["fragmentation"] = fragmentation_of(features) / self.fragmentation_threshold
+        if self.feature_bank is not None and self.feature_threshold is not None and features:
+            out["features"] = (float(self.feature_distances([features])[0])
+                               / max(self.feature_threshold, 1e-6))
+        if self.joint_reference is not None and self.joint_thresholds:
+            joined = {name: v for name, v in out.items() if name in self.joint_reference}
+            threshold = self.joint_thresholds.get(joint_key(joined))
+            if threshold is not None:
+                total = 0.0
+                for name, value in joined.items():
+                    ref = self.joint_reference[name]
+                    total += float(_neg_log_p(len(ref), False)[np.searchsorted(ref, value)])
+                out["joint"] = total / threshold
+        score = max(out.values())
+        return score, score > 1.0
+
+    @functools.cached_property
+    def _mean_norms(self) -> np.ndarray:
+        """``|m|^2`` of each whitened class mean (``score_one``)."""
+        return (self.means**2).sum(1)
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {
