@@ -235,8 +235,11 @@ class SoloModel(EchoModel):
         return Outputs(probs, np.zeros((n, 1), np.float32))
 
 
-def _lone_calls(model: SoloModel, gate, calls: int, own_probe_s: float = SOLO_OWN_PROBE_S
-                ) -> Batcher:
+def _lone_calls(model: SoloModel, gate, calls: int, own_probe_s: float = SOLO_OWN_PROBE_S,
+                solo_figures: float | None = None) -> Batcher:
+    """``calls`` lone items through a batcher whose solo gate is ``gate``; ``solo_figures``:
+    the solo session's recent calls all took this long before the first (a noisy spell, or
+    start-up figures taken while another worker was busy)."""
     async def main() -> Batcher:
         batcher = Batcher(model, max_batch_size=64)
         batcher.own_probe_s = own_probe_s
@@ -245,6 +248,8 @@ def _lone_calls(model: SoloModel, gate, calls: int, own_probe_s: float = SOLO_OW
         batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
         batcher.time_solo(np.zeros((1, 1), np.float32), rounds=5)  # a preempted call or two
         # (a loaded CI box) leaves the medians as they are
+        for _ in range(SOLO_WINDOW if solo_figures is not None else 0):
+            batcher._on_solo.add(solo_figures)
         batcher.solo_gate = gate
         del model.sessions[:]
         await asyncio.sleep(0.05)  # the model thread is waiting for work
@@ -293,29 +298,7 @@ def test_the_solo_session_is_left_when_it_is_slower_or_the_server_is_busy():
 
 def test_a_worker_sent_to_its_own_session_by_a_noisy_spell_comes_back_in_one_burst():
     model = SoloModel(own_delay=0.006, solo_delay=0.0)
-
-    def gate() -> bool:  # a noisy spell: the solo session's recent calls all slow
-        if not hasattr(gate, "set"):
-            gate.set = True
-            for _ in range(SOLO_WINDOW):
-                batcher._on_solo.add(0.024)
-        return True
-
-    async def main() -> None:
-        nonlocal batcher
-        batcher = Batcher(model, max_batch_size=64)
-        batcher.start()
-        batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
-        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=3)
-        batcher.solo_gate = gate
-        del model.sessions[:]
-        await asyncio.sleep(0.05)
-        for i in range(128):
-            await batcher.submit([np.array([float(i)], np.float32)], alone=True)
-        await batcher.stop()
-
-    batcher: Batcher | None = None
-    _run(main())
+    _lone_calls(model, lambda: True, 128, solo_figures=0.024)
     assert model.sessions[:58] == ["own"] * 58
     # one burst of SOLO_RETURN_BURST: its first call uncounted, the other five a majority of the
     # window, so the worker is back on the solo session at once
@@ -361,30 +344,9 @@ class ColdModel(SoloModel):
 
 def test_a_probe_counts_the_other_session_warm_so_a_faster_one_is_found():
     model = ColdModel(own_delay=0.006, cold_s=0.02)
-
-    def gate() -> bool:  # the start-up figures were taken while another worker was busy
-        if not hasattr(gate, "set"):
-            gate.set = True
-            for _ in range(SOLO_WINDOW):
-                batcher._on_solo.add(0.024)
-        return True
-
-    async def main() -> Batcher:
-        nonlocal batcher
-        batcher = Batcher(model, max_batch_size=64)
-        batcher.own_probe_s = 0.0  # every burst probes (the count rule alone)
-        batcher.start()
-        batcher._calibrated_solo_s = batcher.batched_item_s = 0.0001  # inline, no batching gain
-        batcher.time_solo(np.zeros((1, 1), np.float32), rounds=3)
-        batcher.solo_gate = gate
-        await asyncio.sleep(0.05)
-        for i in range(64 * 6):
-            await batcher.submit([np.array([float(i)], np.float32)], alone=True)
-        await batcher.stop()
-        return batcher
-
-    batcher: Batcher | None = None
-    _run(main())
+    # the start-up figures were taken while another worker was busy; every burst probes (the
+    # count rule alone)
+    batcher = _lone_calls(model, lambda: True, 64 * 6, own_probe_s=0.0, solo_figures=0.024)
     assert not model.sessions[10:58].count("solo")  # on its own session at first
     assert batcher.solo_pays()  # the bursts' warm calls found the solo session faster
     assert model.sessions[-30:-3] == ["solo"] * 27  # then the last burst probes its own
