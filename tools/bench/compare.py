@@ -3,10 +3,15 @@
 Where a change must show "no regression" (a refactor, a new default), the figures before and after
 have to come from the same run on the same machine: absolute speeds drift between runs and
 machines. This serves the reference model from a git worktree of REV and from this working tree
-in turn, interleaved round by round (A B A B ...), with the same wrk load, the same cells and the
-same model store, and prints req/s and p99 per tree with the ratio after/before.
+in turn, interleaved round by round (A B, B A, ...: neither tree always goes first), with the
+same wrk load, the same cells and the same model store, and prints req/s and p99 per tree with
+the ratio after/before, of the medians and round by round.
 
     python -m tools.bench.compare --rev HEAD~1 --conc 16,64 --rounds 2 --duration 10
+
+``--wire v2-tensor`` serves the peers' CNN (``../shared/peers-bench``'s file, imported into the
+store as ``--task peers`` does) with Triton's binary FP32 tensor to the v2 infer route: the
+c=1 comparison with FastAPI in the README is made on that body.
 """
 
 from __future__ import annotations
@@ -53,26 +58,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="bench-resnet", help="the reference model's name")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--port", type=int, default=3999)
-    p.add_argument("--wire", choices=("v1", "v2"), default="v1",
+    p.add_argument("--wire", choices=("v1", "v2", "v2-tensor"), default="v1",
                    help="the PNG as a /v1 multipart upload (default) or as a v2 BYTES tensor to "
-                        "the v2 infer route")
+                        "the v2 infer route; v2-tensor: the peers' CNN and Triton's binary FP32 "
+                        "tensor (needs bash ../shared/peers-bench/setup.sh; --model is ignored)")
     args = p.parse_args(argv)
     concs = [int(c) for c in args.conc.split(",")]
     logs = {"off": [False], "on": [True], "both": [False, True]}[args.log]
 
     work = Path(tempfile.mkdtemp(prefix="clfbench-compare-"))
-    artifact, _ = ensure_reference(args.model, print)
-    png = noise_png(artifact.spec.width, 3, seed=0)
-    body = write_image_body(work, artifact.name, png, "seeded noise RGB PNG")
-    if args.wire == "v2":
-        body = write_v2_image_body(work, artifact.name, png, "seeded noise RGB PNG",
-                                   artifact.name)
+    if args.wire == "v2-tensor":
+        from .peers import Harness, ensure_imported, tensor_body
+
+        harness = Harness.locate()
+        harness.check([])
+        artifact = ensure_imported(harness, print)
+        body, _ = tensor_body(harness, work, artifact.name)
+    else:
+        artifact, _ = ensure_reference(args.model, print)
+        png = noise_png(artifact.spec.width, 3, seed=0)
+        body = write_image_body(work, artifact.name, png, "seeded noise RGB PNG")
+        if args.wire == "v2":
+            body = write_v2_image_body(work, artifact.name, png, "seeded noise RGB PNG",
+                                       artifact.name)
     before = worktree(args.rev, work)
     trees = {f"before ({args.rev})": before, "after (working tree)": REPO_ROOT}
     results: dict[tuple[str, bool, int], list[tuple[float, float]]] = {}
     try:
         for rnd in range(args.rounds):
-            for label, tree in trees.items():
+            for label in round_order(list(trees), rnd):
+                tree = trees[label]
                 for log_on in logs:
                     db = work / f"log-{rnd}-{len(results)}.db"
                     spec = ServerSpec(model_tag=f"{artifact.name}:{artifact.version}",
@@ -95,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         server.stop()
     finally:
         drop_worktree(before)
-    print(f"\n{args.model}, PNG {'uploads' if args.wire == 'v1' else 'as v2 BYTES'} to "
-          f"{body.route}, {args.workers} workers, "
+    print(f"\n{artifact.name}, {body.description} to {body.route}, {args.workers} workers, "
           f"{args.rounds} rounds x {args.duration:g} s per cell (median of rounds)")
     print(f"{'log':<4} {'c':>4} | {'before req/s':>12} {'after req/s':>12} {'after/before':>12} | "
           f"{'before p99':>10} {'after p99':>10}")
@@ -108,8 +122,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             b_rps, a_rps = statistics.median(x for x, _ in b), statistics.median(x for x, _ in a)
             b_p99, a_p99 = statistics.median(y for _, y in b), statistics.median(y for _, y in a)
             print(f"{'on' if log_on else 'off':<4} {conc:>4} | {b_rps:12.1f} {a_rps:12.1f} "
-                  f"{a_rps / b_rps:12.2f} | {b_p99:8.1f}ms {a_p99:8.1f}ms")
+                  f"{a_rps / b_rps:12.2f} | {b_p99:8.1f}ms {a_p99:8.1f}ms"
+                  f"   rounds: {' '.join(f'{r:.2f}' for r in round_ratios(b, a))}")
     return 0
+
+
+def round_order(labels: list[str], rnd: int) -> list[str]:
+    """The trees in the order round ``rnd`` serves them: as given in even rounds, reversed in
+    odd ones, so neither always runs first (a box warming up, or slowing down, favours none)."""
+    return labels if rnd % 2 == 0 else labels[::-1]
+
+
+def round_ratios(before: list[tuple[float, float]], after: list[tuple[float, float]]
+                 ) -> list[float]:
+    """after / before req/s of each round (the two cells of a round are minutes apart at most)."""
+    return [a / b for (b, _), (a, _) in zip(before, after) if b > 0]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""``python -m tools.bench.compare``: the trees' order round by round and the per-round
+ratios it prints beside the medians."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.bench.compare import main, round_order, round_ratios
+
+
+def test_neither_tree_always_goes_first():
+    trees = ["before", "after"]
+    assert [round_order(trees, r) for r in range(4)] == [
+        ["before", "after"], ["after", "before"], ["before", "after"], ["after", "before"]]
+    assert trees == ["before", "after"]  # not reversed in place
+
+
+def test_per_round_ratios_pair_the_cells_of_each_round():
+    before = [(800.0, 2.0), (900.0, 2.1), (0.0, 9.9)]
+    after = [(880.0, 1.9), (855.0, 2.0), (700.0, 2.2)]
+    assert round_ratios(before, after) == pytest.approx([1.1, 0.95])  # a dead cell: left out
+
+
+def test_the_tensor_wire_is_offered_and_a_wrong_one_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--rev", "HEAD", "--wire", "v3"])
+    assert "v2-tensor" in capsys.readouterr().err
