@@ -151,7 +151,8 @@ class OODScorer:
                 ) -> dict[str, np.ndarray]:
         """Each signal of a batch divided by its threshold (> 1 flags), by name. The input
         signals (fragmentation, features) need ``features``: without them (a v2 request of
-        preprocessed tensors) they are left out."""
+        preprocessed tensors) they are left out. ``score_one`` computes the same for one answer:
+        a signal added here goes there too (``tests/unit/test_served_ood.py`` compares them)."""
         out = {"distance": self.distances(embeddings) / self.distance_threshold}
         if self.confidence_quantile > 0:
             confidence = np.asarray(probabilities, dtype=np.float64).max(axis=1)
@@ -210,12 +211,8 @@ class OODScorer:
         if self.joint_reference is not None and self.joint_thresholds:
             joined = {name: v for name, v in out.items() if name in self.joint_reference}
             threshold = self.joint_thresholds.get(joint_key(joined))
-            if threshold is not None:
-                total = 0.0
-                for name, value in joined.items():
-                    ref = self.joint_reference[name]
-                    total += float(_neg_log_p(len(ref), False)[np.searchsorted(ref, value)])
-                out["joint"] = total / threshold
+            if threshold is not None:  # scalars in, a numpy float out: the same lookups
+                out["joint"] = float(fisher_statistic(joined, self.joint_reference)) / threshold
         score = max(out.values())
         return score, score > 1.0
 

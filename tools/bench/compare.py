@@ -23,13 +23,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 from .bodies import noise_png, write_image_body, write_v2_image_body
 from .config import REPO_ROOT
 from .server import Server, ServerSpec
 from .store import ensure_reference
 from .wrk import run_wrk
+
+T = TypeVar("T")
 
 
 def worktree(rev: str, parent: Path) -> Path:
@@ -127,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def round_order(labels: list[str], rnd: int) -> list[str]:
-    """The trees in the order round ``rnd`` serves them: as given in even rounds, reversed in
-    odd ones, so neither always runs first (a box warming up, or slowing down, favours none)."""
+def round_order(labels: list[T], rnd: int) -> list[T]:
+    """The two sides in the order round ``rnd`` measures them (the trees here, log off and on in
+    ``logpair``): as given in even rounds, reversed in odd ones, so neither always runs first (a
+    box warming up, or slowing down, favours none)."""
     return labels if rnd % 2 == 0 else labels[::-1]
 
 

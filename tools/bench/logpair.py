@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .bodies import Body, noise_png, write_image_body
+from .compare import round_order
 from .config import REPO_ROOT
 from .predlog import count_rows
 from .server import Server, ServerSpec
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_wrk(server.base + body.route, body, conc, args.warmup, latency=False)
             for rnd in range(args.rounds):
                 cells: dict[bool, Cell] = {}
-                for on in ((False, True) if rnd % 2 == 0 else (True, False)):
+                for on in round_order([False, True], rnd):
                     before = count_rows(db) if on else 0
                     res, _ = run_wrk(servers[on].base + body.route, body, conc, args.duration,
                                      latency=True)
