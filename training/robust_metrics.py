@@ -123,10 +123,8 @@ def image_metrics(model: nn.Module, session: "ort.InferenceSession", spec: Image
     suite_seconds = time.perf_counter() - start
 
     t0 = time.perf_counter()
-    pick = keep[_subsample(len(keep), max_attack, seed + 1)]
-    x = image_arrays([blobs[i] for i in pick], spec)
-    report = adv.image_attacks(model, x, [int(labels[i]) for i in pick], spec, epsilons, steps,
-                               seed)
+    pick = attack_pick(len(blobs), seed, max_suite, max_attack)
+    x, report = _image_attack(model, spec, blobs, labels, pick, epsilons, steps, seed)
     scorer = ood_scorer(profile, classes)
     clean_flags = adv_flags = None
     if scorer is not None:
@@ -189,6 +187,51 @@ def text_outputs(session: "ort.InferenceSession", pre: "TextPreprocessor", texts
     return np.stack(logits), np.stack(emb), feats
 
 
+def attack_pick(n: int, seed: int, max_suite: int, max_attack: int) -> np.ndarray:
+    """The indices, into a test split of ``n`` inputs, of those an export attacks: a seeded
+    sample (``seed + 1``) of the robustness suite's seeded sample (``seed``). The same inputs in
+    the same order give the same pick, which is how the retraining gate attacks a challenger on
+    the very inputs the champion's figure is over (``image_attack_success``)."""
+    keep = _subsample(n, max_suite, seed)
+    return keep[_subsample(len(keep), max_attack, seed + 1)]
+
+
+def _image_attack(model: nn.Module, spec: ImageSpec, blobs: Sequence[bytes],
+                  labels: Sequence[int], pick: np.ndarray, epsilons: Sequence[float],
+                  steps: int, seed: int) -> tuple[np.ndarray, "adv.ImageAttackReport"]:
+    x = image_arrays([blobs[i] for i in pick], spec)
+    return x, adv.image_attacks(model, x, [int(labels[i]) for i in pick], spec, epsilons, steps,
+                                seed)
+
+
+def image_attack_success(model: nn.Module, spec: ImageSpec, blobs: Sequence[bytes],
+                         labels: Sequence[int], seed: int = SUITE_SEED,
+                         epsilons: Sequence[float] = adv.EPSILONS, steps: int = adv.PGD_STEPS,
+                         max_suite: int = MAX_SUITE_IMAGES, max_attack: int = MAX_ATTACK_IMAGES
+                         ) -> tuple[float | None, int]:
+    """``image_metrics``' ``attack_success`` and ``adversarial_info.attacked`` alone: the same
+    inputs of ``blobs`` attacked the same way (PGD at the reference strength), no suite."""
+    pick = attack_pick(len(blobs), seed, max_suite, max_attack)
+    _, report = _image_attack(model, spec, blobs, labels, pick, epsilons, steps, seed)
+    return report.pgd.get(adv.eps_key(adv.REFERENCE_EPS)), report.attacked
+
+
+def text_attack_success(session: "ort.InferenceSession", pre: "TextPreprocessor",
+                        texts: Sequence[str], labels: Sequence[int], seed: int = SUITE_SEED,
+                        max_suite: int = MAX_SUITE_TEXTS, max_attack: int = MAX_ATTACK_TEXTS,
+                        candidates: int = 16) -> tuple[float | None, int]:
+    """``text_metrics``' ``attack_success`` and ``adversarial_info.attacked`` alone: the same
+    inputs of ``texts`` attacked the same way (2 character edits), no suite."""
+    pick = attack_pick(len(texts), seed, max_suite, max_attack)
+
+    def proba(items: list) -> np.ndarray:
+        return _softmax(text_outputs(session, pre, items)[0])
+
+    report = adv.char_attack(proba, [texts[i] for i in pick], [int(labels[i]) for i in pick],
+                             candidates=candidates, seed=seed)
+    return report.charedit.get(str(adv.REFERENCE_EDITS)), report.attacked
+
+
 def _subsample(n: int, limit: int, seed: int) -> np.ndarray:
     if n <= limit:
         return np.arange(n)
@@ -218,7 +261,7 @@ def text_metrics(session: "ort.InferenceSession", pre: "TextPreprocessor", texts
     suite_seconds = time.perf_counter() - start
 
     t0 = time.perf_counter()
-    pick = keep[_subsample(len(keep), max_attack, seed + 1)]
+    pick = attack_pick(len(texts), seed, max_suite, max_attack)
     report = adv.char_attack(proba, [texts[i] for i in pick], [int(labels[i]) for i in pick],
                              candidates=candidates, seed=seed)
     scorer = ood_scorer(profile, classes)

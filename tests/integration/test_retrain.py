@@ -142,6 +142,10 @@ def test_a_better_challenger_is_promoted(image_setup: Setup, promoted: tuple) ->
     assert [r.split(":")[0] for r in record["reasons"]] == ["pass", "pass", "promoted"]
     counts = record["data"]["counts"]
     assert counts["original"] == {"train": 210, "val": 45, "test": 45}  # the champion's split
+    # the attack rule compares the two over the same inputs: the champion's 45 test digits
+    attack = record["evaluation"]["attack"]
+    assert "same inputs" in attack["source"] and attack["challenger"] is not None
+    assert 0 < attack["attacked"]["challenger"] <= 45
     assert sum(counts["traffic"].values()) == 300 and counts["traffic"]["test"] > 0
     table = record["evaluation"]
     assert table["overall"]["count"] == record["data"]["held_out"]

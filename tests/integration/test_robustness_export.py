@@ -1,6 +1,7 @@
 """A tiny image model and a tiny text model, trained and exported into a throwaway store: their
-metrics.json carries the robustness suite and the attack figures, and ``python -m modelstore
-list`` shows the worst variation and the attack success rate."""
+metrics.json carries the robustness suite and the attack figures (which the retraining gate's
+same-input attack reproduces exactly), and ``python -m modelstore list`` shows the worst
+variation and the attack success rate."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from modelstore import cli as modelstore_cli
 from training.adversarial import EPSILONS, REFERENCE_EPS, eps_key
+from training.retrain.evaluate import ExportedModel
+from training.robust_metrics import image_attack_success, text_attack_success
 from training.robustness import CLEAN, TEXT_VARIATIONS, image_variation_names
 
 pytestmark = pytest.mark.slow
@@ -68,6 +71,11 @@ def test_image_export_measures_robustness_and_attacks(store, tmp_path, capsys) -
     info = store.get(tag).info
     assert info.metadata["attack_success"] == metrics["attack_success"]
 
+    # The retraining gate's same-input attack is this one, figure for figure.
+    assert image_attack_success(result.model, result.spec, result.splits.test.blobs,
+                                result.splits.test.labels) == (
+        metrics["attack_success"], metrics["adversarial_info"]["attacked"])
+
     (row,) = listed(store, "digits-robust", capsys)
     worst = metrics["robustness_worst"]
     assert worst["variation"] in row.split() and f"{worst['accuracy']:.4f}" in row.split()
@@ -82,12 +90,16 @@ def test_text_export_measures_robustness_and_attacks(store, tmp_path, capsys) ->
                           d_model=16, layers=1, heads=2, ff_dim=32, max_length=32,
                           model_name="lang-robust", progress=False, augment=0.5,
                           out_dir=str(tmp_path))
-    _, tag = train_and_export(cfg, store=store)
-    metrics, _ = exported_metrics(store, tag)
+    result, tag = train_and_export(cfg, store=store)
+    metrics, folder = exported_metrics(store, tag)
     check_contract(metrics)
     assert set(metrics["robustness"]) == {CLEAN, *TEXT_VARIATIONS}
     assert set(metrics["adversarial"]) == {"charedit"}
     assert metrics["attack_success"] == metrics["adversarial"]["charedit"]["2"]
+    exported = ExportedModel(folder)
+    assert text_attack_success(exported.session, exported.pre, result.splits.test.texts,
+                               result.splits.test.labels) == (
+        metrics["attack_success"], metrics["adversarial_info"]["attacked"])
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
     (row,) = listed(store, "lang-robust", capsys)

@@ -361,3 +361,35 @@ def test_an_attack_rate_over_too_few_attacked_inputs_is_not_judged() -> None:
                                  "fewer than 30; rule not applied")
     table_["attack"]["attacked"] = {"champion": 30, "challenger": 40}
     assert decide(table_, Rules(min_slice_count=30)).reasons[2].startswith("fail: attack: 1.0000")
+
+
+@pytest.mark.parametrize("case", ["no original rows", "another count", "not leading",
+                                  "no figure", "no model"])
+def test_the_same_input_attack_is_given_up_where_the_inputs_cannot_be_matched(
+        tmp_path, case: str) -> None:
+    """The challenger is attacked on the champion's own test inputs only where the held-out
+    part provably holds them first, as many as the champion's figure is over; else the gate
+    falls back to the two metrics.json figures."""
+    import json
+    from types import SimpleNamespace
+
+    from training.retrain.evaluate import attack_table, champion_inputs_attack
+
+    test_inputs = {"another count": 4, "no figure": None}.get(case, 3)
+    metrics = ({"attack_success": 0.3, "adversarial_info": {"attacked": 3}} if case == "no figure"
+               else {"attack_success": 0.3,
+                     "adversarial_info": {"attacked": 3, "test_inputs": test_inputs}})
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    sources = {"no original rows": ("traffic",) * 3,
+               "not leading": ("traffic", "original", "original", "original")}.get(
+                   case, ("original",) * 3 + ("traffic",))
+    held_out = Pool(tuple(b"x" for _ in sources), (0,) * len(sources), ("n",) * len(sources),
+                    sources, ({},) * len(sources))
+    champion = SimpleNamespace(path=tmp_path, kind="image", spec=None)
+    model = None if case == "no model" else object()  # never attacked: the inputs do not match
+    assert champion_inputs_attack(champion, tmp_path, held_out, model) is None
+    table_ = attack_table(tmp_path, tmp_path, None)
+    assert table_["challenger"] == 0.3 and "over different inputs" in table_["source"]
+    matched = attack_table(tmp_path, tmp_path, (0.5, 2))
+    assert matched["challenger"] == 0.5 and matched["attacked"]["challenger"] == 2
+    assert matched["delta"] == 0.2 and "same inputs" in matched["source"]

@@ -33,7 +33,8 @@ line of a skipped run):
   6. champion and challenger are evaluated by ONNX Runtime on the same held-out inputs, the
      test parts of all three sources (``evaluate.evaluate`` -> ``Evaluation``), overall, per
      slice and per variation of their robustness suite (``training.robustness``); their attack
-     success rates come from their metrics.json;
+     success rates over the same inputs: the champion's from its metrics.json, the challenger
+     attacked the same way on the champion's test split (``evaluate.champion_inputs_attack``);
   7. ``gate.decide`` -> ``Decision``: promote iff the challenger's accuracy >= the champion's +
      ``--margin``, no slice with >= ``--min-slice-count`` held-out inputs loses more than
      ``--max-slice-drop``, no robustness variation trails the champion's by more than

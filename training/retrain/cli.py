@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "variation of the held-out inputs' robustness suite (resampled, "
                         "JPEG, rotated, ...; default 0.02)")
     p.add_argument("--max-attack-increase", type=float, default=0.05,
-                   help="the most the adversarial attack success rate (metrics.json "
-                        "attack_success) may rise over the champion's (default 0.05; skipped "
+                   help="the most the adversarial attack success rate may rise over the "
+                        "champion's, both over the champion's test inputs (default 0.05; skipped "
                         "where a version has no figure, or one over fewer attacked inputs "
                         "than --min-slice-count)")
     p.add_argument("--only-if-drifted", action="store_true",

@@ -9,8 +9,9 @@
   slice with >= ``min_slice_count`` held-out inputs loses more than ``max_slice_drop``, no
   variation of the robustness suite (the held-out inputs resampled, re-compressed, rotated...;
   ``training.robustness``) loses more than ``max_robustness_drop`` against the champion, and the
-  adversarial attack success rate (each artifact's metrics.json ``attack_success``) rises by no
-  more than ``max_attack_increase``. A champion exported before attacks were measured has no
+  adversarial attack success rate (the champion's metrics.json ``attack_success``, the
+  challenger's on the same inputs: ``evaluate.champion_inputs_attack``) rises by no more than
+  ``max_attack_increase``. A champion exported before attacks were measured has no
   ``attack_success``: that rule is then skipped, with a note. A pure function of the comparison
   table (``Evaluation.table``), testable with hand-made numbers; returns a ``Decision``: a failed
   rule is a reason (which the audit record lists), a passed or skipped robustness or attack rule
@@ -158,8 +159,9 @@ def robustness_rule(robustness: Mapping[str, Any] | None, rules: Rules
 
 
 def attack_rule(attack: Mapping[str, Any] | None, rules: Rules) -> tuple[list[str], list[str]]:
-    """(failures, notes) of the attack rule: the challenger's attack success rate (metrics.json
-    ``attack_success``) may exceed the champion's by at most ``max_attack_increase``. Skipped,
+    """(failures, notes) of the attack rule: the challenger's attack success rate (over the
+    champion's inputs where they can be matched, ``evaluate.attack_table``) may exceed the
+    champion's (metrics.json ``attack_success``) by at most ``max_attack_increase``. Skipped,
     with a note, where either artifact has no figure, or where one is a rate over fewer than
     ``min_slice_count`` attacked inputs (the correctly classified ones: a near-chance model has
     few, and a rate of 0 over 5 says nothing). None: not measured (no rule, no note)."""

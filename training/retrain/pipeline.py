@@ -71,7 +71,8 @@ def run(cfg: RetrainConfig) -> AuditRecord:
                                        manifest_info(cfg, champion, data, sources),
                                        Path(tmp), target, in_store=not cfg.dry_run)
         export_s, clock = _since(clock), time.perf_counter()
-        evaluation = evaluate(champion, challenger, data)
+        evaluation = evaluate(champion, challenger, data,
+                              model=trained.model if champion.kind == "image" else None)
         evaluate_s = _since(clock)
     decision = decide(evaluation.table, cfg.rules)
     outcome = settle(decision, champion, challenger, evaluation, store, cfg.dry_run)
