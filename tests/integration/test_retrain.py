@@ -396,6 +396,9 @@ def test_text_challenger_from_traffic_and_a_csv_is_promoted(text_setup: Setup,
     assert {"source=new", "source=traffic", "tag.device=ios"} <= set(
         record["evaluation"]["slices"])
     assert any(s.startswith("length=") for s in record["evaluation"]["slices"])
+    # the attack rule: the challenger attacked on the champion's own test texts
+    assert "same inputs" in record["evaluation"]["attack"]["source"]
+    assert record["evaluation"]["attack"]["challenger"] is not None
     # Same preprocessing as the champion: the spec (and so the tokenizer) did not change.
     spec = [(text_setup.models / TEXT_NAME / v / "spec.json").read_text()
             for v in (pointer_before.version, pointer.version)]
