@@ -223,13 +223,18 @@ def text_attack_success(session: "ort.InferenceSession", pre: "TextPreprocessor"
     """``text_metrics``' ``attack_success`` and ``adversarial_info.attacked`` alone: the same
     inputs of ``texts`` attacked the same way (2 character edits), no suite."""
     pick = attack_pick(len(texts), seed, max_suite, max_attack)
+    report = _text_attack(session, pre, texts, labels, pick, candidates, seed)
+    return report.charedit.get(str(adv.REFERENCE_EDITS)), report.attacked
 
+
+def _text_attack(session: "ort.InferenceSession", pre: "TextPreprocessor",
+                 texts: Sequence[str], labels: Sequence[int], pick: np.ndarray, candidates: int,
+                 seed: int) -> "adv.TextAttackReport":
     def proba(items: list) -> np.ndarray:
         return _softmax(text_outputs(session, pre, items)[0])
 
-    report = adv.char_attack(proba, [texts[i] for i in pick], [int(labels[i]) for i in pick],
-                             candidates=candidates, seed=seed)
-    return report.charedit.get(str(adv.REFERENCE_EDITS)), report.attacked
+    return adv.char_attack(proba, [texts[i] for i in pick], [int(labels[i]) for i in pick],
+                           candidates=candidates, seed=seed)
 
 
 def _subsample(n: int, limit: int, seed: int) -> np.ndarray:
@@ -254,16 +259,12 @@ def text_metrics(session: "ort.InferenceSession", pre: "TextPreprocessor", texts
     def predict(items: list) -> np.ndarray:
         return text_outputs(session, pre, items)[0].argmax(1)
 
-    def proba(items: list) -> np.ndarray:
-        return _softmax(text_outputs(session, pre, items)[0])
-
     robustness = suite_accuracy(predict, suite, sub_labels)
     suite_seconds = time.perf_counter() - start
 
     t0 = time.perf_counter()
     pick = attack_pick(len(texts), seed, max_suite, max_attack)
-    report = adv.char_attack(proba, [texts[i] for i in pick], [int(labels[i]) for i in pick],
-                             candidates=candidates, seed=seed)
+    report = _text_attack(session, pre, texts, labels, pick, candidates, seed)
     scorer = ood_scorer(profile, classes)
     clean_flags = adv_flags = None
     if scorer is not None:

@@ -20,9 +20,9 @@ their order (``data.original_parts`` splits the original data as the champion's 
 ``champion_inputs_attack``). Its own metrics.json figure is over its whole held-out part,
 traffic included: after a drift, harder inputs, which make any challenger look easier to attack
 (a challenger of the demo: 0.52 over its held-out part, 0.39 over the champion's test digits,
-where the champion's is 0.39). Where the inputs cannot be
-matched (no original rows, a champion figure over another number of inputs, no PyTorch model for
-an image challenger), both metrics.json figures, and the table says so.
+where the champion's is 0.39). Where the inputs cannot be matched (no original rows, a champion
+figure over another number of inputs, no PyTorch model for an image challenger), both
+metrics.json figures, and the table says so.
 
 ``evaluate`` returns an ``Evaluation``, whose comparison table the promotion rule
 (``gate.decide``) reads.
