@@ -2,10 +2,10 @@
 request path (``service.py`` lists them all).
 
 Why raw ASGI rather than ``@bentoml.api``: BentoML's own request handling of an upload costs
-about as much CPU as a small model's inference (see README, Benchmark). This app reads the body
-once, hands it to ``requests.py`` to parse, calls the served model (``served.py``) and answers
-with one ``json.dumps``; BentoML still owns the server, the workers, ``/metrics``, ``/readyz``
-and its traffic middlewares around it.
+about as much CPU as a small model's inference (docs/benchmark-history.md, "Earlier runs"). This
+app reads the body once, hands it to ``requests.py`` to parse, calls the served model
+(``served.py``) and answers with one ``json.dumps``; BentoML still owns the server, the
+workers, ``/metrics``, ``/readyz`` and its traffic middlewares around it.
 
 Routes (exact paths):
   POST /v1/classify/image   one or many images (multipart, JSON with base64, or a raw image body)

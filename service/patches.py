@@ -15,9 +15,10 @@ showed a benchmark server's model.
 ...)`` for every request and never cancels it. With the default 60 s timeout, each request keeps
 a timer, a future and its context alive for a minute: under sustained load that is a large and
 growing pile of live objects, and every full garbage collection walks them (long pauses that
-grow with uptime and show up in the p99; see README, Benchmark, and service/README.md). The
-fixed ``__call__`` below behaves the same (504 after ``timeout`` seconds without a response
-start) but cancels the timer as soon as the response has started. If BentoML changes the class, the patch is skipped and logged.
+grow with uptime and show up in the p99; see docs/benchmark-history.md, "Earlier runs", and
+service/README.md). The fixed ``__call__`` below behaves the same (504 after ``timeout``
+seconds without a response start) but cancels the timer as soon as the response has started.
+If BentoML changes the class, the patch is skipped and logged.
 
 3. The OpenAPI document (``fix_openapi_document``). BentoML declares ``/docs.json`` as OpenAPI
 3.0.2 but writes one of its own schemas (``TaskStatusResponse``) in 3.1 style (``{"type":

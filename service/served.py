@@ -63,7 +63,8 @@ class _UnderWay:
     so by then every request read in the same pass is counted: that is what makes "alone" in
     ``classify`` safe to run inline. A request started earlier (in the protocol's callback, say)
     would see none of those its pass has yet to read and run inline in front of them (tried:
-    0.79x the requests a second at 64 connections; README, Benchmark, session 23)."""
+    0.79x the requests a second at 64 connections; docs/benchmark-history.md, "A lone request,
+    paired", session 23)."""
 
     state: Any = None
 

@@ -74,9 +74,9 @@ logger = logging.getLogger("service")
     workers=SETTINGS.workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
     logging={"access": {"enabled": False}},
-    # A span per request costs a large share of the hot path's CPU (see README, Benchmark); with
-    # no exporter configured it buys nothing. CLF_TRACE_REQUESTS=true traces the classify route
-    # like the rest (and the v2 infer route, regex).
+    # A span per request costs a large share of the hot path's CPU (docs/benchmark-history.md,
+    # "Earlier runs"); with no exporter configured it buys nothing. CLF_TRACE_REQUESTS=true traces
+    # the classify route like the rest (and the v2 infer route, regex).
     tracing={"excluded_urls": [] if SETTINGS.trace_requests else
              ["/v1/classify", r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer"]},
 )
