@@ -43,6 +43,33 @@ def floor_bound(raw_best: float | None, floor_rps: float | None) -> float | None
     return 1.0 / (1.0 / raw_best + 1.0 / floor_rps)
 
 
+def tail_context(conc: int, rps: float, p99_ms: float, floor_p99_ms: float | None,
+                 yardstick_ms: float) -> dict:
+    """What a served p99 under ``conc`` closed-loop connections is made of, beside the p99
+    target's verdict: the connections' mean latency at the measured rate (Little's law:
+    ``conc / rps``; no request can do better on average), the p99 over that mean (the tail),
+    and the no-op floor's p99 against the same yardstick (where the request path alone comes
+    near the target, as for the text model on 2 cores, the model's calls are not why a served
+    p99 misses it)."""
+    mean_ms = 1e3 * conc / rps if rps else None
+    return {"closed_loop_mean_ms": mean_ms, "closed_loop_mean_x": ratio(mean_ms, yardstick_ms),
+            "p99_over_mean": ratio(p99_ms, mean_ms), "floor_p99_ms": floor_p99_ms,
+            "floor_p99_x": ratio(floor_p99_ms, yardstick_ms)}
+
+
+def tail_line(t: dict) -> str | None:
+    """``tail_context`` as one sentence (None without a rate)."""
+    if t["closed_loop_mean_ms"] is None:
+        return None
+    line = (f"the connections' mean latency at this rate (c / req/s) is "
+            f"{t['closed_loop_mean_ms']:.1f} ms = {t['closed_loop_mean_x']:.1f}x the yardstick, "
+            f"the p99 {t['p99_over_mean']:.2f}x that mean")
+    if t["floor_p99_x"] is not None:
+        line += (f"; the no-op floor's p99 is {t['floor_p99_ms']:.1f} ms = "
+                 f"{t['floor_p99_x']:.1f}x the yardstick")
+    return line
+
+
 def bound_line(what: str, served_rps: float | None, raw_best: float | None,
                floor_rps: float | None, conc: int) -> str | None:
     """One sentence: the floor-allowed bound at ``conc`` and how much of it is served."""

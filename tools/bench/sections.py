@@ -20,7 +20,8 @@ from .cpu import least_contaminated
 from .predlog import log_bytes, temp_log
 from .raw import RAW_CONFIGS, RawConfig, bench_config, expected_probabilities
 from .report import (P99_TARGET_X, bound_line, breakdown, breakdown_table, floor_bound,
-                     log_rows, log_table, ratio, raw_table, served_table)
+                     log_rows, log_table, ratio, raw_table, served_table, tail_context,
+                     tail_line)
 from .server import ServerSpec
 
 
@@ -100,12 +101,16 @@ def breakdown_section(run: Run, served: dict, floor: dict | None, conc: int,
     x = ratio(p99, yardstick.ms if yardstick else None)
     if x is None:
         return out
+    tail = tail_context(model.conc, model.rps, p99,
+                        floor_cell.wrk.p("99") if floor_cell else None, yardstick.ms)
     out["p99_target"] = {"conc": model.conc, "p99_ms": p99, "raw_batch_call_ms": yardstick.ms,
                          "raw_batch_call_config": yardstick.config,
                          "raw_batch_call": yardstick.what, "x": x, "target_x": P99_TARGET_X,
-                         "met": x < P99_TARGET_X}
+                         "met": x < P99_TARGET_X, "tail": tail}
     run.log(f"p99 target at c={model.conc}: {p99:.1f} ms = {x:.1f}x {yardstick.what}; target < "
             f"{P99_TARGET_X:g}x: {'met' if x < P99_TARGET_X else 'MISSED'}")
+    if (line := tail_line(tail)) is not None:
+        run.log(f"  ({line})")
     return out
 
 

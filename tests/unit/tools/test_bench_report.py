@@ -129,6 +129,23 @@ def test_floor_bound_is_the_two_costs_paid_in_turn() -> None:
     assert bound_line("m", None, 1731.0, 3665.0, 64) is None
 
 
+def test_tail_context_splits_a_p99_into_the_closed_loops_mean_and_its_tail() -> None:
+    from tools.bench.report import tail_context, tail_line
+
+    # the 2026-12-05 text cell: 64 connections at 2,336 req/s, p99 52.0 ms, floor p99 26.3 ms
+    t = tail_context(64, 2336.2, 51.95, 26.3, 13.8)
+    assert t["closed_loop_mean_ms"] == pytest.approx(27.39, abs=0.01)
+    assert t["closed_loop_mean_x"] == pytest.approx(1.985, abs=0.001)
+    assert t["p99_over_mean"] == pytest.approx(1.897, abs=0.001)
+    assert t["floor_p99_x"] == pytest.approx(1.906, abs=0.001)
+    assert tail_line(t) == ("the connections' mean latency at this rate (c / req/s) is 27.4 ms "
+                            "= 2.0x the yardstick, the p99 1.90x that mean; the no-op floor's "
+                            "p99 is 26.3 ms = 1.9x the yardstick")
+    no_floor = tail_context(64, 2336.2, 51.95, None, 13.8)
+    assert no_floor["floor_p99_x"] is None and "floor" not in tail_line(no_floor)
+    assert tail_line(tail_context(64, 0.0, 51.95, None, 13.8)) is None
+
+
 def test_a_cell_with_every_connection_on_one_worker_is_marked() -> None:
     from tools.bench.cells import _one_worker
 
