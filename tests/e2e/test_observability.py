@@ -15,10 +15,7 @@ The tests run in file order: the first two need the state before any drift repor
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest

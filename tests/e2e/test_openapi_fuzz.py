@@ -4,7 +4,6 @@ time) finds no 5xx and no answer that breaks the document; the server serves nor
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -15,7 +15,6 @@ grows at its right edge).
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 import tempfile

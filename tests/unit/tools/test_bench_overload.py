@@ -29,9 +29,10 @@ def test_a_phase_is_parsed_by_status():
 
 
 def test_the_server_p99_is_read_from_bentomls_histogram_deltas():
+    def labels(le):
+        return (("endpoint", "/v1/classify/image"), ("http_response_code", "200"), ("le", le))
+
     def samples(counts):
-        labels = lambda le: (("endpoint", "/v1/classify/image"), ("http_response_code", "200"),
-                             ("le", le))
         return {("bentoml_service_request_duration_seconds_bucket", labels(le)): float(n)
                 for le, n in counts.items()}
 
