@@ -8,6 +8,7 @@ tools/bench/results/<UTC>.json (or ``--out``).
     python -m tools.bench --workers 2 --conc 64 --skip-floor --skip-log
     python -m tools.bench --task peers    # Triton and this service, same ONNX file (--peers adds
                                           # it to a full run; needs ../shared/peers-bench/setup.sh)
+    python -m tools.bench --task soak     # 5 min per model with the log on: memory, fds, threads
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from .image import image_summary_rows, run_image
 from .overload import overload_table, run_overload, verdict_line
 from .peers import run_peers
 from .scaling import run_scaling
+from .soak import run_soak
 from .report import log_table, summary_table
 from .sections import Run
 from .store import store_path
 from .text import run_text, text_summary_rows
 
 TASKS = {"image": run_image, "text": run_text, "overload": run_overload, "peers": run_peers,
-         "scaling": run_scaling}
+         "scaling": run_scaling, "soak": run_soak}
 
 
 def log(msg: str) -> None:
@@ -85,6 +87,10 @@ def _summary(results: dict) -> str:
     scaling = results.get("scaling") or {}
     if scaling.get("table"):
         parts.append(f"Scaling ({scaling['model']}, {scaling['body']}):\n\n" + scaling["table"])
+    soak = results.get("soak") or {}
+    if soak.get("table"):
+        parts.append(f"Soak (the prediction log on, c={soak['conc']}, {soak['seconds']:g} s per "
+                     f"model, CLF_WORKERS={soak['workers']}):\n\n" + soak["table"])
     m, cfg = results["machine"], results["config"]
     provider = (results.get("raw_best") or text.get("raw_best") or peers.get("raw_best")
                 or {}).get("provider")
@@ -147,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections += [((results.get("text") or {}).get("v2") or {}).get(k) for k in ("served", "floor")]
     sections.append(results.get("overload"))
     sections += (results.get("scaling") or {}).get("rows", [])
+    sections += (results.get("soak") or {}).get("models", [])
     sections += [row for r in (results.get("peers") or {}).get("runs", [])
                  for row in r["rows"].values()]
     failed = results.get("errors") or [s for s in sections if (s or {}).get("error")]

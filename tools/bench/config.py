@@ -59,6 +59,9 @@ class BenchConfig:
     peers_runs: int = 3  # the peers section (--peers): whole runs, servers interleaved
     peers_dir: Path | None = None  # the peers' harness (default ../shared/peers-bench)
     peers_root: Path | None = None  # its $PEERS_ROOT (venvs, model, bodies; default /tmp/peers)
+    soak_seconds: float = 300.0  # --task soak: the load per model (soak.py)
+    soak_conc: int = 16
+    soak_every_s: float = 15.0  # between samples
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,11 +93,16 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
                     "default model.")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: 2 s cells, c=1,16, short raw cells (< 2 min per task)")
-    p.add_argument("--task", choices=(*TASKS, "peers", "scaling", "all"), default="all",
+    p.add_argument("--task", choices=(*TASKS, "peers", "scaling", "soak", "all"), default="all",
                    help="what to benchmark: the image reference model, the text model, the "
                         "overload cell (1,000 connections on the image model), all three "
-                        "(default all), only the peers section (see --peers), or the scaling "
-                        "table (1, 2 and 4 workers; --scaling-workers)")
+                        "(default all), only the peers section (see --peers), the scaling "
+                        "table (1, 2 and 4 workers; --scaling-workers), or the soak cell "
+                        "(memory, fds and threads over a long run with the log on; --soak-*)")
+    p.add_argument("--soak-seconds", type=float,
+                   help="--task soak: seconds of load per model (default 300; quick 20)")
+    p.add_argument("--soak-conc", type=int, default=16,
+                   help="--task soak: wrk connections (default 16)")
     p.add_argument("--scaling-workers", type=_ints, default=(1, 2, 4),
                    help="CLF_WORKERS of each scaling row (default 1,2,4)")
     p.add_argument("--peers", action="store_true",
@@ -164,6 +172,8 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
         tasks = (*tasks, "peers")
     if a.peers_runs is not None and a.peers_runs < 1:
         p.error("--peers-runs must be >= 1")
+    if a.soak_conc < 1 or (a.soak_seconds is not None and a.soak_seconds <= 0):
+        p.error("--soak-conc must be >= 1 and --soak-seconds > 0")
     log_concs = tuple(c for c in concs if c in LOG_CONCS) or (max(concs),)
     return BenchConfig(
         quick=q, tasks=tasks, duration_s=a.duration or (2.0 if q else 20.0),
@@ -191,6 +201,8 @@ def parse_config(argv: Sequence[str] | None = None) -> BenchConfig:
         scaling_workers=a.scaling_workers,
         peers_runs=a.peers_runs or (1 if q else 3), peers_dir=a.peers_dir,
         peers_root=a.peers_root,
+        soak_seconds=a.soak_seconds or (20.0 if q else 300.0), soak_conc=a.soak_conc,
+        soak_every_s=4.0 if q else 15.0,
     )
 
 
