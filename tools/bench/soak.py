@@ -26,9 +26,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import logpair
+from .bodies import Body
 from .report import fmt, markdown_table
 from .sections import Run, image_body
 from .server import ROUTES, Server, ServerSpec, running
@@ -88,8 +89,8 @@ def run_soak(run: Run, results: dict) -> None:
                                for s in out["models"])
 
 
-def soak(server: Server, body, log_path: Path, conc: int, seconds: float, every_s: float,
-         log) -> dict:
+def soak(server: Server, body: Body, log_path: Path, conc: int, seconds: float, every_s: float,
+         log: Callable[[str], None]) -> dict:
     """Load ``server`` for ``seconds`` and sample it every ``every_s`` (the module doc)."""
     leader = server.proc.pid
     route = ROUTES[server.spec.task]
