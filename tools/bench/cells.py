@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .bodies import Body
-from .cpu import CpuUse, CpuWindow, least_contaminated
+from .cpu import CpuUse, CpuWindow, least_contaminated, proc_status, rss_mb
 from .predlog import count_rows
 from .prometheus import (BATCH_ITEMS, INFERENCE, PREPROCESS, QUEUE_WAIT, HistogramDelta,
                          bucket_deltas, deltas, distribution)
@@ -250,14 +250,14 @@ def tree_rss_mb(pids: set[int]) -> dict[str, list[float]]:
     HTTP workers, by their ``--worker-id`` argument) and ``others`` (the arbiter, helpers)."""
     out: dict[str, list[float]] = {"workers": [], "others": []}
     for pid in sorted(pids):
+        status = proc_status(pid)
         try:
-            with open(f"/proc/{pid}/status") as f:
-                rss_kb = next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 worker = b"--worker-id" in f.read()
-        except (OSError, ValueError):
+        except OSError:
             continue
-        out["workers" if worker else "others"].append(round(rss_kb / 1024, 1))
+        if status is not None:
+            out["workers" if worker else "others"].append(round(rss_mb(status), 1))
     return out
 
 

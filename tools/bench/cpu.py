@@ -21,6 +21,21 @@ T = TypeVar("T")
 ProcTable = dict[int, tuple[int, int, int, int]]
 
 
+def proc_status(pid: int) -> dict[str, str] | None:
+    """The fields of ``/proc/<pid>/status`` (``"VmRSS": "123 kB"``, ``"Threads": "8"``, ...);
+    None where the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return None
+
+
+def rss_mb(status: dict[str, str]) -> float:
+    """Resident memory in MB from ``proc_status``'s fields (0 for a kernel thread's)."""
+    return int(status.get("VmRSS", "0 kB").split()[0]) / 1024
+
+
 def proc_table() -> ProcTable:
     """Every live (non-zombie) process with its session, CPU jiffies, parent and start time."""
     table: ProcTable = {}

@@ -43,7 +43,7 @@ from service.settings import Settings
 
 from .bodies import Body, write_v2_image_body
 from .cells import Check, check_answer
-from .cpu import CpuWindow
+from .cpu import CpuWindow, proc_status, rss_mb
 from .prometheus import BATCH_ITEMS, INFERENCE, QUEUE_WAIT, Samples, deltas, total
 from .report import fmt, markdown_table
 from .sections import Run, expected_answer, image_body
@@ -161,14 +161,8 @@ def drain(server: Server, model: str, limit_s: float = 10.0) -> float | None:
 
 def tree_rss_mb(server: Server) -> float:
     """Resident memory of the server's whole process tree (VmRSS summed), in MB."""
-    kb = 0
-    for pid in server.tree.refresh():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                kb += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
-        except OSError:
-            continue
-    return kb / 1024
+    return sum(rss_mb(status) for status in map(proc_status, server.tree.refresh())
+               if status is not None)
 
 
 def run_phase(server: Server, body: Body, name: str, conns: int, threads: int,

@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 from . import logpair
 from .bodies import Body
+from .cpu import proc_status, rss_mb
+from .prometheus import total
 from .report import fmt, markdown_table
 from .sections import Run, image_body
 from .server import ROUTES, Server, ServerSpec, running
@@ -123,9 +125,7 @@ def soak(server: Server, body: Body, log_path: Path, conc: int, seconds: float, 
 
 
 def sample(server: Server, route: str, log_path: Path, t_s: float) -> Sample:
-    answered = sum(value for (name, labels), value in server.metrics().items()
-                   if name == REQUESTS and ("endpoint", route) in labels
-                   and ("http_response_code", "200") in labels)
+    answered = total(server.metrics(), REQUESTS, endpoint=route, http_response_code="200")
     procs = {}
     for pid in sorted(server.tree.refresh()):
         found = proc_sample(pid)
@@ -137,19 +137,20 @@ def sample(server: Server, route: str, log_path: Path, t_s: float) -> Sample:
 def proc_sample(pid: int) -> ProcSample | None:
     """RSS, open files (fds but sockets) and threads of ``pid`` from /proc; None where it is
     gone."""
+    status = proc_status(pid)
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        files = 0
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                files += not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-            except OSError:  # closed meanwhile
-                pass
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rss_kb = int(fields.get("VmRSS", "0 kB").split()[0])
-    return ProcSample(round(rss_kb / 1024, 1), files, int(fields.get("Threads", "0")))
+    if status is None:
+        return None
+    files = 0
+    for fd in fds:
+        try:
+            files += not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:  # closed meanwhile
+            pass
+    return ProcSample(round(rss_mb(status), 1), files, int(status.get("Threads", "0")))
 
 
 def log_size(log_path: Path) -> int:
