@@ -387,7 +387,7 @@ def test_the_same_input_attack_is_given_up_where_the_inputs_cannot_be_matched(
                     sources, ({},) * len(sources))
     champion = SimpleNamespace(path=tmp_path, kind="image", spec=None)
     model = None if case == "no model" else object()  # never attacked: the inputs do not match
-    assert champion_inputs_attack(champion, tmp_path, held_out, model) is None
+    assert champion_inputs_attack(champion, None, held_out, model) is None  # nothing loaded
     table_ = attack_table(tmp_path, tmp_path, None)
     assert table_["challenger"] == 0.3 and "over different inputs" in table_["source"]
     matched = attack_table(tmp_path, tmp_path, (0.5, 2))

@@ -101,8 +101,9 @@ def _summary(results: dict) -> str:
         "the same model's best raw in-process items/s; items/batch = mean items per model call; "
         "⚠ = other processes took > 0.25 cores during the cell; ⚖ = every wrk connection landed "
         "on one worker (the kernel picks the accepting worker; such a cell is measured again "
-        "once and kept only if no attempt spread); every cell but the log-on ones runs with "
-        "CLF_PREDICTION_LOG=\"\".")
+        "once and kept only if no attempt spread); every cell but the log-on ones"
+        + (" and the soak's" if soak.get("table") else "")
+        + " runs with CLF_PREDICTION_LOG=\"\".")
     return "\n\n".join(parts)
 
 

@@ -81,13 +81,12 @@ def evaluate(champion: Champion, challenger: "Challenger", data: RetrainData,
     held_out = data.test
     slices = row_slices(champion, held_out)
     truth = [champion.labels[i] for i in held_out.labels]
-    tables = [accuracy_table(predict(folder, held_out.inputs), truth, slices)
-              for folder in (champion.path, challenger.path)]
+    exported = [ExportedModel(folder) for folder in (champion.path, challenger.path)]
+    tables = [accuracy_table(m.predict(held_out.inputs), truth, slices) for m in exported]
     table = compare(*tables)
-    table["robustness"] = robustness_table(champion, (champion.path, challenger.path), held_out,
-                                           seed)
+    table["robustness"] = robustness_table(champion, exported, held_out, seed)
     table["attack"] = attack_table(champion.path, challenger.path, champion_inputs_attack(
-        champion, challenger.path, held_out, model))
+        champion, exported[1], held_out, model))
     return Evaluation(table)
 
 
@@ -134,15 +133,14 @@ def robustness_suite(champion: Champion, inputs: Sequence[Input], seed: int = SU
     return suite
 
 
-def robustness_table(champion: Champion, folders: Sequence[Path], pool: Pool,
+def robustness_table(champion: Champion, models: Sequence["ExportedModel"], pool: Pool,
                      seed: int = SUITE_SEED) -> dict[str, Any]:
     """``{"seed", "count", "variations": {name: {champion, challenger, delta}}}``: the accuracy
-    of the two exported models (``folders``: champion's, challenger's) on every variation of
+    of the two exported models (``models``: champion's, challenger's) on every variation of
     ``pool``'s suite, ``clean`` first. A varied input the shared preprocessing refuses counts as
     a miss for both."""
     if not len(pool):
         return {"seed": seed, "count": 0, "variations": {}}
-    models = [ExportedModel(folder) for folder in folders]
     hits: dict[str, list[int]] = {}
     for start in range(0, len(pool), SUITE_CHUNK):
         truth = pool.labels[start:start + SUITE_CHUNK]
@@ -179,10 +177,10 @@ def attack_table(champion_folder: Path, challenger_folder: Path,
             "source": source}
 
 
-def champion_inputs_attack(champion: Champion, challenger_folder: Path, held_out: Pool,
+def champion_inputs_attack(champion: Champion, exported: "ExportedModel", held_out: Pool,
                            model: "nn.Module | None" = None) -> tuple[float | None, int] | None:
-    """The challenger (``model``, its PyTorch model, for images; its exported model in
-    ``challenger_folder`` for texts) attacked as the champion's export attacked the champion, on
+    """The challenger (``model``, its PyTorch model, for images; its exported model,
+    ``exported``, for texts) attacked as the champion's export attacked the champion, on
     the same inputs: the held-out part's original rows, which lead it in the order of the
     champion's test split. None where they cannot be matched: no original rows, rows not
     leading, a champion figure over another number of test inputs
@@ -202,7 +200,6 @@ def champion_inputs_attack(champion: Champion, challenger_folder: Path, held_out
     inputs, labels = list(held_out.inputs[:count]), [int(y) for y in held_out.labels[:count]]
     if champion.kind == "image":
         return image_attack_success(model, champion.spec, inputs, labels)
-    exported = ExportedModel(challenger_folder)
     return text_attack_success(exported.session, exported.pre, inputs, labels)
 
 

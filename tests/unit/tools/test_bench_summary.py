@@ -41,3 +41,17 @@ def test_summary_table_names_the_unit() -> None:
 def test_text_raw_table_shows_order_padding_and_mean_call() -> None:
     cell = TextRawCell("intra1", 64, 2020.4, 7.15, 149.7, 32, "CPU", SORTED, 0.21, 31.7)
     assert "| intra1 | 64 | sorted | 2020 | 21% | 31.70 | 7.15 | 149.70 |" in text_raw_table([cell])
+
+
+def test_method_line_says_which_cells_ran_with_the_log() -> None:
+    """The summary's last line says every cell ran with the prediction log off but the log-on
+    ones, and names the soak's too where the run had one (it serves with the log on)."""
+    from tools.bench.__main__ import _summary
+
+    base = {"machine": {"nproc": 2, "cpu_model": "cpu", "onnxruntime": "1.x"},
+            "config": {"workers": 2, "duration_s": 10, "warmup_s": 3}}
+    soak = {"table": "| t |", "conc": 16, "seconds": 300, "workers": 2}
+    plain, soaked = _summary(base), _summary({**base, "soak": soak})
+    assert plain.endswith('but the log-on ones runs with CLF_PREDICTION_LOG="".')
+    assert soaked.startswith("Soak (the prediction log on, c=16, 300 s per model")
+    assert soaked.endswith('but the log-on ones and the soak\'s runs with CLF_PREDICTION_LOG="".')
