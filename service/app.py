@@ -148,6 +148,8 @@ ADMISSION = "clf.admission"
 # scope key: when it was admitted (time.perf_counter()); the request's deadline counts from
 # there, so the event-loop passes between the door and the route are inside it
 ADMITTED_AT = "clf.admitted_at"
+MOUNT_PREFIXES = ("/v1", "/v2")  # where BentoML mounts App (service.py)
+_UNDER_A_MOUNT = tuple(prefix + "/" for prefix in MOUNT_PREFIXES)
 
 
 class OverloadShortcut:
@@ -163,7 +165,12 @@ class OverloadShortcut:
     Refusals answered here are counted in ``clf_shed_requests_total``, not in BentoML's request
     metrics. In a worker most of them never get here: the HTTP protocol refuses at the door, and
     what it admits arrives with its admission in the scope, which this takes over and releases
-    the same way (``shedding.py``)."""
+    the same way (``shedding.py``).
+
+    Being first, it also hands ``App`` the paths under ``/v1/`` and ``/v2/`` that hold a line
+    break (a percent-encoded ``%0A`` in a model name): Starlette's ``Mount`` matches its path
+    with ``.*``, which stops at one, so BentoML would answer its own plain-text 404 instead of
+    the documented JSON error (found by the fuzz test)."""
 
     def __init__(self, app: Callable, api: "App") -> None:
         self.app = app
@@ -171,6 +178,8 @@ class OverloadShortcut:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if "\n" in scope["path"] and scope["path"].startswith(_UNDER_A_MOUNT):
+                return await self.api(scope, receive, send)
             model = scope.get(ADMISSION)  # admitted at the door
             if model is None:
                 model = self.api.classify_model(scope)

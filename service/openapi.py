@@ -78,6 +78,16 @@ REQUEST_ID_HEADER = {
 }
 
 
+def served_models(settings: Any) -> dict[str, str]:
+    """``{kind: name}`` of the models the settings serve (``CLF_IMAGE_MODEL``,
+    ``CLF_TEXT_MODEL``; a version pin dropped), image first; empty without settings. The document
+    names them, so clients and Swagger UI offer the names a request may use."""
+    if settings is None:
+        return {}
+    tags = {"image": settings.image_model, "text": settings.text_model}
+    return {kind: tag.partition(":")[0] for kind, tag in tags.items() if tag}
+
+
 def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 

@@ -59,6 +59,16 @@ class RequestError(ValueError):
 
 # ---- the bodies' schemas (the OpenAPI document's; tests hold the parsers to them) -----------
 
+# The document's examples (Swagger UI's "Try it out" sends them as they are): scikit-learn's
+# digits set's fourth image, a 3, as the training data turns it into an 8x8 grayscale PNG
+# (``training.data``: 0-16 scaled to 0-255), and a short text any text model takes.
+EXAMPLE_PNG_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAARElEQVR42jXGMRGAMBAAsBzHzkuolJ"
+                      "eCBHBQB0jAAg4qoRbqoEhgIlNwzB5Q+z4TSvSOxYgyAojW/t3VQs3Mzcp7eU4fVhgPr6U3F5oAAAAA"
+                      "SUVORK5CYII=")
+EXAMPLE_TEXT = "Hello! Are we still meeting at 7 tonight?"
+# A text the preprocessing takes holds something visible; the schema says so much (it cannot
+# say "no NUL" or "not only invisible characters", which are answered 422 with a reason).
+_TEXT = {"type": "string", "minLength": 1, "pattern": r"\S"}
 _BASE64 = {"type": "string", "format": "byte",
            "description": "an encoded image (PNG, JPEG, GIF, WebP, BMP, TIFF) in base64, or a "
                           "data: URL"}
@@ -71,16 +81,18 @@ IMAGE_BODIES: dict[str, dict] = {
     "application/json": {"schema": {
         "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
         "properties": {"images": {"type": "array", "minItems": 1, "items": _BASE64},
-                       "image": _BASE64}}},
+                       "image": _BASE64}},
+        "example": {"image": EXAMPLE_PNG_BASE64}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
 }
 TEXT_BODIES: dict[str, dict] = {
     "application/json": {"schema": {
         "type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
-        "properties": {"texts": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                       "text": {"type": "string"}}}},
-    "text/plain": {"schema": {"type": "string"}},
+        "properties": {"texts": {"type": "array", "minItems": 1, "items": _TEXT},
+                       "text": _TEXT}},
+        "example": {"texts": [EXAMPLE_TEXT, "WINNER!! Claim your free prize now"]}},
+    "text/plain": {"schema": _TEXT, "example": EXAMPLE_TEXT},
 }
 _LABELS = {"type": "array", "minItems": 1, "items": {"type": "string"},
            "description": "one true label per input of the request, in order"}
@@ -95,7 +107,12 @@ FEEDBACK_BODIES: dict[str, dict] = {
         _FEEDBACK_ITEM,
         {"type": "object", "required": ["feedback"], "additionalProperties": False,
          "properties": {"feedback": {"type": "array", "minItems": 1, "items": _FEEDBACK_ITEM}}},
-    ]}},
+    ]}, "examples": {
+        "one request": {"summary": "the labels of one classify request, by its request_id",
+                        "value": {"request_id": "req-42", "labels": ["3"]}},
+        "a batch": {"summary": "several requests at once (all or nothing)",
+                    "value": {"feedback": [{"request_id": "req-42", "label": "3"},
+                                           {"request_id": "req-43", "labels": ["7", "1"]}]}}}},
 }
 
 

@@ -45,7 +45,7 @@ from modelstore.artifact import Artifact, ArtifactError, load_artifact, text_pre
 from preprocessing import TextPreprocessor
 
 from . import lifecycle, listeners, openapi, patches, shedding, v2
-from .app import App, OverloadShortcut
+from .app import MOUNT_PREFIXES, App, OverloadShortcut
 from .metrics import DriftRefresher, get_metrics
 from .recording import PredictionRecorder
 from .reload import Reloader, tracks_production
@@ -65,7 +65,7 @@ patches.fix_openapi_document()  # /docs.json valid OpenAPI 3.0
 api = App(SETTINGS)
 # What BentoML mounts: per prefix, a FastAPI app that documents the route table's routes under it
 # (so /docs.json and the Swagger UI at / list them) and hands every request to ``api``.
-MOUNTS = openapi.build_mounts(api, ("/v1", "/v2"), title="clfserve", version="1")
+MOUNTS = openapi.build_mounts(api, MOUNT_PREFIXES, title="clfserve", version="1")
 logger = logging.getLogger("service")
 
 

@@ -181,8 +181,10 @@ def parse_infer(body: bytes, header_length: str | None = None) -> InferRequest:
                    "bad_request") from None
     if not isinstance(doc, dict):
         raise _bad('the inference request must be a JSON object {"inputs": [...]}')
+    # An optional field is absent or of its type: null is refused, as the document says, not
+    # taken for absent.
     rid = doc.get("id")
-    if rid is not None and not isinstance(rid, str):
+    if "id" in doc and not isinstance(rid, str):
         raise _bad("'id' must be a string")
     parameters = _parameters(doc, "the request")
     entries = doc.get("inputs")
@@ -201,7 +203,7 @@ def parse_infer(body: bytes, header_length: str | None = None) -> InferRequest:
     names = [t.name for t in inputs]
     if len(set(names)) != len(names):
         raise _bad(f"input names repeat: {names}")
-    return InferRequest(rid, inputs, _outputs(doc.get("outputs")),
+    return InferRequest(rid, inputs, _outputs(doc["outputs"]) if "outputs" in doc else None,
                         _flag(parameters, "binary_data_output", "the request"))
 
 
@@ -316,9 +318,7 @@ def encode_bytes(items: Sequence[bytes]) -> bytes:
     return b"".join(_U32.pack(len(b)) + b for b in items)
 
 
-def _outputs(value: Any) -> list[OutputRequest] | None:
-    if value is None:
-        return None
+def _outputs(value: Any) -> list[OutputRequest]:
     if not isinstance(value, list):
         raise _bad("'outputs' must be a list of {\"name\", \"parameters\"}")
     out = []
@@ -327,8 +327,8 @@ def _outputs(value: Any) -> list[OutputRequest] | None:
             raise _bad(f"outputs[{i}] must be an object with a 'name'")
         where = f"output {entry['name']!r}"
         parameters = _parameters(entry, where)
-        binary = parameters.get("binary_data")
-        if binary is not None and not isinstance(binary, bool):
+        binary = parameters.get("binary_data")  # absent: the request's default
+        if "binary_data" in parameters and not isinstance(binary, bool):
             raise _bad(f"{where}: parameter 'binary_data' must be true or false")
         k = parameters.get("classification", 0)
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
@@ -729,10 +729,10 @@ def _table(r: Routes, documented: Any) -> list[tuple[str, str, Any, dict]]:
         ("GET", SERVER_PATH, r.server_metadata, docs.server_metadata()),
         ("GET", "/v2/health/live", r.live, docs.health("live")),
         ("GET", "/v2/health/ready", r.ready, docs.health("ready")),
-        ("GET", model, r.metadata, docs.model_metadata(False)),
-        ("GET", versioned, r.metadata, docs.model_metadata(True)),
-        ("GET", model + "/ready", r.model_ready, docs.model_ready(False)),
-        ("GET", versioned + "/ready", r.model_ready, docs.model_ready(True)),
+        ("GET", model, r.metadata, docs.model_metadata(False, documented)),
+        ("GET", versioned, r.metadata, docs.model_metadata(True, documented)),
+        ("GET", model + "/ready", r.model_ready, docs.model_ready(False, documented)),
+        ("GET", versioned + "/ready", r.model_ready, docs.model_ready(True, documented)),
         ("POST", model + "/infer", r.infer, docs.infer(False, documented)),
         ("POST", versioned + "/infer", r.infer, docs.infer(True, documented)),
     ]

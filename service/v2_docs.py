@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import openapi
+from . import openapi, requests
 
 TAGS = ["open inference protocol v2"]
 DATATYPES = ["BYTES", "FP32", "BOOL"]
@@ -67,9 +67,13 @@ def _empty(description: str) -> dict:
         "type": "object", "required": [key], "properties": props}}}}
 
 
-def _params(versioned: bool) -> list[dict]:
-    return [_NAME, _VERSION, openapi.REQUEST_ID_HEADER] if versioned else [
-        _NAME, openapi.REQUEST_ID_HEADER]
+def _params(versioned: bool, documented: Any = None) -> list[dict]:
+    """The path parameters (``name`` limited to the served models' names where the settings
+    are known) and ``X-Request-ID``."""
+    names = list(openapi.served_models(documented).values())
+    name = {**_NAME, "schema": {"type": "string", "enum": names}} if names else _NAME
+    return [name, _VERSION, openapi.REQUEST_ID_HEADER] if versioned else [
+        name, openapi.REQUEST_ID_HEADER]
 
 
 def _at(versioned: bool) -> str:
@@ -104,8 +108,8 @@ def health(which: str) -> dict:
     }
 
 
-def model_metadata(versioned: bool) -> dict:
-    return {
+def model_metadata(versioned: bool, documented: Any = None) -> dict:
+    doc = {
         "operationId": "v2_model_version_metadata" if versioned else "v2_model_metadata",
         "summary": "Model metadata (v2)" + _at(versioned),
         "description": "The model's inputs and outputs with their datatypes and shapes (-1: any "
@@ -116,7 +120,7 @@ def model_metadata(versioned: bool) -> dict:
                        "`parameters.labels`), `ood`, `truncated` (texts) and, when asked for, "
                        "`embedding`.",
         "tags": TAGS,
-        "parameters": _params(versioned),
+        "parameters": _params(versioned, documented),
         "responses": {"200": _json({
             "type": "object", "required": ["name", "versions", "platform", "inputs", "outputs"],
             "properties": {
@@ -129,16 +133,21 @@ def model_metadata(versioned: bool) -> dict:
                                "`probabilities`), spec_hash, ood_flags, usage, default_outputs"},
             }}, "the model's tensors"), **error_responses(404, 503)},
     }
+    if not versioned:
+        doc["responses"]["200"]["links"] = _version_links(
+            "$response.body#/versions/0", "v2_model_version_metadata", "v2_model_version_ready",
+            "v2_model_version_infer")
+    return doc
 
 
-def model_ready(versioned: bool) -> dict:
+def model_ready(versioned: bool, documented: Any = None) -> dict:
     return {
         "operationId": "v2_model_version_ready" if versioned else "v2_model_ready",
         "summary": "Model readiness (v2)" + _at(versioned),
         "description": '200 `{"name": ..., "ready": true}` once the model is loaded and warmed up; '
                        "503 before; 404 for a model (or version) this server does not serve.",
         "tags": TAGS,
-        "parameters": _params(versioned),
+        "parameters": _params(versioned, documented),
         "responses": {"200": _empty("model ready"), **error_responses(404, 503)},
     }
 
@@ -183,6 +192,43 @@ def _request_schema() -> dict:
                         "description": "absent: every output but `embedding`"},
         },
     }
+
+
+def _infer_examples(documented: Any) -> dict[str, dict]:
+    """JSON requests for each kind of model served (both kinds without settings): what Swagger
+    UI's "Try it out" offers; each is for the model of its kind."""
+    served = openapi.served_models(documented) or {"image": "an image model",
+                                                   "text": "a text model"}
+    top3 = [{"name": "label"}, {"name": "probabilities", "parameters": {"classification": 3}}]
+    examples = {
+        "image": ("an encoded image (base64) as BYTES",
+                  {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                               "data": [requests.EXAMPLE_PNG_BASE64]}]}),
+        "image, the label and the 3 best": (
+            "the same, asking for the label and the three most likely classes only",
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                         "data": [requests.EXAMPLE_PNG_BASE64]}], "outputs": top3}),
+        "text": ("texts as BYTES (UTF-8)",
+                 {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
+                              "data": [requests.EXAMPLE_TEXT,
+                                       "WINNER!! Claim your free prize now"]}]}),
+        "text, the label and the 3 best": (
+            "the same, asking for the label and the three most likely classes only",
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                         "data": [requests.EXAMPLE_TEXT]}], "outputs": top3}),
+    }
+    return {key: {"summary": f"{served[key.split(',')[0]]}: {summary}", "value": value}
+            for key, (summary, value) in examples.items() if key.split(",")[0] in served}
+
+
+def _version_links(version: str, *operations: str) -> dict[str, dict]:
+    """OpenAPI links from an answer to the routes of the version it names (``version``: a
+    runtime expression into the answer's body), same model: how a client learns which version
+    to ask for by name."""
+    return {f"{op}_of_this_version": {
+        "operationId": op, "parameters": {"name": "$request.path.name", "version": version},
+        "description": "the same model, at the version this answer names"}
+        for op in operations}
 
 
 def _response_schema() -> dict:
@@ -236,14 +282,18 @@ def infer(versioned: bool, defaults: Any = None) -> dict:
         # The binary extension's Inference-Header-Content-Length header belongs to the
         # application/octet-stream body only (its value must be that body's JSON header length),
         # so it is described there rather than listed as a parameter of every body.
-        "parameters": [*_params(versioned), _SLICES],
+        "parameters": [*_params(versioned, defaults), _SLICES],
         "requestBody": {"required": True, "content": {
-            "application/json": {"schema": _request_schema()},
+            "application/json": {"schema": _request_schema(),
+                                 "examples": _infer_examples(defaults)},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                     "description": binary}},
         }},
         "responses": {
             "200": {"description": "one row per input in every output tensor",
+                    **({} if versioned else {"links": _version_links(
+                        "$response.body#/model_version", "v2_model_version_infer",
+                        "v2_model_version_metadata", "v2_model_version_ready")}),
                     "headers": {"Inference-Header-Content-Length": {
                         "schema": {"type": "integer"},
                         "description": "binary answers: the JSON header's length"}},

@@ -207,6 +207,30 @@ def test_the_shortcut_refuses_in_front_of_the_framework_and_passes_everything_el
     assert served.admitted == 0
 
 
+def test_a_path_with_a_line_break_under_a_mount_goes_to_the_app_not_the_framework():
+    """Starlette's Mount regex (``.*``) stops at a line break, so BentoML would answer such a
+    path (``/v2/models/a%0Ab``) with a plain-text 404; the shortcut hands it to ``App``, whose
+    404 is the documented JSON. Other paths still go through the framework."""
+    api = bound_app(image_model(NoopModel(3, 1), 0, name="ovl-newline"))
+    reached: list[str] = []
+
+    async def framework(scope, receive, send):
+        reached.append(scope["path"])
+        await api(scope, receive, send)
+
+    client = Client(OverloadShortcut(framework, api))
+
+    async def main():
+        return [await client.post(b"", path=path, method="GET")
+                for path in ("/v2/models/a\nb", "/v1/models\n", "/v1/models", "/x\ny")]
+
+    answers = asyncio.run(main())
+    assert [a[0] for a in answers] == [404, 404, 200, 404]
+    assert answers[0][1]["reason"] == "not_found"  # v2's error shape
+    assert answers[1][1]["error"]["reason"] == "not_found"
+    assert reached == ["/v1/models", "/x\ny"]
+
+
 def test_admit_and_release_count_items_and_zero_means_no_bound():
     served = image_model(NoopModel(3, 1), max_queue_items=2, name="ovl-count")
     served.admit()

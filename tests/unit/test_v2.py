@@ -133,6 +133,13 @@ def test_the_request_tritonclient_builds_parses_in_both_modes():
     (b'{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": ["a"]}], '
      b'"outputs": [{"name": "label", "parameters": {"binary_data": "yes"}}]}', None,
      "bad_field", "true or false"),
+    (b'{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": ["a"]}], '
+     b'"outputs": [{"name": "label", "parameters": {"binary_data": null}}]}', None,
+     "bad_field", "true or false"),  # null is not "absent" (found by the fuzz test)
+    (b'{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": ["a"]}], '
+     b'"outputs": null}', None, "bad_field", "'outputs' must be a list"),
+    (b'{"id": null, "inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+     None, "bad_field", "'id' must be a string"),
 ])
 def test_malformed_requests_name_what_is_wrong(doc, length, reason, words):
     with pytest.raises(RequestError) as err:
