@@ -148,6 +148,9 @@ ADMISSION = "clf.admission"
 # scope key: when it was admitted (time.perf_counter()); the request's deadline counts from
 # there, so the event-loop passes between the door and the route are inside it
 ADMITTED_AT = "clf.admitted_at"
+# set by the door (shedding.py) on a request whose body was still on its way once what had
+# arrived was parsed: it holds no admission until its body is here (``App.read_then_admit``)
+BODY_PENDING = "clf.body_pending"
 MOUNT_PREFIXES = ("/v1", "/v2")  # where BentoML mounts App (service.py)
 _UNDER_A_MOUNT = tuple(prefix + "/" for prefix in MOUNT_PREFIXES)
 
@@ -184,10 +187,15 @@ class OverloadShortcut:
             if model is None:
                 model = self.api.classify_model(scope)
                 if model is not None:
+                    # a body still on its way: refused now if full, else admitted once the body
+                    # is here (read_then_admit)
+                    pending = scope.get(BODY_PENDING)
                     try:
-                        model.admit(self.api.budget_s)
+                        (model.check if pending else model.admit)(self.api.budget_s)
                     except Overloaded as exc:
                         return await self.api.refuse(exc, scope, send)
+                    if pending:
+                        return await self.app(scope, receive, send)
                     scope[ADMISSION] = model
                     scope[ADMITTED_AT] = time.perf_counter()
             if model is not None:
@@ -297,11 +305,24 @@ class App:
             return None
         return model
 
+    async def read_then_admit(self, scope: Scope, receive: Receive, headers: dict[str, str],
+                              model: ServedModel, budget_s: float) -> tuple[bytes, float]:
+        """A classify handler's body, then its admission to ``model`` (``take_admission``) and
+        the time its deadline and logged latency count from (the admission). Admitted once the
+        body is here: a request whose body was still on its way after the door parsed what had
+        arrived holds no admission meanwhile (``shedding.py`` lets go of it, ``OverloadShortcut``
+        only checks), so slow or stalled uploads cannot take a model's capacity from the
+        requests that are ready for it. Raises what the read and the admission raise; once this
+        returns the caller owes one ``model.release()``."""
+        body = await _read_body(receive, headers, self.settings.max_body_bytes)
+        self.take_admission(scope, model, budget_s)
+        return body, scope.get(ADMITTED_AT) or time.perf_counter()
+
     def take_admission(self, scope: Scope, model: ServedModel, budget_s: float) -> None:
-        """Admit a request to ``model`` for a classify handler, before its body is read: take
-        over the admission made at the door or by ``OverloadShortcut`` (re-checked against a
-        shorter deadline the client asked for), or admit it here. Raises ``Overloaded``; once
-        this returns the caller owes one ``model.release()``."""
+        """Admit a request to ``model`` for a classify handler: take over the admission made at
+        the door or by ``OverloadShortcut`` (re-checked against a shorter deadline the client
+        asked for), or admit it here. Raises ``Overloaded``; once this returns the caller owes
+        one ``model.release()``."""
         if scope.get(ADMISSION) is model:
             scope[ADMISSION] = None
             if budget_s < self.budget_s:  # the client shortened its deadline
@@ -394,19 +415,17 @@ class App:
         """One request to one model: read, parse, classify, answer."""
         model = self._ready_model(kind)
         settings = self.settings
-        # the deadline and the logged latency count from the admission at the door, when there
-        # was one (under a flood, whole event-loop passes lie between it and this line)
-        started = scope.get(ADMITTED_AT) or time.perf_counter()
         admitted = False
         try:
             # the deadline (s; inf = none) from the settings, shortened by the client's header
             budget_s = requests.deadline_ms(headers, settings.request_deadline_ms) / 1e3 or math.inf
-            self.take_admission(scope, model, budget_s)  # before the body is read: cheap
-            admitted = True
-            ctx = RequestContext(request_id, requests.slices(
-                headers.get(requests.SLICES_HEADER, ""), self.slice_rules), started)
+            slices = requests.slices(headers.get(requests.SLICES_HEADER, ""), self.slice_rules)
             top_k = requests.top_k(scope.get("query_string", b""), settings.top_k)
-            body = await _read_body(receive, headers, settings.max_body_bytes)
+            # the deadline and the logged latency count from the admission, at the door where
+            # there was one (under a flood, whole event-loop passes lie between it and here)
+            body, started = await self.read_then_admit(scope, receive, headers, model, budget_s)
+            admitted = True
+            ctx = RequestContext(request_id, slices, started)
             content_type = headers.get("content-type", "")
             if kind == "image":
                 inputs = requests.images(body, content_type, settings.max_images_per_request)

@@ -212,12 +212,18 @@ class ServedModel:
     def admit(self, budget_s: float = NO_DEADLINE) -> None:
         """Take one request on, or raise ``Overloaded`` when this model cannot take it now (the
         bound is reached, or the queue's wait is over half ``budget_s``, the request's deadline
-        in seconds: see ``refuses``). Called before the body is read, so a refusal costs next to
-        nothing; every admitted request must be paired with one ``release()``, in a
-        ``finally``."""
+        in seconds: see ``refuses``). Called at the door, before the body is read, so a refusal
+        costs next to nothing; every admitted request must be paired with one ``release()``, in
+        a ``finally``."""
+        self.check(budget_s)
+        self.admitted += 1
+
+    def check(self, budget_s: float = NO_DEADLINE) -> None:
+        """``Overloaded`` where ``admit`` would refuse now, without taking the request on: for
+        one whose body is still on its way, which is admitted once its body is here
+        (``App.read_then_admit``)."""
         if self.refuses(budget_s):
             self._refuse(self.admitted, 1, budget_s)
-        self.admitted += 1
 
     def refuses(self, budget_s: float = NO_DEADLINE) -> bool:
         """Whether ``admit(budget_s)`` would refuse now: the bound is reached, or the queue's

@@ -42,7 +42,9 @@ a ``POST`` to a classify route (``app.SHED_ROUTES``, and the v2 ``infer`` routes
   (``_until_gone``): what it awaits is dropped, the admission released on the way out, nothing
   answered; ``clf_abandoned_requests_total`` counts it. Left running, it held its admission
   until its model call, so a load generator that stopped with 64 requests on their way had the
-  next run's first requests refused.
+  next run's first requests refused. If its body is still on its way once the data that brought
+  its headers has been parsed, it gives the admission back (``body_on_its_way``) and its
+  handler admits it when the body is whole: a slow upload holds no capacity.
 
 Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
 routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
@@ -72,7 +74,7 @@ from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
 from . import lane, requests
-from .app import ADMISSION, ADMITTED_AT, SHED_ROUTES, STATUS
+from .app import ADMISSION, ADMITTED_AT, BODY_PENDING, SHED_ROUTES, STATUS
 from .lifecycle import DRAIN
 from .served import UNDER_WAY, Overloaded
 
@@ -84,11 +86,12 @@ logger = logging.getLogger(__name__)
 
 # the uvicorn releases whose httptools protocol this subclass was written against and tested on
 # (``tests/integration/test_shedding.py``): on_headers_complete builds the cycle and starts its
-# task, on_body/on_message_complete feed that cycle, on_response_complete re-arms keep-alive
+# task, on_body/on_message_complete feed that cycle (``more_body`` false once the body is whole),
+# on_response_complete re-arms keep-alive
 TESTED_UVICORN = ("0.54.",)
-_PROTOCOL_NEEDS = ("on_message_begin", "on_headers_complete", "on_body", "on_message_complete",
-                   "on_response_complete", "_unset_keepalive_if_required", "connection_lost",
-                   "shutdown")
+_PROTOCOL_NEEDS = ("data_received", "on_message_begin", "on_headers_complete", "on_body",
+                   "on_message_complete", "on_response_complete", "_unset_keepalive_if_required",
+                   "connection_lost", "shutdown")
 
 # A connection whose client sends again sooner than the Retry-After it was given, and is refused
 # again, hears back only after this pause (seconds), and nothing more is read from it meanwhile:
@@ -266,6 +269,12 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
                 self.transport.close()
             self.on_response_complete()  # counts it; keep-alive: re-arms its timer, reads on
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete:
+                body_on_its_way(cycle.scope)
+
         def on_body(self, body: bytes) -> None:
             if not self.refused:
                 super().on_body(body)
@@ -302,6 +311,24 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
 # scope keys of a request the door admitted: its task, and whether its client went away
 REQUEST_TASK = "clf.request_task"
 GONE = "clf.client_gone"
+
+
+def body_on_its_way(scope: dict) -> None:
+    """A request whose body is still on its way once what arrived has been parsed (a large
+    upload, a slow client, one that sends its headers and stalls): it gives back an admission
+    the door made (its task has not run yet, so nothing took it over) and is marked, so that
+    ``OverloadShortcut`` only checks it and its handler admits it once the body is here
+    (``App.read_then_admit``). Before, 64 connections that sent headers and never their body
+    held a worker's 64 admissions until the 60-s request timeout, and every other request to it
+    was refused 503 meanwhile."""
+    if scope.get(BODY_PENDING):
+        return
+    scope[BODY_PENDING] = True
+    model = scope.get(ADMISSION)
+    if model is not None:
+        scope[ADMISSION] = None
+        scope.pop(ADMITTED_AT, None)
+        model.release()
 
 
 async def _until_gone(app: Any, model: "ServedModel", scope: dict, receive: Any,

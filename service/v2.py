@@ -67,7 +67,6 @@ import json
 import logging
 import math
 import struct
-import time
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -647,23 +646,21 @@ class Routes:
 
     async def infer(self, scope, receive, headers, request_id, name: str,
                     version: str | None = None) -> Answer:
-        """Admit, read, parse, classify, answer: ``App._classify``'s steps in the same order."""
-        from .app import ADMITTED_AT, Answer, Failure, _read_body
+        """Read, admit, parse, classify, answer: ``App._classify``'s steps in the same order."""
+        from .app import Answer, Failure
 
         model = self.model(name, version)
         if not model.ready:
             raise Failure("not_ready", f"{name} is still loading; retry when "
                           f"/v2/models/{name}/ready answers 200")
         app, settings = self.app, self.app.settings
-        started = scope.get(ADMITTED_AT) or time.perf_counter()  # from the door, as _classify
         admitted = False
         try:
             budget_s = requests.deadline_ms(headers, settings.request_deadline_ms) / 1e3 or math.inf
-            app.take_admission(scope, model, budget_s)  # before the body is read: cheap
+            slices = requests.slices(headers.get(requests.SLICES_HEADER, ""), app.slice_rules)
+            body, started = await app.read_then_admit(scope, receive, headers, model, budget_s)
             admitted = True
-            ctx = RequestContext(request_id, requests.slices(
-                headers.get(requests.SLICES_HEADER, ""), app.slice_rules), started)
-            body = await _read_body(receive, headers, settings.max_body_bytes)
+            ctx = RequestContext(request_id, slices, started)
             body = inflate(body, headers.get("content-encoding", ""), settings.max_body_bytes)
             request = parse_infer(body, headers.get(HEADER_LENGTH))
             wanted = wanted_outputs(model, request)

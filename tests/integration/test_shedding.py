@@ -366,6 +366,50 @@ def test_a_refusal_closes_where_the_client_asks_or_may_never_send_its_body(serve
     assert answer(held)[0] == 200
 
 
+@pytest.mark.parametrize("target", [URL, "/v1/classify/%69mage"],
+                         ids=["admitted-at-the-door", "percent-encoded-so-the-middleware"])
+@pytest.mark.parametrize("sent", [0, 10], ids=["headers-only", "part-of-the-body"])
+def test_a_request_whose_body_is_on_its_way_holds_no_admission(serve, target, sent):
+    """Slow or stalled uploads must not take the model's capacity: with a bound of 1, a request
+    that sent its headers (and part of its body, or none) and stalls holds no admission, so
+    others are served meanwhile; once its body is whole it is admitted and answered. Before,
+    it held the admission until the request timeout and every other request was refused."""
+    served = serve(f"shed-slow-{sent}-{target[-5:]}", max_queue_items=1)
+    body = png()
+    slow = connect(served.port)
+    slow.sendall(post_head(body, "slow").replace(URL.encode(), target.encode()) + body[:sent])
+    time.sleep(0.2)  # parsed, its task started and waiting for the rest of the body
+    assert served.served.admitted == 0
+    for i in range(3):
+        client = connect(served.port)
+        client.sendall(post(png(), f"fast-{i}"))
+        assert answer(client)[0] == 200
+        client.close()
+    slow.sendall(body[sent:])
+    status, _, doc = answer(slow)
+    assert status == 200 and json.loads(doc)["request_id"] == "slow"
+    wait_for(lambda: served.served.admitted == 0)
+
+
+def test_a_request_whose_body_completes_while_the_model_is_full_is_refused_then(serve):
+    """Checked at its headers (room then), admitted when its body is whole: if the model is
+    full by then, it is refused 503 ``overloaded`` (after its body, through the route) and
+    nothing stays admitted."""
+    served = serve("shed-slow-full", max_queue_items=1)
+    before = shed_count(served.served.name, "overloaded")
+    body = png()
+    slow = connect(served.port)
+    slow.sendall(post_head(body, "late"))
+    time.sleep(0.2)
+    held = hold(served)  # the bound is reached meanwhile
+    slow.sendall(body)
+    assert_refused(*answer(slow), "late")
+    assert shed_count(served.served.name, "overloaded") - before == 1
+    served.model.gate.set()
+    assert answer(held)[0] == 200
+    wait_for(lambda: served.served.admitted == 0)
+
+
 def test_a_pipelined_request_behind_one_under_way_goes_the_usual_way(serve):
     served = serve("shed-pipe", max_queue_items=2)
     served.model.gate.clear()

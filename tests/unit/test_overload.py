@@ -139,9 +139,12 @@ async def wait_until(condition, timeout_s: float = 5.0) -> None:
 # ---- the bound --------------------------------------------------------------------------------
 
 def test_a_request_beyond_the_bound_is_refused_before_its_body_is_read():
+    """Behind ``OverloadShortcut``, as BentoML's stack and the fast lane run ``App`` (its
+    handlers read the body, then take the admission: ``read_then_admit``)."""
     model = GatedModel()
     served = image_model(model, max_queue_items=2)
-    client = Client(bound_app(served))
+    api = bound_app(served)
+    client = Client(OverloadShortcut(api, api))
     refused_before = shed_count("ovl-img", "overloaded")
 
     async def main():
