@@ -95,7 +95,8 @@ def _summary(results: dict) -> str:
     provider = (results.get("raw_best") or text.get("raw_best") or peers.get("raw_best")
                 or {}).get("provider")
     parts.append(
-        f"{m['nproc']} cores ({m['cpu_model']}), onnxruntime {m['onnxruntime']} ({provider}), "
+        f"{m['nproc']} cores ({m['cpu_model']}), onnxruntime {m['onnxruntime']}"
+        + (f" ({provider})" if provider else "") + ", "
         f"CLF_WORKERS={cfg['workers']}; wrk -t1 closed loop pinned to CPU 1, "
         f"{cfg['duration_s']:g} s after {cfg['warmup_s']:g} s warm-up; x raw best = req/s over "
         "the same model's best raw in-process items/s; items/batch = mean items per model call; "

@@ -53,5 +53,6 @@ def test_method_line_says_which_cells_ran_with_the_log() -> None:
     soak = {"table": "| t |", "conc": 16, "seconds": 300, "workers": 2}
     plain, soaked = _summary(base), _summary({**base, "soak": soak})
     assert plain.endswith('but the log-on ones runs with CLF_PREDICTION_LOG="".')
+    assert "onnxruntime 1.x, CLF_WORKERS=2" in plain  # no provider measured: none named
     assert soaked.startswith("Soak (the prediction log on, c=16, 300 s per model")
     assert soaked.endswith('but the log-on ones and the soak\'s runs with CLF_PREDICTION_LOG="".')
