@@ -220,11 +220,21 @@ def images(body: bytes, content_type: str, max_images: int) -> list[bytes]:
     return found
 
 
-def _json_images(body: bytes) -> list[bytes]:
+def parse_json(body: bytes | str, what: str = "the body") -> object:
+    """``json.loads``, with what it raises on bad input as 400 ``bad_request``: not JSON, not
+    UTF-8, or nested deeper than the parser's recursion limit (``[[[...]]]`` 100,000 deep was
+    answered 500 before)."""
     try:
-        doc = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
+        raise RequestError("bad_request", f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("bad_request", f"{what} is JSON nested too deeply; no request of "
+                           "this API nests more than a few levels") from None
+
+
+def _json_images(body: bytes) -> list[bytes]:
+    doc = parse_json(body)
     if not isinstance(doc, dict):
         raise RequestError("bad_field", 'the JSON body must be an object like {"images": ["<base64>"]}')
     unknown = sorted(set(doc) - {"images", "image"})
@@ -313,11 +323,7 @@ def texts(body: bytes, content_type: str, max_texts: int) -> list:
             f"unsupported Content-Type {media or '(none)'!r}; use application/json "
             '({"texts": ["...", ...]} or {"text": "..."}) or a UTF-8 text/plain body',
         )
-    decoded = decode_text(body)  # bad_encoding, before JSON can call it malformed
-    try:
-        doc = json.loads(decoded)
-    except ValueError as exc:
-        raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
+    doc = parse_json(decode_text(body))  # bad_encoding, before JSON can call it malformed
     if not isinstance(doc, dict) or len(doc) != 1 or next(iter(doc)) not in TEXT_FIELDS:
         keys = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise RequestError(
@@ -346,10 +352,7 @@ def texts(body: bytes, content_type: str, max_texts: int) -> list:
 
 def feedback(body: bytes) -> dict[str, list[str] | str]:
     """``{"request_id", "labels"|"label"}`` or ``{"feedback": [those, ...]}`` -> id -> labels."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError("bad_request", f"the body is not valid JSON: {exc}") from None
+    doc = parse_json(body)
     usage = ('send {"request_id": "...", "labels": ["..."]} or {"feedback": [{"request_id": '
              '"...", "labels": ["..."]}, ...]}')
     if isinstance(doc, dict) and set(doc) == {"feedback"}:

@@ -173,11 +173,7 @@ def parse_infer(body: bytes, header_length: str | None = None) -> InferRequest:
         head, raw = body[:split], raw[split:]
     else:
         head, raw = body, raw[len(body):]
-    try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad(f"the inference request header is not valid JSON: {exc}",
-                   "bad_request") from None
+    doc = requests.parse_json(head, "the inference request header")
     if not isinstance(doc, dict):
         raise _bad('the inference request must be a JSON object {"inputs": [...]}')
     # An optional field is absent or of its type: null is refused, as the document says, not

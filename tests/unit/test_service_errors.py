@@ -9,6 +9,7 @@ import pytest
 
 from preprocessing import REASONS as INPUT_REASONS
 from service import requests
+from service.requests import RequestError
 from service.app import STATUS, App
 
 
@@ -52,3 +53,16 @@ def test_a_known_path_with_the_wrong_method_is_405() -> None:
 def test_a_route_before_bind_is_not_ready() -> None:
     status, doc = call(App(), "POST", "/v1/classify/text")
     assert status == 503 and doc["error"]["reason"] == "not_ready"
+
+
+@pytest.mark.parametrize("parse", [
+    lambda body: requests.images(body, "application/json", 8),
+    lambda body: requests.texts(body, "application/json", 8),
+    requests.feedback,
+], ids=["images", "texts", "feedback"])
+def test_json_nested_past_the_parsers_limit_is_a_bad_request(parse) -> None:
+    """``[[[...]]]`` deeper than Python's recursion limit made ``json.loads`` raise
+    ``RecursionError``, which every JSON body answered 500 ``internal``."""
+    with pytest.raises(RequestError) as err:
+        parse(b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert err.value.reason == "bad_request" and "nested too deeply" in err.value.message

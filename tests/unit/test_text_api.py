@@ -95,6 +95,8 @@ def test_one_text_and_a_list_answer_per_text_and_say_when_truncated(preprocessor
     ({"json": {"texts": []}}, 422, "empty", "empty list"),
     ({"json": {"texts": ["a"] * 5}}, 413, "too_many_items", "limit is 4"),
     ({"content": b"{nope", "headers": {"Content-Type": "application/json"}}, 400, "bad_request", "JSON"),
+    ({"content": b'{"texts": ' + b"[" * 4000 + b"]" * 4000 + b"}",
+      "headers": {"Content-Type": "application/json"}}, 400, "bad_request", "nested too deeply"),
     ({"content": b"x", "headers": {"Content-Type": "image/png"}}, 400, "bad_request", "Content-Type"),
     ({"content": b"x" * 10_001, "headers": {"Content-Type": "text/plain"}}, 413, "too_large", "limit"),
 ])

@@ -106,6 +106,7 @@ def test_the_request_tritonclient_builds_parses_in_both_modes():
 
 @pytest.mark.parametrize("doc, length, reason, words", [
     (b"{nope", None, "bad_request", "not valid JSON"),
+    (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, "bad_request", "nested too deeply"),
     (b"[]", None, "bad_field", "JSON object"),
     (b'{"inputs": []}', None, "empty", "non-empty list"),
     (b'{"inputs": [{"name": "text", "datatype": "INT64", "shape": [1], "data": [1]}]}', None,
