@@ -77,6 +77,7 @@ STATUS: dict[str, int] = {
     "bad_request": 400,
     "too_large": 413,
     "too_many_items": 413,
+    "headers_too_large": 431,
     # the service's own
     "not_found": 404,
     "method_not_allowed": 405,

@@ -167,7 +167,7 @@ def classify_operation(kind: str, defaults: Any) -> dict:
         "requestBody": {"required": True, "content": bodies},
         "responses": {
             "200": _json(classify_answer_schema(), "one prediction per input"),
-            **error_responses(400, 404, 413, 415, 422, 500, 503, 504),
+            **error_responses(400, 404, 413, 415, 422, 431, 500, 503, 504),
         },
     }
 
@@ -199,7 +199,7 @@ def feedback_operation() -> dict:
                                        "updated": {"type": "integer"},
                                        "unchanged": {"type": "integer"}}}}}},
                 "what each label did"),
-            **error_responses(400, 401, 403, 404, 413, 422, 500),
+            **error_responses(400, 401, 403, 404, 413, 422, 431, 500),
         },
     }
 

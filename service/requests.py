@@ -43,6 +43,7 @@ REASONS: dict[str, str] = {
     "empty": "the request holds no input",
     "too_large": "the body is over the size limit",
     "too_many_items": "more inputs in one request than the limit",
+    "headers_too_large": "the request line and headers are over the size limit",
 }
 
 

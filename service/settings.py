@@ -67,7 +67,11 @@ class Settings:
     solo_threads: int = 0
     # "onnx" runs the model; "noop" answers zeros and exists to measure the request path's floor.
     runtime: str = "onnx"
-    # Request limits.
+    # Request limits. max_header_bytes bounds a request's head (request line and headers):
+    # uvicorn's httptools parser has no bound and buffers a header's value whole, so one client
+    # sending a 300 MB header grew a worker by 530 MB. 64 KiB is far over what a client or a
+    # gateway sends (nginx refuses heads over 32 KiB by default) and holds a large JWT.
+    max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 64
     max_image_pixels: int = 40_000_000
@@ -175,6 +179,7 @@ class Settings:
             (self.solo_threads >= 0, "CLF_SOLO_THREADS must be >= 0 (0 = the cores, 1 = off)"),
             (self.runtime in ("onnx", "noop"), "CLF_RUNTIME must be onnx or noop"),
             (self.max_body_bytes >= 1024, "CLF_MAX_BODY_BYTES must be >= 1024"),
+            (self.max_header_bytes >= 4096, "CLF_MAX_HEADER_BYTES must be >= 4096"),
             (self.max_images_per_request >= 1, "CLF_MAX_IMAGES_PER_REQUEST must be >= 1"),
             (self.max_image_pixels >= 64, "CLF_MAX_IMAGE_PIXELS must be >= 64"),
             (self.max_texts_per_request >= 1, "CLF_MAX_TEXTS_PER_REQUEST must be >= 1"),

@@ -46,6 +46,11 @@ a ``POST`` to a classify route (``app.SHED_ROUTES``, and the v2 ``infer`` routes
   its headers has been parsed, it gives the admission back (``body_on_its_way``) and its
   handler admits it when the body is whole: a slow upload holds no capacity.
 
+Every request's head is bounded (``max_header_bytes``, ``CLF_MAX_HEADER_BYTES``): uvicorn's
+httptools protocol has no bound and httptools buffers a header's value whole, so a head over it
+is answered 431 ``headers_too_large`` and its connection closed (``data_received`` counts the
+reads that belong to an open head whole).
+
 Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
 routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
 still under way (its task starts only when the one before it is answered; a closed connection
@@ -66,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import math
 import time
@@ -77,6 +83,7 @@ from . import lane, requests
 from .app import ADMISSION, ADMITTED_AT, BODY_PENDING, SHED_ROUTES, STATUS
 from .lifecycle import DRAIN
 from .served import UNDER_WAY, Overloaded
+from .settings import Settings
 
 if TYPE_CHECKING:
     from .app import App
@@ -104,6 +111,7 @@ _PROTOCOL_NEEDS = ("data_received", "on_message_begin", "on_headers_complete", "
 # connections per worker than the cell's ~500, a fixed pause paces them less (refusals are then
 # about connections / PACE_S a second).
 PACE_S = 0.25
+DEFAULT_MAX_HEADER_BYTES = Settings.max_header_bytes  # CLF_MAX_HEADER_BYTES's default
 
 _PATHS = frozenset(path.encode() for path in SHED_ROUTES)  # the /v1 classify routes, as sent
 _STATUS = STATUS["overloaded"]
@@ -136,17 +144,45 @@ def refusal(exc: Overloaded, request_id: str, default_headers: list[tuple[bytes,
     return b"".join(lines)
 
 
-def protocol_class(base: type, api: "App", fast: bool = False) -> type:
+def head_too_large(limit: int, default_headers: list[tuple[bytes, bytes]], v2: bool) -> bytes:
+    """The whole answer to a request whose head is over ``limit`` bytes: 431
+    ``headers_too_large`` in the error shape of its route, closing the connection."""
+    from .app import error_body
+    from .v2 import v2_error
+
+    request_id = requests.new_request_id()
+    message = (f"the request line and headers are over the limit of {limit} bytes "
+               "(CLF_MAX_HEADER_BYTES)")
+    body = json.dumps((v2_error if v2 else error_body)("headers_too_large", message,
+                                                       request_id)).encode()
+    status = STATUS["headers_too_large"]
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
+    for name, value in default_headers:
+        lines += [name, b": ", value, b"\r\n"]
+    lines += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
+              b"\r\nx-request-id: ", request_id.encode(), b"\r\nconnection: close\r\n\r\n", body]
+    return b"".join(lines)
+
+
+def protocol_class(base: type, api: "App", fast: bool = False,
+                   max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type:
     """``base`` (uvicorn's ``HttpToolsProtocol``) with refusal at the door for ``api``'s models;
-    ``fast``: what it admits takes the fast lane (``lane.py``) where the stack allows."""
+    ``fast``: what it admits takes the fast lane (``lane.py``) where the stack allows; a request
+    head over ``max_header_bytes`` is answered 431 and its connection closed."""
 
     class SheddingProtocol(base):  # type: ignore[misc, valid-type]
         shed_api = api
         # the fast lane: True until built (then the Lane), None where there is none (lane.py)
         fast_lane: "lane.Lane | bool | None" = True if fast else None
+        max_head = max_header_bytes
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            # the request head being parsed: its number on this connection (None: none open)
+            # and the bytes counted for it (``data_received``)
+            self.head: int | None = None
+            self.heads = 0
+            self.head_bytes = 0
             UNDER_WAY.state = self.server_state  # one per worker: the batcher's "alone"
             self.refused = False  # the message being parsed was refused: skip its body
             self.close_after_refusal = False
@@ -162,9 +198,12 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
             # in the same data_received, must not be cut off by it
             self._unset_keepalive_if_required()
             self.refused = False
+            self.heads += 1
+            self.head, self.head_bytes = self.heads, 0
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
+            self.head = None
             model = self._door_model()
             if model is None:
                 return super().on_headers_complete()
@@ -225,6 +264,16 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
                 return None
             return self.shed_api.admitting_model(path.decode("latin-1"))
 
+        def _head_too_large(self) -> None:
+            self.head = None
+            logger.info("a request head over %d bytes from %s: answered 431, connection closed",
+                        self.max_head, self.client)
+            if not self.transport.is_closing():
+                self.transport.write(head_too_large(self.max_head,
+                                                    self.server_state.default_headers,
+                                                    self.url.startswith(b"/v2/")))
+                self.transport.close()
+
         def _refuse(self, exc: Overloaded) -> None:
             self.refused = True
             given = next((v for k, v in self.headers if k == b"x-request-id"), b"")
@@ -270,7 +319,15 @@ def protocol_class(base: type, api: "App", fast: bool = False) -> type:
             self.on_response_complete()  # counts it; keep-alive: re-arms its timer, reads on
 
         def data_received(self, data: bytes) -> None:
+            head = self.head
             super().data_received(data)
+            if head is not None and self.head == head:
+                # the same head was open before and after: all of ``data`` belongs to it
+                # (the read that opens a head is not counted, so no body or earlier request
+                # is taken for head bytes; a head is refused within the limit plus one read)
+                self.head_bytes += len(data)
+                if self.head_bytes > self.max_head:
+                    return self._head_too_large()
             cycle = self.cycle
             if cycle is not None and cycle.more_body and not cycle.response_complete:
                 body_on_its_way(cycle.scope)
@@ -349,7 +406,8 @@ async def _until_gone(app: Any, model: "ServedModel", scope: dict, receive: Any,
         scope[REQUEST_TASK] = None
 
 
-def install(api: "App", middleware_first: bool, fast_lane: bool = False) -> bool:
+def install(api: "App", middleware_first: bool, fast_lane: bool = False,
+            max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> bool:
     """Make uvicorn's httptools protocol refuse at the door for ``api`` (the module docstring).
     ``middleware_first``: ``OverloadShortcut`` is the first middleware BentoML runs, so what the
     door admits is released however the request ends. ``fast_lane``: what the door admits takes
@@ -365,6 +423,7 @@ def install(api: "App", middleware_first: bool, fast_lane: bool = False) -> bool
     if getattr(base, "shed_api", None) is not None:  # installed before
         base.shed_api = api
         base.fast_lane = True if fast_lane else None
+        base.max_head = max_header_bytes
         return True
     why = None
     if not middleware_first:
@@ -379,7 +438,7 @@ def install(api: "App", middleware_first: bool, fast_lane: bool = False) -> bool
         logger.warning("refusal at the door not installed: %s; OverloadShortcut refuses "
                        "(correct, dearer under a flood)", why)
         return False
-    shedding = protocol_class(base, api, fast_lane)
+    shedding = protocol_class(base, api, fast_lane, max_header_bytes)
     auto.AutoHTTPProtocol = shedding
     httptools_impl.HttpToolsProtocol = shedding
     return True

@@ -303,6 +303,6 @@ def infer(versioned: bool, defaults: Any = None) -> dict:
                             "type": "string", "format": "binary",
                             "description": "the JSON answer, then the binary outputs' raw "
                                            "bytes"}}}},
-            **error_responses(400, 404, 413, 415, 422, 500, 503, 504),
+            **error_responses(400, 404, 413, 415, 422, 431, 500, 503, 504),
         },
     }

@@ -34,7 +34,8 @@ class Served:
     """One gated image model behind OverloadShortcut on a uvicorn server; ``shortcut_calls``
     counts the requests that became ASGI requests, ``admitted_at_route`` what the route saw."""
 
-    def __init__(self, name: str, max_queue_items: int, door: bool) -> None:
+    def __init__(self, name: str, max_queue_items: int, door: bool,
+                 max_header_bytes: int = shedding.DEFAULT_MAX_HEADER_BYTES) -> None:
         self.model = GatedModel()
         self.served = image_model(self.model, max_queue_items, name=name)
         self.api = bound_app(self.served)
@@ -42,7 +43,8 @@ class Served:
         self.admitted_at_route: list[bool] = []
         self.route = self._route  # what the shortcut calls (a test may wrap it)
         shortcut = OverloadShortcut(lambda *args: self.route(*args), self.api)
-        protocol = shedding.protocol_class(BASE, self.api) if door else BASE
+        protocol = (shedding.protocol_class(BASE, self.api, max_header_bytes=max_header_bytes)
+                    if door else BASE)
 
         async def app(scope, receive, send):
             if scope["type"] == "lifespan":
@@ -82,8 +84,8 @@ def serve():
     DRAIN.reset()
     started: list[Served] = []
 
-    def start(name: str, max_queue_items: int = 1, door: bool = True) -> Served:
-        started.append(Served(name, max_queue_items, door))
+    def start(name: str, max_queue_items: int = 1, door: bool = True, **kwargs) -> Served:
+        started.append(Served(name, max_queue_items, door, **kwargs))
         return started[-1]
 
     yield start
@@ -408,6 +410,41 @@ def test_a_request_whose_body_completes_while_the_model_is_full_is_refused_then(
     served.model.gate.set()
     assert answer(held)[0] == 200
     wait_for(lambda: served.served.admitted == 0)
+
+
+@pytest.mark.parametrize("path, v2", [(URL, False), ("/v2/models/x/infer", True)],
+                         ids=["v1", "v2"])
+def test_a_request_head_over_the_limit_is_answered_431_and_its_connection_closed(serve, path,
+                                                                                 v2):
+    """uvicorn's httptools parser has no bound on a head and buffers a header's value whole
+    (a 300 MB header grew a worker by 530 MB): a head over ``max_header_bytes`` is answered 431
+    ``headers_too_large`` in its route's error shape once that many bytes of it have come (plus
+    at most the read that opened it), and the connection is closed; a head within it, and the
+    next connection, are served."""
+    served = serve("shed-head", max_queue_items=4, max_header_bytes=8192)
+    big = connect(served.port)
+    big.sendall(post_head(b"x").replace(URL.encode(), path.encode()).replace(
+        b"\r\n\r\n", b"\r\nx-big: "))
+    sent = 0
+    try:
+        for _ in range(64):  # 64 x 4 KB: 32 times the limit, in pieces as a client sends them
+            big.sendall(b"a" * 4096)
+            sent += 4096
+            time.sleep(0.002)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed by the server once it had answered
+    status, headers, body = answer(big)
+    doc = json.loads(body)
+    assert status == 431 and headers["connection"] == "close"
+    reason, message = (doc["reason"], doc["error"]) if v2 else (doc["error"]["reason"],
+                                                               doc["error"]["message"])
+    assert reason == "headers_too_large" and "CLF_MAX_HEADER_BYTES" in message
+    assert doc["request_id"] == headers["x-request-id"]
+    assert closed_by_server(big)
+    assert sent < 8192 * 4, f"{sent} bytes were read before the answer"
+    within = connect(served.port)
+    within.sendall(post(png(), "within", extra="x-fine: " + "b" * 6000 + "\r\n"))
+    assert answer(within)[0] == 200
 
 
 def test_a_pipelined_request_behind_one_under_way_goes_the_usual_way(serve):
