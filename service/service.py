@@ -359,4 +359,5 @@ elif ROLE == "worker":
     patches.drain_on_stop(SETTINGS.drain_timeout_s)
     listeners.install_in_worker(SETTINGS.reuseport)
     # most refusals in uvicorn's protocol, before ASGI; what it admits takes the fast lane
-    shedding.install(api, SHORTCUT_FIRST, SETTINGS.fast_lane, SETTINGS.max_header_bytes)
+    shedding.install(api, SHORTCUT_FIRST, SETTINGS.fast_lane, SETTINGS.max_header_bytes,
+                     SETTINGS.request_timeout_s)

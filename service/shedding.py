@@ -49,7 +49,8 @@ a ``POST`` to a classify route (``app.SHED_ROUTES``, and the v2 ``infer`` routes
 Every request's head is bounded (``max_header_bytes``, ``CLF_MAX_HEADER_BYTES``): uvicorn's
 httptools protocol has no bound and httptools buffers a header's value whole, so a head over it
 is answered 431 ``headers_too_large`` and its connection closed (``data_received`` counts the
-reads that belong to an open head whole).
+reads that belong to an open head whole); and in time: a head still incomplete after a read has
+``head_timeout_s`` (``CLF_REQUEST_TIMEOUT_S``) to complete, or its connection is closed.
 
 Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
 routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
@@ -112,6 +113,7 @@ _PROTOCOL_NEEDS = ("data_received", "on_message_begin", "on_headers_complete", "
 # about connections / PACE_S a second).
 PACE_S = 0.25
 DEFAULT_MAX_HEADER_BYTES = Settings.max_header_bytes  # CLF_MAX_HEADER_BYTES's default
+DEFAULT_HEAD_TIMEOUT_S = Settings.request_timeout_s  # a head's time: CLF_REQUEST_TIMEOUT_S
 
 _PATHS = frozenset(path.encode() for path in SHED_ROUTES)  # the /v1 classify routes, as sent
 _STATUS = STATUS["overloaded"]
@@ -165,16 +167,19 @@ def head_too_large(limit: int, default_headers: list[tuple[bytes, bytes]], v2: b
 
 
 def protocol_class(base: type, api: "App", fast: bool = False,
-                   max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type:
+                   max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+                   head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S) -> type:
     """``base`` (uvicorn's ``HttpToolsProtocol``) with refusal at the door for ``api``'s models;
     ``fast``: what it admits takes the fast lane (``lane.py``) where the stack allows; a request
-    head over ``max_header_bytes`` is answered 431 and its connection closed."""
+    head over ``max_header_bytes`` is answered 431 and its connection closed, one still
+    incomplete ``head_timeout_s`` after the read that left it open has its connection closed."""
 
     class SheddingProtocol(base):  # type: ignore[misc, valid-type]
         shed_api = api
         # the fast lane: True until built (then the Lane), None where there is none (lane.py)
         fast_lane: "lane.Lane | bool | None" = True if fast else None
         max_head = max_header_bytes
+        head_time_s = head_timeout_s
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -183,6 +188,7 @@ def protocol_class(base: type, api: "App", fast: bool = False,
             self.head: int | None = None
             self.heads = 0
             self.head_bytes = 0
+            self.head_timer: asyncio.TimerHandle | None = None  # armed while a head stays open
             UNDER_WAY.state = self.server_state  # one per worker: the batcher's "alone"
             self.refused = False  # the message being parsed was refused: skip its body
             self.close_after_refusal = False
@@ -204,6 +210,9 @@ def protocol_class(base: type, api: "App", fast: bool = False,
 
         def on_headers_complete(self) -> None:
             self.head = None
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
             model = self._door_model()
             if model is None:
                 return super().on_headers_complete()
@@ -274,6 +283,16 @@ def protocol_class(base: type, api: "App", fast: bool = False,
                                                     self.url.startswith(b"/v2/")))
                 self.transport.close()
 
+        def _head_too_slow(self, head: int) -> None:
+            """A client that sends a head a few bytes at a time (slowloris) would hold its
+            connection for as long as it likes: uvicorn's keep-alive timer stops at its first
+            byte and nothing else bounds a head."""
+            self.head_timer = None
+            if self.head == head and not self.transport.is_closing():
+                logger.info("a request head from %s incomplete after %g s: connection closed",
+                            self.client, self.head_time_s)
+                self.transport.close()
+
         def _refuse(self, exc: Overloaded) -> None:
             self.refused = True
             given = next((v for k, v in self.headers if k == b"x-request-id"), b"")
@@ -328,6 +347,11 @@ def protocol_class(base: type, api: "App", fast: bool = False,
                 self.head_bytes += len(data)
                 if self.head_bytes > self.max_head:
                     return self._head_too_large()
+            if self.head is not None and self.head_timer is None:
+                # a head still open after a read (a request's head nearly always comes in
+                # one): it has head_timeout_s to complete, or its connection is closed
+                self.head_timer = self.loop.call_later(self.head_time_s, self._head_too_slow,
+                                                       self.head)
             cycle = self.cycle
             if cycle is not None and cycle.more_body and not cycle.response_complete:
                 body_on_its_way(cycle.scope)
@@ -347,6 +371,9 @@ def protocol_class(base: type, api: "App", fast: bool = False,
             if self.paced is not None:
                 self.paced.cancel()
                 self.paced = None
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
             self.owed = None
             cycle = self.cycle
             super().connection_lost(exc)
@@ -407,7 +434,8 @@ async def _until_gone(app: Any, model: "ServedModel", scope: dict, receive: Any,
 
 
 def install(api: "App", middleware_first: bool, fast_lane: bool = False,
-            max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> bool:
+            max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+            head_timeout_s: float = DEFAULT_HEAD_TIMEOUT_S) -> bool:
     """Make uvicorn's httptools protocol refuse at the door for ``api`` (the module docstring).
     ``middleware_first``: ``OverloadShortcut`` is the first middleware BentoML runs, so what the
     door admits is released however the request ends. ``fast_lane``: what the door admits takes
@@ -424,6 +452,7 @@ def install(api: "App", middleware_first: bool, fast_lane: bool = False,
         base.shed_api = api
         base.fast_lane = True if fast_lane else None
         base.max_head = max_header_bytes
+        base.head_time_s = head_timeout_s
         return True
     why = None
     if not middleware_first:
@@ -438,7 +467,7 @@ def install(api: "App", middleware_first: bool, fast_lane: bool = False,
         logger.warning("refusal at the door not installed: %s; OverloadShortcut refuses "
                        "(correct, dearer under a flood)", why)
         return False
-    shedding = protocol_class(base, api, fast_lane, max_header_bytes)
+    shedding = protocol_class(base, api, fast_lane, max_header_bytes, head_timeout_s)
     auto.AutoHTTPProtocol = shedding
     httptools_impl.HttpToolsProtocol = shedding
     return True

@@ -35,7 +35,8 @@ class Served:
     counts the requests that became ASGI requests, ``admitted_at_route`` what the route saw."""
 
     def __init__(self, name: str, max_queue_items: int, door: bool,
-                 max_header_bytes: int = shedding.DEFAULT_MAX_HEADER_BYTES) -> None:
+                 max_header_bytes: int = shedding.DEFAULT_MAX_HEADER_BYTES,
+                 head_timeout_s: float = shedding.DEFAULT_HEAD_TIMEOUT_S) -> None:
         self.model = GatedModel()
         self.served = image_model(self.model, max_queue_items, name=name)
         self.api = bound_app(self.served)
@@ -43,8 +44,8 @@ class Served:
         self.admitted_at_route: list[bool] = []
         self.route = self._route  # what the shortcut calls (a test may wrap it)
         shortcut = OverloadShortcut(lambda *args: self.route(*args), self.api)
-        protocol = (shedding.protocol_class(BASE, self.api, max_header_bytes=max_header_bytes)
-                    if door else BASE)
+        protocol = (shedding.protocol_class(BASE, self.api, max_header_bytes=max_header_bytes,
+                                            head_timeout_s=head_timeout_s) if door else BASE)
 
         async def app(scope, receive, send):
             if scope["type"] == "lifespan":
@@ -445,6 +446,38 @@ def test_a_request_head_over_the_limit_is_answered_431_and_its_connection_closed
     within = connect(served.port)
     within.sendall(post(png(), "within", extra="x-fine: " + "b" * 6000 + "\r\n"))
     assert answer(within)[0] == 200
+
+
+def test_a_head_that_comes_too_slowly_has_its_connection_closed(serve):
+    """A client that sends its head a few bytes at a time (slowloris) held its connection for
+    as long as it liked (uvicorn's keep-alive timer stops at the first byte): a head still
+    incomplete ``head_timeout_s`` after the read that left it open is cut off; a head that
+    completes in time, a body that takes longer (bounded by the request timeout, not this)
+    and the next connections are served."""
+    served = serve("shed-slow-head", max_queue_items=4, head_timeout_s=0.5)
+    slow = connect(served.port)
+    head = post_head(png(), "slow-head")
+    t0 = time.monotonic()
+    closed_at = None
+    for i in range(0, len(head), 4):
+        try:
+            slow.sendall(head[i:i + 4])
+        except (BrokenPipeError, ConnectionResetError):
+            closed_at = time.monotonic() - t0
+            break
+        time.sleep(0.1)
+    if closed_at is None:  # the head came whole before the cut: only possible if it was fast
+        pytest.fail(f"a {len(head)}-byte head sent 4 bytes per 0.1 s was never cut off")
+    assert 0.5 <= closed_at < 2.0, closed_at
+    in_time = connect(served.port)
+    body = png()
+    head = post_head(body, "in-time")
+    in_time.sendall(head[:20])
+    time.sleep(0.2)
+    in_time.sendall(head[20:])
+    time.sleep(0.8)  # the body after the head's time: the head was whole, so it waits
+    in_time.sendall(body)
+    assert answer(in_time)[0] == 200
 
 
 def test_a_pipelined_request_behind_one_under_way_goes_the_usual_way(serve):
