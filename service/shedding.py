@@ -134,12 +134,19 @@ def refusal(exc: Overloaded, request_id: str, default_headers: list[tuple[bytes,
     head, tail = (_V2_HEAD, _V2_ID) if v2 else (_BODY_HEAD, _BODY_ID)
     body = b"".join([head, encode_basestring_ascii(exc.message).encode(), tail,
                      request_id.encode(), b'"}'])
-    lines = [_STATUS_LINE]
+    return _json_answer(_STATUS_LINE, default_headers, body, request_id,
+                        [b"retry-after: ", str(exc.retry_after_s).encode(), b"\r\n"], close)
+
+
+def _json_answer(status_line: bytes, default_headers: list[tuple[bytes, bytes]], body: bytes,
+                 request_id: str, extra: list[bytes], close: bool) -> bytes:
+    """An HTTP/1.1 answer with a JSON ``body`` written by the door: uvicorn's default headers,
+    then ours (``extra``: whole header lines), in the order ``App``'s answers have them."""
+    lines = [status_line]
     for name, value in default_headers:
         lines += [name, b": ", value, b"\r\n"]
     lines += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-              b"\r\nx-request-id: ", request_id.encode(), b"\r\nretry-after: ",
-              str(exc.retry_after_s).encode(), b"\r\n"]
+              b"\r\nx-request-id: ", request_id.encode(), b"\r\n", *extra]
     if close:
         lines.append(b"connection: close\r\n")
     lines += [b"\r\n", body]
@@ -158,12 +165,8 @@ def head_too_large(limit: int, default_headers: list[tuple[bytes, bytes]], v2: b
     body = json.dumps((v2_error if v2 else error_body)("headers_too_large", message,
                                                        request_id)).encode()
     status = STATUS["headers_too_large"]
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
-    for name, value in default_headers:
-        lines += [name, b": ", value, b"\r\n"]
-    lines += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-              b"\r\nx-request-id: ", request_id.encode(), b"\r\nconnection: close\r\n\r\n", body]
-    return b"".join(lines)
+    return _json_answer(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode(),
+                        default_headers, body, request_id, [], close=True)
 
 
 def protocol_class(base: type, api: "App", fast: bool = False,
