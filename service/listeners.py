@@ -31,6 +31,8 @@ hash of each connection's addresses, among sockets of the workers' own:
   kept them for the other workers). Linux 5.14+ hands them to another socket of the group instead
   with ``sysctl net.ipv4.tcp_migrate_req=1`` (a host setting, not ours to change). Circus
   restarts the worker, which binds a socket of its own again.
+- **Open files** (``raise_open_files_limit``, called as each worker loads): every connection
+  holds a file descriptor, so a worker raises its soft limit on them to the hard one.
 
 With ``CLF_REUSEPORT=false``, or where SO_REUSEPORT is missing (not Linux: one INFO line says
 so), the workers share the parent's socket as BentoML made it. If BentoML or uvicorn change what
@@ -44,6 +46,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
@@ -205,6 +208,49 @@ def install_in_arbiter(enabled: bool, refuse: Callable[[str], Any]) -> None:
 
     Arbiter.start = start
     Arbiter._clf_listeners = True
+
+
+# Below this many open files a worker warns at start: each connection takes one, and the model
+# files, the prediction log and its journal need theirs.
+FEW_OPEN_FILES = 4096
+
+
+def raise_open_files_limit(resource_module: Any = None) -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit (as Go's runtime does),
+    and return ``(before, after)``. Every connection holds a file descriptor, and a soft limit
+    of 1024 (systemd's and many shells' default, whatever the hard limit) let a worker hold
+    about a thousand connections: past it ``accept`` fails (libuv resets the connection) and so
+    does every file the worker opens, the prediction log's journal included. Logged when raised,
+    warned when still under ``FEW_OPEN_FILES``; where the platform has no such limit, or
+    refuses, nothing changes."""
+    if resource_module is None:
+        try:
+            import resource as resource_module
+        except ImportError:  # not POSIX
+            return (-1, -1)
+    res = resource_module
+    soft, hard = res.getrlimit(res.RLIMIT_NOFILE)
+    target = hard
+    if hard == res.RLIM_INFINITY:  # Linux caps the limit at fs.nr_open, macOS at OPEN_MAX
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 10240
+    after = soft
+    if soft != res.RLIM_INFINITY and soft < target:
+        try:
+            res.setrlimit(res.RLIMIT_NOFILE, (target, hard))
+            after = target
+            logger.info("open files: soft limit raised from %d to %d (the hard limit): each "
+                        "connection holds one", soft, target)
+        except (OSError, ValueError) as exc:
+            logger.info("open files: soft limit %d left as it is (raising it to %d: %s)", soft,
+                        target, exc)
+    if after != res.RLIM_INFINITY and after < FEW_OPEN_FILES:
+        logger.warning("open files: a worker may open at most %d files, so it holds fewer "
+                       "connections than that; raise the hard limit (ulimit -Hn, systemd's "
+                       "LimitNOFILE=, docker run --ulimit nofile=...)", after)
+    return (soft, after)
 
 
 def install_in_worker(enabled: bool) -> None:

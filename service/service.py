@@ -93,6 +93,8 @@ class Classifier:
         logging.getLogger("service").setLevel(SETTINGS.log_level)
         logger.info("settings: %s", SETTINGS.to_dict())
         logger.info("numpy's BLAS: %s", limit_blas_threads())
+        if ROLE == "worker":
+            listeners.raise_open_files_limit()  # each connection holds a file descriptor
         self.recorder = _prediction_recorder()
         builders = {"image": lambda tag: _image_model(tag, self.recorder),
                     "text": lambda tag: _text_model(tag, self.recorder)}

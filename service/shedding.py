@@ -50,7 +50,9 @@ Every request's head is bounded (``max_header_bytes``, ``CLF_MAX_HEADER_BYTES``)
 httptools protocol has no bound and httptools buffers a header's value whole, so a head over it
 is answered 431 ``headers_too_large`` and its connection closed (``data_received`` counts the
 reads that belong to an open head whole); and in time: a head still incomplete after a read has
-``head_timeout_s`` (``CLF_REQUEST_TIMEOUT_S``) to complete, or its connection is closed.
+``head_timeout_s`` (``CLF_REQUEST_TIMEOUT_S``) to complete, or its connection is closed. A new
+connection that sends nothing is closed after uvicorn's keep-alive timeout, as an idle one is
+between requests (uvicorn arms that timer only after an answer).
 
 Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
 routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
@@ -97,8 +99,9 @@ logger = logging.getLogger(__name__)
 # task, on_body/on_message_complete feed that cycle (``more_body`` false once the body is whole),
 # on_response_complete re-arms keep-alive
 TESTED_UVICORN = ("0.54.",)
-_PROTOCOL_NEEDS = ("data_received", "on_message_begin", "on_headers_complete", "on_body",
-                   "on_message_complete", "on_response_complete", "_unset_keepalive_if_required",
+_PROTOCOL_NEEDS = ("connection_made", "data_received", "on_message_begin", "on_headers_complete",
+                   "on_body", "on_message_complete", "on_response_complete",
+                   "_unset_keepalive_if_required", "timeout_keep_alive_handler",
                    "connection_lost", "shutdown")
 
 # A connection whose client sends again sooner than the Retry-After it was given, and is refused
@@ -199,6 +202,14 @@ def protocol_class(base: type, api: "App", fast: bool = False,
             # a paced refusal not yet sent: (why, request id, to a v2 route)
             self.owed: tuple[Overloaded, str, bool] | None = None
             self.paced: asyncio.TimerHandle | None = None  # when it will be
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            # A new connection is idle until its first byte: uvicorn arms its keep-alive timer
+            # only after an answer, so one that never sent anything stayed open (its file
+            # descriptor held) for as long as its client liked. data_received disarms it.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
         def on_message_begin(self) -> None:
             if self.owed is not None:  # a request pipelined behind a paced refusal: its

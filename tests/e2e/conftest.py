@@ -34,13 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env_overrides: dict[str, str], log: Path, timeout: float = 120.0) -> Server:
+def start_server(env_overrides: dict[str, str], log: Path, timeout: float = 120.0,
+                 preexec_fn=None) -> Server:
+    """``preexec_fn``: run in the server's process before it starts (e.g. to lower a limit)."""
     port = free_port()
     env = {**os.environ, **env_overrides}
     with log.open("w") as out:
         process = subprocess.Popen(
             [BENTOML, "serve", "service.service:Classifier", "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=preexec_fn,
         )
     server = Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + timeout

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -150,6 +151,55 @@ def test_each_worker_listens_on_its_own_socket_and_gets_its_share(digits_model, 
         assert server.log_text().count("listens on its own socket") == 3, server.log_text()[-3000:]
     finally:
         for conn in connections:
+            conn.close()
+        stop_server(server)
+    assert server.process.returncode == 0, server.log_text()[-3000:]
+
+
+LOW_SOFT_LIMIT = 256  # open files: what a worker would start with here
+HELD = 640  # connections held at once, about 320 a worker: over LOW_SOFT_LIMIT in each
+
+
+def test_a_worker_started_with_few_open_files_holds_more_connections(digits_model, tmp_path):
+    """A soft limit of 256 open files (the hard one above it) let a worker accept about 240
+    connections: past them libuv resets every new one, and the worker can open no file. Each
+    worker raises its soft limit to the hard one at start (``listeners.raise_open_files_limit``),
+    so 640 connections held at once are all answered; and a connection that sends nothing is
+    closed after the keep-alive timeout (5 s, BentoML's default), not held for good."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4 * HELD:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    server = start_server({**BASE_ENV, "CLF_IMAGE_MODEL": digits_model.tag},
+                          tmp_path / "serve.log", preexec_fn=lambda: resource.setrlimit(
+                              resource.RLIMIT_NOFILE, (LOW_SOFT_LIMIT, hard)))
+    port = _port(server)
+    held: list[socket.socket] = []
+    try:
+        _wait(lambda: _listening(port)[0] == 2, 60, "both workers listen")
+        assert server.log_text().count(f"soft limit raised from {LOW_SOFT_LIMIT} to") == 2, \
+            server.log_text()[-3000:]
+        silent = socket.create_connection(("127.0.0.1", port), timeout=15)
+        held.append(silent)
+        opened = time.monotonic()
+        for _ in range(HELD):  # each asks at once: an idle new connection is closed after 5 s
+            conn = socket.create_connection(("127.0.0.1", port), timeout=15)
+            conn.sendall(b"GET /readyz HTTP/1.1\r\nhost: test\r\n\r\n")
+            held.append(conn)
+        answered = 0
+        for conn in held[1:]:
+            try:
+                answered += conn.recv(64).startswith(b"HTTP/1.1 200 ")
+            except ConnectionResetError:
+                pass
+        assert answered == HELD, f"{HELD - answered} of {HELD} connections were not answered"
+        owners = _owners(port, "state", "established")
+        assert len(owners) >= 2 and max(owners.values()) > LOW_SOFT_LIMIT, owners
+        assert silent.recv(1) == b"", "a connection that sent nothing was sent something"
+        assert 4 <= time.monotonic() - opened < 12
+    finally:
+        for conn in held:
             conn.close()
         stop_server(server)
     assert server.process.returncode == 0, server.log_text()[-3000:]

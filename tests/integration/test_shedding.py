@@ -36,7 +36,8 @@ class Served:
 
     def __init__(self, name: str, max_queue_items: int, door: bool,
                  max_header_bytes: int = shedding.DEFAULT_MAX_HEADER_BYTES,
-                 head_timeout_s: float = shedding.DEFAULT_HEAD_TIMEOUT_S) -> None:
+                 head_timeout_s: float = shedding.DEFAULT_HEAD_TIMEOUT_S,
+                 timeout_keep_alive: float = 5) -> None:
         self.model = GatedModel()
         self.served = image_model(self.model, max_queue_items, name=name)
         self.api = bound_app(self.served)
@@ -63,7 +64,8 @@ class Served:
         sock.listen(128)
         self.port = sock.getsockname()[1]
         self.server = Server(uvicorn.Config(app, http=protocol, lifespan="on", log_config=None,
-                                            access_log=False))
+                                            access_log=False,
+                                            timeout_keep_alive=timeout_keep_alive))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        daemon=True)
         self.thread.start()
@@ -478,6 +480,30 @@ def test_a_head_that_comes_too_slowly_has_its_connection_closed(serve):
     time.sleep(0.8)  # the body after the head's time: the head was whole, so it waits
     in_time.sendall(body)
     assert answer(in_time)[0] == 200
+
+
+@pytest.mark.parametrize("door", [True, False], ids=["at-the-door", "uvicorn-alone"])
+def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(serve, door):
+    """uvicorn arms its keep-alive timer only after an answer, so a connection that never sent
+    a byte stayed open for as long as its client liked (a file descriptor each: enough of them
+    and the worker can open no file and accept no connection). With the door it is closed after
+    the keep-alive timeout, as an idle one is between requests; one that sends in time is
+    served, and the timer then runs as uvicorn runs it."""
+    served = serve(f"shed-silent-{door}", max_queue_items=4, door=door, timeout_keep_alive=0.5)
+    silent = connect(served.port)
+    in_time = connect(served.port)
+    time.sleep(0.2)
+    in_time.sendall(post(png(), "in-time"))
+    assert answer(in_time)[0] == 200
+    silent.settimeout(3)
+    t0 = time.monotonic()
+    if not door:  # uvicorn alone: still open after six times the timeout
+        with pytest.raises(TimeoutError):
+            silent.recv(1)
+        return
+    assert silent.recv(1) == b"", "the server sent something to a connection that sent nothing"
+    assert time.monotonic() - t0 < 1.0
+    assert closed_by_server(in_time)  # idle after its answer: uvicorn's own timer
 
 
 def test_a_pipelined_request_behind_one_under_way_goes_the_usual_way(serve):

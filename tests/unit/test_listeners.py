@@ -146,3 +146,73 @@ def test_a_shared_socket_is_left_as_it_is():
     finally:
         worker.close()
         parent.close()
+
+
+class FakeResource:
+    """``resource``'s RLIMIT_NOFILE calls over given limits; ``refuse``: setrlimit raises."""
+
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = -1
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.limits, self.refuse, self.set_to = (soft, hard), refuse, None
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse:
+            raise ValueError("not allowed to raise maximum limit")
+        self.set_to = self.limits = limits
+
+
+def test_the_open_files_soft_limit_is_raised_to_the_hard_limit(caplog):
+    caplog.set_level("INFO", logger=listeners.logger.name)
+    fake = FakeResource(1024, 524288)
+    assert listeners.raise_open_files_limit(fake) == (1024, 524288)
+    assert fake.set_to == (524288, 524288)
+    assert "raised from 1024 to 524288" in caplog.text and "WARNING" not in caplog.text
+
+
+def test_an_open_files_limit_already_at_its_hard_limit_is_left_alone(caplog):
+    fake = FakeResource(65536, 65536)
+    assert listeners.raise_open_files_limit(fake) == (65536, 65536)
+    assert fake.set_to is None and not caplog.records
+
+
+def test_an_unlimited_hard_limit_raises_the_soft_one_to_what_the_kernel_allows(monkeypatch):
+    fake = FakeResource(1024, FakeResource.RLIM_INFINITY)
+    monkeypatch.setattr(listeners, "Path", lambda path: type("P", (), {
+        "read_text": staticmethod(lambda: "1048576\n")})())
+    assert listeners.raise_open_files_limit(fake) == (1024, 1048576)
+    assert fake.set_to == (1048576, FakeResource.RLIM_INFINITY)
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["low-hard-limit", "refused"])
+def test_few_open_files_are_warned_about(caplog, refuse):
+    caplog.set_level("INFO", logger=listeners.logger.name)
+    fake = FakeResource(256, 2048 if not refuse else 4096, refuse=refuse)
+    soft, after = listeners.raise_open_files_limit(fake)
+    assert (soft, after) == ((256, 2048) if not refuse else (256, 256))
+    warning = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and f"at most {after} files" in warning[0].getMessage()
+    assert "ulimit -Hn" in warning[0].getMessage()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX rlimits")
+def test_the_raise_is_real_in_a_process_started_with_a_low_soft_limit():
+    import resource
+    import subprocess
+    import sys
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit is {hard}")
+    code = ("import resource; from service import listeners; listeners.raise_open_files_limit(); "
+            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        cwd=listeners.Path(listeners.__file__).resolve().parents[1]).stdout.split()
+    assert int(out[0]) > 256 and int(out[1]) == hard
