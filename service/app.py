@@ -78,6 +78,7 @@ STATUS: dict[str, int] = {
     "too_large": 413,
     "too_many_items": 413,
     "headers_too_large": 431,
+    "unsupported_encoding": 415,
     # the service's own
     "not_found": 404,
     "method_not_allowed": 405,
@@ -516,7 +517,10 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
             raise RequestError("too_large", f"the body is over the limit of {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            encoding = headers.get("content-encoding")
+            # a gzip or deflate body is inflated here, for every route, within the same limit
+            return body if encoding is None else requests.inflate(body, encoding, limit)
 
 
 def error_body(reason: str, message: str, request_id: str) -> dict:

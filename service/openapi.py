@@ -147,7 +147,8 @@ def classify_operation(kind: str, defaults: Any) -> dict:
         "operationId": f"classify_{kind}",
         "summary": f"Classify {kind}s",
         "description": f"One or many {what}; {limit} per request and a body of at most "
-                       f"CLF_MAX_BODY_BYTES. Each input is preprocessed by the shared "
+                       f"CLF_MAX_BODY_BYTES (`Content-Encoding: gzip` or `deflate` accepted, "
+                       f"inflated within that limit). Each input is preprocessed by the shared "
                        f"preprocessing from the model's spec, batched with other requests, "
                        f"classified, and (with the prediction log on) recorded before the "
                        f"answer is sent.",
@@ -199,7 +200,7 @@ def feedback_operation() -> dict:
                                        "updated": {"type": "integer"},
                                        "unchanged": {"type": "integer"}}}}}},
                 "what each label did"),
-            **error_responses(400, 401, 403, 404, 413, 422, 431, 500),
+            **error_responses(400, 401, 403, 404, 413, 415, 422, 431, 500),
         },
     }
 

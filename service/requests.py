@@ -44,18 +44,84 @@ REASONS: dict[str, str] = {
     "too_large": "the body is over the size limit",
     "too_many_items": "more inputs in one request than the limit",
     "headers_too_large": "the request line and headers are over the size limit",
+    "unsupported_encoding": "the body's Content-Encoding is not one the server inflates",
 }
 
 
 class RequestError(ValueError):
-    """A request that cannot be parsed; ``message`` tells the caller what to send instead."""
+    """A request that cannot be parsed; ``message`` tells the caller what to send instead;
+    ``headers``: extra response headers (``Accept-Encoding`` for an unsupported coding)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown request error reason {reason!r}")
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.headers = headers or []
+
+
+# ---- Content-Encoding ------------------------------------------------------------------------
+
+# the content codings a request body may carry (RFC 9110 8.4.1; x-gzip is gzip's old name), with
+# zlib's window bits for each: gzip's header, zlib's (deflate as RFC 9110 defines it)
+CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+ACCEPT_ENCODING = b"gzip, deflate"
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A request body under ``Content-Encoding: encoding`` (gzip, deflate, identity; codings
+    applied in turn are undone in reverse), inflated to at most ``limit`` bytes: a small body
+    that inflates past the limit (a zip bomb) is refused 413 after ``limit`` bytes of output,
+    not inflated whole. Any other coding is 415 ``unsupported_encoding`` with
+    ``Accept-Encoding`` (RFC 9110 15.5.16); a body that is not the coding it claims, is cut
+    short, or has bytes after its end is 400. ``deflate`` is zlib's format, as RFC 9110 and
+    tritonclient have it; a raw deflate stream (what some clients send) is taken too."""
+    codings = [c.strip().lower() for c in encoding.split(",")]
+    codings = [c for c in codings if c not in ("", "identity")]
+    unknown = [c for c in codings if c not in CODINGS]
+    if unknown:
+        raise RequestError(
+            "unsupported_encoding", f"Content-Encoding {unknown[0]!r} is not supported; send the "
+            "body as it is, or compressed with gzip or deflate", [(b"accept-encoding",
+                                                                   ACCEPT_ENCODING)])
+    for coding in reversed(codings):
+        body = _inflate_one(body, coding, limit)
+    return body
+
+
+def _inflate_one(body: bytes, coding: str, limit: int) -> bytes:
+    import zlib
+
+    wbits = CODINGS[coding]
+    out: list[bytes] = []
+    size, rest = 0, body
+    while True:  # gzip allows members one after another (RFC 1952 2.2): each inflates in turn
+        inflater = zlib.decompressobj(wbits)
+        try:
+            chunk = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            if coding == "deflate" and wbits == 15 and rest is body:  # a raw deflate stream
+                wbits = -15
+                continue
+            raise RequestError("bad_request", f"the body is not valid {coding} data ({exc}); "
+                               "send it as it is, or compressed as its Content-Encoding "
+                               "says") from None
+        size += len(chunk)
+        out.append(chunk)
+        if size > limit or inflater.unconsumed_tail:
+            raise RequestError("too_large", f"the body inflates to over the limit of {limit} "
+                               "bytes")
+        if not inflater.eof:
+            raise RequestError("bad_request", f"the {coding} body is cut short: its stream "
+                               "does not end")
+        rest = inflater.unused_data
+        if not rest:
+            return out[0] if len(out) == 1 else b"".join(out)
+        if wbits != 31:
+            raise RequestError("bad_request", f"{len(rest)} bytes after the end of the "
+                               f"{coding} stream")
 
 
 # ---- the bodies' schemas (the OpenAPI document's; tests hold the parsers to them) -----------

@@ -39,7 +39,7 @@ tensor extension: ``Inference-Header-Content-Length: L`` says the first L bytes 
 header and the inputs' raw bytes follow it in the order of ``inputs``, each input's length in
 its ``parameters.binary_data_size``; raw BYTES elements are a 4-byte little-endian length and the
 bytes, raw FP32 is little-endian. ``Content-Encoding: gzip`` or ``deflate`` bodies are accepted
-(inflated within the body size limit). The answer is JSON unless an output asks for
+(inflated within the body size limit by ``app._read_body``, as on every route). The answer is JSON unless an output asks for
 ``parameters.binary_data: true`` (or the request's ``parameters.binary_data_output`` is true and
 the output does not say otherwise): then the answer is ``application/octet-stream``, the JSON
 header (its length in ``Inference-Header-Content-Length``) followed by those outputs' raw bytes.
@@ -67,7 +67,6 @@ import json
 import logging
 import math
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -142,24 +141,6 @@ class InferRequest:
 
 def _bad(message: str, reason: str = "bad_field") -> RequestError:
     return RequestError(reason, message)
-
-
-def inflate(body: bytes, encoding: str, limit: int) -> bytes:
-    """A gzip/deflate request body inflated, at most ``limit`` bytes; identity as it is."""
-    encoding = encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise _bad(f"unsupported Content-Encoding {encoding!r}; send identity, gzip or deflate",
-                   "bad_request")
-    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise _bad(f"the {encoding} body cannot be inflated: {exc}", "bad_request") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise RequestError("too_large", f"the inflated body is over the limit of {limit} bytes")
-    return out
 
 
 def parse_infer(body: bytes, header_length: str | None = None) -> InferRequest:
@@ -657,7 +638,6 @@ class Routes:
             body, started = await app.read_then_admit(scope, receive, headers, model, budget_s)
             admitted = True
             ctx = RequestContext(request_id, slices, started)
-            body = inflate(body, headers.get("content-encoding", ""), settings.max_body_bytes)
             request = parse_infer(body, headers.get(HEADER_LENGTH))
             wanted = wanted_outputs(model, request)
             limit = (settings.max_images_per_request if isinstance(model, ServedImageModel)

@@ -53,7 +53,7 @@ def readme_curls() -> list[str]:
 def test_the_section_has_the_examples_this_test_runs():
     curls = readme_curls()
     routes = [re.search(r"http://[^/\s']+(/[^\s'?|]*)", c).group(1) for c in curls]
-    assert routes.count("/v1/classify/image") == 3 and routes.count("/v1/classify/text") == 3
+    assert routes.count("/v1/classify/image") == 3 and routes.count("/v1/classify/text") == 4
     assert "/docs.json" in routes and f"/v2/models/{TEXT_MODEL}/infer" in routes
     assert any("tritonclient" in block for block in _blocks("python"))
 
@@ -121,7 +121,8 @@ def _inputs_sent(command: str) -> int:
     if "-d '{" in command:  # a JSON body of texts
         doc = json.loads(re.search(r"-d '(\{.*?\})'", command).group(1))
         return len(doc["texts"]) if "texts" in doc else 1
-    return command.count("@digit-") + command.count("base64 -w0") + command.count("@note.txt")
+    return (command.count("@digit-") + command.count("base64 -w0") + command.count("@note.txt")
+            + command.count("gzip -c note.txt"))
 
 
 def test_the_readme_tritonclient_example_prints_what_it_says(server, workdir, digits_model,

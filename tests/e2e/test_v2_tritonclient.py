@@ -129,6 +129,21 @@ def test_the_fp32_tensor_path_equals_the_bytes_path(client, served, digit_pngs):
                                by_bytes.as_numpy("probabilities"), atol=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_and_answers_as_tritonclient_sends_them(client, served, digit_pngs,
+                                                                    algorithm):
+    """tritonclient's ``request_compression_algorithm`` (``Content-Encoding``) and
+    ``response_compression_algorithm`` (``Accept-Encoding``, which the server may ignore)."""
+    pngs = [data for data, _ in digit_pngs[9:12]]
+    plain = client.infer(IMAGE, [bytes_input("image", pngs)])
+    packed = client.infer(IMAGE, [bytes_input("image", pngs)],
+                          request_compression_algorithm=algorithm,
+                          response_compression_algorithm=algorithm)
+    assert strings(packed.as_numpy("label")) == strings(plain.as_numpy("label"))
+    np.testing.assert_allclose(packed.as_numpy("probabilities"), plain.as_numpy("probabilities"),
+                               atol=1e-6)
+
+
 def test_v2_requests_count_in_the_shared_metrics(server, client, digit_pngs):
     before = httpx.get(f"{server.url}/metrics").text
     for _ in range(3):

@@ -53,6 +53,40 @@ def test_multipart_json_and_raw_bodies_agree(service_module, digit_pngs, digits_
     assert answers[0].json()["predictions"] == answers[1].json()["predictions"] == answers[2].json()["predictions"]
 
 
+def test_compressed_bodies_are_inflated_and_an_unknown_coding_is_415(service_module,
+                                                                    digit_pngs):
+    """``Content-Encoding: gzip`` / ``deflate`` bodies on /v1 as on /v2; before, a gzip PNG was
+    answered 415 ``not_an_image`` (the compressed bytes were decoded as they came)."""
+    import gzip
+    import zlib
+
+    data, _ = digit_pngs[0]
+    png = {"Content-Type": "image/png"}
+
+    async def body(client, instance):
+        return [await client.post(URL, content=content, headers={**png, **extra})
+                for content, extra in [
+                    (data, {}),
+                    (gzip.compress(data), {"Content-Encoding": "gzip"}),
+                    (zlib.compress(data), {"Content-Encoding": "deflate"}),
+                    (json.dumps({"images": [base64.b64encode(data).decode()]}).encode(),
+                     {"Content-Encoding": "identity", "Content-Type": "application/json"}),
+                    (data, {"Content-Encoding": "br"}),
+                    (data, {"Content-Encoding": "gzip"}),
+                    (gzip.compress(b"\0" * 5_000_000), {"Content-Encoding": "gzip"}),
+                    (data, {})]]
+
+    plain, zipped, deflated, identity, brotli, liar, bomb, after = run(service_module, body)
+    for answer in (plain, zipped, deflated, identity, after):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == plain.json()["predictions"]
+    assert brotli.status_code == 415, brotli.text
+    assert brotli.json()["error"]["reason"] == "unsupported_encoding"
+    assert brotli.headers["accept-encoding"] == "gzip, deflate"
+    assert liar.status_code == 400 and "not valid gzip data" in liar.json()["error"]["message"]
+    assert bomb.status_code == 413 and "inflates to over the limit of 200000 bytes" in bomb.text
+
+
 def test_concurrent_requests_form_batches_and_keep_order(service_module, digit_pngs):
     async def body(client, instance):
         batch_sizes = []

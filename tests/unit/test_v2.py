@@ -163,22 +163,6 @@ def test_binary_framing_errors():
         v2.parse_infer(body, length)
 
 
-def test_gzip_and_deflate_bodies_inflate_within_the_limit():
-    import zlib
-
-    raw = b'{"inputs": []}' * 10
-    assert v2.inflate(gzip.compress(raw), "gzip", 1000) == raw
-    assert v2.inflate(zlib.compress(raw), "deflate", 1000) == raw
-    assert v2.inflate(raw, "", 1000) == raw
-    with pytest.raises(RequestError) as err:
-        v2.inflate(gzip.compress(b"\0" * 5000), "gzip", 1000)
-    assert err.value.reason == "too_large"
-    with pytest.raises(RequestError, match="unsupported Content-Encoding"):
-        v2.inflate(raw, "br", 1000)
-    with pytest.raises(RequestError, match="cannot be inflated"):
-        v2.inflate(b"not gzip", "gzip", 1000)
-
-
 def test_answers_in_json_and_binary_read_back_with_tritonclient():
     outputs = [
         v2.OutputTensor("label", "BYTES", [2], ["cat", "dög"]),
