@@ -9,7 +9,7 @@ workers, ``/metrics``, ``/readyz`` and its traffic middlewares around it.
 
 Routes (exact paths):
   POST /v1/classify/image   one or many images (multipart, JSON with base64, or a raw image body)
-  POST /v1/classify/text    one or many texts (JSON, or a UTF-8 text/plain body)
+  POST /v1/classify/text    one or many texts (JSON, or a text/plain body in its charset)
   POST /v1/feedback         ground truth by request id (``Authorization: Bearer <token>``)
   GET  /v1/models           what is served: name, version, task, labels, spec
   /v2/...                   the Open Inference Protocol v2 (KServe/Triton): health, metadata and

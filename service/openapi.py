@@ -141,8 +141,8 @@ def classify_operation(kind: str, defaults: Any) -> dict:
     what = ("images as multipart/form-data (field `image`, repeatable), JSON with base64 "
             "(`{\"images\": [...]}` or `{\"image\": \"...\"}`), or one raw image body"
             if kind == "image" else
-            "texts as JSON (`{\"texts\": [...]}` or `{\"text\": \"...\"}`) or one UTF-8 "
-            "text/plain body")
+            "texts as JSON (`{\"texts\": [...]}` or `{\"text\": \"...\"}`) or one text/plain "
+            "body (UTF-8, or the `charset` its Content-Type names)")
     return {
         "operationId": f"classify_{kind}",
         "summary": f"Classify {kind}s",

@@ -9,8 +9,8 @@ parser (microseconds, on a path measured against a raw model's throughput).
 Accepted bodies:
   images  multipart/form-data (field ``image``, repeatable), JSON ``{"images": ["<base64>", ...]}``
           (or ``{"image": "<base64>"}``, data URLs allowed), or one raw ``image/*`` body
-  texts   JSON ``{"texts": ["...", ...]}`` or ``{"text": "..."}``, or one UTF-8 ``text/plain``
-          body; the texts themselves are validated by the shared preprocessing
+  texts   JSON ``{"texts": ["...", ...]}`` or ``{"text": "..."}``, or one ``text/plain``
+          body (UTF-8, or its ``charset``); the texts themselves are validated by the shared preprocessing
   feedback ``{"request_id": "...", "labels": ["..."]}`` (``"label"`` for one input) or
           ``{"feedback": [those, ...]}``
 """
@@ -26,7 +26,7 @@ import time
 from typing import Mapping
 
 from monitoring.slices import SliceError, SliceRules
-from preprocessing import decode_text
+from preprocessing import InputError, decode_text
 
 IMAGE_FIELDS = ("image", "images")
 TEXT_FIELDS = ("text", "texts")
@@ -44,7 +44,8 @@ REASONS: dict[str, str] = {
     "too_large": "the body is over the size limit",
     "too_many_items": "more inputs in one request than the limit",
     "headers_too_large": "the request line and headers are over the size limit",
-    "unsupported_encoding": "the body's Content-Encoding is not one the server inflates",
+    "unsupported_encoding": "the body's Content-Encoding, or a text's charset, is not one the "
+                            "server reads",
 }
 
 
@@ -379,11 +380,36 @@ def _disposition(raw_headers: bytes) -> tuple[str, str | None]:
 
 # ---- texts -------------------------------------------------------------------------------
 
+_CHARSET = re.compile(r'(?i);\s*charset\s*=\s*"?([^";\s]+)')
+_UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # ASCII is UTF-8's subset
+
+
+def plain_text(body: bytes, content_type: str) -> str:
+    """A ``text/plain`` body as text, in the ``charset`` its Content-Type names (UTF-8 when it
+    names none, as the shared preprocessing reads texts): a client that says
+    ``charset=iso-8859-1`` or ``utf-16`` is read as it says, not refused as bad UTF-8. A
+    charset Python does not know is 415 ``unsupported_encoding``; bytes that are not in the
+    named one are ``bad_encoding``, as bad UTF-8 is."""
+    found = _CHARSET.search(content_type)
+    charset = found.group(1).lower() if found else "utf-8"
+    if charset in _UTF8:
+        return decode_text(body)
+    try:
+        return body.decode(charset)  # str.decode takes text encodings only (not zlib, rot13)
+    except LookupError:
+        raise RequestError("unsupported_encoding", f"charset {charset!r} is not one the server "
+                           "reads; send UTF-8 (or name a charset such as iso-8859-1 or "
+                           "utf-16)") from None
+    except UnicodeDecodeError as exc:
+        raise InputError("bad_encoding", f"the text is not valid {charset} (byte {exc.start}); "
+                         "send it in the charset its Content-Type names, or UTF-8") from None
+
+
 def texts(body: bytes, content_type: str, max_texts: int) -> list:
     """The request's texts, unvalidated one by one (the served model does that per item)."""
     media = media_type(content_type)
     if media == "text/plain":
-        return [decode_text(body)]
+        return [plain_text(body, content_type)]
     if media != "application/json":
         raise RequestError(
             "bad_request",

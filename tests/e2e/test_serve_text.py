@@ -54,6 +54,22 @@ def test_text_and_image_requests_together_and_metrics_for_both_models(server, di
     assert models == {"digits-cnn", "lang-tiny"}
 
 
+def test_a_text_in_its_charset_or_compressed_is_classified_as_in_utf_8(server):
+    import gzip
+
+    url, text = f"{server.url}/v1/classify/text", "Qu'est-ce que c'est, ça? Déjà vu."
+    plain = {"Content-Type": "text/plain"}
+    answers = [httpx.post(url, timeout=30, content=content, headers={**plain, **extra})
+               for content, extra in [
+                   (text.encode(), {}),
+                   (text.encode("latin-1"), {"Content-Type": "text/plain; charset=iso-8859-1"}),
+                   (text.encode("utf-16"), {"Content-Type": "text/plain; charset=utf-16"}),
+                   (gzip.compress(text.encode()), {"Content-Encoding": "gzip"})]]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["predictions"] == answers[0].json()["predictions"]
+
+
 def test_bad_text_inputs_get_4xx_and_the_server_keeps_serving(server):
     url = f"{server.url}/v1/classify/text"
     cases = {
@@ -64,6 +80,12 @@ def test_bad_text_inputs_get_4xx_and_the_server_keeps_serving(server):
         "NUL": (dict(json={"text": "a\u0000b"}), 422),
         "number": (dict(json={"text": 7}), 422),
         "too many texts": (dict(json={"texts": ["a"] * 17}), 413),
+        "unknown charset": (dict(content=b"hello", headers={
+            "Content-Type": "text/plain; charset=klingon"}), 415),
+        "not the named charset": (dict(content=b"\xff\xfe\x00", headers={
+            "Content-Type": "text/plain; charset=utf-16"}), 422),
+        "unknown coding": (dict(content=b"hello", headers={
+            "Content-Type": "text/plain", "Content-Encoding": "br"}), 415),
     }
     before = httpx.get(f"{server.url}/metrics").text
     with httpx.Client() as client:

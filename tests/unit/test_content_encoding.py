@@ -72,3 +72,32 @@ def test_a_body_that_is_not_what_its_coding_says_is_a_bad_request(encoding, body
     with pytest.raises(RequestError) as err:
         inflate(body, encoding, 10_000)
     assert err.value.reason == "bad_request" and words in err.value.message
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("text/plain", "café déjà vu".encode()),
+    ("text/plain; charset=utf-8", "café déjà vu".encode()),
+    ("text/plain; charset=US-ASCII", "café déjà vu".encode()),  # ASCII is read as UTF-8
+    ("text/plain; charset=ISO-8859-1", "café déjà vu".encode("latin-1")),
+    ('text/plain;charset="windows-1252"', "café déjà vu".encode("cp1252")),
+    ("text/plain; format=flowed; charset=utf-16", "café déjà vu".encode("utf-16")),
+], ids=["none", "utf-8", "ascii", "latin-1", "quoted", "utf-16"])
+def test_a_plain_text_is_read_in_the_charset_its_content_type_names(content_type, body):
+    from service import requests
+
+    assert requests.texts(body, content_type, 8) == ["café déjà vu"]
+
+
+def test_an_unknown_charset_is_415_and_bytes_outside_the_named_one_are_bad_encoding():
+    from preprocessing import InputError
+    from service import requests
+
+    for charset in ("klingon", "zlib", "rot13"):  # not a text encoding: not taken for one
+        with pytest.raises(RequestError) as err:
+            requests.texts(b"hello", f"text/plain; charset={charset}", 8)
+        assert err.value.reason == "unsupported_encoding" and repr(charset) in err.value.message
+    with pytest.raises(InputError) as bad:
+        requests.texts(b"\xff\xfe\x00", "text/plain; charset=utf-16", 8)
+    assert bad.value.reason == "bad_encoding" and "not valid utf-16 (byte 2)" in bad.value.message
+    with pytest.raises(InputError, match="not valid UTF-8"):  # no charset: UTF-8, as before
+        requests.texts("café".encode("latin-1"), "text/plain", 8)
