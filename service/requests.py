@@ -22,6 +22,7 @@ import binascii
 import json
 import os
 import re
+import sys
 import time
 from typing import Mapping
 
@@ -294,7 +295,13 @@ def parse_json(body: bytes | str, what: str = "the body") -> object:
     answered 500 before)."""
     try:
         return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise RequestError("bad_request", f"{what} is not valid JSON: {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
+        if "integer string conversion" in str(exc):  # Python's bound on int() of a string
+            raise RequestError("bad_request", f"{what} holds a number with more than "
+                               f"{sys.get_int_max_str_digits()} digits; no field of this API "
+                               "takes one") from None
         raise RequestError("bad_request", f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise RequestError("bad_request", f"{what} is JSON nested too deeply; no request of "

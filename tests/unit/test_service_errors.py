@@ -66,3 +66,18 @@ def test_json_nested_past_the_parsers_limit_is_a_bad_request(parse) -> None:
     with pytest.raises(RequestError) as err:
         parse(b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert err.value.reason == "bad_request" and "nested too deeply" in err.value.message
+
+
+@pytest.mark.parametrize("parse", [
+    lambda body: requests.images(body, "application/json", 8),
+    lambda body: requests.texts(body, "application/json", 8),
+    requests.feedback,
+], ids=["images", "texts", "feedback"])
+def test_json_with_a_number_past_pythons_digit_bound_says_so(parse) -> None:
+    """A 5,000-digit integer made ``json.loads`` raise Python's own hint ("use
+    sys.set_int_max_str_digits()"), which meant nothing to a client."""
+    with pytest.raises(RequestError) as err:
+        parse(b'{"text": ' + b"1" * 5000 + b"}")
+    assert err.value.reason == "bad_request"
+    assert "a number with more than 4300 digits" in err.value.message
+    assert "sys." not in err.value.message
