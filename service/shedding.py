@@ -52,7 +52,9 @@ is answered 431 ``headers_too_large`` and its connection closed (``data_received
 reads that belong to an open head whole); and in time: a head still incomplete after a read has
 ``head_timeout_s`` (``CLF_REQUEST_TIMEOUT_S``) to complete, or its connection is closed. A new
 connection that sends nothing is closed after uvicorn's keep-alive timeout, as an idle one is
-between requests (uvicorn arms that timer only after an answer).
+between requests (uvicorn arms that timer only after an answer). Bytes the HTTP parser refuses
+are answered 400 ``bad_request`` in the API's JSON error shape (``send_400_response``; uvicorn's
+was plain text) and the connection closed.
 
 Everything else goes the usual way, and ``OverloadShortcut`` admits or refuses it as before: other
 routes and methods, a percent-encoded or absolute-form target, a request pipelined behind one
@@ -102,7 +104,7 @@ TESTED_UVICORN = ("0.54.",)
 _PROTOCOL_NEEDS = ("connection_made", "data_received", "on_message_begin", "on_headers_complete",
                    "on_body", "on_message_complete", "on_response_complete",
                    "_unset_keepalive_if_required", "timeout_keep_alive_handler",
-                   "connection_lost", "shutdown")
+                   "send_400_response", "connection_lost", "shutdown")
 
 # A connection whose client sends again sooner than the Retry-After it was given, and is refused
 # again, hears back only after this pause (seconds), and nothing more is read from it meanwhile:
@@ -170,6 +172,24 @@ def head_too_large(limit: int, default_headers: list[tuple[bytes, bytes]], v2: b
     status = STATUS["headers_too_large"]
     return _json_answer(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode(),
                         default_headers, body, request_id, [], close=True)
+
+
+BAD_HTTP_MESSAGE = ("the request is not valid HTTP/1.1: its request line, a header, or its "
+                    "body's framing (Content-Length, chunked) could not be parsed; the "
+                    "connection is closed")
+
+
+def bad_http(default_headers: list[tuple[bytes, bytes]], v2: bool) -> bytes:
+    """The whole answer to bytes the HTTP parser refuses: 400 ``bad_request`` in the error
+    shape of the route (as far as its path was read), closing the connection."""
+    from .app import error_body
+    from .v2 import v2_error
+
+    request_id = requests.new_request_id()
+    body = json.dumps((v2_error if v2 else error_body)("bad_request", BAD_HTTP_MESSAGE,
+                                                       request_id)).encode()
+    return _json_answer(f"HTTP/1.1 400 {HTTPStatus(400).phrase}\r\n".encode(), default_headers,
+                        body, request_id, [], close=True)
 
 
 def protocol_class(base: type, api: "App", fast: bool = False,
@@ -295,6 +315,16 @@ def protocol_class(base: type, api: "App", fast: bool = False,
                 self.transport.write(head_too_large(self.max_head,
                                                     self.server_state.default_headers,
                                                     self.url.startswith(b"/v2/")))
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to bytes httptools refuses (both Content-Length and
+            Transfer-Encoding, a bad header character, broken chunks, an HTTP/2 preface): in
+            the API's JSON error shape with a request id, where uvicorn's was plain text."""
+            if not self.transport.is_closing():
+                url = getattr(self, "url", None) or b""
+                self.transport.write(bad_http(self.server_state.default_headers,
+                                              url.startswith(b"/v2/")))
                 self.transport.close()
 
         def _head_too_slow(self, head: int) -> None:

@@ -506,6 +506,32 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
     assert closed_by_server(in_time)  # idle after its answer: uvicorn's own timer
 
 
+@pytest.mark.parametrize("request_bytes, v2", [
+    (b"POST " + URL.encode() + b" HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
+     b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", False),
+    (b"POST /v2/models/x/infer HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
+     b"content-length: 6\r\n\r\nhello!", True),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", False),  # an HTTP/2 client's preface
+    (b"GET /v1/models HTTP/1.1\r\nhost: t\r\nbad header\x01: x\r\n\r\n", False),
+], ids=["content-length-and-chunked", "two-content-lengths", "http2-preface", "bad-header"])
+def test_bytes_the_parser_refuses_get_a_json_400_and_a_closed_connection(serve, request_bytes,
+                                                                         v2):
+    served = serve("shed-bad-http", max_queue_items=4)
+    client = connect(served.port)
+    client.sendall(request_bytes)
+    status, headers, body = answer(client)
+    doc = json.loads(body)
+    reason, message = (doc["reason"], doc["error"]) if v2 else (doc["error"]["reason"],
+                                                               doc["error"]["message"])
+    assert status == 400 and reason == "bad_request" and "not valid HTTP/1.1" in message
+    assert doc["request_id"] == headers["x-request-id"]
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert closed_by_server(client)
+    fine = connect(served.port)
+    fine.sendall(post(png(), "fine"))
+    assert answer(fine)[0] == 200
+
+
 def test_a_pipelined_request_behind_one_under_way_goes_the_usual_way(serve):
     served = serve("shed-pipe", max_queue_items=2)
     served.model.gate.clear()
