@@ -230,6 +230,32 @@ def models_operation() -> dict:
     }
 
 
+def info(title: str, version: str, settings: Any) -> dict:
+    """The document's ``info``: what the service is and how its answers are shaped (rendered as
+    Markdown by the Swagger UI at ``/``)."""
+    served = ", ".join(f"{kind} `{name}`" for kind, name in served_models(settings).items())
+    return {
+        "title": title,
+        "version": version,
+        "description": (
+            "Image and text classification on ONNX Runtime, with adaptive batching, a prediction "
+            "log, ground-truth feedback, drift and per-slice monitoring.\n\n"
+            f"Serving: {served or 'no model configured'}.\n\n"
+            "- `/v1`: this service's API: classify images and texts, feedback, the models.\n"
+            "- `/v2`: the Open Inference Protocol (KServe v2, Triton's REST API): "
+            "`tritonclient[http]` and KServe clients work as they are.\n"
+            "- `/livez`, `/readyz`, `/metrics` (Prometheus): for the orchestrator and the "
+            "monitoring.\n\n"
+            "Every error answer of `/v1` and `/v2` is JSON, with a reason a program can branch "
+            "on and a message a person can act on: "
+            "`{\"error\": {\"reason\", \"message\"}, \"request_id\"}` "
+            "on `/v1`, `{\"error\": \"<message>\", \"reason\", \"request_id\"}` on `/v2`; "
+            "a 503 carries `Retry-After`. Request bodies may be compressed "
+            "(`Content-Encoding: gzip` or `deflate`). `X-Request-ID` is echoed in every "
+            "answer."),
+    }
+
+
 def build_mounts(app: App, prefixes: tuple[str, ...], title: str, version: str) -> list[Any]:
     """One FastAPI app per mount prefix: its routes are the route table's under that prefix,
     each with the operations the table declares; its ``__call__`` is the raw ``app``'s."""

@@ -23,7 +23,8 @@ If BentoML changes the class, the patch is skipped and logged.
 3. The OpenAPI document (``fix_openapi_document``). BentoML declares ``/docs.json`` as OpenAPI
 3.0.2 but writes one of its own schemas (``TaskStatusResponse``) in 3.1 style (``{"type":
 "null"}`` in an ``anyOf``), so the document fails validation and strict clients refuse it. The
-fix rewrites such unions as 3.0's ``nullable`` when the document is served.
+fix rewrites such unions as 3.0's ``nullable`` when the document is served, and puts this
+service's ``info`` (``openapi.info``) in place of BentoML's.
 
 4. and 5. A graceful stop (``drain_on_stop`` in each worker, ``stop_arbiter_gracefully`` in the
 serving parent): uvicorn's shutdown resets requests that are on their way when SIGTERM comes, and
@@ -175,20 +176,27 @@ def _nullable_3_0(node: Any) -> Any:
 
 
 class _FixedSpec:
-    """BentoML's spec object with ``asdict()`` made valid OpenAPI 3.0 (see the docstring)."""
+    """BentoML's spec object with ``asdict()`` made valid OpenAPI 3.0 (see the docstring), and
+    its ``info`` replaced by ``info`` where given."""
 
-    def __init__(self, spec: Any) -> None:
-        self._spec = spec
+    def __init__(self, spec: Any, info: dict | None = None) -> None:
+        self._spec, self._info = spec, info
 
     def asdict(self) -> dict:
-        return _nullable_3_0(self._spec.asdict())
+        doc = _nullable_3_0(self._spec.asdict())
+        if self._info is not None:
+            doc["info"] = dict(self._info)
+        return doc
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._spec, name)
 
 
-def fix_openapi_document() -> None:
-    """Install the document fix once; idempotent; skipped and logged if BentoML moved it."""
+def fix_openapi_document(info: dict | None = None) -> None:
+    """Install the document fix once; idempotent; skipped and logged if BentoML moved it.
+    ``info``: the document's ``info`` object, in place of BentoML's (``version`` "None" when
+    served from source, a description of BentoML badges and a contact at BentoML: what an
+    API gateway or a client generator would show the service's users)."""
     try:
         from modelstore._bentoml import openapi_generator_module
 
@@ -198,10 +206,13 @@ def fix_openapi_document() -> None:
         logger.warning("BentoML's OpenAPI generator not found; /docs.json fix not applied")
         return
     if getattr(original, "_clf_patched", False):
+        original._clf_info = info  # type: ignore[attr-defined]
         return
 
     def generate_spec(*args: Any, **kwargs: Any) -> _FixedSpec:
-        return _FixedSpec(original(*args, **kwargs))
+        return _FixedSpec(original(*args, **kwargs), generate_spec._clf_info)
+
+    generate_spec._clf_info = info  # type: ignore[attr-defined]
 
     generate_spec._clf_patched = True  # type: ignore[attr-defined]
     module.generate_spec = generate_spec

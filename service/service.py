@@ -61,7 +61,8 @@ ROLE = lifecycle.role()  # "parent" (`bentoml serve`), "worker" or "library" (se
 SETTINGS = lifecycle.check_before_start(ROLE, Settings.from_env)
 patches.apply()  # BentoML's per-request timer leak (see patches.py); before any app is built
 patches.isolate_metrics_dir()  # this server's /metrics counts this server only
-patches.fix_openapi_document()  # /docs.json valid OpenAPI 3.0
+# /docs.json valid OpenAPI 3.0, with this service's info (not BentoML's badges and contact)
+patches.fix_openapi_document(openapi.info("clfserve", v2.server_version(), SETTINGS))
 api = App(SETTINGS)
 # What BentoML mounts: per prefix, a FastAPI app that documents the route table's routes under it
 # (so /docs.json and the Swagger UI at / list them) and hands every request to ``api``.

@@ -48,6 +48,13 @@ def test_the_document_lists_every_route_and_validates_as_openapi_3(fuzzed_server
     doc = document(fuzzed_server)
     validate(doc)  # raises with the first problem
     assert doc["openapi"].startswith("3.")
+    # this service's info, not BentoML's (version "None" from source, badges, BentoML's contact)
+    from service.v2 import server_version
+
+    info = doc["info"]
+    assert info["title"] == "clfserve" and info["version"] == server_version() != "None"
+    assert "contact" not in info and "bentoml" not in info["description"].lower()
+    assert "Open Inference Protocol" in info["description"]
     for route in api.routes:
         for method in route.handlers:
             assert route.template in doc["paths"], f"{route.template} is not in /docs.json"

@@ -90,3 +90,23 @@ def test_a_text_holds_something_visible_by_the_schema(text: str, valid: bool) ->
     if not valid:
         with pytest.raises(InputError):
             normalize_text(text, TextSpec())
+
+
+def test_the_documents_info_names_the_served_models_and_replaces_bentomls() -> None:
+    from types import SimpleNamespace
+
+    from service import openapi, patches
+
+    settings = SimpleNamespace(image_model="digits-cnn:abc", text_model="")
+    info = openapi.info("clfserve", "0.1.0", settings)
+    assert info["version"] == "0.1.0" and "Serving: image `digits-cnn`." in info["description"]
+
+    class Spec:  # BentoML's spec object: asdict() with its own info
+        def asdict(self):
+            return {"openapi": "3.0.2", "info": {"title": "x", "version": "None",
+                                                 "contact": {"name": "BentoML Team"}},
+                    "paths": {"/p": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+
+    doc = patches._FixedSpec(Spec(), info).asdict()
+    assert doc["info"] == info and doc["paths"]["/p"] == {"type": "string", "nullable": True}
+    assert patches._FixedSpec(Spec()).asdict()["info"]["version"] == "None"  # no info: as it was
