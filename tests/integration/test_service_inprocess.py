@@ -54,12 +54,20 @@ def test_multipart_json_and_raw_bodies_agree(service_module, digit_pngs, digits_
 
 
 def test_compressed_bodies_are_inflated_and_an_unknown_coding_is_415(service_module,
-                                                                    digit_pngs):
-    """``Content-Encoding: gzip`` / ``deflate`` bodies on /v1 as on /v2; before, a gzip PNG was
-    answered 415 ``not_an_image`` (the compressed bytes were decoded as they came)."""
+                                                                    digit_pngs, monkeypatch):
+    """``Content-Encoding: gzip`` / ``deflate`` bodies on /v1 as on /v2, inflated off the event
+    loop; before, a gzip PNG was answered 415 ``not_an_image`` (the compressed bytes were
+    decoded as they came)."""
     import gzip
+    import threading
     import zlib
 
+    from service import requests
+
+    threads = []
+    inflate = requests.inflate
+    monkeypatch.setattr(requests, "inflate", lambda *args: (
+        threads.append(threading.current_thread()), inflate(*args))[1])
     data, _ = digit_pngs[0]
     png = {"Content-Type": "image/png"}
 
@@ -85,6 +93,7 @@ def test_compressed_bodies_are_inflated_and_an_unknown_coding_is_415(service_mod
     assert brotli.headers["accept-encoding"] == "gzip, deflate"
     assert liar.status_code == 400 and "not valid gzip data" in liar.json()["error"]["message"]
     assert bomb.status_code == 413 and "inflates to over the limit of 200000 bytes" in bomb.text
+    assert len(threads) == 5 and threading.main_thread() not in threads  # identity: no inflate
 
 
 def test_concurrent_requests_form_batches_and_keep_order(service_module, digit_pngs):
