@@ -153,6 +153,9 @@ ADMITTED_AT = "clf.admitted_at"
 # set by the door (shedding.py) on a request whose body was still on its way once what had
 # arrived was parsed: it holds no admission until its body is here (``App.read_then_admit``)
 BODY_PENDING = "clf.body_pending"
+# scope key: the body bytes this request holds in its worker's BodyBudget (given back when
+# App.__call__ returns)
+BUFFERED = "clf.buffered_bytes"
 MOUNT_PREFIXES = ("/v1", "/v2")  # where BentoML mounts App (service.py)
 _UNDER_A_MOUNT = tuple(prefix + "/" for prefix in MOUNT_PREFIXES)
 
@@ -210,6 +213,35 @@ class OverloadShortcut:
         await self.app(scope, receive, send)
 
 
+class BodyBudget:
+    """The request body bytes a worker holds (being read, or read and not yet answered), at
+    most ``limit`` (``CLF_MAX_BUFFERED_BYTES``). Bodies are read before their request is
+    admitted, so a slow upload holds no admission (``App.read_then_admit``); this bounds the
+    memory they take instead: ``_read_body`` takes each chunk as it comes (``Overloaded`` past
+    the limit), ``App.__call__`` gives a request's bytes back when it returns, and the door
+    refuses a request whose ``Content-Length`` would not fit before reading any of it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def refuses(self, more: int) -> bool:
+        return self.held + more > self.limit
+
+    def take(self, scope: Scope, size: int) -> None:
+        if self.held + size > self.limit:
+            raise self.overloaded()
+        self.held += size
+        scope[BUFFERED] = scope.get(BUFFERED, 0) + size
+
+    def give_back(self, scope: Scope) -> None:
+        self.held -= scope.pop(BUFFERED, 0)
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"this worker holds {self.held / 2**20:.1f} MiB of request bodies "
+                          f"being read or answered; the bound is {self.limit / 2**20:.1f} MiB "
+                          "(CLF_MAX_BUFFERED_BYTES); retry after 1 s", 1)
+
+
 class App:
     """ASGI callable; ``bind()`` hands it the loaded models and settings once the service has
     built them. Until then a classify route answers 503 not_ready."""
@@ -224,6 +256,7 @@ class App:
         self.budget_s = math.inf  # the default deadline, s (bind)
         self.slice_rules = SliceRules()
         self.prediction_log: PredictionLog | None = None  # for feedback
+        self.bodies = BodyBudget((settings or Settings()).max_buffered_bytes)
         self._static: dict[str, Route] = {}  # exact paths, looked up first
         self._templated: list[Route] = []
         documented = settings or Settings()
@@ -272,6 +305,7 @@ class App:
         self.budget_s = settings.request_deadline_ms / 1e3 or math.inf
         self.slice_rules = settings.slice_rules()
         self.prediction_log = prediction_log
+        self.bodies.limit = settings.max_buffered_bytes
 
     def model(self, kind: str) -> ServedModel | None:
         slot = self.slots.get(kind)
@@ -316,7 +350,12 @@ class App:
         only checks), so slow or stalled uploads cannot take a model's capacity from the
         requests that are ready for it. Raises what the read and the admission raise; once this
         returns the caller owes one ``model.release()``."""
-        body = await _read_body(receive, headers, self.settings.max_body_bytes)
+        try:
+            body = await _read_body(receive, headers, self.settings.max_body_bytes, scope,
+                                    self.bodies)
+        except Overloaded:
+            model.metrics.shed("body_bytes")
+            raise
         self.take_admission(scope, model, budget_s)
         return body, scope.get(ADMITTED_AT) or time.perf_counter()
 
@@ -361,31 +400,35 @@ class App:
             allow = ", ".join(route.handlers)
             return await _fail_for(scope, send, Failure(
                 "method_not_allowed", f"use {allow}", [(b"allow", allow.encode())]), request_id)
-        if DRAIN.refuses(scope):  # a connection opened after SIGTERM (lifecycle.py)
-            return await self._shutting_down(scope, receive, send, headers, request_id)
         try:
-            answer = await handler(scope, receive, headers, request_id, **params)
-        except (InputError, RequestError, Failure) as exc:
-            return await _fail(send, exc.reason, exc.message, request_id,
-                               getattr(exc, "headers", None))
-        except Overloaded as exc:
-            return await _fail(send, "overloaded", exc.message, request_id,
-                               [(b"retry-after", str(exc.retry_after_s).encode())])
-        except DeadlineExceeded as exc:
-            return await _fail(send, "deadline_exceeded", exc.message, request_id)
-        except LogUnavailable as exc:  # never answer what was not recorded
-            return await _fail(send, "log_unavailable", f"{exc}; retry later", request_id)
-        except BatchError:
-            logger.exception("inference failed [request_id=%s]", request_id)
-            return await _fail(send, "internal", "inference failed; the server log has request "
-                               f"id {request_id}", request_id)
-        except Exception:
-            logger.exception("unexpected failure [request_id=%s]", request_id)
-            return await _fail(send, "internal", "internal error; the server log has request id "
-                               f"{request_id}", request_id)
-        if isinstance(answer, tuple):
-            answer = Answer(*answer)
-        await _send(send, answer, request_id)
+            if DRAIN.refuses(scope):  # a connection opened after SIGTERM (lifecycle.py)
+                return await self._shutting_down(scope, receive, send, headers, request_id)
+            try:
+                answer = await handler(scope, receive, headers, request_id, **params)
+            except (InputError, RequestError, Failure) as exc:
+                return await _fail(send, exc.reason, exc.message, request_id,
+                                   getattr(exc, "headers", None))
+            except Overloaded as exc:
+                return await _fail(send, "overloaded", exc.message, request_id,
+                                   [(b"retry-after", str(exc.retry_after_s).encode())])
+            except DeadlineExceeded as exc:
+                return await _fail(send, "deadline_exceeded", exc.message, request_id)
+            except LogUnavailable as exc:  # never answer what was not recorded
+                return await _fail(send, "log_unavailable", f"{exc}; retry later", request_id)
+            except BatchError:
+                logger.exception("inference failed [request_id=%s]", request_id)
+                return await _fail(send, "internal", "inference failed; the server log has "
+                                   f"request id {request_id}", request_id)
+            except Exception:
+                logger.exception("unexpected failure [request_id=%s]", request_id)
+                return await _fail(send, "internal", "internal error; the server log has "
+                                   f"request id {request_id}", request_id)
+            if isinstance(answer, tuple):
+                answer = Answer(*answer)
+            await _send(send, answer, request_id)
+        finally:
+            if BUFFERED in scope:  # the body bytes it held (BodyBudget)
+                self.bodies.give_back(scope)
 
     async def _shutting_down(self, scope: Scope, receive: Receive, send: Send,
                              headers: dict[str, str], request_id: str) -> None:
@@ -393,8 +436,8 @@ class App:
         closes after this answer, and closing with unread bytes would reset it, answer and all."""
         limit = self.settings.max_body_bytes if self.settings is not None else MAX_FEEDBACK_BYTES
         try:
-            await _read_body(receive, headers, limit)
-        except RequestError:
+            await _read_body(receive, headers, limit, scope, self.bodies)
+        except (RequestError, Overloaded):
             pass
         failure = Failure("shutting_down", "this server is shutting down; send the request "
                           "again (another replica takes it)", [(b"retry-after", b"1")])
@@ -471,7 +514,8 @@ class App:
                                                                  token.encode()):
             raise Failure("unauthorized", "send the feedback token as 'Authorization: Bearer <token>'",
                           [(b"www-authenticate", b'Bearer realm="feedback"')])
-        items = requests.feedback(await _read_body(receive, headers, MAX_FEEDBACK_BYTES))
+        items = requests.feedback(await _read_body(receive, headers, MAX_FEEDBACK_BYTES, scope,
+                                                   self.bodies))
         labels = {slot.current.name: slot.current.labels for slot in self.slots.values()}
         try:
             results = await asyncio.get_running_loop().run_in_executor(
@@ -501,7 +545,10 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
+async def _read_body(receive: Receive, headers: dict[str, str], limit: int,
+                     scope: Scope | None = None, bodies: BodyBudget | None = None) -> bytes:
+    """The whole body, at most ``limit`` bytes (413 ``too_large`` past it), inflated if
+    compressed; each chunk taken from ``bodies`` (for ``scope``) as it comes."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError("too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
@@ -515,6 +562,8 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
         size += len(chunk)
         if size > limit:
             raise RequestError("too_large", f"the body is over the limit of {limit} bytes")
+        if bodies is not None and chunk:
+            bodies.take(scope, len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -96,9 +96,10 @@ def get_metrics() -> Metrics:
         shed=Counter(
             f"{NAMESPACE}_shed_requests_total",
             "Requests shed under overload, by reason: overloaded (the queue bound or the "
-            "deadline was reached at the door: 503 before the body was read) or deadline "
-            "(dropped from the queue at its deadline, before inference: 504).",
-            ["model", "reason"],  # overloaded | deadline
+            "deadline was reached at the door: 503 before the body was read), deadline "
+            "(dropped from the queue at its deadline, before inference: 504) or body_bytes "
+            "(the worker held CLF_MAX_BUFFERED_BYTES of request bodies: 503).",
+            ["model", "reason"],  # overloaded | deadline | body_bytes
         ),
         abandoned=Counter(
             f"{NAMESPACE}_abandoned_requests_total",
@@ -179,7 +180,7 @@ class ModelMetrics:
         self._pre = metrics.preprocess.labels(name)
         self._rejected = metrics.rejected
         self._shed = {reason: metrics.shed.labels(name, reason)
-                      for reason in ("overloaded", "deadline")}
+                      for reason in ("overloaded", "deadline", "body_bytes")}
         self._abandoned = metrics.abandoned.labels(name)
         self._queue = metrics.queue_items.labels(name)
         self._ood = metrics.ood_flagged.labels(name, version)
@@ -208,7 +209,8 @@ class ModelMetrics:
         self._rejected.labels(self.name, reason).inc()
 
     def shed(self, reason: str) -> None:
-        """A request refused at the door ("overloaded") or dropped at its deadline ("deadline")."""
+        """A request refused at the door ("overloaded"), dropped at its deadline ("deadline"),
+        or refused for the bodies its worker holds ("body_bytes")."""
         self._shed[reason].inc()
 
     def abandoned(self) -> None:

@@ -73,6 +73,11 @@ class Settings:
     # gateway sends (nginx refuses heads over 32 KiB by default) and holds a large JWT.
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 20 * 1024 * 1024
+    # The request bodies a worker holds at once (being read, or read and not yet answered):
+    # bodies are read before admission (a slow upload holds none), so without this bound 60
+    # connections sending 19 MB each grew a worker by 1.1 GB, and a thousand would exhaust the
+    # host's memory. A request beyond it is answered 503 overloaded.
+    max_buffered_bytes: int = 256 * 1024 * 1024
     max_images_per_request: int = 64
     max_image_pixels: int = 40_000_000
     max_texts_per_request: int = 64
@@ -180,6 +185,8 @@ class Settings:
             (self.runtime in ("onnx", "noop"), "CLF_RUNTIME must be onnx or noop"),
             (self.max_body_bytes >= 1024, "CLF_MAX_BODY_BYTES must be >= 1024"),
             (self.max_header_bytes >= 4096, "CLF_MAX_HEADER_BYTES must be >= 4096"),
+            (self.max_buffered_bytes >= self.max_body_bytes,
+             "CLF_MAX_BUFFERED_BYTES must be >= CLF_MAX_BODY_BYTES (one whole body must fit)"),
             (self.max_images_per_request >= 1, "CLF_MAX_IMAGES_PER_REQUEST must be >= 1"),
             (self.max_image_pixels >= 64, "CLF_MAX_IMAGE_PIXELS must be >= 64"),
             (self.max_texts_per_request >= 1, "CLF_MAX_TEXTS_PER_REQUEST must be >= 1"),

@@ -46,6 +46,9 @@ a ``POST`` to a classify route (``app.SHED_ROUTES``, and the v2 ``infer`` routes
   its headers has been parsed, it gives the admission back (``body_on_its_way``) and its
   handler admits it when the body is whole: a slow upload holds no capacity.
 
+A request whose ``Content-Length`` would take its worker past the request bodies it may hold
+(``app.BodyBudget``, ``CLF_MAX_BUFFERED_BYTES``) is refused the same way, none of its body read.
+
 Every request's head is bounded (``max_header_bytes``, ``CLF_MAX_HEADER_BYTES``): uvicorn's
 httptools protocol has no bound and httptools buffers a header's value whole, so a head over it
 is answered 431 ``headers_too_large`` and its connection closed (``data_received`` counts the
@@ -250,6 +253,10 @@ def protocol_class(base: type, api: "App", fast: bool = False,
             model = self._door_model()
             if model is None:
                 return super().on_headers_complete()
+            bodies = self.shed_api.bodies
+            if bodies.held and bodies.refuses(self._declared_length()):
+                model.metrics.shed("body_bytes")  # its body would not fit: none of it is read
+                return self._refuse(bodies.overloaded())
             try:
                 model.admit(self.shed_api.budget_s)
             except Overloaded as exc:
@@ -289,6 +296,16 @@ def protocol_class(base: type, api: "App", fast: bool = False,
                         "timeout %s s)", "kept" if cls.fast_lane.counts_metrics else "off",
                         cls.fast_lane.timeout_s)
             return cls.fast_lane
+
+        def _declared_length(self) -> int:
+            """The request's Content-Length, 0 where it has none (chunked) or it is over the
+            body limit (the route answers that 413 without reading the body)."""
+            for name, value in self.headers:
+                if name == b"content-length":
+                    length = int(value) if value.isdigit() else 0
+                    settings = self.shed_api.settings
+                    return length if settings is None or length <= settings.max_body_bytes else 0
+            return 0
 
         def _door_model(self) -> "ServedModel | None":
             """The ready model this request's classify route is for, when the door may decide

@@ -415,6 +415,47 @@ def test_a_request_whose_body_completes_while_the_model_is_full_is_refused_then(
     wait_for(lambda: served.served.admitted == 0)
 
 
+def test_the_request_bodies_a_worker_holds_are_bounded(serve):
+    """Bodies are read before their request is admitted (a slow upload holds no admission), so
+    their bytes are bounded apart (``app.BodyBudget``, CLF_MAX_BUFFERED_BYTES): a request whose
+    Content-Length would not fit is refused 503 at the door, none of its body read; a chunked
+    one when its bytes pass the bound; every byte is given back when a request ends, answered
+    or abandoned. Before, 60 connections sending 19 MB bodies grew a worker by 1.1 GB."""
+    served = serve("shed-bodies", max_queue_items=8)
+    body = png()
+    bodies = served.api.bodies
+    bodies.limit = len(body) + len(body) // 4
+    before = shed_count(served.served.name, "body_bytes")
+    slow = connect(served.port)
+    slow.sendall(post_head(body, "slow") + body[:len(body) // 2])
+    wait_for(lambda: bodies.held == len(body) // 2)
+    sized = connect(served.port)
+    sized.sendall(post(body, "sized"))
+    status, headers, doc = answer(sized)
+    assert status == 503 and headers["retry-after"] == "1"
+    message = json.loads(doc)["error"]["message"]
+    assert json.loads(doc)["error"]["reason"] == "overloaded" and "CLF_MAX_BUFFERED_BYTES" in message
+    chunked = connect(served.port)
+    chunked.sendall(post_head(b"", "chunked").replace(b"content-length: 0",
+                                                        b"transfer-encoding: chunked")
+                    + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    status, _, doc = answer(chunked)
+    assert status == 503 and "CLF_MAX_BUFFERED_BYTES" in json.loads(doc)["error"]["message"]
+    assert shed_count(served.served.name, "body_bytes") - before == 2
+    slow.sendall(body[len(body) // 2:])
+    assert answer(slow)[0] == 200
+    wait_for(lambda: bodies.held == 0)
+    gone = connect(served.port)  # a client that leaves mid-body gives its bytes back too
+    gone.sendall(post_head(body, "gone") + body[:len(body) // 2])
+    wait_for(lambda: bodies.held == len(body) // 2)
+    gone.close()
+    wait_for(lambda: bodies.held == 0)
+    for name in ("after", "after-again"):  # and the worker serves as before
+        client = connect(served.port)
+        client.sendall(post(body, name))
+        assert answer(client)[0] == 200
+
+
 @pytest.mark.parametrize("path, v2", [(URL, False), ("/v2/models/x/infer", True)],
                          ids=["v1", "v2"])
 def test_a_request_head_over_the_limit_is_answered_431_and_its_connection_closed(serve, path,

@@ -29,6 +29,7 @@ def test_values_are_parsed_by_type():
     ({"CLF_MAX_PADDING_FRACTION": "1.5"}, "CLF_MAX_PADDING_FRACTION must be in"),
     ({"CLF_SOLO_THREADS": "-1"}, "CLF_SOLO_THREADS must be >= 0"),
     ({"CLF_LOG_GROUP_WAIT_MS": "500"}, "CLF_LOG_GROUP_WAIT_MS must be in"),
+    ({"CLF_MAX_BODY_BYTES": "300000000"}, "CLF_MAX_BUFFERED_BYTES must be >= CLF_MAX_BODY_BYTES"),
 ])
 def test_bad_values_stop_with_a_message_naming_the_variable(env, words):
     with pytest.raises(SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
