@@ -246,10 +246,14 @@ class Settings:
         return min(cores, 4)
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as logged at start-up: the feedback token is masked."""
+        """The settings as logged at start-up: the feedback token is masked, and so is the
+        password of a PostgreSQL prediction log's URL (it was logged whole)."""
+        from monitoring.store import display_target
+
         out = asdict(self)
         if out["feedback_token"]:
             out["feedback_token"] = "***"
+        out["prediction_log"] = display_target(self.prediction_log)
         return out
 
 

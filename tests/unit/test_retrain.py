@@ -393,3 +393,19 @@ def test_the_same_input_attack_is_given_up_where_the_inputs_cannot_be_matched(
     matched = attack_table(tmp_path, tmp_path, (0.5, 2))
     assert matched["challenger"] == 0.5 and matched["attacked"]["challenger"] == 2
     assert matched["delta"] == 0.2 and "same inputs" in matched["source"]
+
+
+def test_a_postgresql_logs_password_is_in_no_log_line_audit_or_manifest() -> None:
+    """``retrain config`` (logged), the audit record's config and data, and the challenger's
+    manifest carried the prediction log's URL whole, password too."""
+    from types import SimpleNamespace
+
+    from training.retrain.pipeline import manifest_info
+
+    url = "postgresql://clf:s3cret@db:5432/clf"
+    cfg = RetrainConfig(model="digits-cnn", log=url)
+    assert cfg.describe()["log"] == "postgresql://clf:***@db:5432/clf" and cfg.log == url
+    champion = SimpleNamespace(version="v1", split_seed=lambda: 7)
+    data = SimpleNamespace(counts=lambda: {}, traffic_split=None)
+    info = manifest_info(cfg, champion, data, SimpleNamespace(log=url))
+    assert "s3cret" not in repr(info) and info["log"] == "postgresql://clf:***@db:5432/clf"

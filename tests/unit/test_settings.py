@@ -54,3 +54,13 @@ def test_the_solo_session_takes_the_cores_this_process_may_use_at_most_four(monk
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert Settings.from_env({}).solo_session_threads == 4
     assert Settings.from_env({"CLF_SOLO_THREADS": "1"}).solo_session_threads == 1  # none
+
+
+def test_the_logged_settings_hold_no_secret():
+    """The start-up log line printed a PostgreSQL prediction log's URL whole, password too."""
+    s = Settings.from_env({"CLF_PREDICTION_LOG": "postgresql://clf:s3cret@db:5432/clf",
+                           "CLF_FEEDBACK_TOKEN": "t0ken"})
+    logged = repr(s.to_dict())
+    assert "s3cret" not in logged and "t0ken" not in logged
+    assert s.to_dict()["prediction_log"] == "postgresql://clf:***@db:5432/clf"
+    assert s.prediction_log == "postgresql://clf:s3cret@db:5432/clf"  # what the server uses

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from monitoring.store import display_target
+
 from .champion import Champion
 from .config import RetrainConfig
 
@@ -68,7 +70,8 @@ def audit_record(cfg: RetrainConfig, started: str, champion: Champion, sources: 
     """The record of a run from its steps' results; ``started``: its start time (ISO 8601)."""
     data_info: dict[str, Any] = {
         "original": champion.manifest["data_source"],
-        "log": None if sources.log is None else str(sources.log), "new_data": cfg.new_data}
+        "log": None if sources.log is None else display_target(sources.log),
+        "new_data": cfg.new_data}
     if data is not None:
         data_info.update(hash=data.data_hash(), counts=data.counts(), held_out=len(data.test),
                          traffic_split=(None if data.traffic_split is None

@@ -68,7 +68,10 @@ class RetrainConfig:
                      self.max_robustness_drop, self.max_attack_increase)
 
     def describe(self) -> dict[str, Any]:
-        out = asdict(self)
+        from monitoring.store import display_target
+
+        out = asdict(self)  # as logged and audited: a PostgreSQL URL without its password
+        out["log"] = None if self.log is None else display_target(self.log)
         out["since"] = iso(self.since) if self.since > 0 else None
         out["until"] = iso(self.until) if math.isfinite(self.until) else None
         out["cutoff"] = None if self.cutoff is None else iso(self.cutoff)

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from monitoring.store import display_target
+
 from ..export import git_commit, library_versions
 from .audit import AuditRecord, append_audit, audit_record
 from .champion import Champion, resolve_champion, store_at
@@ -98,7 +100,8 @@ def manifest_info(cfg: RetrainConfig, champion: Champion, data: RetrainData,
     """What the challenger's manifest says about how it was made."""
     described = cfg.describe()
     return {"champion": champion.version, "split_seed": champion.split_seed(),
-            "log": None if sources.log is None else str(sources.log), "new_data": cfg.new_data,
+            "log": None if sources.log is None else display_target(sources.log),
+            "new_data": cfg.new_data,
             "since": described["since"], "until": described["until"], "counts": data.counts(),
             "traffic_split": (None if data.traffic_split is None
                               else data.traffic_split.describe())}
