@@ -44,7 +44,7 @@ from modelstore import registry
 from modelstore.artifact import Artifact, ArtifactError, load_artifact, text_preprocessor
 from preprocessing import TextPreprocessor
 
-from . import lifecycle, listeners, openapi, patches, shedding, v2
+from . import lifecycle, listeners, logformat, openapi, patches, shedding, v2
 from .app import MOUNT_PREFIXES, App, OverloadShortcut
 from .metrics import DriftRefresher, get_metrics
 from .recording import PredictionRecorder
@@ -59,6 +59,8 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 ROLE = lifecycle.role()  # "parent" (`bentoml serve`), "worker" or "library" (see lifecycle.py)
 SETTINGS = lifecycle.check_before_start(ROLE, Settings.from_env)
+if ROLE != "library":
+    logformat.install(SETTINGS.log_format)  # CLF_LOG_FORMAT=json: one JSON object a line
 patches.apply()  # BentoML's per-request timer leak (see patches.py); before any app is built
 patches.isolate_metrics_dir()  # this server's /metrics counts this server only
 # /docs.json valid OpenAPI 3.0, with this service's info (not BentoML's badges and contact)

@@ -147,6 +147,9 @@ class Settings:
     # Linux only: where SO_REUSEPORT is missing the workers share one socket, and the log says so.
     reuseport: bool = True
     log_level: str = "INFO"
+    # "json": every log line one JSON object (service/logformat.py), for log collectors that
+    # split on newlines; "text": BentoML's format.
+    log_format: str = "text"
     trace_requests: bool = False
     # A classify request admitted at the door skips the ASGI layers that do nothing for it
     # (service/lane.py): BentoML's request metrics and timeout stay; false = BentoML's whole stack.
@@ -183,6 +186,7 @@ class Settings:
             (self.intra_op_threads >= 0, "CLF_INTRA_OP_THREADS must be >= 0 (0 = automatic)"),
             (self.solo_threads >= 0, "CLF_SOLO_THREADS must be >= 0 (0 = the cores, 1 = off)"),
             (self.runtime in ("onnx", "noop"), "CLF_RUNTIME must be onnx or noop"),
+            (self.log_format in ("text", "json"), "CLF_LOG_FORMAT must be text or json"),
             (self.max_body_bytes >= 1024, "CLF_MAX_BODY_BYTES must be >= 1024"),
             (self.max_header_bytes >= 4096, "CLF_MAX_HEADER_BYTES must be >= 4096"),
             (self.max_buffered_bytes >= self.max_body_bytes,

@@ -42,7 +42,7 @@ def served(digits_model, tmp_path_factory):
     server = start_server(
         {"CLF_IMAGE_MODEL": digits_model.tag, "CLF_WORKERS": "1",
          "CLF_PREDICTION_LOG": str(log), "CLF_FEEDBACK_TOKEN": TOKEN,
-         "CLF_DRIFT_REFRESH_S": "0.5"},
+         "CLF_DRIFT_REFRESH_S": "0.5", "CLF_LOG_FORMAT": "json"},
         work / "server.log")
     yield {"server": server, "log": log, "work": work,
            "model": digits_model.tag.split(":")[0]}
@@ -184,3 +184,21 @@ def test_what_the_fast_lane_serves_counts_in_bentomls_request_metrics(served, di
 def test_the_rules_and_the_dashboard_read_only_the_projects_and_bentomls_metrics():
     for name in query_metric_names():
         assert name.startswith(("clf_", "bentoml_service_")) or name in FROM_PROMETHEUS, name
+
+
+def test_with_clf_log_format_json_every_log_line_is_one_json_object(served):
+    """What a log collector reads (this module's server runs with ``CLF_LOG_FORMAT=json``):
+    every line of the server's output, the serving parent's and the worker's, is one object
+    with the time, level, logger, component, process and message."""
+    import json
+
+    lines = served["server"].log_text().splitlines()
+    records = [json.loads(line) for line in lines]  # raises on the first line that is not
+    assert len(records) > 10
+    for record in records:
+        assert {"time", "level", "logger", "component", "pid", "message"} <= set(record), record
+        assert record["time"].endswith("+00:00")
+    ready = [r for r in records if r["message"] == "warm-up done; ready"]
+    assert ready and ready[0]["component"] == "entry_service:clfserve:1"
+    assert ready[0]["level"] == "INFO" and ready[0]["logger"].startswith("service")
+    assert any(r["component"] == "cli" for r in records)  # the serving parent's lines too
