@@ -10,7 +10,8 @@ Accepted bodies:
   images  multipart/form-data (field ``image``, repeatable), JSON ``{"images": ["<base64>", ...]}``
           (or ``{"image": "<base64>"}``, data URLs allowed), or one raw ``image/*`` body
   texts   JSON ``{"texts": ["...", ...]}`` or ``{"text": "..."}``, or one ``text/plain``
-          body (UTF-8, or its ``charset``); the texts themselves are validated by the shared preprocessing
+          body (UTF-8, or its ``charset``); the texts themselves are validated by the shared
+          preprocessing
   feedback ``{"request_id": "...", "labels": ["..."]}`` (``"label"`` for one input) or
           ``{"feedback": [those, ...]}``
 """

@@ -164,17 +164,8 @@ def _json_answer(status_line: bytes, default_headers: list[tuple[bytes, bytes]],
 def head_too_large(limit: int, default_headers: list[tuple[bytes, bytes]], v2: bool) -> bytes:
     """The whole answer to a request whose head is over ``limit`` bytes: 431
     ``headers_too_large`` in the error shape of its route, closing the connection."""
-    from .app import error_body
-    from .v2 import v2_error
-
-    request_id = requests.new_request_id()
-    message = (f"the request line and headers are over the limit of {limit} bytes "
-               "(CLF_MAX_HEADER_BYTES)")
-    body = json.dumps((v2_error if v2 else error_body)("headers_too_large", message,
-                                                       request_id)).encode()
-    status = STATUS["headers_too_large"]
-    return _json_answer(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode(),
-                        default_headers, body, request_id, [], close=True)
+    return _closing_error("headers_too_large", f"the request line and headers are over the "
+                          f"limit of {limit} bytes (CLF_MAX_HEADER_BYTES)", default_headers, v2)
 
 
 BAD_HTTP_MESSAGE = ("the request is not valid HTTP/1.1: its request line, a header, or its "
@@ -185,14 +176,21 @@ BAD_HTTP_MESSAGE = ("the request is not valid HTTP/1.1: its request line, a head
 def bad_http(default_headers: list[tuple[bytes, bytes]], v2: bool) -> bytes:
     """The whole answer to bytes the HTTP parser refuses: 400 ``bad_request`` in the error
     shape of the route (as far as its path was read), closing the connection."""
+    return _closing_error("bad_request", BAD_HTTP_MESSAGE, default_headers, v2)
+
+
+def _closing_error(reason: str, message: str, default_headers: list[tuple[bytes, bytes]],
+                   v2: bool) -> bytes:
+    """An error answer the door writes itself, with a new request id, in the error shape of
+    the route (``v2``: a v2 route), closing the connection."""
     from .app import error_body
     from .v2 import v2_error
 
     request_id = requests.new_request_id()
-    body = json.dumps((v2_error if v2 else error_body)("bad_request", BAD_HTTP_MESSAGE,
-                                                       request_id)).encode()
-    return _json_answer(f"HTTP/1.1 400 {HTTPStatus(400).phrase}\r\n".encode(), default_headers,
-                        body, request_id, [], close=True)
+    body = json.dumps((v2_error if v2 else error_body)(reason, message, request_id)).encode()
+    status = STATUS[reason]
+    return _json_answer(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode(),
+                        default_headers, body, request_id, [], close=True)
 
 
 def protocol_class(base: type, api: "App", fast: bool = False,
