@@ -55,11 +55,15 @@ def test_a_route_before_bind_is_not_ready() -> None:
     assert status == 503 and doc["error"]["reason"] == "not_ready"
 
 
-@pytest.mark.parametrize("parse", [
+# every JSON body's parser: each goes through requests.parse_json
+JSON_PARSERS = pytest.mark.parametrize("parse", [
     lambda body: requests.images(body, "application/json", 8),
     lambda body: requests.texts(body, "application/json", 8),
     requests.feedback,
 ], ids=["images", "texts", "feedback"])
+
+
+@JSON_PARSERS
 def test_json_nested_past_the_parsers_limit_is_a_bad_request(parse) -> None:
     """``[[[...]]]`` deeper than Python's recursion limit made ``json.loads`` raise
     ``RecursionError``, which every JSON body answered 500 ``internal``."""
@@ -68,11 +72,7 @@ def test_json_nested_past_the_parsers_limit_is_a_bad_request(parse) -> None:
     assert err.value.reason == "bad_request" and "nested too deeply" in err.value.message
 
 
-@pytest.mark.parametrize("parse", [
-    lambda body: requests.images(body, "application/json", 8),
-    lambda body: requests.texts(body, "application/json", 8),
-    requests.feedback,
-], ids=["images", "texts", "feedback"])
+@JSON_PARSERS
 def test_json_with_a_number_past_pythons_digit_bound_says_so(parse) -> None:
     """A 5,000-digit integer made ``json.loads`` raise Python's own hint ("use
     sys.set_int_max_str_digits()"), which meant nothing to a client."""
