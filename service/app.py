@@ -350,12 +350,15 @@ class App:
         only checks), so slow or stalled uploads cannot take a model's capacity from the
         requests that are ready for it. Raises what the read and the admission raise; once this
         returns the caller owes one ``model.release()``."""
+        model.reading += 1  # a hot reload drains this version only once it is read
         try:
             body = await _read_body(receive, headers, self.settings.max_body_bytes, scope,
                                     self.bodies)
         except Overloaded:
             model.metrics.shed("body_bytes")
             raise
+        finally:
+            model.reading -= 1
         self.take_admission(scope, model, budget_s)
         return body, scope.get(ADMITTED_AT) or time.perf_counter()
 
