@@ -161,7 +161,7 @@ HELD = 640  # connections held at once, about 320 a worker: over LOW_SOFT_LIMIT 
 
 
 def test_a_worker_started_with_few_open_files_holds_more_connections(digits_model, tmp_path):
-    """A soft limit of 256 open files (the hard one above it) let a worker accept about 240
+    """A soft limit of 256 open files (the hard one above it) let a worker accept about 230
     connections: past them libuv resets every new one, and the worker can open no file. Each
     worker raises its soft limit to the hard one at start (``listeners.raise_open_files_limit``),
     so 640 connections held at once are all answered; and a connection that sends nothing is
