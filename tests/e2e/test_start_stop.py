@@ -276,7 +276,6 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
     closed_under = [o for o in after if o.result in raced]
     failed_after = [o for o in after if o.result not in allowed_after and o.result not in raced]
     assert not failed_after, f"after SIGTERM: {failed_after[:10]}"
-    assert len(closed_under) <= 2, f"after SIGTERM: {closed_under[:10]}"
     # the server refused new work (rather than serving on until the signal was lost)
     assert any(o.result in ("503 shutting_down", "refused") for o in after), after[-20:]
     assert not_ready in ("503", "refused") and not_ready_after < 3.0, (not_ready, not_ready_after)
@@ -299,6 +298,8 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
     assert not lost, f"{len(lost)} of {len(answered)} answered requests are not in the log"
     taken = {o.request_id for o in closed_under} & logged
     assert not taken, f"served and logged, but the answer was dropped: {sorted(taken)}"
+    # checked after what matters (none of them was taken), so that a failure here says so
+    assert len(closed_under) <= 2, f"after SIGTERM, none of them taken: {closed_under[:10]}"
     assert "Traceback" not in log_text and "cut off" not in log_text, log_text[-3000:]
 
 
