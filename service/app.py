@@ -228,7 +228,7 @@ class BodyBudget:
         return self.held + more > self.limit
 
     def take(self, scope: Scope, size: int) -> None:
-        if self.held + size > self.limit:
+        if self.refuses(size):
             raise self.overloaded()
         self.held += size
         scope[BUFFERED] = scope.get(BUFFERED, 0) + size
@@ -256,10 +256,10 @@ class App:
         self.budget_s = math.inf  # the default deadline, s (bind)
         self.slice_rules = SliceRules()
         self.prediction_log: PredictionLog | None = None  # for feedback
-        self.bodies = BodyBudget((settings or Settings()).max_buffered_bytes)
         self._static: dict[str, Route] = {}  # exact paths, looked up first
         self._templated: list[Route] = []
         documented = settings or Settings()
+        self.bodies = BodyBudget(documented.max_buffered_bytes)  # bind() sets the served limit
         self.add_route("POST", "/v1/classify/image", self.classify_image,
                        openapi.classify_operation("image", documented))
         self.add_route("POST", "/v1/classify/text", self.classify_text,

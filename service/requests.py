@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from typing import Mapping
 
 from monitoring.slices import SliceError, SliceRules
@@ -95,8 +96,6 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 def _inflate_one(body: bytes, coding: str, limit: int) -> bytes:
-    import zlib
-
     wbits = CODINGS[coding]
     out: list[bytes] = []
     size, rest = 0, body
