@@ -53,7 +53,7 @@ test-deps:
 	  || echo "postgresql not installed: the PostgreSQL prediction-log tests will skip"
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1; } \
-	  || echo "chromium not installed: tests/integration/test_drift_html.py's browser test will skip"
+	  || echo "chromium not installed: the browser tests (test_drift_html.py, test_openapi_fuzz.py) will skip"
 
 # The model lifecycle: versions with their metrics and the production marker; a retraining that
 # promotes its challenger only if it wins (training/retrain/; RETRAIN_ARGS=--only-if-drifted ...).

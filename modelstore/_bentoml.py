@@ -119,3 +119,11 @@ def api_server_socket_name() -> str:
     from _bentoml_impl.server.serving import API_SERVER_NAME
 
     return API_SERVER_NAME
+
+
+def uses_new_index() -> bool:
+    """Whether BentoML serves its newer UI at ``/`` (``main-ui.html`` and its ``assets``) rather
+    than Swagger UI's (``static_content``); ImportError if BentoML changed."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return bool(BentoMLContainer.new_index)

@@ -246,10 +246,10 @@ def info(title: str, version: str, settings: Any) -> dict:
             "`tritonclient[http]` and KServe clients work as they are.\n"
             "- `/livez`, `/readyz`, `/metrics` (Prometheus): for the orchestrator and the "
             "monitoring.\n\n"
-            "Every error answer of `/v1` and `/v2` is JSON, with a reason a program can branch "
+            "Every error answer is JSON, with a reason a program can branch "
             "on and a message a person can act on: "
             "`{\"error\": {\"reason\", \"message\"}, \"request_id\"}` "
-            "on `/v1`, `{\"error\": \"<message>\", \"reason\", \"request_id\"}` on `/v2`; "
+            "(`/v2`: `{\"error\": \"<message>\", \"reason\", \"request_id\"}`); "
             "a 503 carries `Retry-After`. Request bodies may be compressed "
             "(`Content-Encoding: gzip` or `deflate`). `X-Request-ID` is echoed in every "
             "answer."),

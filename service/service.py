@@ -44,7 +44,7 @@ from modelstore import registry
 from modelstore.artifact import Artifact, ArtifactError, load_artifact, text_preprocessor
 from preprocessing import TextPreprocessor
 
-from . import lifecycle, listeners, logformat, openapi, patches, shedding, v2
+from . import lifecycle, listeners, logformat, openapi, patches, rootapp, shedding, v2
 from .app import MOUNT_PREFIXES, App, OverloadShortcut
 from .metrics import DriftRefresher, get_metrics
 from .recording import PredictionRecorder
@@ -65,6 +65,8 @@ patches.apply()  # BentoML's per-request timer leak (see patches.py); before any
 patches.isolate_metrics_dir()  # this server's /metrics counts this server only
 # /docs.json valid OpenAPI 3.0, with this service's info (not BentoML's badges and contact)
 patches.fix_openapi_document(openapi.info("clfserve", v2.server_version(), SETTINGS))
+# the docs page at / without BentoML's Google Tag Manager; errors outside /v1 and /v2 in JSON
+rootapp.install("clfserve", v2.server_version())
 api = App(SETTINGS)
 # What BentoML mounts: per prefix, a FastAPI app that documents the route table's routes under it
 # (so /docs.json and the Swagger UI at / list them) and hands every request to ``api``.

@@ -5,6 +5,8 @@ time) finds no 5xx and no answer that breaks the document; the server serves nor
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +72,57 @@ def test_the_document_lists_every_route_and_validates_as_openapi_3(fuzzed_server
     assert feedback["security"] and "securitySchemes" in doc["components"]
     swagger = httpx.get(f"{fuzzed_server.url}/", timeout=10)
     assert swagger.status_code == 200 and "html" in swagger.headers["content-type"]
+
+
+def test_errors_outside_the_api_are_json_with_a_request_id(fuzzed_server) -> None:
+    """BentoML's own app (any path outside /v1 and /v2, /metrics, the docs' assets) answered
+    404 and 405 in plain text; now in /v1's JSON shape, with X-Request-ID and, on a 405, Allow."""
+    url = fuzzed_server.url
+    cases = [("GET", "/nope", 404, "not_found", "no route GET /nope"),
+             ("GET", "/static_content/nope.js", 404, "not_found", None),
+             ("POST", "/metrics", 405, "method_not_allowed", None),
+             ("DELETE", "/livez", 405, "method_not_allowed", None)]
+    for method, path, status, reason, message in cases:
+        r = httpx.request(method, url + path, headers={"X-Request-ID": f"root-{status}"},
+                          timeout=10)
+        assert r.status_code == status, (method, path, r.text)
+        assert r.headers["content-type"] == "application/json", (path, r.text)
+        body = r.json()
+        assert body["error"]["reason"] == reason and body["request_id"] == f"root-{status}"
+        assert r.headers["x-request-id"] == f"root-{status}"
+        if message:
+            assert body["error"]["message"] == message
+        if status == 405:
+            assert "GET" in r.headers["allow"] and r.headers["allow"] in body["error"]["message"]
+    assert httpx.get(url + "/metrics", timeout=10).status_code == 200  # still served
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="no chromium binary: install "
+                    "Debian's package (apt-get install -y chromium)")
+def test_the_docs_page_lists_the_routes_and_loads_nothing_from_elsewhere(fuzzed_server,
+                                                                        tmp_path) -> None:
+    """The page at / (Swagger UI) in headless Chromium: it renders every route of the document
+    with no console message (a script or request the page's Content-Security-Policy blocks is
+    one), and it names no other host (BentoML's page loaded Google Tag Manager)."""
+    page = httpx.get(f"{fuzzed_server.url}/", timeout=10)
+    assert "googletagmanager" not in page.text and "https://" not in page.text
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000",
+         "--dump-dom", f"{fuzzed_server.url}/"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    rendered = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', proc.stdout))
+    assert {"/v1/classify/image", "/v1/classify/text", "/v2/models/{name}/infer",
+            "/metrics"} <= rendered, sorted(rendered)
+    assert "<title>clfserve" in proc.stdout
 
 
 def test_every_documented_example_is_answered(fuzzed_server, digits_model, text_model) -> None:
