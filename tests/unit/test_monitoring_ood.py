@@ -346,15 +346,26 @@ def _batch(n: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
     return _probs(logits), emb
 
 
+def cpu_seconds(call, number: int, repeat: int = 5) -> float:
+    """The CPU time (this process's, all threads) of one ``call``, the least over ``repeat``
+    rounds of ``number`` calls: a guard against a scorer that stops being vectorised (an order
+    of magnitude), not a speed figure (tools/ood_report.py prints those), and unlike wall-clock
+    time not stretched when a busy shared machine deschedules the test."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.process_time()
+        for _ in range(number):
+            call()
+        best = min(best, (time.process_time() - started) / number)
+    return best
+
+
 def test_scoring_a_batch_is_cheap() -> None:
     scorer = fit_ood(reference())
     emb, logits, _ = synthetic(64, seed=5)
     probs = _probs(logits)
-    started = time.perf_counter()
-    for _ in range(200):
-        scorer.score(probs, emb)
-    per_batch = (time.perf_counter() - started) / 200
-    assert per_batch < 0.005, f"{per_batch * 1e3:.2f} ms per batch of 64"
+    per_batch = cpu_seconds(lambda: scorer.score(probs, emb), 40)
+    assert per_batch < 0.005, f"{per_batch * 1e3:.2f} ms of CPU per batch of 64"
 
 
 def test_scoring_is_cheap_with_a_full_neighbour_bank() -> None:
@@ -371,11 +382,8 @@ def test_scoring_is_cheap_with_a_full_neighbour_bank() -> None:
     assert scorer.knn_bank.shape == (KNN_MAX_ROWS, d)
     probs, batch = _probs(logits[:64]), emb[:64]
     scorer.score(probs, batch)
-    started = time.perf_counter()
-    for _ in range(20):
-        scorer.score(probs, batch)
-    per_batch = (time.perf_counter() - started) / 20
-    assert per_batch < 0.05, f"{per_batch * 1e3:.2f} ms per batch of 64"
+    per_batch = cpu_seconds(lambda: scorer.score(probs, batch), 5)
+    assert per_batch < 0.05, f"{per_batch * 1e3:.2f} ms of CPU per batch of 64"
 
 
 def test_text_profiles_add_a_fragmentation_signal_calibrated_on_validation():
