@@ -214,7 +214,7 @@ def run_drift(args: argparse.Namespace) -> int:
 
 
 def run_slices(args: argparse.Namespace) -> int:
-    from .performance import calibrate_reference, foreign_prior
+    from .performance import calibrate_reference, correct_column, foreign_prior
     from .reference import load_reference
     from .slice_metrics import (add_derived_slices, class_metrics, format_class_table,
                                 format_table, slice_metrics, to_records)
@@ -230,9 +230,12 @@ def run_slices(args: argparse.Namespace) -> int:
         print(f"no estimated accuracy: {exc}", file=sys.stderr)
     if calibrator is not None:
         calibrated = calibrator(frame["confidence"].to_numpy())
-        if prior is not None:  # OOD-flagged rows beyond the reference rate: at chance, by the
-            # window's flagged share (performance.py, step 3)
-            calibrated = prior.adjust(calibrated, frame["ood"].to_numpy(bool))
+        if prior is not None:  # OOD-flagged rows beyond the reference rate: at chance, or as
+            # the window's feedback on them says, by its flagged share (performance.py, 3 and 4)
+            flags = frame["ood"].to_numpy(bool)
+            prior = prior.learn(calibrated, flags, correct_column(
+                frame["predicted"].to_numpy(object), frame["label"].to_numpy(object)))
+            calibrated = prior.adjust(calibrated, flags)
         frame = frame.assign(calibrated=calibrated)
         print(f"estimated accuracy (est): {calibrator.describe()}", file=sys.stderr)
     frame, derived = add_derived_slices(frame)

@@ -207,3 +207,54 @@ def test_flagged_answers_beyond_the_reference_rate_count_at_chance():
     plain = estimate(calibrator, p)
     aware = estimate(calibrator, p, ood=np.ones(100, dtype=bool), prior=prior)
     assert aware.estimated < plain.estimated and aware.estimated < 0.2
+
+
+def test_feedback_on_flagged_rows_teaches_how_often_foreign_answers_are_right():
+    """Step 4: a model robust to the shift answers flagged inputs right far more often than
+    chance; the window's labelled flagged rows say how often (shrunk towards chance)."""
+    prior = ForeignPrior(reference_rate=0.035, chance=0.1)
+    p = np.full(200, 0.95)
+    flags = np.ones(200, dtype=bool)
+    ok = np.full(200, np.nan)
+    assert prior.learn(p, flags, ok) is prior  # no labels: chance it stays
+    ok[:100] = np.r_[np.ones(94), np.zeros(6)]  # feedback on half: 94% right
+    learned = prior.learn(p, flags, ok)
+    w = 0.035
+    expected = ((94 - w * 0.95 * 100) / (1 - w) + 2 * 0.1) / (100 + 2)
+    assert learned.learned == pytest.approx(expected) and learned.learned_from == 100
+    assert 0.9 < learned.accuracy < 0.94 and learned.learned_se > 0
+    calibrator = fit_calibrator(np.full(200, 0.95), np.r_[np.ones(190), np.zeros(10)])
+    at_chance = estimate(calibrator, p, ok, flags, prior)
+    taught = estimate(calibrator, p, ok, flags, learned)
+    assert at_chance.estimated < 0.15 and taught.estimated > 0.85
+    assert abs(taught.estimated_labelled - taught.realised) < 0.03
+    # the learned term widens the interval: the same rows with q fixed at that value
+    fixed = ForeignPrior(0.035, 0.1, learned.learned, 0.0, 100)
+    assert taught.se > estimate(calibrator, p, ok, flags, fixed).se
+    # flagged no more than the reference rate: nothing foreign to learn about
+    few = np.zeros(200, dtype=bool)
+    few[:5] = True
+    assert prior.learn(p, few, np.ones(200)) is prior
+    # a few labels do not move it all the way: 10 right of 10
+    ten = np.full(200, np.nan)
+    ten[:10] = 1.0
+    assert 0.8 < prior.learn(p, flags, ten).accuracy < 0.9
+
+
+def test_the_report_learns_the_foreign_accuracy_once_for_the_window_and_its_slices():
+    rng = np.random.default_rng(3)
+    calibrator = fit_calibrator(*_sample(500, rng))
+    conf = np.full(300, 0.97)
+    flags = np.ones(300, dtype=bool)
+    ok = np.full(300, np.nan)
+    ok[::2] = (rng.random(150) < 0.9).astype(float)  # feedback on every other row, ~90% right
+    device = np.array(["ios", "android", "web"] * 100)
+    prior = ForeignPrior(reference_rate=0.035, chance=0.1)
+    report = performance_report(calibrator, conf, ok, {"tag.device": device}, flags, prior)
+    assert report["foreign_prior"]["learned_from"] == 150
+    assert report["estimated"] > 0.8 and abs(report["estimated"] - report["realised"]) < 0.08
+    assert all(row["estimated"] > 0.8 for row in report["by_slice"])
+    assert "as the feedback on 150 of them says" in report["warning"]
+    unlabelled = performance_report(calibrator, conf, None, None, flags, prior)
+    assert unlabelled["estimated"] < 0.15 and "by chance only" in unlabelled["warning"]
+    assert unlabelled["foreign_prior"]["learned_from"] == 0
