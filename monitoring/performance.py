@@ -370,9 +370,10 @@ def performance_report(calibrator: Calibrator, confidence: np.ndarray,
             counted = (f"the flagged beyond the reference rate count as right "
                        f"{100 * prior.learned:.0f}% of the time, as the feedback on "
                        f"{prior.learned_from} of them says")
+        learned = prior is not None and prior.learned is not None
         warning = (f"{100 * whole['ood_share']:.0f}% of the window is flagged out-of-"
                    f"distribution: confidence says little about accuracy on such inputs ("
-                   f"{counted}); check with feedback labels")
+                   f"{counted})" + ("" if learned else "; check with feedback labels"))
     return {"value": whole["estimated"], **whole, "warning": warning,
             "method": "confidence-based (CBPE)" + (", OOD-aware" if prior is not None else ""),
             "calibration": calibrator.to_dict(),
