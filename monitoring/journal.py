@@ -221,10 +221,14 @@ class Indexer:
     """A thread that calls ``catch_up`` every ``interval_s`` (and once more when stopped)."""
 
     def __init__(self, catch_up: Callable[[], int], interval_s: float,
-                 on_error: Callable[[Exception], None] | None = None) -> None:
+                 on_error: Callable[[Exception], None] | None = None, what: str = "journal",
+                 expected: tuple[type[BaseException], ...] = ()) -> None:
+        """``what`` names the files in the log's lines; an error of an ``expected`` class (a
+        PostgreSQL server away, for its spool) is logged without its traceback."""
         self.interval_s = interval_s
         self._catch_up = catch_up
         self._on_error = on_error
+        self._what, self._expected = what, expected
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="predlog-index", daemon=True)
         self._thread.start()
@@ -235,12 +239,14 @@ class Indexer:
             try:
                 self._catch_up()
                 if failing:
-                    logger.info("prediction log journal: indexing works again")
+                    logger.info("prediction log %s: indexing works again", self._what)
                 failing = False
             except Exception as exc:  # the records stay in the journal: the next tick retries
                 if not failing:
-                    logger.exception("prediction log journal: indexing failed; answered records "
-                                     "stay in the journal until it works")
+                    logger.error("prediction log %s: indexing failed (%s: %s); answered records "
+                                 "stay in the %s until it works", self._what,
+                                 type(exc).__name__, str(exc).strip(), self._what,
+                                 exc_info=not isinstance(exc, self._expected))
                 failing = True
                 if self._on_error is not None:
                     self._on_error(exc)

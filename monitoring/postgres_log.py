@@ -21,18 +21,34 @@ the database server's process.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import re
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .store import COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog, display_target
+from .journal import Indexer, JournalWriter
+from .store import _TS, COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog, display_target
 
 DAY_S = 86_400
 _PARTITION = re.compile(r"^predictions_d(\d{8})$")
 # Advisory lock keys (any two constants this project owns).
 _LOCK_SCHEMA, _LOCK_PARTITIONS, _LOCK_SLICES = 741_001, 741_002, 741_003
+_LOCK_JOURNALS = 741_004  # replaying spools (journal_progress)
+# How long a write waits for a pooled connection (psycopg_pool's default is 30 s): with the
+# server gone, every group of answers waited that long before it failed.
+WAIT_TIMEOUT_S = 5.0
+# libpq's connection options where the URL does not set them: a connect gives up after
+# CONNECT_TIMEOUT_S, and TCP keepalives find a connection whose server vanished (a host down,
+# a network cut with no reset) in about 25 s instead of the kernel's two hours.
+_CONNECT_DEFAULTS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10,
+                     "keepalives_interval": 5, "keepalives_count": 3}
+# The spool's progress (store.PredictionLog's journals); outside the schema versions, as in SQLite
+_JOURNAL_PROGRESS = """CREATE TABLE IF NOT EXISTS journal_progress (
+    name text PRIMARY KEY,
+    "offset" bigint NOT NULL)"""
 
 _SCHEMA = [
     "CREATE SEQUENCE IF NOT EXISTS predictions_id_seq AS bigint",
@@ -81,6 +97,15 @@ _SCHEMA = [
 _UPGRADES = {3: "ALTER TABLE predictions ADD COLUMN IF NOT EXISTS input_ref text"}
 
 
+def spool_name(conninfo: dict) -> str:
+    """The folder, inside the spool folder, of one database's spool: records are replayed only
+    into the database they were meant for (another ``CLF_PREDICTION_LOG`` on the same host, or
+    the same folder after the setting changed, has a folder of its own)."""
+    key = "|".join(str(conninfo.get(k, "")) for k in ("host", "hostaddr", "port", "dbname", "user"))
+    database = re.sub(r"[^A-Za-z0-9_.-]", "_", str(conninfo.get("dbname") or "postgres"))[:40]
+    return f"{database}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def _qmarks(sql: str) -> str:
     """``?`` placeholders (the shared SQL) to psycopg's ``%s``; a literal ``%`` doubled."""
     return sql.replace("%", "%%").replace("?", "%s")
@@ -92,20 +117,33 @@ class PostgresLog(PredictionLog):
     backend = "postgresql"
 
     def __init__(self, url: str, max_slice_values: int = 20, pool_size: int = 4,
-                 connect_timeout_s: float = 10.0, synchronous: str | None = None) -> None:
+                 connect_timeout_s: float = 10.0, synchronous: str | None = None,
+                 spool_dir: str | Path | None = None, spool_retry_s: float = 1.0,
+                 wait_timeout_s: float = WAIT_TIMEOUT_S) -> None:
+        """``spool_dir``: where this process's records go while the server cannot take them
+        (``spool_rows``, the service's writer decides when), replayed into the table every
+        ``spool_retry_s`` by a thread, exactly once; what a previous process left there is
+        replayed from the start. None: no spool."""
         super().__init__(max_slice_values)
         del synchronous  # SQLite's setting; PostgreSQL's is the server's synchronous_commit
         self._url = url
         self.target = display_target(url)
         try:
             import psycopg
+            from psycopg.conninfo import conninfo_to_dict
             from psycopg_pool import ConnectionPool
         except ImportError:
             raise LogOpenError("a postgresql:// prediction log needs psycopg 3: "
                                "pip install -e '.[postgres]'") from None
         self._psycopg = psycopg
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise LogOpenError(f"{self.target}: {exc}") from None
+        options = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
         self._pool = ConnectionPool(url, min_size=1, max_size=max(1, pool_size), open=False,
-                                    kwargs={"autocommit": False}, name="predlog")
+                                    timeout=wait_timeout_s,
+                                    kwargs={"autocommit": False, **options}, name="predlog")
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
         except Exception as exc:  # noqa: BLE001 - PoolTimeout, OperationalError: say which
@@ -121,6 +159,30 @@ class PostgresLog(PredictionLog):
         except psycopg.Error as exc:
             self._pool.close()
             raise LogOpenError(f"{self.target}: {exc}") from None
+        if spool_dir is not None:
+            self._init_journals(Path(spool_dir) / spool_name(given))
+            self._journal = JournalWriter(self.journal_dir)
+            self._catch_up_quietly()  # what a process stopped during an outage left behind
+            from psycopg_pool import PoolTimeout
+
+            self._indexer = Indexer(self.catch_up, spool_retry_s, what="spool",
+                                    expected=(psycopg.OperationalError, PoolTimeout))
+
+    # -- the spool --------------------------------------------------------------------------
+
+    @property
+    def spooled(self) -> bool:
+        """Whether ``spool_rows`` can take records (a spool folder is set)."""
+        return self._journal is not None
+
+    def spool_rows(self, rows: list[list]) -> None:
+        """Make ``rows`` (``encode_row``) durable in this process's spool file, for the
+        replaying thread to insert once the server takes writes again. One append, as
+        durable as the SQLite journal under ``synchronous=NORMAL`` (it survives the process
+        being killed, not the host losing power). OSError where the folder cannot be written."""
+        if self._journal is None:
+            raise OSError("this log has no spool folder")
+        self._journal.append(rows)
 
     # -- backend hooks ---------------------------------------------------------------------
 
@@ -148,7 +210,28 @@ class PostgresLog(PredictionLog):
         return int(rows[0][0]) if rows else 0
 
     def close(self) -> None:
+        if self._indexer is not None:
+            self._indexer.stop()  # one last replay
+            self._indexer = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+            self._catch_up_quietly()  # this process's file, now unheld: replayed and deleted
         self._pool.close()
+
+    def _lock_journal_progress(self, tx: "_Tx") -> None:
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_JOURNALS,))
+
+    def _prepare_journal_rows(self, tx: "_Tx", rows: list[list]) -> None:
+        """The day partitions of replayed rows, inside the replay's transaction (an outage
+        across two midnights outlasts the partitions made ahead)."""
+        missing = sorted({int(row[_TS] // DAY_S) for row in rows} - self._days)
+        if missing:
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_PARTITIONS,))
+            for day in missing:
+                tx.execute(f"CREATE TABLE IF NOT EXISTS {_partition_name(day)} PARTITION OF"
+                           f" predictions FOR VALUES FROM ({day * DAY_S}) TO"
+                           f" ({(day + 1) * DAY_S})")
 
     def vacuum(self) -> None:
         with self._pool.connection() as conn:
@@ -181,6 +264,7 @@ class PostgresLog(PredictionLog):
                 tx.execute("INSERT INTO clf_meta (key, value) VALUES ('schema_version', ?) ON "
                            "CONFLICT (key) DO UPDATE SET value = excluded.value",
                            (str(SCHEMA_VERSION),))
+            tx.execute(_JOURNAL_PROGRESS)
         now = int(time.time() // DAY_S)
         self.ensure_partitions({now, now + 1})  # today's and tomorrow's: no stall at midnight
 

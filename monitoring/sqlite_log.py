@@ -22,7 +22,6 @@ Imports sqlite3 only: the service imports this on its request path.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -32,9 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .journal import (Indexer, JournalError, JournalWriter, delete_unheld, is_held, journal_dir,
-                      journals, read_frames)
-from .store import (_INPUT, _INPUT_REF, _SLICES, COLUMNS, SCHEMA_VERSION, FeedbackResult,
+from .journal import Indexer, JournalWriter, delete_unheld, journal_dir
+from .store import (_INPUT, _INPUT_REF, COLUMNS, SCHEMA_VERSION, FeedbackResult,
                     LogOpenError, PredictionLog, ValidLabels)
 
 logger = logging.getLogger(__name__)
@@ -125,13 +123,7 @@ class SQLiteLog(PredictionLog):
         self._segment: tuple[str, int, int] | None = None  # (name, fd, size) being appended
         self._segment_lock = threading.Lock()
         self.target = str(self.path)
-        self.journal_dir = journal_dir(self.path)
-        self._indexed: dict[str, int] = {}  # journal -> offset indexed to, as last seen
-        self._index_lock = threading.Lock()  # one catch-up at a time in this process
-        self._catch_up_warned = False
-        self._unreadable: set[str] = set()  # journals of another format: left alone
-        self._journal: JournalWriter | None = None
-        self._indexer: Indexer | None = None
+        self._init_journals(journal_dir(self.path))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves: one call = one transaction.
@@ -190,95 +182,6 @@ class SQLiteLog(PredictionLog):
         return super().prune(before, inputs_only, chunk)
 
     # -- the journals ------------------------------------------------------------------------
-
-    def catch_up(self) -> int:
-        """Index what the journals hold beyond what the table has; the rows indexed."""
-        total = 0
-        with self._index_lock:
-            while True:
-                found = journals(self.journal_dir)
-                indexed, more = self._index_pending(found)
-                total += indexed
-                if not more:
-                    break
-            self._delete_finished(found)
-        return total
-
-    def _catch_up_quietly(self) -> None:
-        """Catch up before a read; a failure (the file locked past the busy timeout, a read-only
-        file) is logged and the read goes on without the journals' newest rows."""
-        try:
-            self.catch_up()
-        except (OSError, sqlite3.Error, JournalError) as exc:
-            # Once per log object at warning level: a read-only reader would say it every read.
-            level = logging.DEBUG if self._catch_up_warned else logging.WARNING
-            self._catch_up_warned = True
-            logger.log(level, "%s: could not index the journals before reading (rows answered "
-                       "in the last moments may be missing): %s", self.path, exc)
-
-    def _index_pending(self, found: list[tuple[str, int]]) -> tuple[int, bool]:
-        pending = [(name, size) for name, size in found
-                   if size > self._indexed.get(name, 0) and name not in self._unreadable]
-        if not pending:
-            return 0, False
-        total, more, reached = 0, False, {}
-        try:
-            with self._transaction() as tx:
-                progress = dict(tx.execute(
-                    "SELECT name, offset FROM journal_progress").fetchall())
-                for name, size in pending:
-                    done = progress.get(name, 0)
-                    reached[name] = done
-                    if size <= done:
-                        continue
-                    path = self.journal_dir / name
-                    try:
-                        rows, end, stop = read_frames(path, done)
-                    except FileNotFoundError:
-                        continue
-                    except JournalError as exc:
-                        if name not in self._unreadable:  # said once; never deleted
-                            logger.error("%s; left as it is", exc)
-                            self._unreadable.add(name)
-                        continue
-                    if stop in ("partial", "bad") and not is_held(path):
-                        logger.warning("%s: a torn frame at byte %d of %d (a write its killed "
-                                       "writer never finished: no answer waited on it); "
-                                       "skipped", path, end, size)
-                        end = size
-                    elif stop == "bad":
-                        logger.warning("%s: a frame failed its check at byte %d; retried",
-                                       path, end)
-                    for row in rows:
-                        if row[_SLICES] != "{}":
-                            row[_SLICES] = self._capped_slices(tx, json.loads(row[_SLICES]))
-                    if rows:
-                        tx.insert_predictions(rows)
-                    if end != done:
-                        tx.execute("INSERT INTO journal_progress (name, offset) VALUES (?, ?)"
-                                   " ON CONFLICT (name) DO UPDATE SET offset = excluded.offset",
-                                   (name, end))
-                    reached[name] = end
-                    total += len(rows)
-                    more = more or stop == "more"
-        except BaseException:
-            self._admitted = {}  # it may hold values of the rolled-back transaction
-            raise
-        self._indexed.update(reached)
-        return total, more
-
-    def _delete_finished(self, found: list[tuple[str, int]]) -> None:
-        """Delete the journals that no writer holds and that are indexed to their end."""
-        own = self._journal.current if self._journal is not None else None
-        deleted = []
-        for name, size in found:
-            if name != own and self._indexed.get(name, -1) >= size:
-                if delete_unheld(self.journal_dir / name, at_most=self._indexed[name]):
-                    deleted.append((name,))
-                    self._indexed.pop(name, None)
-        if deleted:
-            with self._transaction() as tx:
-                tx.executemany("DELETE FROM journal_progress WHERE name = ?", deleted)
 
     def _enable_wal(self) -> None:
         # Switching a new file to WAL needs an exclusive lock and, unlike a write, does not wait

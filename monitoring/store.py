@@ -26,7 +26,9 @@ imports this on its request path. Reading into pandas (``frame``) imports pandas
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
@@ -36,7 +38,11 @@ from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Sequence, 
 
 import numpy as np
 
+from .journal import (Indexer, JournalError, JournalWriter, delete_unheld, is_held, journals,
+                      read_frames)
 from .slices import OTHER, cap_values
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -188,6 +194,7 @@ class PredictionLog(ABC):
     def __init__(self, max_slice_values: int = 20) -> None:
         self.max_slice_values = max_slice_values
         self._admitted: dict[str, set[str]] = {}  # cache of slice_values, refreshed on a miss
+        self._init_journals(None)
 
     # -- what a backend provides --------------------------------------------------------
 
@@ -228,6 +235,123 @@ class PredictionLog(ABC):
     def _prepare_write(self, timestamps: Iterable[float]) -> None:
         """Anything rows with these times need before they can be inserted (PostgreSQL: their
         days' partitions)."""
+
+    # -- journals (journal.py): records made durable in local files, indexed into the log later.
+    # SQLite: the path of every answer (``journal=True``); PostgreSQL: the spool an outage of the
+    # server leaves (``spool_dir``). How far each file is indexed is a row of
+    # ``journal_progress``, updated in the transaction that inserts its rows: exactly once.
+
+    def _init_journals(self, folder: Path | None) -> None:
+        self.journal_dir = folder  # None: this log has no journals
+        self._indexed: dict[str, int] = {}  # journal -> offset indexed to, as last seen
+        self._index_lock = threading.Lock()  # one catch-up at a time in this process
+        self._catch_up_warned = False
+        self._unreadable: set[str] = set()  # journals of another format: left alone
+        self._journal: JournalWriter | None = None
+        self._indexer: Indexer | None = None
+        self.caught_up_at = -math.inf  # time.monotonic() at the start of the last catch-up done
+
+    def _lock_journal_progress(self, tx: Transaction) -> None:
+        """Serialise indexing journals among processes (SQLite's write lock already does;
+        PostgreSQL takes an advisory lock: the rows of a journal are inserted once)."""
+
+    def _prepare_journal_rows(self, tx: Transaction, rows: list[list]) -> None:
+        """What journal rows need before they are inserted in ``tx`` (PostgreSQL: their days'
+        partitions)."""
+
+    def catch_up(self) -> int:
+        """Index what the journals hold beyond what the table has; the rows indexed."""
+        if self.journal_dir is None:
+            return 0
+        total, started = 0, time.monotonic()
+        with self._index_lock:
+            while True:
+                found = journals(self.journal_dir)
+                indexed, more = self._index_pending(found)
+                total += indexed
+                if not more:
+                    break
+            self._delete_finished(found)
+        self.caught_up_at = started  # every journal was indexed as of this moment
+        return total
+
+    def _catch_up_quietly(self) -> None:
+        """Catch up before a read; a failure (the file locked past the busy timeout, a read-only
+        file) is logged and the read goes on without the journals' newest rows."""
+        try:
+            self.catch_up()
+        except Exception as exc:  # noqa: BLE001 - the backend's errors, OSError, JournalError
+            # Once per log object at warning level: a read-only reader would say it every read.
+            level = logging.DEBUG if self._catch_up_warned else logging.WARNING
+            self._catch_up_warned = True
+            logger.log(level, "%s: could not index the journals before reading (rows answered "
+                       "in the last moments may be missing): %s", self.target, exc)
+
+    def _index_pending(self, found: list[tuple[str, int]]) -> tuple[int, bool]:
+        pending = [(name, size) for name, size in found
+                   if size > self._indexed.get(name, 0) and name not in self._unreadable]
+        if not pending:
+            return 0, False
+        total, more, reached = 0, False, {}
+        try:
+            with self._transaction() as tx:
+                self._lock_journal_progress(tx)
+                progress = dict(tx.execute(
+                    'SELECT name, "offset" FROM journal_progress').fetchall())
+                for name, size in pending:
+                    done = progress.get(name, 0)
+                    reached[name] = done
+                    if size <= done:
+                        continue
+                    path = self.journal_dir / name
+                    try:
+                        rows, end, stop = read_frames(path, done)
+                    except FileNotFoundError:
+                        continue
+                    except JournalError as exc:
+                        if name not in self._unreadable:  # said once; never deleted
+                            logger.error("%s; left as it is", exc)
+                            self._unreadable.add(name)
+                        continue
+                    if stop in ("partial", "bad") and not is_held(path):
+                        logger.warning("%s: a torn frame at byte %d of %d (a write its killed "
+                                       "writer never finished: no answer waited on it); "
+                                       "skipped", path, end, size)
+                        end = size
+                    elif stop == "bad":
+                        logger.warning("%s: a frame failed its check at byte %d; retried",
+                                       path, end)
+                    for row in rows:
+                        if row[_SLICES] != "{}":
+                            row[_SLICES] = self._capped_slices(tx, json.loads(row[_SLICES]))
+                    if rows:
+                        self._prepare_journal_rows(tx, rows)
+                        tx.insert_predictions(rows)
+                    if end != done:
+                        tx.execute('INSERT INTO journal_progress (name, "offset") VALUES (?, ?)'
+                                   ' ON CONFLICT (name) DO UPDATE SET "offset" = excluded."offset"',
+                                   (name, end))
+                    reached[name] = end
+                    total += len(rows)
+                    more = more or stop == "more"
+        except BaseException:
+            self._admitted = {}  # it may hold values of the rolled-back transaction
+            raise
+        self._indexed.update(reached)
+        return total, more
+
+    def _delete_finished(self, found: list[tuple[str, int]]) -> None:
+        """Delete the journals that no writer holds and that are indexed to their end."""
+        own = self._journal.current if self._journal is not None else None
+        deleted = []
+        for name, size in found:
+            if name != own and self._indexed.get(name, -1) >= size:
+                if delete_unheld(self.journal_dir / name, at_most=self._indexed[name]):
+                    deleted.append((name,))
+                    self._indexed.pop(name, None)
+        if deleted:
+            with self._transaction() as tx:
+                tx.executemany("DELETE FROM journal_progress WHERE name = ?", deleted)
 
     # -- the shared interface ------------------------------------------------------------
 

@@ -44,6 +44,8 @@ class Metrics:
     ood_reference: object
     log_commit: object
     log_errors: object
+    log_spooled: object
+    log_spooling: object
     feedback: object
     reloads: object
 
@@ -143,6 +145,17 @@ def get_metrics() -> Metrics:
         log_errors=Counter(
             f"{NAMESPACE}_prediction_log_errors_total",
             "Commits to the prediction log that failed (their requests answered 503).",
+        ),
+        log_spooled=Counter(
+            f"{NAMESPACE}_prediction_log_spooled_total",
+            "Records written to the replica's local spool because the PostgreSQL prediction log "
+            "took no writes (CLF_LOG_SPOOL_DIR); replayed into it once it does.",
+        ),
+        log_spooling=Gauge(
+            f"{NAMESPACE}_prediction_log_spooling",
+            "1 while a worker writes its answers' records to its local spool instead of the "
+            "PostgreSQL prediction log (the database takes no writes), else 0.",
+            multiprocess_mode="max",
         ),
         feedback=Counter(
             f"{NAMESPACE}_feedback_labels_total",

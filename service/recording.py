@@ -16,8 +16,16 @@ log (preprocessing, queued, in the model: ``ServedModel.inflight``) the writer w
 little (``group_wait_s``, ``CLF_LOG_GROUP_WAIT_MS``) before committing, as PostgreSQL's
 ``commit_delay`` does with ``commit_siblings``. A lone request never waits: with nothing else
 under way it commits at once. If the log cannot be written (disk full, locked past the busy
-timeout, a PostgreSQL server that does not answer) the request answers 503 instead of an answer
-nobody recorded.
+timeout) the request answers 503 instead of an answer nobody recorded.
+
+PostgreSQL's spool (``CLF_LOG_SPOOL_DIR``): a commit that fails (the server down, restarting,
+failing over, unreachable) does not fail its requests: their records are appended to this
+worker's spool file on the replica's disk (``PostgresLog.spool_rows``, one write, on the event
+loop) and they are answered. From then on every group goes to the spool, with no attempt at the
+server that would make each wait out a connection timeout, until the log's replaying thread has
+caught up with the spool after the failure (it tries every second: ``catch_up`` succeeded, so
+the server takes writes again); then commits go to the server again. A spool that cannot be
+written either (no folder configured, a full disk) answers 503 ``log_unavailable`` as before.
 
 Imports the request-path parts of ``monitoring`` only (sqlite3 or psycopg, numpy), never pandas
 or evidently.
@@ -79,6 +87,12 @@ class PredictionRecorder:
         metrics = get_metrics()
         self._commit_seconds = metrics.log_commit
         self._errors = metrics.log_errors
+        self._spooled, self._spooling_gauge = metrics.log_spooled, metrics.log_spooling
+        # time.monotonic() when commits began to go to the spool; None: to the server
+        self.spooling_since: float | None = None
+        self._spool_reason = ""
+        if getattr(store, "spooled", False):
+            self._spooling_gauge.set(0)
 
     def start(self) -> None:
         if self._task is None:
@@ -175,15 +189,32 @@ class PredictionRecorder:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.group_wait_s > 0:
+            if self.spooling_since is not None and self._spool_done():
+                self._spooling_gauge.set(0)
+                logger.warning("prediction log %s takes writes again: answers are committed "
+                               "to it, and the spool is replayed into it", self.store.target)
+                self.spooling_since = None
+            if self.group_wait_s > 0 and self.spooling_since is None:
                 await self._gather()
             records, waiters = self._records, self._waiters
             self._records, self._waiters = [], []
+            if self.spooling_since is not None:
+                self._spool(records, waiters)
+                continue
             self._committing = len(waiters)
             started = time.perf_counter()
             try:
                 await loop.run_in_executor(self._executor, self.store.write_rows, records)
             except Exception as exc:
+                if getattr(self.store, "spooled", False):
+                    self._spool_reason = f"{type(exc).__name__}: {exc}".strip()
+                    logger.error("prediction log %s takes no writes (%s): answers' records go "
+                                 "to the spool %s until it does", self.store.target,
+                                 self._spool_reason, self.store.journal_dir)
+                    self.spooling_since = time.monotonic()
+                    self._spooling_gauge.set(1)
+                    self._spool(records, waiters)
+                    continue
                 logger.exception("prediction log write failed (%d records)", len(records))
                 self._errors.inc()
                 error = LogUnavailable(f"the prediction log could not be written: {exc}")
@@ -197,6 +228,30 @@ class PredictionRecorder:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _spool_done(self) -> bool:
+        """Whether the log's replaying thread caught up with the spool after commits began to
+        go there: the server takes writes again."""
+        return self.store.caught_up_at > self.spooling_since  # type: ignore[operator]
+
+    def _spool(self, records: list[list], waiters: list[asyncio.Future]) -> None:
+        """Records to this worker's spool (one append, on the event loop: the writer thread may
+        still be held by the server); their requests are answered once it is written."""
+        try:
+            self.store.spool_rows(records)  # type: ignore[attr-defined]
+        except Exception as exc:
+            logger.exception("prediction log spool write failed (%d records)", len(records))
+            self._errors.inc()
+            error = LogUnavailable(f"the prediction log could not be written "
+                                   f"({self._spool_reason}) nor spooled: {exc}")
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            return
+        self._spooled.inc(len(records))
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _gather(self) -> None:
         """Wait, at most ``group_wait_s``, while more records are on their way and the group is

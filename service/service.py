@@ -207,6 +207,7 @@ def _prediction_recorder() -> PredictionRecorder | None:
     options = {"max_slice_values": SETTINGS.slice_max_values}
     if SETTINGS.prediction_log.startswith(("postgresql://", "postgres://")):
         options["pool_size"] = SETTINGS.log_pool_size
+        options["spool_dir"] = SETTINGS.log_spool_dir or None
     else:  # SQLite: checkpoints off the commits the answers wait on (sqlite_log._Checkpointer)
         options.update(synchronous=SETTINGS.log_synchronous, background_checkpoints=True)
         if SETTINGS.log_index_ms > 0:  # answers durable in a journal (monitoring/journal.py)

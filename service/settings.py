@@ -92,6 +92,12 @@ class Settings:
     prediction_log: str = "artifacts/predictions.db"
     log_synchronous: str = "NORMAL"  # SQLite: FULL fsyncs each commit (power-loss durable, slower)
     log_pool_size: int = 4  # PostgreSQL: connections per worker (the writer, feedback, reports)
+    # PostgreSQL: while the server takes no writes (down, restarting, failing over, unreachable),
+    # each worker appends the records of its answers to a spool file in this folder on the
+    # replica's own disk and keeps answering; a thread replays the spool into the database once
+    # it takes writes again, exactly once (service/recording.py). "" = no spool: requests are
+    # answered 503 log_unavailable while the database is away.
+    log_spool_dir: str = "artifacts/predictions-spool"
     # Group commit: while other requests are on their way to the log, a commit waits for them up
     # to this long, so that several answers share one commit's fixed cost (service/recording.py).
     # A lone request never waits; 0 commits whatever is ready at once.

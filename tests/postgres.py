@@ -76,11 +76,20 @@ class PostgresCluster:
         self.user = "postgres" if self.as_root else pwd.getpwuid(os.geteuid()).pw_name
         self._run("initdb", "-D", str(self.data), "--auth=trust", "-U", self.user,
                   "--encoding=UTF8", "--locale=C", "--no-sync")
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on "
-                   "-c max_connections=200 -c shared_buffers=64MB")
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
-                  str(self.root / "server.log"), "-w", "-t", "60", "start")
+        self.options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=on -c max_connections=200 -c shared_buffers=64MB")
+        self.resume()
         self.url = f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def pause(self) -> None:
+        """Stop the server, as an outage or a restart does (``-m fast``: its connections are
+        terminated); its data stays for ``resume``."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the server (again) on the same port and data."""
+        self._run("pg_ctl", "-D", str(self.data), "-o", self.options, "-l",
+                  str(self.root / "server.log"), "-w", "-t", "60", "start")
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [str(self.bindir / tool), *args]

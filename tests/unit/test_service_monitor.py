@@ -229,3 +229,85 @@ def test_under_full_synchronous_the_journal_append_takes_the_writer_thread(tmp_p
         assert not PredictionRecorder(store, keep_inputs=False, max_input_bytes=0).inline
     finally:
         store.close()
+
+
+class _AwayLog:
+    """Stands for a PostgreSQL log with a spool: commits fail while ``away``; the spool keeps
+    what it is given; ``caught_up_at`` is what its replaying thread would set."""
+
+    spooled = True
+    target, journal_dir = "postgresql://db/clf", "spool"
+
+    def __init__(self) -> None:
+        self.away, self.spool_fails = False, False
+        self.committed, self.spool, self.commits_tried = [], [], 0
+        self.caught_up_at = float("-inf")
+
+    def write_rows(self, rows) -> None:
+        self.commits_tried += 1
+        if self.away:
+            raise ConnectionError("the server is gone")
+        self.committed.extend(r[0] for r in rows)
+
+    def spool_rows(self, rows) -> None:
+        if self.spool_fails:
+            raise OSError(28, "No space left on device")
+        self.spool.extend(r[0] for r in rows)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_log_that_takes_no_writes_sends_answers_to_the_spool_until_it_is_caught_up() -> None:
+    import asyncio
+    import time
+
+    from service.recording import LogUnavailable
+
+    async def scenario() -> None:
+        store = _AwayLog()
+        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0)
+        recorder.start()
+        try:
+            await recorder.write(_one("a"))
+            assert store.committed == ["a"] and recorder.spooling_since is None
+            store.away = True
+            await recorder.write(_one("b"))  # the failed commit's records: spooled, answered
+            assert store.spool == ["b"] and recorder.spooling_since is not None
+            tried = store.commits_tried
+            for rid in "cde":  # straight to the spool: no attempt at the server
+                await recorder.write(_one(rid))
+            assert store.spool == list("bcde") and store.commits_tried == tried
+            store.away = False  # back, but the spool not replayed yet: still the spool
+            await recorder.write(_one("f"))
+            assert store.spool[-1] == "f" and store.commits_tried == tried
+            store.caught_up_at = time.monotonic()  # the replaying thread got through
+            await recorder.write(_one("g"))
+            assert store.committed == ["a", "g"] and recorder.spooling_since is None
+            store.away = store.spool_fails = True  # the server and the spool's disk both gone
+            with pytest.raises(LogUnavailable, match="nor spooled: .*No space left"):
+                await recorder.write(_one("h"))
+        finally:
+            await recorder.stop()
+
+    asyncio.run(scenario())
+
+
+def test_without_a_spool_a_log_that_takes_no_writes_withholds_the_answer() -> None:
+    import asyncio
+
+    from service.recording import LogUnavailable
+
+    async def scenario() -> None:
+        store = _AwayLog()
+        store.spooled, store.away = False, True
+        recorder = PredictionRecorder(store, keep_inputs=False, max_input_bytes=0)
+        recorder.start()
+        try:
+            with pytest.raises(LogUnavailable, match="the server is gone"):
+                await recorder.write(_one("a"))
+            assert store.spool == [] and recorder.spooling_since is None
+        finally:
+            await recorder.stop()
+
+    asyncio.run(scenario())
