@@ -23,14 +23,17 @@ from __future__ import annotations
 import calendar
 import hashlib
 import re
+import socket
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from .journal import Indexer, JournalWriter
-from .store import _TS, COLUMNS, SCHEMA_VERSION, LogOpenError, PredictionLog, display_target
+from .store import (_TS, COLUMNS, SCHEMA_VERSION, FeedbackResult, LogOpenError, PredictionLog,
+                    ValidLabels, display_target)
 
 DAY_S = 86_400
 _PARTITION = re.compile(r"^predictions_d(\d{8})$")
@@ -119,11 +122,18 @@ class PostgresLog(PredictionLog):
     def __init__(self, url: str, max_slice_values: int = 20, pool_size: int = 4,
                  connect_timeout_s: float = 10.0, synchronous: str | None = None,
                  spool_dir: str | Path | None = None, spool_retry_s: float = 1.0,
-                 wait_timeout_s: float = WAIT_TIMEOUT_S) -> None:
+                 wait_timeout_s: float = WAIT_TIMEOUT_S, journal: bool = False) -> None:
         """``spool_dir``: where this process's records go while the server cannot take them
         (``spool_rows``, the service's writer decides when), replayed into the table every
         ``spool_retry_s`` by a thread, exactly once; what a previous process left there is
-        replayed from the start. None: no spool."""
+        replayed from the start. None: no spool.
+
+        ``journal`` (needs ``spool_dir``): every write goes to the spool and returns, as a
+        journaled SQLite log's does (``write_rows``), indexed every ``spool_retry_s``: a
+        record is then on the replica's disk only, for up to that interval, before it is in the
+        database (the default commits before it returns)."""
+        if journal and spool_dir is None:
+            raise ValueError("a journaled PostgreSQL log needs a spool folder")
         super().__init__(max_slice_values)
         del synchronous  # SQLite's setting; PostgreSQL's is the server's synchronous_commit
         self._url = url
@@ -161,12 +171,34 @@ class PostgresLog(PredictionLog):
             raise LogOpenError(f"{self.target}: {exc}") from None
         if spool_dir is not None:
             self._init_journals(Path(spool_dir) / spool_name(given))
+            where = f"{socket.gethostname()}:{Path(self.journal_dir).resolve()}".encode()
+            self._spool_key = zlib.crc32(where) - (1 << 31)  # an int4
             self._journal = JournalWriter(self.journal_dir)
             self._catch_up_quietly()  # what a process stopped during an outage left behind
             from psycopg_pool import PoolTimeout
 
             self._indexer = Indexer(self.catch_up, spool_retry_s, what="spool",
                                     expected=(psycopg.OperationalError, PoolTimeout))
+        self._journaled = journal
+
+    @property
+    def journaled(self) -> bool:
+        """Whether ``write_rows`` appends to the spool (one write, nothing shared) rather than
+        committing a transaction."""
+        return self._journaled and self._journal is not None
+
+    def add_feedback_many(self, feedback: Mapping[str, Sequence[str] | str],
+                          valid_labels: ValidLabels = None) -> list[FeedbackResult]:
+        if self.journaled:  # the request may have been answered here a moment ago
+            self._catch_up_quietly()
+        return super().add_feedback_many(feedback, valid_labels)
+
+    def write_rows(self, rows: list[list]) -> None:
+        """Journaled: durable once appended to the spool, indexed within the interval."""
+        if not self.journaled:
+            return super().write_rows(rows)
+        if rows:
+            self._journal.append(rows)  # type: ignore[union-attr]
 
     # -- the spool --------------------------------------------------------------------------
 
@@ -220,7 +252,9 @@ class PostgresLog(PredictionLog):
         self._pool.close()
 
     def _lock_journal_progress(self, tx: "_Tx") -> None:
-        tx.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK_JOURNALS,))
+        """Only the processes of one host see its spool folder: they take turns, replicas on
+        other hosts do not wait (the lock's second key is the host and folder's)."""
+        tx.execute("SELECT pg_advisory_xact_lock(?, ?)", (_LOCK_JOURNALS, self._spool_key))
 
     def _prepare_journal_rows(self, tx: "_Tx", rows: list[list]) -> None:
         """The day partitions of replayed rows, inside the replay's transaction (an outage

@@ -98,6 +98,11 @@ class Settings:
     # it takes writes again, exactly once (service/recording.py). "" = no spool: requests are
     # answered 503 log_unavailable while the database is away.
     log_spool_dir: str = "artifacts/predictions-spool"
+    # PostgreSQL: true = an answer's records are made durable by one append to its worker's spool
+    # file, and a thread indexes the spool into the database every CLF_LOG_INDEX_MS, as SQLite's
+    # journal does: the database has them up to that interval later (until then they live on the
+    # replica's disk only). false = each answer waits for a commit of its records.
+    log_pg_journal: bool = False
     # Group commit: while other requests are on their way to the log, a commit waits for them up
     # to this long, so that several answers share one commit's fixed cost (service/recording.py).
     # A lone request never waits; 0 commits whatever is ready at once.
@@ -208,6 +213,9 @@ class Settings:
             (self.log_pool_size >= 1, "CLF_LOG_POOL_SIZE must be >= 1"),
             (0.0 <= self.log_group_wait_ms <= 100.0, "CLF_LOG_GROUP_WAIT_MS must be in [0, 100]"),
             (0.0 <= self.log_index_ms <= 60_000.0, "CLF_LOG_INDEX_MS must be in [0, 60000]"),
+            (not self.log_pg_journal or (bool(self.log_spool_dir) and self.log_index_ms > 0),
+             "CLF_LOG_PG_JOURNAL=true needs CLF_LOG_SPOOL_DIR (the journal is the spool) and "
+             "CLF_LOG_INDEX_MS > 0"),
             ("://" not in self.prediction_log
              or self.prediction_log.startswith(("postgresql://", "postgres://")),
              "CLF_PREDICTION_LOG must be a file path (SQLite) or a postgresql:// URL"),

@@ -149,3 +149,67 @@ def test_concurrent_replays_of_one_spool_insert_each_row_once(cluster, tmp_path)
     ids = _ids(url)
     assert len(ids) == 100 and sorted(set(ids)) == sorted(f"s-{b}" for b in range(25))
     assert not journal.journals(writer.journal_dir)
+
+
+def test_a_journaled_log_appends_and_indexes_through_an_outage(cluster, tmp_path) -> None:
+    """``journal=True`` (``CLF_LOG_PG_JOURNAL``): every write is one append to the spool, indexed
+    every interval; an outage only delays the indexing."""
+    url = cluster.database()
+    log = open_log(url, spool_dir=tmp_path / "spool", spool_retry_s=0.05, journal=True)
+    assert log.journaled
+    written = []
+    for b in range(10):
+        written += [f"j-{b}-{i}" for i in range(3)]
+        log.write_batch([record(f"j-{b}-{i}", 0, ts=time.time()) for i in range(3)])
+    deadline = time.monotonic() + 30
+    while len(_ids(url)) < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(_ids(url)) == sorted(written)  # indexed by the thread, within the interval
+    cluster.pause()
+    try:
+        for b in range(10):  # the server away: the writes do not notice
+            written.append(f"away-{b}")
+            log.write_batch([record(f"away-{b}", 0, ts=time.time())])
+    finally:
+        cluster.resume()
+    log.close()  # the last indexing: everything is in, once
+    assert sorted(_ids(url)) == sorted(written)
+    assert not journal.journals(log.journal_dir)
+    with pytest.raises(ValueError, match="needs a spool folder"):
+        open_log(url, journal=True)
+
+
+def test_a_journaled_log_rotating_its_files_under_writers_keeps_every_row_once(
+        cluster, tmp_path, monkeypatch) -> None:
+    """Files rotated every few frames while two threads write and the indexer runs every 10 ms:
+    a rotated file is indexed to its end and deleted, none of its rows lost or doubled."""
+    monkeypatch.setattr(journal, "JOURNAL_BYTES", 8 * 1024)
+    url = cluster.database()
+    log = open_log(url, spool_dir=tmp_path / "spool", spool_retry_s=0.01, journal=True)
+    written: list[str] = []
+
+    def write(prefix: str) -> None:
+        for b in range(150):
+            ids = [f"{prefix}-{b}-{i}" for i in range(2)]
+            log.write_batch([record(rid, 0, ts=time.time()) for rid in ids])
+            written.extend(ids)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    ids = _ids(url)
+    assert len(ids) == 600 and sorted(ids) == sorted(written)
+
+
+def test_feedback_right_after_a_journaled_answer_finds_it(cluster, tmp_path) -> None:
+    url = cluster.database()
+    log = open_log(url, spool_dir=tmp_path / "spool", spool_retry_s=3600, journal=True)
+    try:
+        log.write_batch([record("fresh", 0, ts=time.time())])  # in the spool, not indexed yet
+        (result,) = log.add_feedback_many({"fresh": "1"})
+        assert result.request_id == "fresh" and result.created == 1, result
+    finally:
+        log.close()

@@ -30,6 +30,9 @@ def test_values_are_parsed_by_type():
     ({"CLF_SOLO_THREADS": "-1"}, "CLF_SOLO_THREADS must be >= 0"),
     ({"CLF_LOG_GROUP_WAIT_MS": "500"}, "CLF_LOG_GROUP_WAIT_MS must be in"),
     ({"CLF_MAX_BODY_BYTES": "300000000"}, "CLF_MAX_BUFFERED_BYTES must be >= CLF_MAX_BODY_BYTES"),
+    ({"CLF_LOG_PG_JOURNAL": "true", "CLF_LOG_SPOOL_DIR": ""},
+     "CLF_LOG_PG_JOURNAL=true needs CLF_LOG_SPOOL_DIR (the journal is the spool)"),
+    ({"CLF_LOG_PG_JOURNAL": "true", "CLF_LOG_INDEX_MS": "0"}, "and CLF_LOG_INDEX_MS > 0"),
 ])
 def test_bad_values_stop_with_a_message_naming_the_variable(env, words):
     with pytest.raises(SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):

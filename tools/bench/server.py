@@ -56,6 +56,7 @@ class ServerSpec:
     task: str = "image"  # which model setting gets model_tag; the other model is off
     prediction_log: str = ""  # CLF_PREDICTION_LOG: "" = off (serving alone)
     cwd: Path | None = None  # the source tree to serve from (default: this repository)
+    settings: tuple[tuple[str, str], ...] = ()  # more CLF_ settings, (name, value)
 
     @property
     def route(self) -> str:
@@ -67,6 +68,7 @@ class ServerSpec:
                    CLF_WORKERS=str(self.workers), CLF_PROVIDERS=self.providers,
                    CLF_PREDICTION_LOG=self.prediction_log)
         env[MODEL_SETTINGS[self.task]] = self.model_tag
+        env.update(self.settings)
         env.pop("CLF_PORT", None)  # the port comes from the command line
         env.pop("CLF_HOST", None)
         for key in [k for k in env if k.startswith(BENCH_PREFIX)]:
@@ -118,7 +120,7 @@ class Server:
         self.log(f"  [server] pid {self.proc.pid}: CLF_RUNTIME={self.spec.runtime} "
                  f"{MODEL_SETTINGS[self.spec.task]}={self.spec.model_tag} "
                  f"CLF_WORKERS={self.spec.workers} "
-                 f"CLF_PREDICTION_LOG={self.spec.prediction_log or '(off)'} port {self.spec.port}")
+                 f"CLF_PREDICTION_LOG={self._log_target() or '(off)'} port {self.spec.port}")
         while True:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited with rc={self.proc.returncode} during start-up:\n"
@@ -129,6 +131,12 @@ class Server:
                 break
             time.sleep(0.25)
         self.startup_s = time.monotonic() - t0
+
+    def _log_target(self) -> str:
+        from monitoring.store import display_target
+
+        target = dict(self.spec.settings).get("CLF_PREDICTION_LOG", self.spec.prediction_log)
+        return display_target(target) if target else ""
 
     def stop(self, grace_s: float = 20.0) -> list[int]:
         """Stop the whole tree by PID; returns PIDs still alive afterwards (none, normally)."""

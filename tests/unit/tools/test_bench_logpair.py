@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tools.bench.logpair import Cell, ratios
+from tools.bench.logpair import Cell, main, make_log, ratios
 
 
 def test_the_ratio_is_taken_per_round_then_the_median() -> None:
@@ -24,3 +24,23 @@ def test_a_cell_without_answers_or_p99_is_left_out() -> None:
     median, low, high, p99 = ratios(pairs)
     assert (median, low, high) == pytest.approx((0.95, 0.95, 0.95))
     assert math.isnan(p99)  # neither round has a usable log-off p99
+
+
+def test_the_pair_names_two_different_logs(capsys) -> None:
+    for bad in ("off", "off,off", "off,mysql"):
+        with pytest.raises(SystemExit):
+            main(["--pair", bad])
+        assert "--pair takes two different logs" in capsys.readouterr().err
+
+
+def test_each_log_sets_what_its_server_needs(tmp_path) -> None:
+    urls = iter(["postgresql://u@127.0.0.1:5/a", "postgresql://u@127.0.0.1:5/b"])
+    off, lite = make_log("off", tmp_path, None), make_log("sqlite", tmp_path, None)
+    assert dict(off.settings) == {"CLF_PREDICTION_LOG": ""} and off.count is None
+    assert dict(lite.settings)["CLF_PREDICTION_LOG"] == str(tmp_path / "predictions.db")
+    assert lite.count() == 0  # no file yet
+    pg, journaled = (make_log(n, tmp_path, lambda: next(urls))
+                     for n in ("postgresql", "postgresql-journal"))
+    assert dict(pg.settings)["CLF_LOG_PG_JOURNAL"] == "false"
+    assert dict(journaled.settings)["CLF_LOG_PG_JOURNAL"] == "true"
+    assert dict(pg.settings)["CLF_PREDICTION_LOG"] != dict(journaled.settings)["CLF_PREDICTION_LOG"]

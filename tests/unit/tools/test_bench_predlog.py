@@ -76,3 +76,24 @@ def test_log_table_prints_both_counts_and_flags_a_mismatch() -> None:
     assert lines[2] == ("| image | 64 | 1200 | 1000 | 0.83 | 80.0 | 95.0 | 20010 | 20000 | +10 "
                         "| 25.0 | 1.50 |")
     assert "| 100 | 28000 | -27900 ✗ |" in lines[3]
+
+
+def test_count_postgres_rows_counts_the_table_and_what_the_spool_holds_beyond_it(
+        postgres_url, tmp_path) -> None:
+    import time
+
+    from monitoring.store import open_log
+    from tests.unit.test_monitoring_store import record
+    from tools.bench.predlog import count_postgres_rows
+
+    spool = tmp_path / "spool"
+    assert count_postgres_rows(postgres_url, spool) == 0  # no table yet
+    log = open_log(postgres_url, spool_dir=spool, spool_retry_s=3600, journal=True)
+    log.write_batch([record(f"r{i}", ts=time.time()) for i in range(3)])  # in the spool only
+    assert count_postgres_rows(postgres_url, spool) == 3
+    log.catch_up()  # now in the table, the spool file indexed to its end
+    assert count_postgres_rows(postgres_url, spool) == 3
+    log.write_batch([record("r3", ts=time.time())])
+    assert count_postgres_rows(postgres_url, spool) == 4
+    log.close()
+    assert count_postgres_rows(postgres_url, spool) == 4
