@@ -218,7 +218,8 @@ def is_held(path: Path) -> bool:
 
 
 class Indexer:
-    """A thread that calls ``catch_up`` every ``interval_s`` (and once more when stopped)."""
+    """A thread that calls ``catch_up`` every ``interval_s`` until stopped (the log's ``close``
+    makes the last call, once its own file is closed)."""
 
     def __init__(self, catch_up: Callable[[], int], interval_s: float,
                  on_error: Callable[[Exception], None] | None = None, what: str = "journal",

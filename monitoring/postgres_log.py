@@ -174,12 +174,21 @@ class PostgresLog(PredictionLog):
             where = f"{socket.gethostname()}:{Path(self.journal_dir).resolve()}".encode()
             self._spool_key = zlib.crc32(where) - (1 << 31)  # an int4
             self._journal = JournalWriter(self.journal_dir)
-            self._catch_up_quietly()  # what a process stopped during an outage left behind
-            from psycopg_pool import PoolTimeout
-
+            # What a process stopped during an outage left there is replayed by the thread, from
+            # its first tick: not here, where a large spool would hold the worker's start-up.
             self._indexer = Indexer(self.catch_up, spool_retry_s, what="spool",
-                                    expected=(psycopg.OperationalError, PoolTimeout))
+                                    expected=self.outage_errors)
         self._journaled = journal
+
+    @property
+    def outage_errors(self) -> tuple[type[BaseException], ...]:
+        """What a write raises when the server takes no writes (down, restarting, unreachable,
+        no connection free in time), as opposed to a fault of the rows or the SQL: the writer
+        spools on these only (records that fail for another reason would fail again when
+        replayed, and hold the spool up behind them)."""
+        from psycopg_pool import PoolTimeout
+
+        return (self._psycopg.OperationalError, self._psycopg.InterfaceError, PoolTimeout)
 
     @property
     def journaled(self) -> bool:
@@ -243,7 +252,7 @@ class PostgresLog(PredictionLog):
 
     def close(self) -> None:
         if self._indexer is not None:
-            self._indexer.stop()  # one last replay
+            self._indexer.stop()
             self._indexer = None
         if self._journal is not None:
             self._journal.close()

@@ -18,8 +18,9 @@ little (``group_wait_s``, ``CLF_LOG_GROUP_WAIT_MS``) before committing, as Postg
 under way it commits at once. If the log cannot be written (disk full, locked past the busy
 timeout) the request answers 503 instead of an answer nobody recorded.
 
-PostgreSQL's spool (``CLF_LOG_SPOOL_DIR``): a commit that fails (the server down, restarting,
-failing over, unreachable) does not fail its requests: their records are appended to this
+PostgreSQL's spool (``CLF_LOG_SPOOL_DIR``): a commit that fails because the server takes no
+writes (down, restarting, failing over, unreachable: ``PostgresLog.outage_errors``; any other
+failure answers 503 as above) does not fail its requests: their records are appended to this
 worker's spool file on the replica's disk (``PostgresLog.spool_rows``, one write, on the event
 loop) and they are answered. From then on every group goes to the spool, with no attempt at the
 server that would make each wait out a connection timeout, until the log's replaying thread has
@@ -206,7 +207,8 @@ class PredictionRecorder:
             try:
                 await loop.run_in_executor(self._executor, self.store.write_rows, records)
             except Exception as exc:
-                if getattr(self.store, "spooled", False):
+                if getattr(self.store, "spooled", False) and isinstance(
+                        exc, self.store.outage_errors):  # type: ignore[attr-defined]
                     self._spool_reason = f"{type(exc).__name__}: {exc}".strip()
                     logger.error("prediction log %s takes no writes (%s): answers' records go "
                                  "to the spool %s until it does", self.store.target,

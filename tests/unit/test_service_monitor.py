@@ -237,6 +237,7 @@ class _AwayLog:
 
     spooled = True
     target, journal_dir = "postgresql://db/clf", "spool"
+    outage_errors = (ConnectionError,)
 
     def __init__(self) -> None:
         self.away, self.spool_fails = False, False
@@ -287,10 +288,22 @@ def test_a_log_that_takes_no_writes_sends_answers_to_the_spool_until_it_is_caugh
             store.away = store.spool_fails = True  # the server and the spool's disk both gone
             with pytest.raises(LogUnavailable, match="nor spooled: .*No space left"):
                 await recorder.write(_one("h"))
+            # a fault of the rows, not an outage: never spooled (it would fail again, replayed)
+            store.away = store.spool_fails = False
+            store.caught_up_at = time.monotonic()
+            await recorder.write(_one("i"))  # back to committing
+            store.write_rows = _raise_data_error
+            with pytest.raises(LogUnavailable, match="value out of range"):
+                await recorder.write(_one("j"))
+            assert "j" not in store.spool and recorder.spooling_since is None
         finally:
             await recorder.stop()
 
     asyncio.run(scenario())
+
+
+def _raise_data_error(rows) -> None:
+    raise ValueError("value out of range for type integer")
 
 
 def test_without_a_spool_a_log_that_takes_no_writes_withholds_the_answer() -> None:
