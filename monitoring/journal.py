@@ -72,8 +72,9 @@ class JournalWriter:
         self._file: tuple[str, int, int] | None = None  # (name, fd, size)
         self._lock = threading.Lock()
 
-    def append(self, rows: list[list]) -> None:
-        """One frame with ``rows``; returns once it is written (and fsynced under FULL)."""
+    def append(self, rows: list[list]) -> int:
+        """One frame with ``rows``; returns (its size in bytes) once it is written (and fsynced
+        under FULL)."""
         payload = marshal.dumps(rows)
         frame = FRAME.pack(len(payload), zlib.crc32(payload)) + payload
         with self._lock:
@@ -84,6 +85,7 @@ class JournalWriter:
             if self.fsync:
                 os.fsync(fd)
             self._file = (name, fd, size + len(frame))
+        return len(frame)
 
     @property
     def current(self) -> str | None:

@@ -21,6 +21,7 @@ the database server's process.
 from __future__ import annotations
 
 import calendar
+import errno
 import hashlib
 import re
 import socket
@@ -31,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from .journal import Indexer, JournalWriter
+from .journal import Indexer, JournalWriter, journals
 from .store import (_TS, COLUMNS, SCHEMA_VERSION, FeedbackResult, LogOpenError, PredictionLog,
                     ValidLabels, display_target)
 
@@ -122,7 +123,8 @@ class PostgresLog(PredictionLog):
     def __init__(self, url: str, max_slice_values: int = 20, pool_size: int = 4,
                  connect_timeout_s: float = 10.0, synchronous: str | None = None,
                  spool_dir: str | Path | None = None, spool_retry_s: float = 1.0,
-                 wait_timeout_s: float = WAIT_TIMEOUT_S, journal: bool = False) -> None:
+                 wait_timeout_s: float = WAIT_TIMEOUT_S, journal: bool = False,
+                 spool_max_bytes: int = 0) -> None:
         """``spool_dir``: where this process's records go while the server cannot take them
         (``spool_rows``, the service's writer decides when), replayed into the table every
         ``spool_retry_s`` by a thread, exactly once; what a previous process left there is
@@ -131,7 +133,12 @@ class PostgresLog(PredictionLog):
         ``journal`` (needs ``spool_dir``): every write goes to the spool and returns, as a
         journaled SQLite log's does (``write_rows``), indexed every ``spool_retry_s``: a
         record is then on the replica's disk only, for up to that interval, before it is in the
-        database (the default commits before it returns)."""
+        database (the default commits before it returns).
+
+        ``spool_max_bytes``: past this many bytes in the spool folder not yet in the database
+        (all its files, as the replaying thread last listed them, plus what this process
+        appended since), a write to the spool raises OSError (ENOSPC) instead of filling the
+        disk through a long outage; 0: no bound."""
         if journal and spool_dir is None:
             raise ValueError("a journaled PostgreSQL log needs a spool folder")
         super().__init__(max_slice_values)
@@ -179,6 +186,8 @@ class PostgresLog(PredictionLog):
             self._indexer = Indexer(self.catch_up, spool_retry_s, what="spool",
                                     expected=self.outage_errors)
         self._journaled = journal
+        self.spool_max_bytes = spool_max_bytes
+        self._spool_bytes = self._appended = 0  # the folder as last listed; appended since
 
     @property
     def outage_errors(self) -> tuple[type[BaseException], ...]:
@@ -207,7 +216,17 @@ class PostgresLog(PredictionLog):
         if not self.journaled:
             return super().write_rows(rows)
         if rows:
-            self._journal.append(rows)  # type: ignore[union-attr]
+            self.spool_rows(rows)
+
+    def catch_up(self) -> int:
+        try:
+            return super().catch_up()
+        finally:  # what the spool holds beyond what is indexed, whether or not this one worked
+            if self.journal_dir is not None:
+                mark = self._appended  # appends from here on may be counted twice: never short
+                self._spool_bytes = sum(max(0, size - self._indexed.get(name, 0))
+                                        for name, size in journals(self.journal_dir))
+                self._appended -= mark
 
     # -- the spool --------------------------------------------------------------------------
 
@@ -223,7 +242,11 @@ class PostgresLog(PredictionLog):
         being killed, not the host losing power). OSError where the folder cannot be written."""
         if self._journal is None:
             raise OSError("this log has no spool folder")
-        self._journal.append(rows)
+        held = self._spool_bytes + self._appended
+        if self.spool_max_bytes and held > self.spool_max_bytes:
+            raise OSError(errno.ENOSPC, f"the spool {self.journal_dir} holds {held >> 20} MB, "
+                          f"over its bound of {self.spool_max_bytes >> 20} MB")
+        self._appended += self._journal.append(rows)
 
     # -- backend hooks ---------------------------------------------------------------------
 

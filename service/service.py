@@ -208,6 +208,7 @@ def _prediction_recorder() -> PredictionRecorder | None:
     if SETTINGS.prediction_log.startswith(("postgresql://", "postgres://")):
         options["pool_size"] = SETTINGS.log_pool_size
         options["spool_dir"] = SETTINGS.log_spool_dir or None
+        options["spool_max_bytes"] = SETTINGS.log_spool_max_mb << 20
         if SETTINGS.log_pg_journal:  # answers durable in the spool, indexed every interval
             options.update(journal=True, spool_retry_s=SETTINGS.log_index_ms / 1000.0)
     else:  # SQLite: checkpoints off the commits the answers wait on (sqlite_log._Checkpointer)

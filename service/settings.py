@@ -98,6 +98,9 @@ class Settings:
     # it takes writes again, exactly once (service/recording.py). "" = no spool: requests are
     # answered 503 log_unavailable while the database is away.
     log_spool_dir: str = "artifacts/predictions-spool"
+    # The most the spool folder may hold (MiB, all its files): past it, answers are refused 503
+    # log_unavailable rather than fill the replica's disk through a long outage; 0 = no bound.
+    log_spool_max_mb: int = 2048
     # PostgreSQL: true = an answer's records are made durable by one append to its worker's spool
     # file, and a thread indexes the spool into the database every CLF_LOG_INDEX_MS, as SQLite's
     # journal does: the database has them up to that interval later (until then they live on the
@@ -213,6 +216,7 @@ class Settings:
             (self.log_pool_size >= 1, "CLF_LOG_POOL_SIZE must be >= 1"),
             (0.0 <= self.log_group_wait_ms <= 100.0, "CLF_LOG_GROUP_WAIT_MS must be in [0, 100]"),
             (0.0 <= self.log_index_ms <= 60_000.0, "CLF_LOG_INDEX_MS must be in [0, 60000]"),
+            (self.log_spool_max_mb >= 0, "CLF_LOG_SPOOL_MAX_MB must be >= 0 (0 = no bound)"),
             (not self.log_pg_journal or (bool(self.log_spool_dir) and self.log_index_ms > 0),
              "CLF_LOG_PG_JOURNAL=true needs CLF_LOG_SPOOL_DIR (the journal is the spool) and "
              "CLF_LOG_INDEX_MS > 0"),

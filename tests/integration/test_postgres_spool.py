@@ -213,3 +213,26 @@ def test_feedback_right_after_a_journaled_answer_finds_it(cluster, tmp_path) -> 
         assert result.request_id == "fresh" and result.created == 1, result
     finally:
         log.close()
+
+
+def test_a_full_spool_refuses_and_takes_again_once_replayed(cluster, tmp_path) -> None:
+    """``spool_max_bytes`` (``CLF_LOG_SPOOL_MAX_MB``): a long outage fills the bound, not the
+    disk; what is replayed frees it."""
+    import errno
+
+    url = cluster.database()
+    log = open_log(url, spool_dir=tmp_path / "spool", spool_retry_s=3600,
+                   spool_max_bytes=16 * 1024)
+    try:
+        written = 0
+        with pytest.raises(OSError) as refused:
+            for b in range(1000):
+                log.spool_rows([_row(record(f"f-{b}", 0, ts=time.time()))])
+                written += 1
+        assert refused.value.errno == errno.ENOSPC and "over its bound" in str(refused.value)
+        assert 10 < written < 1000
+        log.catch_up()  # the server takes them: the spool holds nothing beyond the database
+        log.spool_rows([_row(record("again", 0, ts=time.time()))])
+    finally:
+        log.close()
+    assert len(_ids(url)) == written + 1

@@ -33,6 +33,7 @@ def test_values_are_parsed_by_type():
     ({"CLF_LOG_PG_JOURNAL": "true", "CLF_LOG_SPOOL_DIR": ""},
      "CLF_LOG_PG_JOURNAL=true needs CLF_LOG_SPOOL_DIR (the journal is the spool)"),
     ({"CLF_LOG_PG_JOURNAL": "true", "CLF_LOG_INDEX_MS": "0"}, "and CLF_LOG_INDEX_MS > 0"),
+    ({"CLF_LOG_SPOOL_MAX_MB": "-1"}, "CLF_LOG_SPOOL_MAX_MB must be >= 0 (0 = no bound)"),
 ])
 def test_bad_values_stop_with_a_message_naming_the_variable(env, words):
     with pytest.raises(SettingsError, match=words.replace("(", r"\(").replace(")", r"\)")):
