@@ -274,13 +274,7 @@ class PostgresLog(PredictionLog):
         return int(rows[0][0]) if rows else 0
 
     def close(self) -> None:
-        if self._indexer is not None:
-            self._indexer.stop()
-            self._indexer = None
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
-            self._catch_up_quietly()  # this process's file, now unheld: replayed and deleted
+        self._close_journals()
         self._pool.close()
 
     def _lock_journal_progress(self, tx: "_Tx") -> None:

@@ -202,13 +202,7 @@ class SQLiteLog(PredictionLog):
                                "is it on a network file system?")
 
     def close(self) -> None:
-        if self._indexer is not None:
-            self._indexer.stop()
-            self._indexer = None
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
-            self._catch_up_quietly()  # index and delete this process's journal
+        self._close_journals()
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None

@@ -251,6 +251,17 @@ class PredictionLog(ABC):
         self._indexer: Indexer | None = None
         self.caught_up_at = -math.inf  # time.monotonic() at the start of the last catch-up done
 
+    def _close_journals(self) -> None:
+        """Stop the indexing thread and close this process's journal, then index (and delete)
+        what it holds, now that no writer holds it."""
+        if self._indexer is not None:
+            self._indexer.stop()
+            self._indexer = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+            self._catch_up_quietly()
+
     def _lock_journal_progress(self, tx: Transaction) -> None:
         """Serialise indexing journals among processes (SQLite's write lock already does;
         PostgreSQL takes an advisory lock: the rows of a journal are inserted once)."""

@@ -47,10 +47,9 @@ def bentoml_home() -> str:
     return _HOME
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster():
-    """A real PostgreSQL cluster for the session (tests/postgres.py); skips, saying why, where
-    Debian's postgresql package is missing."""
+def _postgres_cluster():
+    """A running cluster (tests/postgres.py), stopped and removed after; skips, saying why,
+    where Debian's postgresql package is missing."""
     from tests.postgres import PostgresCluster, unavailable_reason
 
     reason = unavailable_reason()
@@ -59,6 +58,19 @@ def postgres_cluster():
     cluster = PostgresCluster()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A real PostgreSQL cluster for the session."""
+    yield from _postgres_cluster()
+
+
+@pytest.fixture(scope="module")
+def own_postgres_cluster():
+    """A cluster of the test module's own, for tests that stop and start it (an outage):
+    stopping the session's would disturb the other tests."""
+    yield from _postgres_cluster()
 
 
 @pytest.fixture()

@@ -29,15 +29,8 @@ def _metric(text: str, name: str) -> float | None:
 
 
 @pytest.fixture()
-def cluster():
-    from tests.postgres import PostgresCluster, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = PostgresCluster()
-    yield cluster
-    cluster.stop()
+def cluster(own_postgres_cluster):
+    return own_postgres_cluster
 
 
 def test_a_database_restart_under_load_loses_no_answer_and_no_record(cluster, digits_model,

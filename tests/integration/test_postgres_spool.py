@@ -19,16 +19,9 @@ from tests.unit.test_monitoring_store import record
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A cluster of this module's own: its tests stop and start it."""
-    from tests.postgres import PostgresCluster, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = PostgresCluster()
-    yield cluster
-    cluster.stop()
+def cluster(own_postgres_cluster):
+    """This module's own cluster: its tests stop and start it."""
+    return own_postgres_cluster
 
 
 def _ids(url: str) -> list[str]:
