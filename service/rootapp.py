@@ -32,6 +32,7 @@ from http import HTTPStatus
 from typing import Any
 
 from . import requests
+from .app import error_body
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def error_payload(status: int, method: str, path: str, detail: str | None,
             phrase = f"HTTP {status}"
         reason = phrase.lower().replace(" ", "_").replace("-", "_")
         message = detail or phrase
-    return reason, {"error": {"reason": reason, "message": message}, "request_id": request_id}
+    return reason, error_body(reason, message, request_id)
 
 
 async def http_error(request: Any, exc: Any) -> Any:
