@@ -4,7 +4,7 @@ request path (``service.py`` lists them all).
 Why raw ASGI rather than ``@bentoml.api``: BentoML's own request handling of an upload costs
 about as much CPU as a small model's inference (docs/benchmark-history.md, "Earlier runs"). This
 app reads the body once, hands it to ``requests.py`` to parse, calls the served model
-(``served.py``) and answers with one ``json.dumps``; BentoML still owns the server, the
+(``served.py``) and answers with one ``requests.dump_json``; BentoML still owns the server, the
 workers, ``/metrics``, ``/readyz`` and its traffic middlewares around it.
 
 Routes (exact paths):
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import math
 import re
@@ -605,7 +604,7 @@ async def _send_json(send: Send, status: int, payload: dict, request_id: str,
 async def _send(send: Send, answer: Answer, request_id: str) -> None:
     body = answer.body
     if isinstance(body, dict):
-        body = json.dumps(body, separators=(",", ":")).encode()
+        body = requests.dump_json(body)
     await send({
         "type": "http.response.start",
         "status": answer.status,

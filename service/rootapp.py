@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -114,7 +113,7 @@ async def http_error(request: Any, exc: Any) -> Any:
                             headers.get("Allow") or headers.get("allow"), request_id)
     if status in (204, 304):  # no body allowed
         return Response(status_code=status, headers={**headers, "x-request-id": request_id})
-    return Response(json.dumps(body, separators=(",", ":")), status_code=status,
+    return Response(requests.dump_json(body), status_code=status,
                     media_type="application/json",
                     headers={**headers, "x-request-id": request_id})
 

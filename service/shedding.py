@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import math
 import time
@@ -125,7 +124,7 @@ DEFAULT_HEAD_TIMEOUT_S = Settings.request_timeout_s  # a head's time: CLF_REQUES
 
 _PATHS = frozenset(path.encode() for path in SHED_ROUTES)  # the /v1 classify routes, as sent
 _STATUS = STATUS["overloaded"]
-# error_body("overloaded", message, request_id) as app.py's json.dumps writes it, in pieces;
+# error_body("overloaded", message, request_id) as app.py's dump_json writes it, in pieces;
 # and v2.v2_error's shape, for the v2 routes
 _BODY_HEAD = b'{"error":{"reason":"overloaded","message":'
 _BODY_ID = b'},"request_id":"'
@@ -187,7 +186,7 @@ def _closing_error(reason: str, message: str, default_headers: list[tuple[bytes,
     from .v2 import v2_error
 
     request_id = requests.new_request_id()
-    body = json.dumps((v2_error if v2 else error_body)(reason, message, request_id)).encode()
+    body = requests.dump_json((v2_error if v2 else error_body)(reason, message, request_id))
     status = STATUS[reason]
     return _json_answer(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode(),
                         default_headers, body, request_id, [], close=True)

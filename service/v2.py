@@ -60,10 +60,8 @@ preprocessing's (``not_an_image``, ``empty_text``, ...).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
-import json
 import logging
 import math
 import struct
@@ -350,7 +348,7 @@ def encode_response(head: dict, outputs: Sequence[tuple[OutputTensor, bool]]
         else:
             doc["data"] = tensor.json_data()
         docs.append(doc)
-    header = json.dumps({**head, "outputs": docs}, separators=(",", ":")).encode()
+    header = requests.dump_json({**head, "outputs": docs})
     if not chunks:
         return header, "application/json", []
     return (b"".join([header, *chunks]), OCTET_STREAM,
@@ -474,7 +472,7 @@ def model_inputs(model: ServedModel, tensor: InputTensor) -> Sequence[Any]:
         if data.startswith(b"data:"):
             data = data.partition(b",")[2]  # a data URL: data:image/png;base64,....
         try:
-            images.append(base64.b64decode(data, validate=True))
+            images.append(requests.b64decode(data))
         except (binascii.Error, ValueError):
             raise _bad(f"input 'image' element {i} is not valid base64: in JSON, images are "
                        "base64 strings (or send them raw with the binary tensor "
