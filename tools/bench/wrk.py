@@ -32,6 +32,7 @@ class WrkResult:
     non2xx: int = 0
     socket_errors: dict[str, int] = field(default_factory=dict)
     percentiles_ms: dict[str, float] = field(default_factory=dict)  # "50" -> ms
+    max_ms: float | None = None  # the slowest request (wrk's thread stats, over all threads)
 
     @property
     def errors(self) -> int:
@@ -66,6 +67,9 @@ def parse_wrk(out: str) -> WrkResult:
     if m:
         kinds = ("connect", "read", "write", "timeout")
         result.socket_errors = dict(zip(kinds, map(int, m.groups())))
+    m = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)
+    if m:
+        result.max_ms = to_ms(m.group(1))
     section = out.split("Latency Distribution", 1)
     if len(section) == 2:
         for pct, value in re.findall(r"^\s+(\d+(?:\.\d+)?)%\s+(\S+)\s*$", section[1], re.M):

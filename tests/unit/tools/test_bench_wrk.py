@@ -59,6 +59,7 @@ def test_parse_measured_run() -> None:
     want = {"50": 0.812, "75": 71.53, "90": 1010.0, "99": 72000.0}
     assert r.percentiles_ms == pytest.approx(want)
     assert r.ok_per_s == pytest.approx((2758 - 5) / 3.02)
+    assert r.max_ms == pytest.approx(1440.0)
 
 
 def test_latency_stats_line_is_not_taken_for_a_percentile() -> None:
@@ -69,6 +70,7 @@ def test_latency_stats_line_is_not_taken_for_a_percentile() -> None:
 def test_parse_warmup_run_without_latency_or_errors() -> None:
     r = parse_wrk(WARMUP)
     assert (r.requests, r.non2xx, r.socket_errors, r.percentiles_ms) == (241, 0, {}, {})
+    assert r.max_ms == pytest.approx(12.3)
     assert r.p("99") is None
     assert r.ok_per_s == pytest.approx(241.0)
 
