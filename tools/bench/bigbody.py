@@ -97,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of small load first")
     p.add_argument("--workers", type=int, default=1,
                    help="workers (1: every connection on the worker that parses)")
+    p.add_argument("--queue-items", type=int, default=0,
+                   help="CLF_MAX_QUEUE_ITEMS of the served trees (default 0, no bound: a large "
+                        "request holds the default's whole 64 items, and the small requests "
+                        "beside it would be refused 503 rather than wait)")
     p.add_argument("--model", default="bench-resnet", help="the reference model's name")
     p.add_argument("--port", type=int, default=3998)
     args = p.parse_args(argv)
@@ -123,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spec = ServerSpec(model_tag=f"{artifact.name}:{artifact.version}",
                                   runtime="onnx", workers=args.workers, providers="cpu",
                                   port=args.port, log_path=work / "server.log",
-                                  cwd=trees[label])
+                                  cwd=trees[label],
+                                  settings=(("CLF_MAX_QUEUE_ITEMS", str(args.queue_items)),))
                 server = Server(spec, lambda line: None)
                 try:
                     server.start(timeout_s=180)
