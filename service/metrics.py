@@ -113,7 +113,8 @@ def get_metrics() -> Metrics:
         queue_items=Gauge(
             f"{NAMESPACE}_queue_items",
             "Items admitted and not yet answered (being read and decoded, queued, in a model "
-            "call), summed over workers; CLF_MAX_QUEUE_ITEMS bounds it per worker. Sampled at "
+            "call), summed over workers; CLF_MAX_QUEUE_ITEMS bounds it per worker (and "
+            "CLF_MAX_QUEUE_REQUESTS their requests). Sampled at "
             "each model call and when it drops to 0.",
             ["model"],
             multiprocess_mode="livesum",

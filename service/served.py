@@ -163,15 +163,23 @@ class ServedModel:
     per-answer steps, metrics, in-flight tracking for hot reload, admission, and ``describe``.
 
     Admission (overload): ``admitted`` counts the items this worker has taken on and not yet
-    answered: ``admit()`` counts a request as one item before its body is read, ``classify``
-    adds the rest of its inputs once they are known, and ``release()`` (the caller's, after the
-    answer) takes them off again. ``admit()`` refuses (``Overloaded``: 503 with Retry-After)
-    when ``max_queue_items`` are held, or when the last model call's oldest item waited over
+    answered, ``requests_admitted`` the requests: ``admit()`` counts a request, and one item,
+    before its body is read, ``classify`` adds the rest of its inputs once they are known, and
+    ``release()`` (the caller's, after the answer) takes them off again. ``admit()`` refuses
+    (``Overloaded``: 503 with Retry-After) when ``max_queue_requests`` requests or
+    ``max_queue_items`` items are held, or when the last model call's oldest item waited over
     half the request's deadline from its admission to the call (reading, decoding and queueing:
     a newcomer would wait as long, and risk being dropped after costing its decode); a request
     whose other inputs do not
     fit is refused once its body is parsed, before any of them is decoded (unless it is the only
-    one held: a big request is not refused forever on an idle worker). What is admitted then
+    one held: a big request is not refused forever on an idle worker). Two bounds, because one
+    bound of items cannot serve both: the requests' (64 by default) is what keeps a flood of
+    one-input requests short (``tools/bench/overload.py``); the items' (256, four batches of 64)
+    leaves room for a request of the most inputs (64) beside others. With one bound of 64 items a
+    64-image request was admitted only on an idle worker, and beside 8 connections of one-image
+    requests 73-80% of them were refused (``tools.bench.bigbody --queue-items 64``); letting it
+    past that bound instead refused the small requests (59-64%) while it held the count.
+    What is admitted then
     carries its deadline into the batcher, which drops it unanswered if the deadline passes
     before its model call (``DeadlineExceeded``: 504).
     """
@@ -181,7 +189,8 @@ class ServedModel:
     batcher: Batcher  # made by the subclass, reporting to ``self.metrics``
 
     def __init__(self, artifact: Artifact, model: Model, recorder: PredictionRecorder | None,
-                 ood: OODScorer | None, max_queue_items: int = 0, solo_threads: int = 0) -> None:
+                 ood: OODScorer | None, max_queue_items: int = 0, solo_threads: int = 0,
+                 max_queue_requests: int = 0) -> None:
         self.artifact = artifact
         self.solo_threads = solo_threads  # a solo session's threads, tried at start (> 1)
         self.labels = artifact.labels
@@ -197,7 +206,9 @@ class ServedModel:
         if recorder is not None:
             recorder.watch(self)  # its requests under way are records on their way
         self.max_queue_items = max_queue_items or sys.maxsize  # 0 = no bound
+        self.max_queue_requests = max_queue_requests or sys.maxsize  # 0 = no bound
         self.admitted = 0  # items admitted and not yet answered (see the class doc)
+        self.requests_admitted = 0  # requests admitted and not yet answered
         # requests that chose this version and are reading their body (App.read_then_admit):
         # not admitted yet, but a replaced version must not stop under them (drain)
         self.reading = 0
@@ -220,6 +231,7 @@ class ServedModel:
         a ``finally``."""
         self.check(budget_s)
         self.admitted += 1
+        self.requests_admitted += 1
 
     def check(self, budget_s: float = NO_DEADLINE) -> None:
         """``Overloaded`` where ``admit`` would refuse now, without taking the request on: for
@@ -234,6 +246,7 @@ class ServedModel:
         rest for decoding, the request's own model call and the answer. Nothing held: never."""
         held = self.admitted
         return held > 0 and (held >= self.max_queue_items
+                             or self.requests_admitted >= self.max_queue_requests
                              or self.batcher.queue_wait_s * 2 > budget_s)
 
     def recheck(self, budget_s: float) -> None:
@@ -244,8 +257,12 @@ class ServedModel:
         if held > 0 and self.batcher.queue_wait_s * 2 > budget_s:
             self._refuse(held, 1, budget_s)
 
-    def release(self, items: int = 1) -> None:
-        """An admitted request was answered (or failed): its item is no longer held."""
+    def release(self) -> None:
+        """An admitted request was answered (or failed): it and its item are no longer held."""
+        self.requests_admitted -= 1
+        self._release_items(1)
+
+    def _release_items(self, items: int) -> None:
         self.admitted -= items
         if not self.admitted:
             self.metrics.queue(0)
@@ -257,6 +274,9 @@ class ServedModel:
         if held + items > self.max_queue_items:
             why = (f"{held} items are admitted and not yet answered on this worker; the bound "
                    f"is {self.max_queue_items} (CLF_MAX_QUEUE_ITEMS)")
+        elif self.requests_admitted >= self.max_queue_requests:
+            why = (f"{self.requests_admitted} requests are admitted and not yet answered on this "
+                   f"worker; the bound is {self.max_queue_requests} (CLF_MAX_QUEUE_REQUESTS)")
         else:
             why = (f"requests wait {wait_s * 1e3:.0f} ms from admission to their model call "
                    f"now, over half this request's deadline of {budget_s * 1e3:.0f} ms")
@@ -292,7 +312,7 @@ class ServedModel:
             self.inflight -= 1
             WORKERS.leave()
             if extra > 0:
-                self.release(extra)
+                self._release_items(extra)
 
     def on_batch(self, stats: BatchStats) -> None:
         """The batcher's report of one model call: its metrics and the queue gauge."""
@@ -477,8 +497,10 @@ class ServedImageModel(ServedModel):
     def __init__(self, artifact: Artifact, model: Model, max_batch_size: int,
                  max_queue_delay_s: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS,
                  recorder: PredictionRecorder | None = None, ood: OODScorer | None = None,
-                 max_queue_items: int = 0, solo_threads: int = 0) -> None:
-        super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads)
+                 max_queue_items: int = 0, solo_threads: int = 0,
+                 max_queue_requests: int = 0) -> None:
+        super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads,
+                         max_queue_requests)
         self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch,
                                finish=None if ood is None else self.score_call)
         self.max_pixels = max_pixels
@@ -533,11 +555,12 @@ class ServedTextModel(ServedModel):
                  max_batch_size: int, max_batch_tokens: int, max_padding: float,
                  max_queue_delay_s: float = 0.0, recorder: PredictionRecorder | None = None,
                  ood: OODScorer | None = None, max_queue_items: int = 0,
-                 solo_threads: int = 0) -> None:
+                 solo_threads: int = 0, max_queue_requests: int = 0) -> None:
         if tuple(model.input_names) != TEXT_INPUTS:
             raise ArtifactError(f"model {artifact.name} takes inputs {list(model.input_names)}; "
                                 f"a text model must take {list(TEXT_INPUTS)}")
-        super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads)
+        super().__init__(artifact, model, recorder, ood, max_queue_items, solo_threads,
+                         max_queue_requests)
         self.batcher = Batcher(model, max_batch_size, max_queue_delay_s, on_batch=self.on_batch,
                                plan=LengthPlanner(max_batch_tokens, max_padding),
                                collate=PadCollate(preprocessor.pad_id),

@@ -35,20 +35,26 @@ class Settings:
     # company once the model is free (0 = dispatch as soon as the model is free).
     max_batch_size: int = 64
     max_queue_delay_ms: float = 0.0
-    # Overload (per model, per worker). max_queue_items bounds the items a worker has admitted
-    # and not yet answered: counted from before the body is read (one per request, then one per
-    # input once the body is parsed) until the answer is built, so decoding, the batch queue,
-    # the model call and the answer are all inside it. A request beyond it is answered 503
-    # `overloaded` with Retry-After at once, before its body is read. By Little's law an admitted
-    # request then spends about max_queue_items / (the worker's answers per second) in the
-    # server: that, not the batch queue alone, is what bounds an accepted request's latency.
-    # The default comes from the benchmark's overload cell (tools/bench/overload.py, 1,000
-    # connections on 2 cores) and its normal-load cells: one max_batch_size of items per worker
-    # is enough to keep the model busy (a call's inputs are read and decoded while the previous
-    # call runs) and never refuses the normal-load cells (up to 64 connections, which the kernel
-    # may all hand one worker); twice that only doubled the accepted requests' latency under
-    # the flood, and half of it refused requests at normal load. 0 = no bound.
-    max_queue_items: int = 64
+    # Overload (per model, per worker). max_queue_requests bounds the requests a worker has
+    # admitted and not yet answered, max_queue_items their inputs: a request is counted from
+    # before its body is read (as one item, then as its inputs once the body is parsed) until
+    # the answer is built, so decoding, the batch queue, the model call and the answer are all
+    # inside them. A request beyond either is answered 503 `overloaded` with Retry-After at
+    # once, before its body is read (and one whose inputs would pass max_queue_items, once its
+    # body is parsed, unless nothing else is held). By Little's law an admitted request then
+    # spends about what is held / (the worker's answers per second) in the server: that, not
+    # the batch queue alone, is what bounds an accepted request's latency. The requests' default
+    # comes from the benchmark's overload cell (tools/bench/overload.py, 1,000 connections of
+    # one-image requests on 2 cores) and its normal-load cells: one max_batch_size of requests
+    # per worker is enough to keep the model busy (a call's inputs are read and decoded while the
+    # previous call runs) and never refuses the normal-load cells (up to 64 connections, which
+    # the kernel may all hand one worker); twice that only doubled the accepted requests'
+    # latency under the flood, and half of it refused requests at normal load. The items'
+    # default (four batches) leaves room for a request of the most inputs beside others: with a
+    # single bound of 64 items, a 64-image request was refused 73-80% of the time beside 8
+    # connections of one-image requests (tools/bench/bigbody.py). 0 = no bound.
+    max_queue_requests: int = 64
+    max_queue_items: int = 256
     # The default deadline of a classify request, from when the service takes it (0 = none). An
     # item still queued when its deadline passes is dropped before inference (never computed
     # for nobody) and answered 504 `deadline_exceeded`; while the queue's wait is over half the
@@ -194,6 +200,7 @@ class Settings:
             (1 <= self.max_batch_size <= 4096, "CLF_MAX_BATCH_SIZE must be in 1..4096"),
             (0 <= self.max_queue_delay_ms <= 1000, "CLF_MAX_QUEUE_DELAY_MS must be in 0..1000"),
             (self.max_queue_items >= 0, "CLF_MAX_QUEUE_ITEMS must be >= 0 (0 = no bound)"),
+            (self.max_queue_requests >= 0, "CLF_MAX_QUEUE_REQUESTS must be >= 0 (0 = no bound)"),
             (0 <= self.request_deadline_ms <= 3_600_000,
              "CLF_REQUEST_DEADLINE_MS must be in 0..3600000 (0 = no deadline)"),
             (self.providers in ("auto", "cpu", "cuda"), "CLF_PROVIDERS must be auto, cpu or cuda"),

@@ -247,7 +247,8 @@ def test_sigterm_under_load_answers_what_reached_the_server_and_exits_0(digits_m
          "CLF_PREDICTION_LOG": str(log_path), "CLF_DRAIN_TIMEOUT_S": str(drain_timeout),
          "CLF_RELOAD_INTERVAL_S": "0", "CLF_DRIFT_REFRESH_S": "0",
          # this test is about stopping: no load shedding on a busy shared machine
-         "CLF_MAX_QUEUE_ITEMS": "0", "CLF_REQUEST_DEADLINE_MS": "0"},
+         "CLF_MAX_QUEUE_ITEMS": "0", "CLF_MAX_QUEUE_REQUESTS": "0",
+         "CLF_REQUEST_DEADLINE_MS": "0"},
         tmp_path / "server.log")
     clients = Clients(f"{server.url}/v1/classify/image", [d for d, _ in digit_pngs[:10]])
     try:

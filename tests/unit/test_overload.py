@@ -88,9 +88,11 @@ def shed_count(model: str, reason: str) -> float:
                                      {"model": model, "reason": reason}) or 0.0
 
 
-def image_model(model, max_queue_items: int, name: str = "ovl-img") -> ServedImageModel:
+def image_model(model, max_queue_items: int, name: str = "ovl-img",
+                max_queue_requests: int = 0) -> ServedImageModel:
     artifact = Artifact(name, "v1", Path("."), SPEC, LABELS, {})
-    return ServedImageModel(artifact, model, max_batch_size=8, max_queue_items=max_queue_items)
+    return ServedImageModel(artifact, model, max_batch_size=8, max_queue_items=max_queue_items,
+                            max_queue_requests=max_queue_requests)
 
 
 def bound_app(served: ServedImageModel, **settings) -> App:
@@ -243,12 +245,57 @@ def test_admit_and_release_count_items_and_zero_means_no_bound():
     assert exc.value.retry_after_s >= 1
     served.release()
     served.admit()  # room again
-    served.release(2)
-    assert served.admitted == 0
+    served.release()
+    served.release()
+    assert (served.admitted, served.requests_admitted) == (0, 0)
     unbounded = image_model(NoopModel(3, 1), max_queue_items=0, name="ovl-count")
     for _ in range(10_000):
         unbounded.admit()
     assert unbounded.admitted == 10_000
+
+
+def test_the_requests_bound_refuses_at_the_door_whatever_the_items():
+    served = image_model(NoopModel(3, 1), max_queue_items=0, name="ovl-requests",
+                         max_queue_requests=2)
+    served.admit()
+    served.admit()
+    with pytest.raises(Overloaded) as exc:
+        served.admit()
+    assert "2 requests are admitted" in str(exc.value)
+    assert "CLF_MAX_QUEUE_REQUESTS" in str(exc.value)
+    served.release()
+    served.admit()  # room again
+    assert served.requests_admitted == 2
+
+
+def test_a_large_request_fits_beside_others_under_the_default_bounds():
+    """With one bound of 64 items a 64-image request was admitted only on an idle worker; the
+    defaults (64 requests, 256 items) take it beside a held request, and a small one beside it."""
+    defaults = Settings()
+    model = GatedModel()
+    served = image_model(model, defaults.max_queue_items, name="ovl-large",
+                         max_queue_requests=defaults.max_queue_requests)
+    client = Client(bound_app(served))
+    body = {"images": [base64.b64encode(png()).decode()] * 64}
+
+    async def main():
+        await served.start(warmup_batches=0)
+        model.gate.clear()
+        held = asyncio.ensure_future(client.post(png()))
+        await wait_until(lambda: served.admitted == 1)
+        large = asyncio.ensure_future(client.post(json.dumps(body).encode(), "application/json"))
+        await wait_until(lambda: served.admitted == 65)
+        small = asyncio.ensure_future(client.post(png()))
+        await wait_until(lambda: served.admitted == 66)
+        model.gate.set()
+        answers = await asyncio.gather(held, large, small)
+        await served.stop()
+        return answers
+
+    held, large, small = asyncio.run(main())
+    assert [a[0] for a in (held, large, small)] == [200, 200, 200]
+    assert len(large[1]["predictions"]) == 64
+    assert (served.admitted, served.requests_admitted) == (0, 0)
 
 
 def test_a_request_whose_inputs_do_not_fit_is_refused_before_they_are_decoded():
@@ -431,6 +478,7 @@ def test_a_junk_deadline_header_is_answered_422_and_nothing_stays_admitted():
 
 @pytest.mark.parametrize("env, words", [
     ({"CLF_MAX_QUEUE_ITEMS": "-1"}, "CLF_MAX_QUEUE_ITEMS must be >= 0"),
+    ({"CLF_MAX_QUEUE_REQUESTS": "-1"}, "CLF_MAX_QUEUE_REQUESTS must be >= 0"),
     ({"CLF_REQUEST_DEADLINE_MS": "-1"}, "CLF_REQUEST_DEADLINE_MS must be in"),
     ({"CLF_MAX_QUEUE_ITEMS": "lots"}, "CLF_MAX_QUEUE_ITEMS='lots' is not a valid int"),
 ])

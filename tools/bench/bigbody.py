@@ -13,8 +13,10 @@ previous one's answer:
 
 Each tree (REV from a git worktree, and this working tree) serves the same model from the same
 store, rounds interleaved as in ``tools.bench.compare``; per cell the small requests' req/s, p50,
-p99 and max (wrk), and the large requests' median latency and count. A cell ``small only`` is the
-baseline of each tree.
+p99, max and error share (wrk), and the large requests' median latency, count and share not
+answered 200. A cell ``small only`` is the baseline of each tree. Each tree runs with its own
+default bounds, so what they refuse shows; ``--queue-items 0`` (no bound on inputs) measures the
+wait alone.
 
     python -m tools.bench.bigbody --rev HEAD~1 --rounds 3 --duration 10
 """
@@ -97,10 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of small load first")
     p.add_argument("--workers", type=int, default=1,
                    help="workers (1: every connection on the worker that parses)")
-    p.add_argument("--queue-items", type=int, default=0,
-                   help="CLF_MAX_QUEUE_ITEMS of the served trees (default 0, no bound: a large "
-                        "request holds the default's whole 64 items, and the small requests "
-                        "beside it would be refused 503 rather than wait)")
+    p.add_argument("--queue-items", type=int, default=None,
+                   help="CLF_MAX_QUEUE_ITEMS of both served trees (default: each tree's own "
+                        "default; 0 = no bound, which measures the wait alone)")
     p.add_argument("--model", default="bench-resnet", help="the reference model's name")
     p.add_argument("--port", type=int, default=3998)
     args = p.parse_args(argv)
@@ -128,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   runtime="onnx", workers=args.workers, providers="cpu",
                                   port=args.port, log_path=work / "server.log",
                                   cwd=trees[label],
-                                  settings=(("CLF_MAX_QUEUE_ITEMS", str(args.queue_items)),))
+                                  settings=() if args.queue_items is None else
+                                  (("CLF_MAX_QUEUE_ITEMS", str(args.queue_items)),))
                 server = Server(spec, lambda line: None)
                 try:
                     server.start(timeout_s=180)
@@ -147,12 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 sender.stopping.set()
                                 sender.join(timeout=120)
                         lat = sender.latencies_s if sender is not None else []
-                        row = (res.ok_per_s, res.p("50") or math.nan, res.p("99") or math.nan,
-                               res.max_ms or math.nan,
-                               statistics.median(lat) if lat else math.nan, len(lat))
-                        results.setdefault((label, cell), []).append(row)
                         bad = {s: n for s, n in (sender.statuses if sender else {}).items()
                                if s != 200}
+                        row = (res.ok_per_s, res.p("50") or math.nan, res.p("99") or math.nan,
+                               res.max_ms or math.nan,
+                               statistics.median(lat) if lat else math.nan, len(lat),
+                               100.0 * sum(bad.values()) / len(lat) if lat else math.nan,
+                               100.0 * res.errors / res.requests if res.requests else math.nan)
+                        results.setdefault((label, cell), []).append(row)
                         print(f"round {rnd + 1} {label:<24} {cell:<10} {row[0]:7.1f} req/s "
                               f"p50 {row[1]:6.1f} p99 {row[2]:6.1f} max {row[3]:6.1f} ms"
                               + (f" | large {row[5]} x {row[4] * 1e3:6.0f} ms" if lat else "")
@@ -166,15 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{artifact.name}, {args.workers} worker(s), small: {small.description} at "
           f"c={args.conc}; large: {args.items} items back to back on one more connection; "
           f"{args.rounds} rounds x {args.duration:g} s per cell (medians of rounds)")
+    print("small: wrk's requests (req/s answered 2xx; error %: non-2xx and socket errors); "
+          "large: the client's (ms: median latency; n: sent; not 200 %)")
     print(f"{'cell':<10} {'tree':<24} | {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-          f"| {'large ms':>8} {'large n':>7}")
+          f"{'error %':>7} | {'large ms':>8} {'large n':>7} {'not 200 %':>9}")
     labels = list(trees)
     for cell in cells:
         for label in labels:
             rows = results[(label, cell)]
-            med = [statistics.median(r[i] for r in rows) for i in range(6)]
+            med = [statistics.median(r[i] for r in rows) for i in range(8)]
             print(f"{cell:<10} {label:<24} | {med[0]:7.1f} {med[1]:7.1f} {med[2]:7.1f} "
-                  f"{med[3]:7.1f} | {med[4] * 1e3:8.0f} {med[5]:7.0f}")
+                  f"{med[3]:7.1f} {med[7]:7.1f} | {med[4] * 1e3:8.0f} {med[5]:7.0f} "
+                  f"{med[6]:9.1f}")
         b = results[(labels[0], cell)]
         a = results[(labels[1], cell)]
         p99s = [ra[2] / rb[2] for rb, ra in zip(b, a)]

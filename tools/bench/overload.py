@@ -15,9 +15,10 @@ wrk run posting the same one-PNG multipart body, each answer timed by its status
 The bound the settings imply for an accepted request: ``CLF_REQUEST_DEADLINE_MS``, counted from
 its admission at the door, plus the one model call it may be in when that passes (an item still
 queued at its deadline is dropped, 504; the cell checks the 200s' p99 against it). The queue bound
-in items is no time bound: it sets how many requests are held, and so, by Little's law, the
+is no time bound: it sets how many requests are held, and so, by Little's law, the
 *mean* time an accepted request spends in a server whose admitted queue is full
-(``CLF_MAX_QUEUE_ITEMS`` x workers / the rate it answers at under the flood). The cell prints that
+(``CLF_MAX_QUEUE_REQUESTS`` x workers / the rate it answers at under the flood of one-image
+requests, where it is the smaller bound). The cell prints that
 figure beside the measured p50; a p99 cannot be below it, which is why it is not the bound.
 
 wrk needs a file descriptor per connection and so does the server: the cell raises this
@@ -248,14 +249,21 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 1)
 
 
+def one_input_bound(settings: Settings) -> int:
+    """The requests of one input each that a worker holds at most (the flood's): the smaller of
+    ``CLF_MAX_QUEUE_REQUESTS`` and ``CLF_MAX_QUEUE_ITEMS`` (0: no bound)."""
+    bounds = [b for b in (settings.max_queue_requests, settings.max_queue_items) if b]
+    return min(bounds) if bounds else 0
+
+
 def implied_bound_ms(settings: Settings, workers: int, overload_rps: float,
                      model_call_ms: float) -> dict:
     """What the settings promise an accepted request (``bound_ms``: the deadline plus the model
     call an item may be in when it passes; None without a deadline) and what the queue bound
     predicts (``little_ms``: the mean time in a server whose admitted queue is full, answering
     at ``overload_rps``)."""
-    little_ms = (settings.max_queue_items * workers / overload_rps * 1e3
-                 if settings.max_queue_items and overload_rps else None)
+    held = one_input_bound(settings)
+    little_ms = held * workers / overload_rps * 1e3 if held and overload_rps else None
     deadline_ms = (settings.request_deadline_ms + model_call_ms
                    if settings.request_deadline_ms else None)
     return {"little_ms": little_ms, "deadline_ms": deadline_ms, "bound_ms": deadline_ms}
@@ -266,6 +274,8 @@ def overload_section(run: Run, spec: ServerSpec, body: Body, check: Check) -> di
     settings = Settings(**cfg.service_settings)
     result: dict = {"model": spec.model_tag, "workers": spec.workers, "body": body.description,
                     "max_queue_items": settings.max_queue_items,
+                    "max_queue_requests": settings.max_queue_requests,
+                    "queue_bound": one_input_bound(settings),
                     "request_deadline_ms": settings.request_deadline_ms,
                     "max_batch_size": settings.max_batch_size, "phases": []}
     normal, conns = cfg.overload_normal_conc, cfg.overload_conns
@@ -360,8 +370,9 @@ def verdict_line(result: dict) -> str:
         bound = "none (CLF_REQUEST_DEADLINE_MS=0)"
     little = ""
     if b["little_ms"] is not None:
-        little = (f" The queue bound (CLF_MAX_QUEUE_ITEMS={result['max_queue_items']} per worker "
-                  f"x {result['workers']} workers) predicts a mean of {b['little_ms']:.0f} ms at "
+        little = (f" The queue bound ({result.get('queue_bound', result['max_queue_items'])} "
+                  "one-input requests per worker, the smaller of CLF_MAX_QUEUE_REQUESTS and "
+                  f"CLF_MAX_QUEUE_ITEMS, x {result['workers']} workers) predicts a mean of {b['little_ms']:.0f} ms at "
                   f"the flood's 200 rate (Little's law); measured 200 p50 "
                   f"{fmt(ok.p50_ms if ok else None, '.0f')} ms.")
     return (f"Bound the settings imply for an accepted request: {bound}. Overload: 200 p99 "
