@@ -177,7 +177,7 @@ class ServedModel:
     one-input requests short (``tools/bench/overload.py``); the items' (256, four batches of 64)
     leaves room for a request of the most inputs (64) beside others. With one bound of 64 items a
     64-image request was admitted only on an idle worker, and beside 8 connections of one-image
-    requests 73-80% of them were refused (``tools.bench.bigbody --queue-items 64``); letting it
+    requests 70-80% of them were refused (``tools.bench.bigbody``, two runs); letting it
     past that bound instead refused the small requests (59-64%) while it held the count.
     What is admitted then
     carries its deadline into the batcher, which drops it unanswered if the deadline passes

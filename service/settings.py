@@ -51,7 +51,7 @@ class Settings:
     # the kernel may all hand one worker); twice that only doubled the accepted requests'
     # latency under the flood, and half of it refused requests at normal load. The items'
     # default (four batches) leaves room for a request of the most inputs beside others: with a
-    # single bound of 64 items, a 64-image request was refused 73-80% of the time beside 8
+    # single bound of 64 items, a 64-image request was refused 70-80% of the time beside 8
     # connections of one-image requests (tools/bench/bigbody.py). 0 = no bound.
     max_queue_requests: int = 64
     max_queue_items: int = 256
