@@ -174,8 +174,8 @@ class ServedModel:
     fit is refused once its body is parsed, before any of them is decoded (unless it is the only
     one held: a big request is not refused forever on an idle worker). Two bounds, because one
     bound of items cannot serve both: the requests' (64 by default) is what keeps a flood of
-    one-input requests short (``tools/bench/overload.py``); the items' (256, four batches of 64)
-    leaves room for a request of the most inputs (64) beside others. With one bound of 64 items a
+    one-input requests short (``tools/bench/overload.py``); the items' (128: that plus one request
+    of the most inputs, 64) leaves room for such a request beside others. With one bound of 64 items a
     64-image request was admitted only on an idle worker, and beside 8 connections of one-image
     requests 70-80% of them were refused (``tools.bench.bigbody``, two runs); letting it
     past that bound instead refused the small requests (59-64%) while it held the count.

@@ -50,11 +50,14 @@ class Settings:
     # previous call runs) and never refuses the normal-load cells (up to 64 connections, which
     # the kernel may all hand one worker); twice that only doubled the accepted requests'
     # latency under the flood, and half of it refused requests at normal load. The items'
-    # default (four batches) leaves room for a request of the most inputs beside others: with a
-    # single bound of 64 items, a 64-image request was refused 70-80% of the time beside 8
-    # connections of one-image requests (tools/bench/bigbody.py). 0 = no bound.
+    # default is that plus one request of the most inputs (CLF_MAX_IMAGES_PER_REQUEST and
+    # CLF_MAX_TEXTS_PER_REQUEST, 64), so such a request fits beside others: with a single bound
+    # of 64 items, a 64-image request was refused 70-80% of the time beside 8 connections of
+    # one-image requests (tools/bench/bigbody.py); 256 let a flood of 64-image requests hold
+    # four a worker, and the small requests beside them waited 1.7-2.6x longer (p99) than with
+    # the single bound, against 1.0-1.5x with 128. 0 = no bound.
     max_queue_requests: int = 64
-    max_queue_items: int = 256
+    max_queue_items: int = 128
     # The default deadline of a classify request, from when the service takes it (0 = none). An
     # item still queued when its deadline passes is dropped before inference (never computed
     # for nobody) and answered 504 `deadline_exceeded`; while the queue's wait is over half the

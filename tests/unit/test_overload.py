@@ -270,7 +270,7 @@ def test_the_requests_bound_refuses_at_the_door_whatever_the_items():
 
 def test_a_large_request_fits_beside_others_under_the_default_bounds():
     """With one bound of 64 items a 64-image request was admitted only on an idle worker; the
-    defaults (64 requests, 256 items) take it beside a held request, and a small one beside it."""
+    defaults (64 requests, 128 items) take it beside a held request, and a small one beside it."""
     defaults = Settings()
     model = GatedModel()
     served = image_model(model, defaults.max_queue_items, name="ovl-large",

@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kinds", default=",".join(KINDS), help=f"large bodies: {', '.join(KINDS)}")
     p.add_argument("--items", type=int, default=64, help="images per large request")
     p.add_argument("--conc", type=int, default=8, help="wrk connections of small requests")
+    p.add_argument("--large-conns", type=int, default=1,
+                   help="connections posting large bodies, each back to back (more than one: "
+                        "a flood of large requests)")
     p.add_argument("--rounds", type=int, default=3, help="A/B rounds (interleaved)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured cell")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of small load first")
@@ -137,20 +140,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     url = server.base + small.route
                     run_wrk(url, small, args.conc, args.warmup, latency=False)
                     for cell in cells:
-                        sender = None
-                        if cell in large:
-                            sender = LargeSender(args.port, *large[cell])
+                        senders = [LargeSender(args.port, *large[cell])
+                                   for _ in range(args.large_conns if cell in large else 0)]
+                        for sender in senders:
                             sender.start()
+                        if senders:
                             time.sleep(0.5)
                         try:
                             res, _ = run_wrk(url, small, args.conc, args.duration, latency=True)
                         finally:
-                            if sender is not None:
+                            for sender in senders:
                                 sender.stopping.set()
+                            for sender in senders:
                                 sender.join(timeout=120)
-                        lat = sender.latencies_s if sender is not None else []
-                        bad = {s: n for s, n in (sender.statuses if sender else {}).items()
-                               if s != 200}
+                        lat = [x for sender in senders for x in sender.latencies_s]
+                        bad: dict[int, int] = {}
+                        for sender in senders:
+                            for status, n in sender.statuses.items():
+                                if status != 200:
+                                    bad[status] = bad.get(status, 0) + n
                         row = (res.ok_per_s, res.p("50") or math.nan, res.p("99") or math.nan,
                                res.max_ms or math.nan,
                                statistics.median(lat) if lat else math.nan, len(lat),
@@ -168,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         drop_worktree(before)
     print(f"\n{artifact.name}, {args.workers} worker(s), small: {small.description} at "
-          f"c={args.conc}; large: {args.items} items back to back on one more connection; "
+          f"c={args.conc}; large: {args.items} items back to back on "
+          f"{args.large_conns} more connection(s); "
           f"{args.rounds} rounds x {args.duration:g} s per cell (medians of rounds)")
     print("small: wrk's requests (req/s answered 2xx; error %: non-2xx and socket errors); "
           "large: the client's (ms: median latency; n: sent; not 200 %)")
