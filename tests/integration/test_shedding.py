@@ -37,9 +37,10 @@ class Served:
     def __init__(self, name: str, max_queue_items: int, door: bool,
                  max_header_bytes: int = shedding.DEFAULT_MAX_HEADER_BYTES,
                  head_timeout_s: float = shedding.DEFAULT_HEAD_TIMEOUT_S,
-                 timeout_keep_alive: float = 5) -> None:
+                 timeout_keep_alive: float = 5, max_queue_requests: int = 0) -> None:
         self.model = GatedModel()
-        self.served = image_model(self.model, max_queue_items, name=name)
+        self.served = image_model(self.model, max_queue_items, name=name,
+                                  max_queue_requests=max_queue_requests)
         self.api = bound_app(self.served)
         self.shortcut_calls: list[str] = []
         self.admitted_at_route: list[bool] = []
@@ -162,6 +163,39 @@ def assert_refused(status: int, headers: dict[str, str], body: bytes, request_id
     assert doc["request_id"] == request_id == headers["x-request-id"]
     assert headers["retry-after"] == "1" and headers["content-type"] == "application/json"
     return doc
+
+
+@pytest.mark.parametrize("door", [True, False], ids=["at-the-door", "middleware"])
+def test_a_request_of_many_inputs_fits_beside_others_and_requests_are_bounded(serve, door):
+    """The two bounds, scaled down (2 requests, 5 inputs): a request of 3 inputs is admitted
+    beside a held one (with one bound of inputs it was refused unless the worker was idle), and
+    the requests' bound, not the inputs', refuses the next one at the door."""
+    import base64
+
+    served = serve(f"shed-many-{door}", max_queue_items=5, door=door, max_queue_requests=2)
+    held = hold(served)
+    many = json.dumps({"images": [base64.b64encode(png()).decode()] * 3}).encode()
+    large = connect(served.port)
+    large.sendall((f"POST {URL} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                   f"x-request-id: many\r\ncontent-length: {len(many)}\r\n\r\n").encode()
+                  + many)
+    wait_for(lambda: served.served.admitted == 4)  # 1 + 3 inputs, 2 requests
+    client = connect(served.port)
+    client.sendall(post(png(), "third"))
+    status, headers, body = answer(client)
+    doc = json.loads(body)
+    assert status == 503 and doc["error"]["reason"] == "overloaded"
+    assert "2 requests are admitted" in doc["error"]["message"]
+    assert "CLF_MAX_QUEUE_REQUESTS" in doc["error"]["message"]
+    served.model.gate.set()
+    assert answer(held)[0] == 200
+    status, _, body = answer(large)
+    assert status == 200 and len(json.loads(body)["predictions"]) == 3
+    client.sendall(post(png(), "after"))
+    assert answer(client)[0] == 200
+    wait_for(lambda: (served.served.admitted, served.served.requests_admitted) == (0, 0))
+    for sock in (held, large, client):
+        sock.close()
 
 
 @pytest.mark.parametrize("door", [True, False], ids=["at-the-door", "middleware"])
