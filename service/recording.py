@@ -174,14 +174,10 @@ class PredictionRecorder:
             logger.exception("prediction log write failed (%d records)", len(rows))
             self._errors.inc()
             error = LogUnavailable(f"the prediction log could not be written: {exc}")
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(error)
+            _settle(waiters, error)
             return
         self._commit_seconds.observe(time.perf_counter() - started)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        _settle(waiters)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -220,16 +216,12 @@ class PredictionRecorder:
                 logger.exception("prediction log write failed (%d records)", len(records))
                 self._errors.inc()
                 error = LogUnavailable(f"the prediction log could not be written: {exc}")
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(error)
+                _settle(waiters, error)
                 continue
             finally:
                 self._committing = 0
             self._commit_seconds.observe(time.perf_counter() - started)
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            _settle(waiters)
 
     def _spool_done(self) -> bool:
         """Whether the log's replaying thread caught up with the spool after commits began to
@@ -246,14 +238,10 @@ class PredictionRecorder:
             self._errors.inc()
             error = LogUnavailable(f"the prediction log could not be written "
                                    f"({self._spool_reason}) nor spooled: {exc}")
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_exception(error)
+            _settle(waiters, error)
             return
         self._spooled.inc(len(records))
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        _settle(waiters)
 
     async def _gather(self) -> None:
         """Wait, at most ``group_wait_s``, while more records are on their way and the group is
@@ -270,3 +258,13 @@ class PredictionRecorder:
                 await self._wakeup.wait()
             finally:
                 timer.cancel()
+
+
+def _settle(waiters: list[asyncio.Future], error: BaseException | None = None) -> None:
+    """Answer the requests waiting on a group's records: written (``error`` None), or failed."""
+    for waiter in waiters:
+        if not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
