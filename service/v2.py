@@ -74,6 +74,7 @@ from preprocessing import InputError, decode_text
 
 from . import requests
 from . import v2_docs as docs
+from . import v2json
 from .batching import BatchError
 from .recording import LogUnavailable
 from .requests import RequestError
@@ -152,7 +153,9 @@ def parse_infer(body: bytes, header_length: str | None = None) -> InferRequest:
         head, raw = body[:split], raw[split:]
     else:
         head, raw = body, raw[len(body):]
-    doc = requests.parse_json(head, "the inference request header")
+    doc = v2json.fast_document(head)  # None: the usual parse, which words every error
+    if doc is None:
+        doc = requests.parse_json(head, "the inference request header")
     if not isinstance(doc, dict):
         raise _bad('the inference request must be a JSON object {"inputs": [...]}')
     # An optional field is absent or of its type: null is refused, as the document says, not
@@ -245,6 +248,8 @@ def _input(entry: Any, i: int, rest: memoryview, framed: bool) -> tuple[InputTen
 
 
 def _json_data(value: Any, datatype: str, where: str) -> np.ndarray | list[bytes]:
+    if isinstance(value, np.ndarray):  # FP32 data v2json.fast_document already read
+        return value
     if not isinstance(value, list):
         raise _bad(f"{where}: 'data' must be a list (flat or nested, row-major)")
     if datatype == "FP32":

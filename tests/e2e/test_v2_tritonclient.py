@@ -4,10 +4,13 @@ text model side by side), driven by ``tritonclient[http]``, the protocol's refer
 from __future__ import annotations
 
 import base64
+import json
 
 import httpx
 import numpy as np
 import pytest
+
+from service import v2json
 
 from .test_serve import metric
 
@@ -114,14 +117,18 @@ def test_texts_match_v1(server, client, served, binary):
     assert result.as_numpy("truncated").tolist() == [False] * len(TEXTS)
 
 
-def test_the_fp32_tensor_path_equals_the_bytes_path(client, served, digit_pngs):
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_the_fp32_tensor_path_equals_the_bytes_path(client, served, digit_pngs, binary):
+    """The tensor as raw bytes, and as JSON numbers (``binary_data=False``: a body large enough
+    for ``service/v2json.py``'s simdjson path)."""
     from preprocessing import ImageSpec, preprocess_image_bytes
 
     spec = ImageSpec.from_dict(served[IMAGE]["spec"])
     pngs = [data for data, _ in digit_pngs[5:9]]
     tensors = np.stack([preprocess_image_bytes(p, spec) for p in pngs]).astype(np.float32)
     inp = httpclient.InferInput("input", list(tensors.shape), "FP32")
-    inp.set_data_from_numpy(tensors)
+    inp.set_data_from_numpy(tensors, binary_data=binary)
+    assert binary or len(json.dumps(tensors.tolist())) > v2json.MIN_BYTES
     by_tensor = client.infer(IMAGE, [inp])
     by_bytes = client.infer(IMAGE, [bytes_input("image", pngs)])
     assert strings(by_tensor.as_numpy("label")) == strings(by_bytes.as_numpy("label"))

@@ -11,7 +11,8 @@ the ratio after/before, of the medians and round by round.
 
 ``--wire v2-tensor`` serves the peers' CNN (``../shared/peers-bench``'s file, imported into the
 store as ``--task peers`` does) with Triton's binary FP32 tensor to the v2 infer route: the
-c=1 comparison with FastAPI in the README is made on that body.
+c=1 comparison with FastAPI in the README is made on that body. ``--wire v2-json``: the same
+tensor as JSON numbers (what KServe's and tritonclient's JSON clients send).
 """
 
 from __future__ import annotations
@@ -60,22 +61,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="bench-resnet", help="the reference model's name")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--port", type=int, default=3999)
-    p.add_argument("--wire", choices=("v1", "v2", "v2-tensor"), default="v1",
+    p.add_argument("--wire", choices=("v1", "v2", "v2-tensor", "v2-json"), default="v1",
                    help="the PNG as a /v1 multipart upload (default) or as a v2 BYTES tensor to "
                         "the v2 infer route; v2-tensor: the peers' CNN and Triton's binary FP32 "
-                        "tensor (needs bash ../shared/peers-bench/setup.sh; --model is ignored)")
+                        "tensor (needs bash ../shared/peers-bench/setup.sh; --model is ignored); "
+                        "v2-json: the same tensor as JSON numbers")
     args = p.parse_args(argv)
     concs = [int(c) for c in args.conc.split(",")]
     logs = {"off": [False], "on": [True], "both": [False, True]}[args.log]
 
     work = Path(tempfile.mkdtemp(prefix="clfbench-compare-"))
-    if args.wire == "v2-tensor":
-        from .peers import Harness, ensure_imported, tensor_body
+    if args.wire in ("v2-tensor", "v2-json"):
+        from .peers import Harness, ensure_imported, json_tensor_body, tensor_body
 
         harness = Harness.locate()
         harness.check([])
         artifact = ensure_imported(harness, print)
-        body, _ = tensor_body(harness, work, artifact.name)
+        body = (tensor_body(harness, work, artifact.name)[0] if args.wire == "v2-tensor"
+                else json_tensor_body(harness, work, artifact.name))
     else:
         artifact, _ = ensure_reference(args.model, print)
         png = noise_png(artifact.spec.width, 3, seed=0)

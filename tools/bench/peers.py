@@ -207,6 +207,22 @@ def tensor_body(harness: Harness, work_dir: Path, model: str) -> tuple[Body, np.
                 description=f"v2 binary FP32 tensor, {path.stat().st_size:,} B"), x[0]
 
 
+def json_tensor_body(harness: Harness, work_dir: Path, model: str) -> Body:
+    """The same tensor as ``tensor_body``'s in a v2 JSON body: its 12,288 numbers in ``data``
+    (nested as the shape, as KServe's and tritonclient's JSON clients send them), as written by
+    ``json.dumps`` (shortest round-trip digits of each float32 as a double)."""
+    x = np.ascontiguousarray(np.load(harness.root / "model.ref.npz")["x"][:1], dtype="<f4")
+    doc = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                  "data": x.tolist()}],
+                      "outputs": [{"name": "probabilities"}]}).encode()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"{model}-v2-json.json"
+    path.write_bytes(doc)
+    return Body(path=path, headers=["Content-Type: application/json"],
+                route=V2_INFER_ROUTE.format(name=model),
+                description=f"v2 JSON FP32 tensor, {len(doc):,} B")
+
+
 @dataclass
 class PeerCell:
     """A peer's cell: what ``Cell`` has that a peer can give (no /metrics histograms)."""

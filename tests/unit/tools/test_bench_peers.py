@@ -17,8 +17,9 @@ from tests.unit.tools.test_bench_report import make_cell
 from tools.bench.bodies import Body
 from tools.bench.cpu import CpuUse
 from tools.bench.peers import (LAUNCHER, PEERS, Harness, PeerCell, PeersMissing, _wait_answer,
-                               batch_histogram, check_numpy, find_logits, mean_batch,
-                               numpy_major, peer_command, peers_table, tensor_body, verdicts)
+                               batch_histogram, check_numpy, find_logits, json_tensor_body,
+                               mean_batch, numpy_major, peer_command, peers_table, tensor_body,
+                               verdicts)
 from tools.bench.prometheus import bucket_deltas, distribution, parse_samples
 from tools.bench.scaling import scaling_table
 from tools.bench.server import ServerError
@@ -81,6 +82,24 @@ def test_the_tensor_body_is_tritons_tensor_asking_for_probabilities(tmp_path: Pa
     assert header["outputs"] == [{"name": "probabilities", "parameters": {"binary_data": False}}]
     assert np.array_equal(np.frombuffer(data[length:], "<f4").reshape(3, 64, 64), x[0])
     assert np.array_equal(first, x[0]) and body.route == "/v2/models/peers-resnet/infer"
+
+
+def test_the_json_tensor_body_is_the_same_tensor_as_json_numbers(tmp_path: Path) -> None:
+    """``compare --wire v2-json``: the tensor's numbers nested as its shape, read by the
+    service's simdjson path into the same float32 values."""
+    from service import v2, v2json
+
+    root = tmp_path / "root"
+    root.mkdir()
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    np.savez(root / "model.ref.npz", x=x, y=np.zeros((4, 10), np.float32))
+    body = json_tensor_body(Harness(tmp_path, root), tmp_path / "work", "peers-resnet")
+    raw = body.path.read_bytes()
+    assert body.headers == ["Content-Type: application/json"]
+    assert body.route == "/v2/models/peers-resnet/infer"
+    assert v2json.fast_document(raw) is not None
+    (tensor,) = v2.parse_infer(raw).inputs
+    assert tensor.shape == [1, 3, 64, 64] and np.array_equal(tensor.data, x[0].reshape(-1))
 
 
 def test_batch_statistics_over_a_window(tmp_path: Path) -> None:
