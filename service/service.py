@@ -97,6 +97,8 @@ class Classifier:
     def _load(self) -> None:
         logging.getLogger("service").setLevel(SETTINGS.log_level)
         logger.info("settings: %s", SETTINGS.to_dict())
+        for line in SETTINGS.advice():
+            logger.warning("settings: %s", line)
         logger.info("numpy's BLAS: %s", limit_blas_threads())
         if ROLE == "worker":
             listeners.raise_open_files_limit()  # each connection holds a file descriptor

@@ -251,6 +251,32 @@ class Settings:
                 raise SettingsError(message)
         self.slice_rules()  # a malformed CLF_SLICE_KEYS stops start-up too
 
+    def advice(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """Settings that start but likely do not do what was meant, each a line for the start-up
+        log (a warning). ``environ`` says which were set (``CLF_<FIELD>`` present)."""
+        env = os.environ if environ is None else environ
+        given = {k[len(PREFIX):].lower() for k in env if k.startswith(PREFIX)}
+        most = max([self.max_images_per_request] * bool(self.image_model)
+                   + [self.max_texts_per_request] * bool(self.text_model), default=1)
+        out = []
+        default_items = type(self).max_queue_items
+        if ("max_queue_items" in given and "max_queue_requests" not in given
+                and self.max_queue_items > default_items and self.max_queue_requests):
+            out.append(
+                f"CLF_MAX_QUEUE_ITEMS={self.max_queue_items} is set and CLF_MAX_QUEUE_REQUESTS is "
+                f"not: a worker still holds at most {self.max_queue_requests} requests, whatever "
+                "their inputs (before the requests' bound, CLF_MAX_QUEUE_ITEMS alone bounded "
+                "one-input requests too); to hold more of them set CLF_MAX_QUEUE_REQUESTS as well "
+                f"(e.g. {max(1, self.max_queue_items - most + 1)}, which leaves room for a request "
+                f"of {most} inputs beside them)")
+        if self.max_queue_items and self.max_queue_items < most:
+            out.append(
+                f"CLF_MAX_QUEUE_ITEMS={self.max_queue_items} is below the most inputs a request may "
+                f"carry ({most}, CLF_MAX_IMAGES_PER_REQUEST / CLF_MAX_TEXTS_PER_REQUEST): such a "
+                "request is admitted only while its worker holds nothing else, and refused 503 "
+                "beside any other; raise CLF_MAX_QUEUE_ITEMS or lower the per-request maximum")
+        return out
+
     def slice_rules(self) -> "SliceRules":
         from monitoring.slices import SliceError, SliceRules
 

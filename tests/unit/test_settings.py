@@ -68,3 +68,23 @@ def test_the_logged_settings_hold_no_secret():
     assert "s3cret" not in logged and "t0ken" not in logged
     assert s.to_dict()["prediction_log"] == "postgresql://clf:***@db:5432/clf"
     assert s.prediction_log == "postgresql://clf:s3cret@db:5432/clf"  # what the server uses
+
+
+def test_advice_on_queue_bounds_that_start_but_likely_miss_what_was_meant():
+    assert Settings.from_env({}).advice({}) == []
+    raised = {"CLF_MAX_QUEUE_ITEMS": "512"}
+    (line,) = Settings.from_env(raised).advice(raised)
+    assert "CLF_MAX_QUEUE_ITEMS=512 is set and CLF_MAX_QUEUE_REQUESTS is not" in line
+    assert "at most 64 requests" in line and "(e.g. 449," in line
+    both = {"CLF_MAX_QUEUE_ITEMS": "512", "CLF_MAX_QUEUE_REQUESTS": "256"}
+    assert Settings.from_env(both).advice(both) == []
+    lowered = {"CLF_MAX_QUEUE_ITEMS": "32"}  # below a request of 64 inputs
+    (line,) = Settings.from_env(lowered).advice(lowered)
+    assert line.startswith("CLF_MAX_QUEUE_ITEMS=32 is below the most inputs a request may carry "
+                           "(64,")
+    fits = {"CLF_MAX_QUEUE_ITEMS": "32", "CLF_MAX_IMAGES_PER_REQUEST": "16",
+            "CLF_MAX_TEXTS_PER_REQUEST": "32"}
+    assert Settings.from_env(fits).advice(fits) == []
+    text_only = {"CLF_MAX_QUEUE_ITEMS": "32", "CLF_MAX_TEXTS_PER_REQUEST": "16",
+                 "CLF_IMAGE_MODEL": "", "CLF_TEXT_MODEL": "lang-transformer"}
+    assert Settings.from_env(text_only).advice(text_only) == []  # no image model: its max
