@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from .image import SOURCE_SIZE
 from .text import TokenStats
 
 IMAGE_FEATURES = (
@@ -43,8 +44,10 @@ def _ones(n: int) -> np.ndarray:
 
 
 def image_features(img: Image.Image) -> dict[str, float]:
-    """Monitored features of a decoded image (``L`` or ``RGB``), all plain floats."""
-    width, height = img.size
+    """Monitored features of a decoded image (``L`` or ``RGB``), all plain floats. Its width and
+    height are the image's own where a ``jpeg_draft`` spec decoded it smaller (``decode_image``
+    says so in its ``info``); the statistics are taken on what was decoded."""
+    width, height = img.info.get(SOURCE_SIZE, img.size)
     small = img if max(img.size) <= _STATS_SIDE else img.reduce(max(1, max(img.size) // _STATS_SIDE))
     if small.mode != "RGB":
         small = small.convert("RGB")

@@ -33,6 +33,9 @@ _RESAMPLE = {
 DEFAULT_MAX_PIXELS = 40_000_000
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+# ``info`` key of a decoded image that ``jpeg_draft`` decoded smaller: (width, height) of the
+# image itself, upright, which ``features.image_features`` reports.
+SOURCE_SIZE = "clf_source_size"
 
 
 def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -64,16 +67,34 @@ def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIX
             "too_many_pixels",
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
         )
+    drafted = spec.jpeg_draft and img.format == "JPEG" and _draft(img, spec)
     try:
         # Image.open leaves an animated GIF/WebP/TIFF on its first frame. Asking for n_frames
         # would walk every frame, and on a truncated GIF raises IndexError/struct.error (a 500).
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_mode(img, spec)
+        turned = ImageOps.exif_transpose(img)
+        out = _to_mode(turned, spec)
+        if drafted:  # the monitored width and height are the image's, not the draft's
+            swapped = (turned.size != img.size) and turned.size == img.size[::-1]
+            out.info[SOURCE_SIZE] = (height, width) if swapped else (width, height)
+        return out
     except Image.DecompressionBombError:
         raise InputError("too_many_pixels", "the image has too many pixels") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InputError("corrupt", f"the image data is corrupt or truncated: {exc}") from None
+
+
+def _draft(img: Image.Image, spec: ImageSpec) -> bool:
+    """Have libjpeg decode ``img`` (a JPEG, not yet loaded) at the smallest of 1/2, 1/4 and 1/8
+    scale that keeps both sides at least twice the model's larger side (``ImageSpec.jpeg_draft``;
+    twice, so the resize still averages over the pixels it drops: the tensor then stays within
+    a grey level or two of the full decode's). Whether it did."""
+    side = 2 * max(spec.width, spec.height)
+    if min(img.size) < 2 * side:
+        return False
+    before = img.size
+    img.draft(None, (side, side))
+    return img.size != before
 
 
 def _to_mode(img: Image.Image, spec: ImageSpec) -> Image.Image:

@@ -128,6 +128,7 @@ class TrainConfig:
             interpolation=self.interpolation,
             mean=(0.5,) * channels,
             std=(0.5,) * channels,
+            jpeg_draft=True,  # large JPEGs decoded at a fraction of their size (ImageSpec)
         )
 
     def to_dict(self) -> dict[str, Any]:

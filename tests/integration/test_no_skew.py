@@ -19,11 +19,13 @@ pytestmark = pytest.mark.slow
 
 
 def _odd_images() -> list[bytes]:
-    """Inputs that exercise the decoder: other sizes, colour, alpha, JPEG, 16-bit."""
+    """Inputs that exercise the decoder: other sizes, colour, alpha, JPEG (one large enough for
+    the spec's ``jpeg_draft``), 16-bit."""
     rng = np.random.default_rng(7)
     out = []
     for mode, size, fmt in [("RGB", (50, 37), "PNG"), ("RGBA", (32, 32), "PNG"), ("L", (64, 20), "JPEG"),
-                            ("I;16", (40, 40), "PNG"), ("P", (33, 31), "GIF")]:
+                            ("RGB", (200, 150), "JPEG"), ("I;16", (40, 40), "PNG"),
+                            ("P", (33, 31), "GIF")]:
         if mode == "I;16":
             img = Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16))
         else:
@@ -48,6 +50,7 @@ def served(digits_model):
 def test_training_and_serving_tensors_are_bit_identical(served, digits_model, digit_pngs):
     blobs = [b for b, _ in digit_pngs[:10]] + _odd_images()
     spec = digits_model.result.spec
+    assert spec.jpeg_draft  # the 200x150 JPEG is decoded at a quarter of its size on both paths
     data = LabelledImages(tuple(blobs), (0,) * len(blobs), tuple(map(str, range(len(blobs)))), ("x",), "test")
     training_path = [ImageDataset(data, spec)[i][0].numpy() for i in range(len(blobs))]
 
@@ -62,6 +65,7 @@ def test_training_and_serving_tensors_are_bit_identical(served, digits_model, di
 def test_served_answer_equals_pytorch(served, digits_model, digit_pngs):
     blobs = [b for b, _ in digit_pngs[:12]]
     spec = digits_model.result.spec
+    assert spec.jpeg_draft  # the 200x150 JPEG is decoded at a quarter of its size on both paths
     data = LabelledImages(tuple(blobs), (0,) * len(blobs), tuple(map(str, range(len(blobs)))), ("x",), "test")
     x = torch.stack([ImageDataset(data, spec)[i][0] for i in range(len(blobs))])
     model = digits_model.result.model.eval()

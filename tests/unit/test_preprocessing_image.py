@@ -521,3 +521,82 @@ def test_every_truncation_is_a_tensor_or_an_input_error(name: str) -> None:
             assert 400 <= STATUS[err.reason] < 500 and err.message
         else:
             assert out.shape == RGB_SPEC.input_shape
+
+
+# --------------------------------------------------------------------------- JPEG draft decode
+
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A smooth, photo-like RGB image with a little noise (what phones upload)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    planes = [(np.sin(x / 37) + np.cos(y / 23)) * 60 + 128, x / w * 255, y / h * 255]
+    noise = np.random.default_rng(seed).normal(0, 6, (h, w, 3))
+    return Image.fromarray((np.stack(planes, -1) + noise).clip(0, 255).astype(np.uint8))
+
+
+DRAFT_SPEC = ImageSpec(height=32, width=32, jpeg_draft=True)  # draft from 2 * 2 * 32 = 128 px
+
+
+@pytest.mark.parametrize("resize", ["stretch", "center_crop", "pad"])
+@pytest.mark.parametrize("size", [(1024, 768), (768, 1024), (2000, 300)])
+def test_a_large_jpeg_is_decoded_smaller_and_gives_nearly_the_full_decodes_tensor(
+        resize: str, size: tuple[int, int]) -> None:
+    from preprocessing.features import image_features
+
+    data = encode(photo(size), "JPEG", quality=92)
+    drafted = ImageSpec(height=32, width=32, resize=resize, jpeg_draft=True)
+    full = ImageSpec(height=32, width=32, resize=resize)
+    small, whole = decode_image(data, drafted), decode_image(data, full)
+    assert whole.size == size and small.size != size
+    assert all(s >= 64 for s in small.size)  # never below twice the input side
+    a, b = image_to_array(small, drafted), image_to_array(whole, full)
+    grey_levels = np.abs(a - b) * 0.5 * 255  # std 0.5: back to the 0..255 scale
+    assert grey_levels.max() <= 3 and grey_levels.mean() <= 0.5
+    features = image_features(small)
+    assert (features["width"], features["height"]) == (float(size[0]), float(size[1]))
+    assert features["aspect_ratio"] == size[0] / size[1]
+
+
+def test_what_the_draft_leaves_alone() -> None:
+    """PNG, a JPEG under four times the input size, and a spec without ``jpeg_draft`` (every
+    artifact before it): decoded whole, as before."""
+    big = photo((1024, 768))
+    assert decode_image(encode(big, "PNG"), DRAFT_SPEC).size == (1024, 768)
+    assert decode_image(encode(photo((127, 300)), "JPEG"), DRAFT_SPEC).size == (127, 300)
+    assert decode_image(encode(photo((128, 300)), "JPEG"), DRAFT_SPEC).size == (64, 150)
+    assert decode_image(encode(big, "JPEG"), RGB_SPEC).size == (1024, 768)
+    assert "clf_source_size" not in decode_image(encode(big, "PNG"), DRAFT_SPEC).info
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_drafted_jpeg_is_turned_upright_and_reports_its_upright_size(orientation: int) -> None:
+    from preprocessing.features import image_features
+
+    img = photo((1024, 512))
+    img.paste((255, 0, 0), (0, 0, 512, 512))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", quality=92, exif=exif)
+    small, whole = decode_image(data, DRAFT_SPEC), decode_image(data, RGB_SPEC)
+    assert small.size != whole.size
+    assert (small.width > small.height) == (whole.width > whole.height)
+    features = image_features(small)
+    assert (features["width"], features["height"]) == tuple(float(s) for s in whole.size)
+    # the red half is where the full decode puts it
+    red = np.asarray(whole.resize(small.size))[..., 0] > 200
+    assert (red == (np.asarray(small)[..., 0] > 200)).mean() > 0.95
+
+
+def test_the_spec_writes_jpeg_draft_only_when_on() -> None:
+    off, on = ImageSpec(height=8, width=8), ImageSpec(height=8, width=8, jpeg_draft=True)
+    assert "jpeg_draft" not in off.to_dict() and on.to_dict()["jpeg_draft"] is True
+    assert ImageSpec.from_json(on.to_json()) == on and ImageSpec.from_json(off.to_json()) == off
+    assert off.content_hash != on.content_hash
+    with pytest.raises(Exception, match="jpeg_draft must be true or false"):
+        ImageSpec(height=8, width=8, jpeg_draft="yes")  # type: ignore[arg-type]
+
+
+def test_training_writes_jpeg_draft() -> None:
+    from training.config import TrainConfig
+
+    assert TrainConfig().image_spec().jpeg_draft is True

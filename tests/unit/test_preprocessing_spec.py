@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -30,6 +31,7 @@ CHANGES: dict[str, dict] = {
     "mean": {"mean": (0.485, 0.456, 0.407)},
     "std": {"std": (0.229, 0.224, 0.226)},
     "background": {"background": (255, 128, 1)},
+    "jpeg_draft": {"jpeg_draft": True},
 }
 
 
@@ -58,6 +60,18 @@ def test_from_lists_gives_tuples() -> None:
     assert all(isinstance(m, float) for m in spec.mean)
     assert all(isinstance(b, int) for b in spec.background)
     assert {spec, SPEC} == {SPEC}
+
+
+def test_a_spec_written_before_jpeg_draft_reads_and_hashes_as_it_did() -> None:
+    """An artifact's spec.json from before the field: no draft, and the same JSON and hash (the
+    hash of the canonical JSON of exactly its fields, as the export wrote it)."""
+    old = {"height": 64, "width": 64, "color_mode": "RGB", "resize": "stretch",
+           "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3,
+           "background": [0, 0, 0], "kind": "image", "version": 1}
+    spec = ImageSpec.from_dict(old)
+    assert spec.jpeg_draft is False and json.loads(spec.to_json()) == old
+    canonical = json.dumps(old, sort_keys=True, separators=(",", ":"))
+    assert spec.content_hash == hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def test_json_holds_version_and_kind() -> None:
