@@ -67,8 +67,8 @@ def decode_image(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIX
             "too_many_pixels",
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
         )
-    drafted = spec.jpeg_draft and img.format == "JPEG" and _draft(img, spec)
     try:
+        drafted = spec.jpeg_draft and img.format == "JPEG" and _draft(img, spec)
         # Image.open leaves an animated GIF/WebP/TIFF on its first frame. Asking for n_frames
         # would walk every frame, and on a truncated GIF raises IndexError/struct.error (a 500).
         img.load()
@@ -88,7 +88,7 @@ def _draft(img: Image.Image, spec: ImageSpec) -> bool:
     """Have libjpeg decode ``img`` (a JPEG, not yet loaded) at the smallest of 1/2, 1/4 and 1/8
     scale that keeps both sides at least twice the model's larger side (``ImageSpec.jpeg_draft``;
     twice, so the resize still averages over the pixels it drops: the tensor then stays within
-    a grey level or two of the full decode's). Whether it did."""
+    a grey level of the full decode's). Whether it did."""
     side = 2 * max(spec.width, spec.height)
     if min(img.size) < 2 * side:
         return False

@@ -77,10 +77,10 @@ class ImageSpec(_SpecJSON):
 
     ``jpeg_draft``: a JPEG whose sides are both at least four times the model's larger input side
     is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL's ``draft``), never below twice that
-    side, before the resize: a 12-megapixel photo to 64x64 in a quarter of the time, its tensor
-    within a grey level or two of the full decode's (``preprocessing.image.decode_image``). Written by training
-    since it was added; a spec without it (older artifacts) decodes every pixel, as before, and
-    its ``to_dict`` leaves it out, so their JSON and content hash are unchanged.
+    side, before the resize: a 12-megapixel photo to 64x64 in a fifth of the time, its tensor
+    within a grey level of the full decode's (``preprocessing.image.decode_image``). Written by
+    training since it was added; a spec without it (older artifacts) decodes every pixel, as
+    before, and its ``to_dict`` leaves it out, so their JSON and content hash are unchanged.
     """
 
     height: int

@@ -111,7 +111,7 @@ def _entry(obj: Any, arrays: list[int]) -> dict:
     keys = list(obj.keys())
     if len(set(keys)) != len(keys):
         raise _Usual
-    fp32 = "data" in keys and obj["datatype"] == "FP32" if "datatype" in keys else False
+    fp32 = "datatype" in keys and "data" in keys and obj["datatype"] == "FP32"
     return {k: (_floats(obj[k], arrays) if fp32 and k == "data" else _plain(obj[k], arrays))
             for k in keys}
 

@@ -600,3 +600,16 @@ def test_training_writes_jpeg_draft() -> None:
     from training.config import TrainConfig
 
     assert TrainConfig().image_spec().jpeg_draft is True
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_truncation_of_a_drafted_jpeg_is_a_tensor_or_an_input_error() -> None:
+    data = encode(photo((512, 384)), "JPEG", quality=85)
+    assert decode_image(data, DRAFT_SPEC).size == (128, 96)
+    for cut in range(0, len(data), max(1, len(data) // 80)):
+        try:
+            out = preprocess_image_bytes(data[:cut], DRAFT_SPEC)
+        except InputError as err:
+            assert 400 <= STATUS[err.reason] < 500 and err.message
+        else:
+            assert out.shape == DRAFT_SPEC.input_shape
