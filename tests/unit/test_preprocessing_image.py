@@ -511,16 +511,19 @@ def _prefix_cases() -> dict[str, bytes]:
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("name", ["gif_animated", "webp_animated", "png", "jpeg", "tiff", "bmp"])
 def test_every_truncation_is_a_tensor_or_an_input_error(name: str) -> None:
-    # A crash here (IndexError, struct.error, EOFError) would become a 500 instead of a 4xx.
-    data = _prefix_cases()[name]
-    step = max(1, len(data) // 300)
-    for cut in range(0, len(data), step):
+    assert_every_cut_is_a_tensor_or_an_input_error(_prefix_cases()[name], RGB_SPEC, cuts=300)
+
+
+def assert_every_cut_is_a_tensor_or_an_input_error(data: bytes, spec: ImageSpec, cuts: int) -> None:
+    """About ``cuts`` prefixes of ``data``: each gives a tensor or a 4xx input error. A crash
+    here (IndexError, struct.error, EOFError) would become a 500 instead of a 4xx."""
+    for cut in range(0, len(data), max(1, len(data) // cuts)):
         try:
-            out = preprocess_image_bytes(data[:cut], RGB_SPEC)
+            out = preprocess_image_bytes(data[:cut], spec)
         except InputError as err:
             assert 400 <= STATUS[err.reason] < 500 and err.message
         else:
-            assert out.shape == RGB_SPEC.input_shape
+            assert out.shape == spec.input_shape
 
 
 # --------------------------------------------------------------------------- JPEG draft decode
@@ -606,10 +609,4 @@ def test_training_writes_jpeg_draft() -> None:
 def test_every_truncation_of_a_drafted_jpeg_is_a_tensor_or_an_input_error() -> None:
     data = encode(photo((512, 384)), "JPEG", quality=85)
     assert decode_image(data, DRAFT_SPEC).size == (128, 96)
-    for cut in range(0, len(data), max(1, len(data) // 80)):
-        try:
-            out = preprocess_image_bytes(data[:cut], DRAFT_SPEC)
-        except InputError as err:
-            assert 400 <= STATUS[err.reason] < 500 and err.message
-        else:
-            assert out.shape == DRAFT_SPEC.input_shape
+    assert_every_cut_is_a_tensor_or_an_input_error(data, DRAFT_SPEC, cuts=80)
