@@ -5,9 +5,9 @@ becomes a Python float and ``np.asarray`` then copies them into the float32 arra
 number, on the worker's event loop, which no other connection of the worker gets meanwhile (a
 C call that holds the GIL, so a thread would not help). simdjson parses the body into its own
 tape and exports an array of numbers as one buffer of doubles, no Python object per number:
-about half the time, for one 64x64 RGB image (12,288 numbers: 0.28 against 0.55 ms) as for 64 of
-them (15 MB: 29 against 53 ms flat, 32 against 70 nested; docs/benchmark-history.md, session
-31).
+about half the time, for one 64x64 RGB image (12,288 numbers: 0.28 against 0.55 ms) as for 64
+of them (15 MB: 29 against 49-53 ms flat, 31-32 against 68-70 nested; docs/benchmark-history.md,
+session 31).
 
 What. ``fast_document(body)`` returns the document as ``orjson.loads`` would, except that the
 ``data`` of each ``FP32`` input is already the flat float32 array ``np.asarray(data,
