@@ -130,6 +130,20 @@ class Client:
         return sent[0]["status"], json.loads(sent[1]["body"]), answer_headers
 
 
+def images_json(n: int) -> bytes:
+    """A ``/v1`` JSON body of ``n`` base64 PNGs."""
+    return json.dumps({"images": [base64.b64encode(png()).decode()] * n}).encode()
+
+
+async def hold_one(served: ServedImageModel, model, client: Client) -> asyncio.Future:
+    """Start ``served`` with ``model``'s gate closed and one request held in it (its future)."""
+    await served.start(warmup_batches=0)
+    model.gate.clear()
+    held = asyncio.ensure_future(client.post(png()))
+    await wait_until(lambda: served.admitted == 1)
+    return held
+
+
 async def wait_until(condition, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -276,14 +290,10 @@ def test_a_large_request_fits_beside_others_under_the_default_bounds():
     served = image_model(model, defaults.max_queue_items, name="ovl-large",
                          max_queue_requests=defaults.max_queue_requests)
     client = Client(bound_app(served))
-    body = {"images": [base64.b64encode(png()).decode()] * 64}
 
     async def main():
-        await served.start(warmup_batches=0)
-        model.gate.clear()
-        held = asyncio.ensure_future(client.post(png()))
-        await wait_until(lambda: served.admitted == 1)
-        large = asyncio.ensure_future(client.post(json.dumps(body).encode(), "application/json"))
+        held = await hold_one(served, model, client)
+        large = asyncio.ensure_future(client.post(images_json(64), "application/json"))
         await wait_until(lambda: served.admitted == 65)
         small = asyncio.ensure_future(client.post(png()))
         await wait_until(lambda: served.admitted == 66)
@@ -302,18 +312,13 @@ def test_a_request_whose_inputs_do_not_fit_is_refused_before_they_are_decoded():
     model = GatedModel()
     served = image_model(model, max_queue_items=3, name="ovl-multi")
     client = Client(bound_app(served))
-    body = {"images": [base64.b64encode(png()).decode()] * 3}
 
     async def main():
-        await served.start(warmup_batches=0)
-        model.gate.clear()
-        held = asyncio.ensure_future(client.post(png()))
-        await wait_until(lambda: served.admitted == 1)
-        refused = await client.post(json.dumps(body).encode(), "application/json")
+        held = await hold_one(served, model, client)
+        refused = await client.post(images_json(3), "application/json")
         model.gate.set()
         await held
-        alone = await client.post(json.dumps({"images": body["images"] * 2}).encode(),
-                                  "application/json")  # 6 > 3, but nothing else is held
+        alone = await client.post(images_json(6), "application/json")  # 6 > 3, nothing held
         await served.stop()
         return refused, alone
 
