@@ -170,18 +170,17 @@ class ServedModel:
     ``max_queue_items`` items are held, or when the last model call's oldest item waited over
     half the request's deadline from its admission to the call (reading, decoding and queueing:
     a newcomer would wait as long, and risk being dropped after costing its decode); a request
-    whose other inputs do not
-    fit is refused once its body is parsed, before any of them is decoded (unless it is the only
-    one held: a big request is not refused forever on an idle worker). Two bounds, because one
-    bound of items cannot serve both: the requests' (64 by default) is what keeps a flood of
-    one-input requests short (``tools/bench/overload.py``); the items' (128: that plus one request
-    of the most inputs, 64) leaves room for such a request beside others. With one bound of 64 items a
-    64-image request was admitted only on an idle worker, and beside 8 connections of one-image
-    requests 70-80% of them were refused (``tools.bench.bigbody``, two runs); letting it
-    past that bound instead refused the small requests (59-64%) while it held the count.
-    What is admitted then
-    carries its deadline into the batcher, which drops it unanswered if the deadline passes
-    before its model call (``DeadlineExceeded``: 504).
+    whose other inputs do not fit is refused once its body is parsed, before any of them is
+    decoded (unless it is the only one held: a big request is not refused forever on an idle
+    worker). Two bounds, because one bound of items cannot serve both: the requests' (64 by
+    default) is what keeps a flood of one-input requests short (``tools/bench/overload.py``); the
+    items' (128: that plus one request of the most inputs, 64) leaves room for such a request
+    beside others. With one bound of 64 items a 64-image request was admitted only on an idle
+    worker, and beside 8 connections of one-image requests 70-80% of them were refused
+    (``tools.bench.bigbody``, two runs); letting it past that bound instead refused the small
+    requests (59-64%) while it held the count. What is admitted then carries its deadline into
+    the batcher, which drops it unanswered if the deadline passes before its model call
+    (``DeadlineExceeded``: 504).
     """
 
     task = ""
