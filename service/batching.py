@@ -51,13 +51,22 @@ does not pay, overhead with nothing in return. The loop is blocked for the call 
 is why only a call measured to be short runs there. (The admission count alone is not enough: a
 request whose whole path has no await point before the model, a v2 tensor already in the buffer,
 runs to its model call before the requests read with it start, so it would always find itself
-alone and the worker would serve one request at a time under any load.) Whether batching pays is measured once, at the
-warm-up (``calibrate``: a one-item call and a full batch, back to back, best of three each):
-figures taken under load would compare a lone call slowed by the other worker's work with batched
-calls that were not, and flip the decision back and forth (measured: the same cell batching 2.5
-items per call in one run and 1.0 in the next; a moving average of lone calls under load crossed
-``INLINE_MAX_S`` and stopped inlining for good). ``solo_s`` (a moving average of one-item calls)
-is kept for what it says, not for the decision.
+alone and the worker would serve one request at a time under any load.) Whether batching pays is
+measured once, at the warm-up (``calibrate``: one-item calls in a row, then full batches in a row,
+the best of nine and of three after one of each not counted), as each is served: a lone call after
+a lone call (c=1), a batch after a batch (under load). Timed in turns instead, each one-item call
+came after a 64-item one had pushed its weights and buffers out of the cache: the peers' CNN on the
+worker's one thread, 0.93-0.96 ms a lone call in a row against 1.0-1.19 in turns, 0.96 per item
+batched, so the ratio fell on either side of ``BATCH_GAIN`` from one start to the next (0.80-0.96
+in turns, 1.01-1.04 in a row, in a loop of its own on a 2-core Intel Xeon; in the serving workers of
+ten server starts each, 0.76-0.83 in turns, two of the twenty workers finding batching paying,
+against 0.93-1.08 in a row), and a worker that found batching paying sent every lone request
+through the model thread on its one thread: half the requests/s at c=1. Figures taken under load
+would compare a lone call slowed by the other worker's work with batched calls that were not, and
+flip the decision back and forth (measured: the same cell batching 2.5 items per call in one run
+and 1.0 in the next; a moving average of lone calls under load crossed ``INLINE_MAX_S`` and stopped
+inlining for good). ``solo_s`` (a moving average of one-item calls) is kept for what it says, not
+for the decision.
 
 Where the model has a solo session (``OnnxModel.add_solo_session``: every core, its threads
 spinning; a one-item call of the reference CNN 0.35-0.45 ms against 0.6-0.75 ms
@@ -114,14 +123,16 @@ from preprocessing import pad_ids
 from .runtime import Batch, Model, Outputs
 
 
-def _best_of(calls: list[Callable[[], Any]], rounds: int) -> list[float]:
-    """Each call's shortest time over ``rounds`` rounds, the calls taking turns in each."""
+def _best_of(calls: list[Callable[[], Any]], rounds: int, skip: int = 0) -> list[float]:
+    """Each call's shortest time over ``rounds`` rounds, the calls taking turns in each, the
+    first ``skip`` rounds not counted."""
     best = [math.inf] * len(calls)
-    for _ in range(rounds):
+    for done in range(rounds):
         for i, call in enumerate(calls):
             started = time.perf_counter()
             call()
-            best[i] = min(best[i], time.perf_counter() - started)
+            if done >= skip:
+                best[i] = min(best[i], time.perf_counter() - started)
     return best
 
 
@@ -475,11 +486,13 @@ class Batcher:
             self.solo_s = _ewma(self.solo_s, seconds)
 
     def calibrate(self, one: Batch, many: Batch, items: int, rounds: int = 3) -> None:
-        """Time a one-item call and an ``items``-item one of the same item size, back to back,
-        best of ``rounds`` each (after the warm-up, in a worker thread): what ``batching_pays``
-        compares, and the first ``solo_s``."""
-        lone, batched = _best_of([lambda: self.model.run(one), lambda: self.model.run(many)],
-                                 rounds)
+        """Time one-item calls in a row, then ``items``-item ones of the same item size in a
+        row, the best of ``3 * rounds`` and of ``rounds`` after one of each not counted (after
+        the warm-up, in a worker thread; the module doc says why in a row, and a one-item call
+        is cheap enough to be taken more often): what ``batching_pays`` compares, and the first
+        ``solo_s``."""
+        (lone,) = _best_of([lambda: self.model.run(one)], 3 * rounds + 1, skip=1)
+        (batched,) = _best_of([lambda: self.model.run(many)], rounds + 1, skip=1)
         self.solo_s = self._calibrated_solo_s = lone
         self.batched_item_s = batched / items if items >= BATCHED_MIN else None
 

@@ -164,6 +164,30 @@ def test_a_lone_request_on_an_idle_fast_model_runs_on_the_event_loop():
     assert [s.size for s in stats] == [1, 1]  # the inline call is counted like any other
 
 
+class CacheModel(EchoModel):
+    """A model whose one-item call is slower right after a batched one (its weights pushed out
+    of the cache, as a CPU model's are), and which gains nothing from batching in a row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.after_batch = False
+
+    def run(self, batch):
+        n = len(batch)
+        time.sleep(0.002 * n if n > 1 else 0.004 if self.after_batch else 0.002)
+        self.after_batch = n > 1
+        return super().run(batch)
+
+
+def test_calibration_times_lone_calls_in_a_row_not_after_batches():
+    """A lone call after a lone call against a batch after a batch, as each is served: timed
+    in turns, every lone call would pay the batch's cold cache and batching would look as if
+    it paid (per item 2 ms against 4)."""
+    batcher = Batcher(CacheModel(), max_batch_size=8)
+    batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((8, 1), np.float32), 8)
+    assert not batcher.batching_pays()
+
+
 def test_requests_go_to_the_model_thread_when_it_is_busy_or_the_model_is_slow():
     model = ThreadModel(delay=0.01)  # a one-item call over INLINE_MAX_S: never inline
 
