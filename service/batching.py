@@ -58,8 +58,8 @@ a lone call (c=1), a batch after a batch (under load). Timed in turns instead, e
 came after a 64-item one had pushed its weights and buffers out of the cache: the peers' CNN on the
 worker's one thread, 0.93-0.96 ms a lone call in a row against 1.0-1.19 in turns, 0.96 per item
 batched, so the ratio fell on either side of ``BATCH_GAIN`` from one start to the next (0.80-0.96
-in turns, 1.01-1.04 in a row, in a loop of its own on a 2-core Intel Xeon; in the serving workers of
-ten server starts each, 0.76-0.83 in turns, two of the twenty workers finding batching paying,
+in turns, 1.01-1.04 in a row, in a loop of its own on a 2-core Intel Xeon; in the serving workers
+of ten server starts each, 0.76-0.83 in turns, two of the twenty workers finding batching paying,
 against 0.93-1.08 in a row), and a worker that found batching paying sent every lone request
 through the model thread on its one thread: half the requests/s at c=1. Figures taken under load
 would compare a lone call slowed by the other worker's work with batched calls that were not, and
