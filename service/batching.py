@@ -123,16 +123,14 @@ from preprocessing import pad_ids
 from .runtime import Batch, Model, Outputs
 
 
-def _best_of(calls: list[Callable[[], Any]], rounds: int, skip: int = 0) -> list[float]:
-    """Each call's shortest time over ``rounds`` rounds, the calls taking turns in each, the
-    first ``skip`` rounds not counted."""
-    best = [math.inf] * len(calls)
-    for done in range(rounds):
-        for i, call in enumerate(calls):
-            started = time.perf_counter()
-            call()
-            if done >= skip:
-                best[i] = min(best[i], time.perf_counter() - started)
+def _best_of(call: Callable[[], Any], rounds: int) -> float:
+    """``call``'s shortest time over ``rounds`` calls in a row, after one not counted."""
+    call()
+    best = math.inf
+    for _ in range(rounds):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
     return best
 
 
@@ -491,8 +489,8 @@ class Batcher:
         the warm-up, in a worker thread; the module doc says why in a row, and a one-item call
         is cheap enough to be taken more often): what ``batching_pays`` compares, and the first
         ``solo_s``."""
-        (lone,) = _best_of([lambda: self.model.run(one)], 3 * rounds + 1, skip=1)
-        (batched,) = _best_of([lambda: self.model.run(many)], rounds + 1, skip=1)
+        lone = _best_of(lambda: self.model.run(one), 3 * rounds)
+        batched = _best_of(lambda: self.model.run(many), rounds)
         self.solo_s = self._calibrated_solo_s = lone
         self.batched_item_s = batched / items if items >= BATCHED_MIN else None
 
