@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     server = Server(spec, lambda line: None)
                     try:
                         server.start(timeout_s=180)
+                        paying = batching_verdicts(server.log_tail(200_000))
                         for conc in concs:
                             url = server.base + body.route
                             run_wrk(url, body, conc, args.warmup, latency=False)
@@ -110,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             rps, p99 = res.ok_per_s, res.p("99") or float("nan")
                             results.setdefault((label, log_on, conc), []).append((rps, p99))
                             print(f"round {rnd + 1} {label:<24} log {'on ' if log_on else 'off'} "
-                                  f"c={conc:<3} {rps:8.1f} req/s  p99 {p99:7.1f} ms", flush=True)
+                                  f"c={conc:<3} {rps:8.1f} req/s  p99 {p99:7.1f} ms  "
+                                  f"batching pays in {paying}", flush=True)
                     finally:
                         server.stop()
     finally:
@@ -130,6 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{a_rps / b_rps:12.2f} | {b_p99:8.1f}ms {a_p99:8.1f}ms"
                   f"   rounds: {' '.join(f'{r:.2f}' for r in round_ratios(b, a))}")
     return 0
+
+
+def batching_verdicts(server_log: str) -> str:
+    """How many of a server's workers found at warm-up that batching pays (``ServedModel``'s
+    calibration line), as "k/n" ("?" without such lines): a worker that does sends lone requests
+    through its model thread, so a c=1 cell served by one runs at about half the rate, and a
+    round's ratio says more beside it."""
+    lines = [line for line in server_log.splitlines() if "per item in a batch" in line]
+    if not lines:
+        return "?"
+    return f"{sum(': batching pays' in line for line in lines)}/{len(lines)}"
 
 
 def round_order(labels: list[T], rnd: int) -> list[T]:

@@ -45,6 +45,10 @@ class ServerError(RuntimeError):
     """The server did not start, did not answer, or answered wrongly."""
 
 
+# what each worker logs once its models are warm and timed (service/service.py)
+WORKERS_READY = "warm-up done; ready"
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     model_tag: str
@@ -66,7 +70,8 @@ class ServerSpec:
         env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", PYTHONUNBUFFERED="1",
                    CLF_IMAGE_MODEL="", CLF_TEXT_MODEL="", CLF_RUNTIME=self.runtime,
                    CLF_WORKERS=str(self.workers), CLF_PROVIDERS=self.providers,
-                   CLF_PREDICTION_LOG=self.prediction_log)
+                   CLF_PREDICTION_LOG=self.prediction_log,
+                   CLF_LOG_LEVEL="INFO")  # Server.start waits for each worker's ready line
         env[MODEL_SETTINGS[self.task]] = self.model_tag
         env.update(self.settings)
         env.pop("CLF_PORT", None)  # the port comes from the command line
@@ -127,10 +132,20 @@ class Server:
                                   + self.log_tail())
             if time.monotonic() - t0 > timeout_s:
                 raise ServerError(f"/readyz not 200 after {timeout_s:.0f} s:\n" + self.log_tail())
-            if self._get_status("/readyz") == 200:
+            if self._get_status("/readyz") == 200 and self._workers_ready():
                 break
             time.sleep(0.25)
         self.startup_s = time.monotonic() - t0
+
+    def _workers_ready(self) -> bool:
+        """Whether every worker has logged the end of its warm-up (``WORKERS_READY``). /readyz
+        answers from whichever worker takes the connection, the first one ready: the others
+        may still be warming up and timing their calls, one at a time, and a cell started then
+        loads the cores under that timing (measured: 1 of 2 workers had logged it when /readyz
+        first said 200) and counts a warm-up as served traffic."""
+        if dict(self.spec.settings).get("CLF_LOG_LEVEL", "INFO").upper() not in ("INFO", "DEBUG"):
+            return True  # the lines are not logged: /readyz alone, as before
+        return self.log_tail(1 << 22).count(WORKERS_READY) >= self.spec.workers
 
     def _log_target(self) -> str:
         from monitoring.store import display_target

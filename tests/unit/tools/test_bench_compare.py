@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.bench.compare import main, round_order, round_ratios
+from tools.bench.compare import batching_verdicts, main, round_order, round_ratios
 
 
 def test_neither_tree_always_goes_first():
@@ -25,3 +25,15 @@ def test_the_tensor_wire_is_offered_and_a_wrong_one_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--rev", "HEAD", "--wire", "v3"])
     assert "v2-tensor" in capsys.readouterr().err
+
+
+def test_each_cell_says_how_many_workers_found_batching_paying():
+    head = "[INFO] [entry_service:clfserve:{}] peers-resnet: a one-item call 1.19 ms, per item in a "
+    log = "\n".join([
+        "[INFO] settings: {...}",
+        head.format(1) + "batch 0.95 ms: batching pays",
+        head.format(2) + "batch 0.96 ms: batching does not pay (a lone request on an idle model "
+                         "runs inline)"])
+    assert batching_verdicts(log) == "1/2"
+    assert batching_verdicts(log.replace(": batching pays", ": batching does not pay")) == "0/2"
+    assert batching_verdicts("[INFO] settings: {...}") == "?"

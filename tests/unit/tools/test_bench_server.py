@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from service.settings import Settings
 from tools.bench.bodies import IMAGE_ROUTE, TEXT_ROUTE
-from tools.bench.server import ServerSpec
+from tools.bench.server import WORKERS_READY, Server, ServerSpec
 
 pytestmark = pytest.mark.tools  # the benchmark tool's own tests (fast; in `make test`)
 
@@ -72,3 +73,20 @@ def test_socket_owners_and_spread_from_ss_output() -> None:
     assert spread({11: 2, 12: 1}, workers=2) == [2, 1]
     assert spread({11: 3}, workers=2) == [3, 0]
     assert socket_owners("") == {}
+
+
+def test_a_server_is_ready_once_every_worker_has_logged_its_warm_up(tmp_path) -> None:
+    """/readyz answers from the first worker ready; the cells wait for all of them."""
+    log = tmp_path / "server.log"
+    spec = ServerSpec(model_tag="m:1", runtime="onnx", workers=2, providers="cpu", port=1,
+                      log_path=log)
+    server = Server(spec, lambda line: None)
+    assert spec.env()["CLF_LOG_LEVEL"] == "INFO"
+    log.write_text(f"[INFO] [entry_service:clfserve:1] {WORKERS_READY}\n")
+    assert not server._workers_ready()
+    log.write_text(log.read_text() + f"[INFO] [entry_service:clfserve:2] {WORKERS_READY}\n")
+    assert server._workers_ready()
+    quiet = Server(dataclasses.replace(spec, settings=(("CLF_LOG_LEVEL", "WARNING"),)),
+                   lambda line: None)
+    log.write_text("")
+    assert quiet._workers_ready()  # nothing to wait for in the log: /readyz alone
