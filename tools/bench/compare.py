@@ -18,6 +18,7 @@ tensor as JSON numbers (what KServe's and tritonclient's JSON clients send).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,10 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for label in round_order(list(trees), rnd):
                 tree = trees[label]
                 for log_on in logs:
-                    db = work / f"log-{rnd}-{len(results)}.db"
+                    stem = cell_stem(rnd, label, log_on)
+                    db = work / f"{stem}.db"
                     spec = ServerSpec(model_tag=f"{artifact.name}:{artifact.version}",
                                       runtime="onnx", workers=args.workers, providers="cpu",
-                                      port=args.port, log_path=work / "server.log",
+                                      port=args.port, log_path=work / f"{stem}.log",
                                       prediction_log=str(db) if log_on else "", cwd=tree)
                     server = Server(spec, lambda line: None)
                     try:
@@ -115,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   f"batching pays in {paying}", flush=True)
                     finally:
                         server.stop()
+                        remove_files(work, f"{stem}.db*")
     finally:
         drop_worktree(before)
     print(f"\n{artifact.name}, {body.description} to {body.route}, {args.workers} workers, "
@@ -131,7 +134,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{'on' if log_on else 'off':<4} {conc:>4} | {b_rps:12.1f} {a_rps:12.1f} "
                   f"{a_rps / b_rps:12.2f} | {b_p99:8.1f}ms {a_p99:8.1f}ms"
                   f"   rounds: {' '.join(f'{r:.2f}' for r in round_ratios(b, a))}")
+    print(f"server logs, one per server start: {work}/r*.log")
     return 0
+
+
+def cell_stem(rnd: int, label: str, log_on: bool) -> str:
+    """The name of one server start's files (its log, its prediction log), unique in the run:
+    round, tree and log setting ("r3-after-logon"), so no start writes over, or appends to,
+    another's; a round that went astray can be read afterwards in its own log."""
+    return f"r{rnd + 1}-{label.split()[0]}-log{'on' if log_on else 'off'}"
+
+
+def remove_files(folder: Path, pattern: str) -> None:
+    """Removes what matches ``pattern`` in ``folder``, files and folders (the prediction log's
+    journal is a folder beside its database)."""
+    for path in folder.glob(pattern):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def batching_verdicts(server_log: str) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tools.bench.compare import batching_verdicts, main, round_order, round_ratios
+from tools.bench.compare import (batching_verdicts, cell_stem, main, remove_files, round_order,
+                                 round_ratios)
 
 
 def test_neither_tree_always_goes_first():
@@ -37,3 +38,20 @@ def test_each_cell_says_how_many_workers_found_batching_paying():
     assert batching_verdicts(log) == "1/2"
     assert batching_verdicts(log.replace(": batching pays", ": batching does not pay")) == "0/2"
     assert batching_verdicts("[INFO] settings: {...}") == "?"
+
+
+def test_every_server_start_gets_its_own_log_and_database(tmp_path):
+    stems = {cell_stem(rnd, label, log_on)
+             for rnd in range(3) for label in ("before (HEAD~1)", "after (working tree)")
+             for log_on in (False, True)}
+    assert len(stems) == 12  # later rounds no longer share (and append to) one database
+    assert cell_stem(2, "after (working tree)", True) == "r3-after-logon"
+
+    for name in ("r1-before-logon.db", "r1-before-logon.db-writers", "r1-after-logon.db"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "r1-before-logon.db.journal").mkdir()
+    (tmp_path / "r1-before-logon.db.journal" / "0001").write_bytes(b"x")
+    (tmp_path / "r1-before-logon.log").write_text("kept")
+    remove_files(tmp_path, "r1-before-logon.db*")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r1-after-logon.db",
+                                                          "r1-before-logon.log"]
