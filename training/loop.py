@@ -51,7 +51,7 @@ class LoopConfig(Protocol):
     seed: int
     progress: bool
     # Read with getattr, so an older config without them trains as before: loss ("ce"),
-    # focal_gamma, precision ("32").
+    # focal_gamma, precision ("32"), early_stop_from (0).
 
 
 @dataclass
@@ -250,6 +250,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
         perturb: Callable[[nn.Module, Any, torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
         ) -> FitResult:
     """Train ``model`` with early stopping on validation loss; returns the best epoch's model.
+    Early stopping watches from ``cfg.early_stop_from`` of the epochs on (``early_stop_start``).
 
     The training loss is ``cfg.loss`` (``losses``: ce, weighted-ce, focal with
     ``cfg.focal_gamma``); ``class_weights`` override weighted-ce's balanced weights (and weight
@@ -277,6 +278,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
 
     history: list[dict[str, float]] = []
     best = {"loss": math.inf, "epoch": 0, "accuracy": 0.0, "state": None}
+    watch_from = early_stop_start(getattr(cfg, "early_stop_from", 0.0), cfg.epochs)
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -302,6 +304,8 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
         history.append(row)
         log.info("epoch %3d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.1fs",
                  epoch, cfg.epochs, train_loss, val_loss, val_acc, lr, row["seconds"])
+        if epoch < watch_from:
+            continue
         if val_loss < best["loss"]:
             best = {"loss": val_loss, "epoch": epoch, "accuracy": val_acc,
                     "state": copy.deepcopy(model.state_dict())}
@@ -317,6 +321,14 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
         val_accuracy=float(best["accuracy"]), epochs_run=len(history),
         train_seconds=time.perf_counter() - start, stopped_early=len(history) < cfg.epochs,
     )
+
+
+def early_stop_start(share: float, epochs: int) -> int:
+    """The first epoch early stopping watches: its best epoch and its patience count from there
+    (``share`` of ``epochs``, at least the first). Before it, no epoch is kept as the best and
+    none ends the run, so a lucky val loss while the LR is still high cannot stop the schedule
+    half done (Keras' ``start_from_epoch``)."""
+    return min(epochs, max(1, math.ceil(share * epochs)))
 
 
 def plot_curves(history: list[dict[str, float]], path: str | Path) -> Path:

@@ -116,6 +116,65 @@ def test_schedule_drives_the_optimizer_lr() -> None:
     assert lrs[-1] < 3e-3 * 0.01
 
 
+
+# --- early stopping ----------------------------------------------------------------------------
+
+def _fit_on_scripted_val_losses(monkeypatch: pytest.MonkeyPatch, val_losses: list[float],
+                                early_stop_from: float, patience: int = 3):
+    """``fit`` on a one-weight model whose validation losses are ``val_losses`` in turn; each
+    epoch's training sets the weight to the epoch's number, so the weights restored say which
+    epoch was kept."""
+    from torch.utils.data import TensorDataset
+
+    from training import loop
+
+    losses = iter(val_losses)
+    epochs_trained: list[int] = []
+
+    def train_epoch(model, *args, **kwargs) -> float:
+        epochs_trained.append(len(epochs_trained) + 1)
+        with torch.no_grad():
+            model.weight.fill_(float(len(epochs_trained)))
+        return 1.0
+
+    monkeypatch.setattr(loop, "train_epoch", train_epoch)
+    monkeypatch.setattr(loop, "evaluate", lambda model, loader: (next(losses), 0.5))
+    data = TensorDataset(torch.zeros(4, 1), torch.tensor([0, 1, 0, 1]))
+    cfg = TrainConfig(epochs=len(val_losses), patience=patience, early_stop_from=early_stop_from,
+                      warmup_epochs=0.0, progress=False, loss="ce")
+    result = loop.fit(torch.nn.Linear(1, 2, bias=False), data, data, cfg)
+    assert result.model.weight.flatten()[0].item() == result.best_epoch  # its weights restored
+    return result, epochs_trained
+
+
+# A lucky epoch while the LR is high (2), then noisier ones; the annealed end is the real best.
+LUCKY_EARLY = [0.9, 0.1, 0.5, 0.4, 0.6, 0.3, 0.2, 0.15, 0.12, 0.11]
+
+
+def test_early_stopping_from_the_first_epoch_keeps_a_lucky_early_epoch(monkeypatch) -> None:
+    result, trained = _fit_on_scripted_val_losses(monkeypatch, LUCKY_EARLY, early_stop_from=0.0)
+    assert result.best_epoch == 2 and trained == [1, 2, 3, 4, 5] and result.stopped_early
+
+
+def test_early_stopping_watches_from_its_share_of_the_epochs(monkeypatch) -> None:
+    result, trained = _fit_on_scripted_val_losses(monkeypatch, LUCKY_EARLY, early_stop_from=0.5)
+    assert result.best_epoch == 10 and len(trained) == 10 and not result.stopped_early
+    assert result.val_loss == pytest.approx(0.11)
+    # From its first watched epoch on, patience counts as before.
+    flat = [0.9, 0.1, 0.5, 0.4, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5]
+    result, trained = _fit_on_scripted_val_losses(monkeypatch, flat, early_stop_from=0.5)
+    assert result.best_epoch == 5 and trained == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_early_stop_start_is_a_share_of_the_epochs_within_the_run() -> None:
+    from training.loop import early_stop_start
+
+    assert [early_stop_start(0.5, 40), early_stop_start(0.5, 7), early_stop_start(0.0, 40),
+            early_stop_start(1.0, 40), early_stop_start(0.5, 1)] == [20, 4, 1, 40, 1]
+    with pytest.raises(ValueError, match="early_stop_from"):
+        TrainConfig(early_stop_from=1.5)
+
+
 # --- determinism -------------------------------------------------------------------------------
 
 def test_same_seed_gives_identical_metrics() -> None:
