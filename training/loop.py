@@ -309,7 +309,7 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: LoopConfig,
         if val_loss < best["loss"]:
             best = {"loss": val_loss, "epoch": epoch, "accuracy": val_acc,
                     "state": copy.deepcopy(model.state_dict())}
-        elif epoch - best["epoch"] >= cfg.patience:
+        elif epoch - best["epoch"] >= cfg.patience and epoch < cfg.epochs:
             log.info("early stop: no val_loss improvement for %d epochs (best epoch %d)",
                      cfg.patience, best["epoch"])
             break
