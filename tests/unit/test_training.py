@@ -173,6 +173,9 @@ def test_early_stop_start_is_a_share_of_the_epochs_within_the_run() -> None:
             early_stop_start(1.0, 40), early_stop_start(0.5, 1)] == [20, 4, 1, 40, 1]
     with pytest.raises(ValueError, match="early_stop_from"):
         TrainConfig(early_stop_from=1.5)
+    from training.config import build_parser
+
+    assert "(default 0.5)" in " ".join(build_parser().format_help().split())
 
 
 # --- determinism -------------------------------------------------------------------------------
