@@ -145,7 +145,16 @@ def test_verdicts_say_met_or_short_with_the_figures() -> None:
                                "short), p99 0.93x Triton's (target <= 1: met)")
     assert any(v.startswith("PNG path, c=64: 0.90x") and "short" in v for v in lines)
     c1 = next(v for v in lines if "c=1" in v)
-    assert "+ 0.80 ms (target <= +1 ms: met)" in c1 and "0.92x FastAPI" in c1
+    assert "+ 0.80 ms (target <= +1 ms: met)" in c1
+    assert c1.endswith("; 0.92x FastAPI's req/s (target >= 1: short)")
+    ahead = runs()
+    for r in ahead:
+        r["rows"]["fastapi"]["cells"] = [peer_cell(1, 500.0, 1.1)]
+    c1 = next(v for v in verdicts(ahead, [1, 64], batch1_ms=0.4) if "c=1" in v)
+    assert c1.endswith("; 1.10x FastAPI's req/s (target >= 1: met)")
+    # Without the raw batch-1 figure the rate still gets its verdict.
+    assert verdicts(ahead, [1, 64], batch1_ms=None)[-1] == (
+        "tensor path, c=1: 1.10x FastAPI's req/s (target >= 1: met)")
 
 
 def test_on_cuda_x_triton_is_over_the_faster_triton_configuration_of_the_run() -> None:
