@@ -379,7 +379,7 @@ def verdict_line(result: dict) -> str:
             f"{fmt(ok.p99_ms if ok else None, '.0f')} ms at the client "
             f"({'within' if v['p99_200_within_bound'] else 'OVER'}), <= "
             f"{fmt(server, '.0f')} ms in the server "
-            f"({'within' if v['server_p99_200_within_bound'] else 'OVER'});{little} Every "
+            f"({'within' if v['server_p99_200_within_bound'] else 'OVER'}).{little} Every "
             f"request answered within {TIMEOUT_S} s: "
             f"{'yes' if v['every_request_answered'] else 'NO'}; "
             f"server RSS {fmt(growth, '+.0f')} MB while it lasted, "
