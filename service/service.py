@@ -102,6 +102,12 @@ class Classifier:
         logger.info("numpy's BLAS: %s", limit_blas_threads())
         if ROLE == "worker":
             listeners.raise_open_files_limit()  # each connection holds a file descriptor
+            from modelstore._bentoml import worker_index
+
+            # the server's own directory (patches.isolate_metrics_dir), shared by its workers;
+            # opened before the models load, so the others wait for this one (``measuring``)
+            WORKERS.open(os.environ.get("PROMETHEUS_MULTIPROC_DIR"), worker_index(),
+                         SETTINGS.workers)
         self.recorder = _prediction_recorder()
         builders = {"image": lambda tag: _image_model(tag, self.recorder),
                     "text": lambda tag: _text_model(tag, self.recorder)}
@@ -149,11 +155,9 @@ class Classifier:
     async def _start(self) -> None:
         if ROLE == "worker":
             lifecycle.exit_with_the_arbiter()
-            from modelstore._bentoml import worker_index
-
-            # the server's own directory (patches.isolate_metrics_dir), shared by its workers
-            WORKERS.open(os.environ.get("PROMETHEUS_MULTIPROC_DIR"), worker_index(),
-                         SETTINGS.workers)
+        # Loaded, and BentoML's app around the service built: the other workers may time their
+        # models now (``WORKERS.measuring``, which waits for every worker to get here).
+        WORKERS.mark_loaded()
         if self.recorder is not None:
             self.recorder.start()
         for model in self.models:

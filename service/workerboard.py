@@ -23,11 +23,19 @@ in-process, tests) the worker counts only its own requests.
 The same directory holds the workers' start-up lock (``measuring``): a worker warms its models up
 and times them (the batcher's calibration: is batching worth it, is a lone call short enough to
 run inline, is the solo session faster) holding it, so one worker's figures are not taken while
-another loads, warms up or spins two threads on the same cores. Measured without it on a 2-core
+another warms up or spins two threads on the same cores. Measured without it on a 2-core
 box: a one-item call timed at 1.81 and 2.12 ms in the two workers against 1.76 alone, and the
 solo session at 4.14 and 5.54 ms against 1.19, choices that sent lone requests the slow way
 until the moving averages caught up or, past ``INLINE_MAX_S``, for good. The lock is an
-``flock``: the kernel drops it with a worker that dies holding it.
+``flock``: the kernel drops it with a worker that dies holding it. Before taking it a worker
+also waits (up to ``LOAD_WAIT_S``) until every worker of the server has loaded its models
+(``mark_loaded``; a second int64 per worker on the board): the first worker loaded used to time
+its calls while the second still imported its modules or built its ONNX Runtime session, and on
+a 2-core Intel box 2 of 24 workers timed a one-item call of the peers' CNN at 1.22-1.28 ms
+against 0.94-1.06 (its batch at 0.97-0.99 per item), found that batching pays and sent every
+lone request through the model thread: half the rate at c=1. In one of those two starts the
+other worker had just released the lock after timing its solo session, whose two threads still
+spun: the lock is held ``SETTLE_S`` longer.
 """
 
 from __future__ import annotations
@@ -47,6 +55,11 @@ logger = logging.getLogger(__name__)
 FILE_NAME = "clfserve-workers.board"  # not ``*.db``: the metrics collector reads only those
 LOCK_NAME = "clfserve-measuring.lock"
 SLOT_BYTES = 8
+LOAD_WAIT_S = 60.0  # how long ``measuring`` waits for the other workers to load
+LOAD_POLL_S = 0.02
+# ``measuring`` keeps the lock this long after its block: a solo session's threads spin for about
+# 55 ms after its last call (the module doc above), on the cores the next worker times its calls on.
+SETTLE_S = 0.1
 
 
 class WorkerBoard:
@@ -55,6 +68,8 @@ class WorkerBoard:
     def __init__(self) -> None:
         self.count = 0  # this worker's requests in its models
         self._slots: np.ndarray | None = None  # every worker's count (int64, shared)
+        self._loaded: np.ndarray | None = None  # every worker's "models loaded" (0/1, shared)
+        self._workers = 0
         self._mine = 0
         self._map: mmap.mmap | None = None
         self._lock_fd: int | None = None  # the start-up lock's file (``measuring``)
@@ -72,12 +87,13 @@ class WorkerBoard:
             logger.warning("no start-up lock in %s (%s): workers time their models at once",
                            directory, exc)
         path = os.path.join(directory, FILE_NAME)
+        size = 2 * slots * SLOT_BYTES  # the counts, then the "loaded" marks
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
-                if os.fstat(fd).st_size < slots * SLOT_BYTES:  # every worker asks for the same
-                    os.ftruncate(fd, slots * SLOT_BYTES)  # size, so none shrinks another's
-                self._map = mmap.mmap(fd, slots * SLOT_BYTES)
+                if os.fstat(fd).st_size < size:  # every worker asks for the same
+                    os.ftruncate(fd, size)  # size, so none shrinks another's
+                self._map = mmap.mmap(fd, size)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -85,8 +101,24 @@ class WorkerBoard:
                            "worker's requests only", path, exc)
             return
         self._slots = np.frombuffer(self._map, dtype=np.int64, count=slots)
+        self._loaded = np.frombuffer(self._map, dtype=np.int64, count=slots,
+                                     offset=slots * SLOT_BYTES)
+        self._workers = workers
         self._mine = index - 1
         self._slots[self._mine] = self.count
+        self._loaded[self._mine] = 0  # loading (again, after a restart)
+
+    def mark_loaded(self) -> None:
+        """Tell the other workers this one has loaded its models (``measuring`` waits for
+        that)."""
+        if self._loaded is not None:
+            self._loaded[self._mine] = 1
+
+    def others_loading(self) -> list[int]:
+        """The workers (1-based) of this server that have not yet loaded their models."""
+        if self._loaded is None:
+            return []
+        return [i + 1 for i in range(self._workers) if not self._loaded[i]]
 
     def enter(self) -> None:
         self.count += 1
@@ -107,15 +139,23 @@ class WorkerBoard:
 
     @contextlib.asynccontextmanager
     async def measuring(self) -> AsyncIterator[None]:
-        """Hold the server's start-up lock (see the module doc) for the block; waits in a
-        thread, so the event loop stays free meanwhile. Without a board: no lock."""
+        """Hold the server's start-up lock (see the module doc) for the block, once every
+        worker has loaded its models (at most ``LOAD_WAIT_S`` later); waits in a thread or in
+        sleeps, so the event loop stays free meanwhile. Without a board: no lock."""
         fd = self._lock_fd
         if fd is None:
             yield
             return
+        deadline = asyncio.get_running_loop().time() + LOAD_WAIT_S
+        while self.others_loading() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(LOAD_POLL_S)
+        if self.others_loading():
+            logger.warning("worker(s) %s still loading after %.0f s: timing this worker's "
+                           "models meanwhile", self.others_loading(), LOAD_WAIT_S)
         await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
         try:
             yield
+            await asyncio.sleep(SETTLE_S)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -126,6 +166,7 @@ class WorkerBoard:
         if self._map is not None:
             self._slots[self._mine] = 0
             self._slots = None
+            self._loaded = None
             self._map.close()
             self._map = None
 

@@ -188,6 +188,30 @@ def test_calibration_times_lone_calls_in_a_row_not_after_batches():
     assert not batcher.batching_pays()
 
 
+class SlowStartModel(EchoModel):
+    """A model whose calls are slowed by a quarter until its first batched call (the box busy
+    at the start of the calibration), and which gains nothing from batching."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batched = False
+
+    def run(self, batch):
+        n = len(batch)
+        self.batched = self.batched or n > 1
+        time.sleep(0.002 * n * (1.0 if self.batched else 1.3))
+        return super().run(batch)
+
+
+def test_calibration_takes_the_best_lone_call_of_two_windows():
+    """A window of one-item calls slowed by something else on the box would otherwise make
+    batching look as if it paid (per item 2 ms against 2.6)."""
+    batcher = Batcher(SlowStartModel(), max_batch_size=8)
+    batcher.calibrate(np.zeros((1, 1), np.float32), np.zeros((8, 1), np.float32), 8)
+    assert batcher._calibrated_solo_s < 0.0025
+    assert not batcher.batching_pays()
+
+
 def test_requests_go_to_the_model_thread_when_it_is_busy_or_the_model_is_slow():
     model = ThreadModel(delay=0.01)  # a one-item call over INLINE_MAX_S: never inline
 

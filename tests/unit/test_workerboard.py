@@ -59,6 +59,8 @@ def test_workers_time_their_models_one_at_a_time(tmp_path: Path) -> None:
     one, two = WorkerBoard(), WorkerBoard()
     one.open(str(tmp_path), 1, 2)
     two.open(str(tmp_path), 2, 2)
+    one.mark_loaded()
+    two.mark_loaded()
     order: list[str] = []
 
     async def measure(board: WorkerBoard, name: str, hold_s: float) -> None:
@@ -90,3 +92,59 @@ def test_without_a_directory_measuring_holds_no_lock() -> None:
                 return True
 
     assert asyncio.run(main())
+
+
+def test_no_worker_times_its_models_while_another_still_loads(tmp_path: Path) -> None:
+    """The first worker loaded used to time its calls while the second built its session."""
+    one, two = WorkerBoard(), WorkerBoard()
+    one.open(str(tmp_path), 1, 2)
+    two.open(str(tmp_path), 2, 2)
+    one.mark_loaded()
+    assert one.others_loading() == [2] and two.others_loading() == [2]
+    order: list[str] = []
+
+    async def measure() -> None:
+        async with one.measuring():
+            order.append("one measures")
+
+    async def load_two() -> None:
+        await asyncio.sleep(0.2)
+        order.append("two loaded")
+        two.mark_loaded()
+
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(measure(), load_two()), 5)
+
+    try:
+        asyncio.run(main())
+        assert order == ["two loaded", "one measures"]
+        assert one.others_loading() == []
+        restarted = WorkerBoard()
+        restarted.open(str(tmp_path), 2, 2)  # circus starts worker 2 again: loading again
+        assert one.others_loading() == [2]
+        restarted.close()
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_worker_that_never_loads_delays_the_others_by_a_bound(tmp_path: Path, monkeypatch,
+                                                                  caplog) -> None:
+    from service import workerboard
+
+    monkeypatch.setattr(workerboard, "LOAD_WAIT_S", 0.1)
+    one, stuck = WorkerBoard(), WorkerBoard()
+    one.open(str(tmp_path), 1, 2)
+    stuck.open(str(tmp_path), 2, 2)
+    one.mark_loaded()
+
+    async def measure() -> bool:
+        async with one.measuring():
+            return True
+
+    try:
+        assert asyncio.run(asyncio.wait_for(measure(), 5))
+        assert "worker(s) [2] still loading" in caplog.text
+    finally:
+        one.close()
+        stuck.close()
