@@ -29,7 +29,7 @@ solo session at 4.14 and 5.54 ms against 1.19, choices that sent lone requests t
 until the moving averages caught up or, past ``INLINE_MAX_S``, for good. The lock is an
 ``flock``: the kernel drops it with a worker that dies holding it. Before taking it a worker
 also waits (up to ``LOAD_WAIT_S``) until every worker of the server has loaded its models
-(``mark_loaded``; a second int64 per worker on the board): the first worker loaded used to time
+(``mark_loaded``; a second int64 per worker on the board, beside its count): the first worker loaded used to time
 its calls while the second still imported its modules or built its ONNX Runtime session, and on
 a 2-core Intel box 2 of 24 workers timed a one-item call of the peers' CNN at 1.22-1.28 ms
 against 0.94-1.06 (its batch at 0.97-0.99 per item), found that batching pays and sent every
@@ -87,7 +87,7 @@ class WorkerBoard:
             logger.warning("no start-up lock in %s (%s): workers time their models at once",
                            directory, exc)
         path = os.path.join(directory, FILE_NAME)
-        size = 2 * slots * SLOT_BYTES  # the counts, then the "loaded" marks
+        size = 2 * slots * SLOT_BYTES  # per worker its count, then its "loaded" mark
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -100,9 +100,9 @@ class WorkerBoard:
             logger.warning("no worker board at %s (%s): a lone request's solo call counts this "
                            "worker's requests only", path, exc)
             return
-        self._slots = np.frombuffer(self._map, dtype=np.int64, count=slots)
-        self._loaded = np.frombuffer(self._map, dtype=np.int64, count=slots,
-                                     offset=slots * SLOT_BYTES)
+        # Interleaved, so a worker's pair sits at the same place whatever ``slots`` it asked for.
+        board = np.frombuffer(self._map, dtype=np.int64, count=2 * slots).reshape(slots, 2)
+        self._slots, self._loaded = board[:, 0], board[:, 1]
         self._workers = workers
         self._mine = index - 1
         self._slots[self._mine] = self.count

@@ -123,6 +123,11 @@ def test_no_worker_times_its_models_while_another_still_loads(tmp_path: Path) ->
         restarted.open(str(tmp_path), 2, 2)  # circus starts worker 2 again: loading again
         assert one.others_loading() == [2]
         restarted.close()
+        third = WorkerBoard()  # a worker whose index is past the count asks for more slots:
+        third.open(str(tmp_path), 3, 2)  # the others' marks stay where they were
+        two.mark_loaded()
+        assert one.others_loading() == [] and third.others_loading() == []
+        third.close()
     finally:
         one.close()
         two.close()
