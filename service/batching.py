@@ -490,12 +490,15 @@ class Batcher:
         and of ``rounds``, after one of each window not counted (after the warm-up, in a worker
         thread; the module doc says why in a row, and a one-item call is cheap enough to be
         taken more often): what ``batching_pays`` compares, and the first ``solo_s``."""
-        lone = _best_of(lambda: self.model.run(one), 3 * rounds)
+        def lone_call() -> Any:
+            return self.model.run(one)
+
+        lone = _best_of(lone_call, 3 * rounds)
         batched = _best_of(lambda: self.model.run(many), rounds)
         # Lone calls again, after the batches: the best over two windows some 0.25 s apart. A
         # slowed window (the box, another process) only ever lengthens calls, and a one-item
         # call over-timed by a quarter is enough to find that batching pays where it does not.
-        lone = min(lone, _best_of(lambda: self.model.run(one), 3 * rounds))
+        lone = min(lone, _best_of(lone_call, 3 * rounds))
         self.solo_s = self._calibrated_solo_s = lone
         self.batched_item_s = batched / items if items >= BATCHED_MIN else None
 

@@ -146,13 +146,14 @@ class WorkerBoard:
         if fd is None:
             yield
             return
-        deadline = asyncio.get_running_loop().time() + LOAD_WAIT_S
-        while self.others_loading() and asyncio.get_running_loop().time() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOAD_WAIT_S
+        while (loading := self.others_loading()) and loop.time() < deadline:
             await asyncio.sleep(LOAD_POLL_S)
-        if self.others_loading():
+        if loading:
             logger.warning("worker(s) %s still loading after %.0f s: timing this worker's "
-                           "models meanwhile", self.others_loading(), LOAD_WAIT_S)
-        await asyncio.get_running_loop().run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
+                           "models meanwhile", loading, LOAD_WAIT_S)
+        await loop.run_in_executor(None, fcntl.flock, fd, fcntl.LOCK_EX)
         try:
             yield
             await asyncio.sleep(SETTLE_S)

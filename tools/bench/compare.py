@@ -18,7 +18,6 @@ tensor as JSON numbers (what KServe's and tritonclient's JSON clients send).
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from typing import Sequence, TypeVar
 
 from .bodies import noise_png, write_image_body, write_v2_image_body
 from .config import REPO_ROOT
+from .predlog import remove_log
 from .server import Server, ServerSpec
 from .store import ensure_reference
 from .wrk import run_wrk
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   f"batching pays in {paying}", flush=True)
                     finally:
                         server.stop()
-                        remove_files(work, f"{stem}.db*")
+                        remove_log(db)  # the database and the files beside it
     finally:
         drop_worktree(before)
     print(f"\n{artifact.name}, {body.description} to {body.route}, {args.workers} workers, "
@@ -143,16 +143,6 @@ def cell_stem(rnd: int, label: str, log_on: bool) -> str:
     round, tree and log setting ("r3-after-logon"), so no start writes over, or appends to,
     another's; a round that went astray can be read afterwards in its own log."""
     return f"r{rnd + 1}-{label.split()[0]}-log{'on' if log_on else 'off'}"
-
-
-def remove_files(folder: Path, pattern: str) -> None:
-    """Removes what matches ``pattern`` in ``folder``, files and folders (the prediction log's
-    journal is a folder beside its database)."""
-    for path in folder.glob(pattern):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
 
 
 def batching_verdicts(server_log: str) -> str:

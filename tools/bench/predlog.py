@@ -114,3 +114,24 @@ def temp_log() -> Iterator[Path]:
         yield folder / "predictions.db"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def log_size(log_path: Path) -> int:
+    """Bytes on disk of the prediction log: the database and everything named after it (its
+    journals' folder, segment files, the SQLite side files)."""
+    total = 0
+    for path in log_path.parent.glob(log_path.name + "*"):
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def remove_log(log_path: Path) -> None:
+    """Delete what ``log_size`` counts."""
+    for path in log_path.parent.glob(log_path.name + "*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -21,7 +21,6 @@ answer (what retention has to plan for). A worker that died and came back shows 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Callable, Sequence
 from . import logpair
 from .bodies import Body
 from .cpu import proc_status, rss_mb
+from .predlog import log_size, remove_log
 from .prometheus import total
 from .report import fmt, markdown_table
 from .sections import Run, image_body
@@ -151,27 +151,6 @@ def proc_sample(pid: int) -> ProcSample | None:
         except OSError:  # closed meanwhile
             pass
     return ProcSample(round(rss_mb(status), 1), files, int(status.get("Threads", "0")))
-
-
-def log_size(log_path: Path) -> int:
-    """Bytes on disk of the prediction log: the database and everything named after it (its
-    journals' folder, segment files, the SQLite side files)."""
-    total = 0
-    for path in log_path.parent.glob(log_path.name + "*"):
-        if path.is_dir():
-            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        elif path.is_file():
-            total += path.stat().st_size
-    return total
-
-
-def remove_log(log_path: Path) -> None:
-    """Delete what ``log_size`` counts."""
-    for path in log_path.parent.glob(log_path.name + "*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def process_roles(samples: Sequence[Sample], leader: int) -> dict[int, str]:

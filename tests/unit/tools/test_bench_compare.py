@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tools.bench.compare import (batching_verdicts, cell_stem, main, remove_files, round_order,
-                                 round_ratios)
+from tools.bench.compare import batching_verdicts, cell_stem, main, round_order, round_ratios
+from tools.bench.predlog import remove_log
 
 
 def test_neither_tree_always_goes_first():
@@ -52,6 +52,6 @@ def test_every_server_start_gets_its_own_log_and_database(tmp_path):
     (tmp_path / "r1-before-logon.db.journal").mkdir()
     (tmp_path / "r1-before-logon.db.journal" / "0001").write_bytes(b"x")
     (tmp_path / "r1-before-logon.log").write_text("kept")
-    remove_files(tmp_path, "r1-before-logon.db*")
+    remove_log(tmp_path / "r1-before-logon.db")  # what compare removes when a server stops
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r1-after-logon.db",
                                                           "r1-before-logon.log"]

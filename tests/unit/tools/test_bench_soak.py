@@ -8,8 +8,9 @@ import os
 import pytest
 
 from tools.bench.config import parse_config
-from tools.bench.soak import (ProcSample, Sample, log_size, proc_sample, process_roles,
-                              remove_log, slope, soak_table, soak_verdict)
+from tools.bench.predlog import log_size, remove_log
+from tools.bench.soak import (ProcSample, Sample, proc_sample, process_roles,
+                              slope, soak_table, soak_verdict)
 
 pytestmark = pytest.mark.tools  # the benchmark tool's own tests (fast; in `make test`)
 
